@@ -1,0 +1,37 @@
+"""Model families, built by name from config.
+
+``FAMILIES`` maps ``model.family`` to (config dataclass, builder). A builder receives the typed
+model config, a bound attention backend (``ops.build``) and the position config.
+"""
+
+from __future__ import annotations
+
+from .gpt2 import GPT2, SIZES, GPT2Config
+from .positions import POSITIONS, PosConfig, build_positions
+
+
+def _build_gpt2(cfg: GPT2Config, attention, pos: PosConfig) -> GPT2:
+    return GPT2(cfg, attention, pos)
+
+
+FAMILIES = {"gpt2": (GPT2Config, _build_gpt2)}
+
+
+def build_model(model_cfg, attention, pos_cfg: PosConfig):
+    """Build the model of ``model_cfg.family``; ValueError on an unknown family."""
+    family = getattr(model_cfg, "family", None)
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model.family={family!r}; valid: {', '.join(FAMILIES)}")
+    return FAMILIES[family][1](model_cfg, attention, pos_cfg)
+
+
+__all__ = [
+    "FAMILIES",
+    "GPT2",
+    "GPT2Config",
+    "POSITIONS",
+    "PosConfig",
+    "SIZES",
+    "build_model",
+    "build_positions",
+]

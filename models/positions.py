@@ -1,0 +1,185 @@
+"""Positional encodings, applied before the attention backend (backends never see positions).
+
+Additive encodings (``learned``, ``sinusoidal``) are added to the token embeddings once;
+rotary encodings (``rope``, ``carope``) rotate q and k inside every attention layer; ``none``
+does neither. All rotaries use the half-split pairing: dims (i, i + D/2) form pair i.
+
+CARoPE (Context-aware Rotary Position Embedding): each layer computes a head-specific,
+token-dependent base frequency ``f(x_t)_h = 1 / (softplus(x_t W + b)_h + 1)`` and gives rotary
+pair i at position m the phase ``sum_{t<=m} f(x_t)_h ** i`` (a causal cumulative sum, in fp32).
+With W = 0 and ``b = softplus^-1(base^(2/D) - 1)`` every token gets ``f = base^(-2/D)``, so
+``f ** i = base^(-2i/D)`` = RoPE's frequency of pair i, and the phase is ``(m+1) * theta_i``:
+RoPE with positions counted from one. Attention scores depend only on phase differences, so the
+model equals the RoPE model exactly at initialisation (tested).
+
+Choices the paper leaves open are options: ``carope_input`` (``layer``: this layer's normalised
+input, the default; ``embedding``: the token embedding), ``carope_shared`` (one W for all layers)
+and ``carope_bias``. Under grouped-query attention W has one column per k/v head and the q heads
+of a group share its phase (a rotation must be the same for a q head and the k head it reads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+POSITIONS = ("none", "learned", "sinusoidal", "rope", "carope")
+CAROPE_INPUTS = ("layer", "embedding")
+
+
+@dataclasses.dataclass
+class PosConfig:
+    name: str = "carope"  # none | learned | sinusoidal | rope | carope
+    base: float = 10000.0  # rotary / sinusoidal base
+    carope_input: str = "layer"  # layer | embedding
+    carope_shared: bool = False  # one W (d_model, n_kv_heads) for all layers
+    carope_bias: bool = True  # bias b inside the softplus (needed for RoPE equality at init)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + D/2) of x by the given angles, computing in fp32.
+
+    x: (B, T, Hx, D); cos/sin: (B|1, T, Hc, D/2) with Hx % Hc == 0 (q heads share their group's
+    angles). Returns x's shape and dtype.
+    """
+    b, t, hx, d = x.shape
+    hc = cos.shape[2]
+    xs = x.to(torch.promote_types(x.dtype, cos.dtype)).view(b, t, hc, hx // hc, d)  # (B,T,Hc,G,D)
+    x1, x2 = xs[..., : d // 2], xs[..., d // 2 :]
+    c, s = cos.unsqueeze(3), sin.unsqueeze(3)  # (B|1, T, Hc, 1, D/2)
+    out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    return out.view(b, t, hx, d).type_as(x)
+
+
+class NoPositions(nn.Module):
+    rotary = False
+
+    def additive(self, t: int, device) -> torch.Tensor | None:
+        return None
+
+    def rotate(self, q, k, *, layer: int, x: torch.Tensor, x0: torch.Tensor):
+        return q, k
+
+
+class LearnedPositions(NoPositions):
+    """GPT-2's learned absolute position table; sequences longer than it are an error."""
+
+    def __init__(self, max_seq_len: int, d_model: int):
+        super().__init__()
+        self.max_seq_len = max_seq_len
+        self.wpe = nn.Embedding(max_seq_len, d_model)
+
+    def additive(self, t, device):
+        if t > self.max_seq_len:
+            raise ValueError(
+                f"sequence length {t} exceeds pos=learned's table of model.max_seq_len="
+                f"{self.max_seq_len} positions; use a shorter sequence (trainer.seq_len / "
+                "eval.seq_lens) or a position encoding that extrapolates (rope, carope, sinusoidal)"
+            )
+        return self.wpe(torch.arange(t, device=device))  # (T, C)
+
+
+class SinusoidalPositions(NoPositions):
+    """Fixed sinusoids of "Attention Is All You Need", computed for any length."""
+
+    def __init__(self, d_model: int, base: float):
+        super().__init__()
+        self.d_model, self.base = d_model, base
+
+    def additive(self, t, device):
+        half = self.d_model // 2
+        inv = self.base ** (-torch.arange(half, device=device, dtype=torch.float32) / half)
+        ang = torch.arange(t, device=device, dtype=torch.float32)[:, None] * inv  # (T, C/2)
+        pe = torch.zeros(t, self.d_model, device=device)
+        pe[:, 0 : 2 * half : 2], pe[:, 1 : 2 * half : 2] = ang.sin(), ang.cos()
+        return pe
+
+
+class RotaryPositions(NoPositions):
+    """RoPE: pair i at position m is rotated by m * theta_i (positions from zero)."""
+
+    rotary = True
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        self.half, self.base = head_dim // 2, base
+
+    def angles(self, t: int, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of m * theta_i, (1, T, 1, D/2); float32 (float64 for float64 models)."""
+        pos = torch.arange(t, device=device, dtype=dtype)
+        inv_freq = self.base ** (-2.0 * torch.arange(self.half, device=device, dtype=dtype) / (2 * self.half))
+        phase = pos[:, None] * inv_freq  # (T, D/2)
+        return phase.cos()[None, :, None], phase.sin()[None, :, None]
+
+    def rotate(self, q, k, *, layer, x, x0):
+        cos, sin = self.angles(q.shape[1], q.device, torch.promote_types(q.dtype, torch.float32))
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+class CARoPE(NoPositions):
+    """Context-aware RoPE (see module docstring)."""
+
+    rotary = True
+
+    def __init__(self, cfg: PosConfig, *, d_model, n_kv_heads, head_dim, n_layers):
+        super().__init__()
+        if cfg.carope_input not in CAROPE_INPUTS:
+            raise ValueError(
+                f"pos.carope_input={cfg.carope_input!r}; valid: {', '.join(CAROPE_INPUTS)}"
+            )
+        self.input, self.head_dim, self.base = cfg.carope_input, head_dim, cfg.base
+        n_proj = 1 if cfg.carope_shared else n_layers
+        self.proj = nn.ModuleList(
+            nn.Linear(d_model, n_kv_heads, bias=cfg.carope_bias) for _ in range(n_proj)
+        )
+        self.register_buffer(
+            "pair_index", torch.arange(head_dim // 2, dtype=torch.float32), persistent=False
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # W = 0 and f = base^(-2/D): softplus(b) = base^(2/D) - 1  =>  b = log(expm1(that)).
+        target = self.base ** (2.0 / self.head_dim) - 1.0
+        for p in self.proj:
+            nn.init.zeros_(p.weight)
+            if p.bias is not None:
+                nn.init.constant_(p.bias, math.log(math.expm1(target)))
+
+    def phases(self, layer: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Per-token phases, (B, T, Hkv, D/2) float32."""
+        proj = self.proj[layer % len(self.proj)]
+        src = x if self.input == "layer" else x0
+        cdt = torch.promote_types(src.dtype, torch.float32)  # fp32 under bf16 autocast too
+        bias = None if proj.bias is None else proj.bias.to(cdt)
+        with torch.autocast(src.device.type, enabled=False):
+            z = F.linear(src.to(cdt), proj.weight.to(cdt), bias)  # (B, T, Hkv)
+            log_f = -torch.log1p(F.softplus(z))  # log f = -log(softplus(z) + 1)
+            powers = torch.exp(log_f.unsqueeze(-1) * self.pair_index.to(cdt))  # f**i (B,T,Hkv,D/2)
+            return torch.cumsum(powers, dim=1)  # causal sum over t <= m
+
+    def rotate(self, q, k, *, layer, x, x0):
+        phase = self.phases(layer, x, x0)
+        cos, sin = phase.cos(), phase.sin()
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+def build_positions(cfg: PosConfig, *, d_model, n_heads, n_kv_heads, n_layers, max_seq_len):
+    """Instantiate the encoding named by ``cfg.name``; ValueError on unknown names/shapes."""
+    head_dim = d_model // n_heads
+    if cfg.name not in POSITIONS:
+        raise ValueError(f"unknown position encoding pos.name={cfg.name!r}; valid: {', '.join(POSITIONS)}")
+    if cfg.name in ("rope", "carope") and head_dim % 2:
+        raise ValueError(f"pos={cfg.name} needs an even head dim; got {head_dim} (d_model/n_head)")
+    if cfg.name == "none":
+        return NoPositions()
+    if cfg.name == "learned":
+        return LearnedPositions(max_seq_len, d_model)
+    if cfg.name == "sinusoidal":
+        return SinusoidalPositions(d_model, cfg.base)
+    if cfg.name == "rope":
+        return RotaryPositions(head_dim, cfg.base)
+    return CARoPE(cfg, d_model=d_model, n_kv_heads=n_kv_heads, head_dim=head_dim, n_layers=n_layers)

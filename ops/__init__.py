@@ -1,0 +1,29 @@
+"""Attention backends behind one contract.
+
+    attention(q, k, v, *, causal=False, scale=None, bias=None, return_lse=False)
+
+q: (B, *tokens, H, D); k, v: (B, *tokens, Hkv, D|Dv) with H % Hkv == 0. Returns (B, *tokens, H,
+Dv) in q's dtype, plus LSE (B, H, Ntokens) float32 when ``return_lse``. ``causal`` aligns
+bottom-right when query and key lengths differ; ``bias`` is additive and broadcasts to
+(B, H, Nq, Nk). Algorithm options are bound once with ``ops.build(name, **options)``.
+
+This package imports nothing else of the repository.
+"""
+
+from . import reference as _reference  # noqa: F401  (registers "reference")
+from . import sdpa as _sdpa  # noqa: F401  (registers "sdpa")
+from .contract import check_inputs
+from .reference import reference_attention
+from .registry import Attention, Capabilities, available, build, register
+from .sdpa import sdpa_attention
+
+__all__ = [
+    "Attention",
+    "Capabilities",
+    "available",
+    "build",
+    "check_inputs",
+    "reference_attention",
+    "register",
+    "sdpa_attention",
+]

@@ -1,0 +1,157 @@
+"""Typed run configuration: Hydra composes YAML, these dataclasses check it.
+
+Every config group is merged into its dataclass schema, so a misspelt key in a YAML file or a
+``+key=value`` override is an error naming the field and the valid ones, never a silent default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from data import TokenDataConfig
+from models import FAMILIES, PosConfig
+
+
+@dataclasses.dataclass
+class AttnConfig:
+    name: str = "sdpa"
+    options: dict[str, Any] = field(default_factory=dict)  # bound once by ops.build
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 6e-4
+    min_lr: float = 6e-5  # end of the cosine
+    warmup_steps: int = 715
+    decay_steps: int | None = None  # None: trainer.max_steps
+    weight_decay: float = 0.1  # on >= 2-D weights only (not norms, biases)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables
+    fused: bool | None = None  # None: fused AdamW on CUDA
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    seq_len: int = 256
+    micro_batch: int = 8  # sequences per forward, per process
+    global_batch_tokens: int = 2048  # tokens per optimizer step over all processes
+    eval_every: int = 100
+    eval_tokens: int = 65536  # validation tokens per evaluation (all processes together)
+    log_every: int = 10
+    ckpt_every: int = 1000
+    keep_last: int = 3  # step checkpoints kept besides last.pt
+    resume: str = "auto"  # auto | never | PATH
+    stop_at: int | None = None  # end this process after this step (checkpointed), as if preempted
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    run_dir: str = "runs/default"
+    peak_flops: float | None = None  # per device, for MFU; None: known GPUs only
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class LoggerConfig:
+    name: str = "wandb"  # wandb | none
+    project: str = "attnlab"
+    entity: str | None = None
+    run_name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: str = "offline"  # offline | online | disabled
+
+
+@dataclasses.dataclass
+class RunConfig:
+    model: Any
+    attn: AttnConfig
+    pos: PosConfig
+    data: TokenDataConfig
+    optim: OptimConfig
+    trainer: TrainerConfig
+    logger: LoggerConfig
+    seed: int = 1337
+    run_name: str = "run"
+    experiment: str | None = None
+
+
+SECTIONS = {
+    "attn": AttnConfig,
+    "pos": PosConfig,
+    "data": TokenDataConfig,
+    "optim": OptimConfig,
+    "trainer": TrainerConfig,
+    "logger": LoggerConfig,
+}
+TOP_LEVEL = {"seed", "run_name", "experiment", "eval", "ckpt", *SECTIONS, "model"}
+
+
+def _typed(section: str, schema, node) -> Any:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+    except (ConfigKeyError, ValidationError) as e:
+        fields = ", ".join(f.name for f in dataclasses.fields(schema))
+        raise ValueError(
+            f"bad config in '{section}': {e.msg if hasattr(e, 'msg') else e}. "
+            f"Valid keys of {section} ({schema.__name__}): {fields}"
+        ) from None
+    return OmegaConf.to_object(merged)
+
+
+def load(cfg: DictConfig | dict) -> RunConfig:
+    """Check a composed config against the schemas and return typed sections."""
+    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    OmegaConf.resolve(cfg)
+    unknown = sorted(set(cfg.keys()) - TOP_LEVEL)
+    if unknown:
+        raise ValueError(f"unknown top-level config key(s) {unknown}; valid: {sorted(TOP_LEVEL)}")
+    family = cfg.model.get("family")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model.family={family!r}; valid: {', '.join(FAMILIES)}")
+    typed = {name: _typed(name, schema, cfg[name]) for name, schema in SECTIONS.items()}
+    typed["model"] = _typed("model", FAMILIES[family][0], cfg.model)
+    return RunConfig(
+        **typed,
+        seed=int(cfg.get("seed", 1337)),
+        run_name=str(cfg.get("run_name", "run")),
+        experiment=cfg.get("experiment"),
+    )
+
+
+def validate(rc: RunConfig, world_size: int = 1) -> int:
+    """Cross-field checks; return gradient-accumulation steps per optimizer step."""
+    t = rc.trainer
+    if t.resume not in ("auto", "never") and not t.resume.endswith(".pt"):
+        raise ValueError(f"trainer.resume={t.resume!r}: use auto, never, or a path to a .pt file")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"trainer.device={t.device!r}; valid: auto, cpu, cuda")
+    if t.precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"trainer.precision={t.precision!r}; valid: auto, bf16, fp32")
+    if rc.logger.name not in ("wandb", "none"):
+        raise ValueError(f"logger.name={rc.logger.name!r}; valid: wandb, none (logger=none)")
+    per_micro = t.micro_batch * t.seq_len * world_size
+    if t.global_batch_tokens % per_micro:
+        raise ValueError(
+            f"trainer.global_batch_tokens={t.global_batch_tokens} must be a multiple of "
+            f"micro_batch x seq_len x world_size = {t.micro_batch} x {t.seq_len} x {world_size} "
+            f"= {per_micro}"
+        )
+    if rc.pos.name == "learned" and t.seq_len > rc.model.max_seq_len:
+        raise ValueError(
+            f"trainer.seq_len={t.seq_len} is longer than pos=learned allows "
+            f"(model.max_seq_len={rc.model.max_seq_len}); raise model.max_seq_len or shorten"
+        )
+    return t.global_batch_tokens // per_micro
+
+
+def to_dict(rc: RunConfig) -> dict:
+    """Plain nested dict (for checkpoints, summary.json and wandb)."""
+    return dataclasses.asdict(rc)

@@ -1,0 +1,235 @@
+"""The one training loop shared by every model family (see DESIGN.md, "Trainer")."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from . import checkpoint as ckpt_lib
+from . import config as config_lib
+from . import distributed as dist_lib
+from .monitor import Monitor, Throughput, peak_flops
+from .optim import build_optimizer, lr_at
+from .tasks import build_task
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints and exits. A second SIGINT aborts."""
+
+    def __init__(self):
+        self.signum = None
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+def autocast_factory(precision: str, device: torch.device):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _resume(rc, task, opt, manager, info, monitor_say) -> tuple[int, dict]:
+    """Load the checkpoint that trainer.resume names; return (start step, checkpoint extras)."""
+    mode = rc.trainer.resume
+    if mode == "never":
+        if manager.last.exists():
+            monitor_say(f"trainer.resume=never: starting over; {manager.dir} will be overwritten")
+        return 0, {}
+    path = manager.last if mode == "auto" else Path(mode)
+    if mode == "auto" and not path.exists():
+        return 0, {}
+    ckpt = ckpt_lib.load(path)
+    ckpt_lib.check_compatible(task.model, ckpt, path)
+    task.model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    task.train_loader.load_state_dict(ckpt["data"])
+    rngs = ckpt["rng"]
+    ckpt_lib.set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
+    monitor_say(f"resumed from {path} at step {ckpt['step']}")
+    return int(ckpt["step"]), ckpt
+
+
+def _save(manager, task, opt, step, info, config_dict, extras) -> Path | None:
+    rngs = dist_lib.gather_objects(ckpt_lib.rng_state(), info)
+    path = None
+    if info.is_main:
+        state = {
+            "step": step,
+            "model": task.model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "data": task.train_loader.state_dict(),
+            "rng": rngs,
+            "config": config_dict,
+            **extras,
+        }
+        path = manager.save(state, step)
+    dist_lib.barrier(info)
+    return path
+
+
+def _train_step(task, train_model, opt, accum, autocast, info, rc, step, max_steps):
+    """One optimizer step over `accum` micro-batches; returns (mean loss, grad norm, lr)."""
+    lr = lr_at(step, rc.optim, max_steps)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss_acc = torch.zeros((), device=info.device)
+    for micro in range(accum):
+        batch = task.next_batch()
+        last = micro == accum - 1
+        sync = train_model.no_sync() if info.enabled and not last else contextlib.nullcontext()
+        with sync:
+            with autocast():
+                loss = task.loss(train_model, batch)
+            (loss / accum).backward()
+        loss_acc += loss.detach()
+    clip = rc.optim.grad_clip
+    norm = torch.nn.utils.clip_grad_norm_(task.model.parameters(), clip if clip > 0 else math.inf)
+    loss_mean, norm_val = dist_lib.all_reduce_mean([float(loss_acc) / accum, float(norm)], info)
+    if not (math.isfinite(loss_mean) and math.isfinite(norm_val)):
+        opt.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(
+            f"non-finite training loss {loss_mean} (grad norm {norm_val}) at step {step + 1}"
+        )
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_mean, norm_val, lr
+
+
+def run(cfg) -> dict:
+    """Train from a composed Hydra config; returns the summary also written to summary.json."""
+    rc = config_lib.load(cfg)
+    info = dist_lib.setup(rc.trainer.device)
+    try:
+        return _run(rc, info)
+    finally:
+        dist_lib.teardown()
+
+
+def _run(rc, info) -> dict:
+    t = rc.trainer
+    accum = config_lib.validate(rc, info.world_size)
+    run_dir = Path(t.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_dict = config_lib.to_dict(rc)
+    if info.is_main:
+        OmegaConf.save(OmegaConf.create(config_dict), run_dir / "config.yaml")
+    if info.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(rc.seed)  # same initial weights on every rank
+
+    task = build_task(rc, info)
+    task.model.to(info.device)
+    opt = build_optimizer(task.model, rc.optim, info.device)
+    manager = ckpt_lib.CheckpointManager(run_dir / "checkpoints", t.keep_last)
+    say = print if info.is_main else (lambda *a, **k: None)
+    step, extras = _resume(rc, task, opt, manager, info, say)
+    if step == 0 and info.is_main:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    monitor = Monitor(rc, run_dir, info.is_main, config_dict, wandb_id=extras.get("wandb_id"))
+    try:
+        return _loop(rc, info, task, opt, manager, monitor, step, accum, run_dir, config_dict)
+    finally:
+        monitor.close()
+
+
+def _loop(rc, info, task, opt, manager, monitor, step, accum, run_dir, config_dict) -> dict:
+    t = rc.trainer
+    model = task.model
+    train_model = torch.compile(model) if t.compile else model
+    if info.enabled:
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=ids)
+    autocast = autocast_factory(t.precision, info.device)
+    peak = peak_flops(info.device, t.peak_flops)
+    flops_tok = task.flops_per_token()
+    n_params = model.num_params()
+    monitor.say(
+        f"run {run_dir} | {rc.model.name} ({n_params / 1e6:.1f}M params) pos={rc.pos.name} "
+        f"attn={rc.attn.name} | {info.world_size} x {info.device.type} | "
+        f"{t.global_batch_tokens} tokens/step = {accum} x {t.micro_batch} x {t.seq_len} x "
+        f"{info.world_size}"
+    )
+    stop = StopRequest()
+    stop.install()
+    extras = lambda: {"wandb_id": monitor.wandb_id}  # noqa: E731
+    evals = {}
+    if step == 0:
+        evals = task.evaluate(model, autocast, t.eval_tokens)
+        monitor.say(f"step 0 | val loss {evals['val_loss']:.4f} | val ppl {evals['val_ppl']:.2f}")
+        monitor.log({"step": 0, **evals})
+    meter = Throughput()
+    loss = float("nan")
+    start = time.perf_counter()
+    first_step = step
+    last_ckpt = manager.last if manager.last.exists() else None
+    while step < t.max_steps:
+        try:
+            loss, norm, lr = _train_step(task, train_model, opt, accum, autocast, info, rc, step, t.max_steps)
+        except NonFiniteLoss as e:
+            where = last_ckpt or "none written yet"
+            raise NonFiniteLoss(
+                f"{e}. Stopped without saving; the last good checkpoint is {where}. Lower "
+                "optim.lr, raise optim.warmup_steps or check the data, then resume from it."
+            ) from None
+        step += 1
+        meter.add(t.global_batch_tokens)
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm}
+        if step == first_step + 1:
+            meter.read(count=False)  # the first step includes compilation and warm-up
+        elif step % t.log_every == 0 or step == t.max_steps:
+            tok_s, step_t = meter.read()
+            mfu = flops_tok * tok_s / (peak * info.world_size) if peak else None
+            record.update(tok_s=tok_s, mfu=mfu)
+            monitor.progress(step, t.max_steps, loss, lr, tok_s, mfu, step_t)
+        if step % t.eval_every == 0 or step == t.max_steps:
+            evals = task.evaluate(model, autocast, t.eval_tokens)
+            record.update(evals)
+            monitor.say(f"step {step} | val loss {evals['val_loss']:.4f} | val ppl {evals['val_ppl']:.2f}")
+        monitor.log(record)
+        stopping = dist_lib.any_rank(stop.signum is not None, info)
+        stop_at = t.stop_at is not None and step >= t.stop_at and step < t.max_steps
+        if step % t.ckpt_every == 0 or step == t.max_steps or stopping or stop_at:
+            last_ckpt = _save(manager, task, opt, step, info, config_dict, extras())
+        if stopping or stop_at:
+            why = f"signal {signal.Signals(stop.signum).name}" if stopping and stop.signum else "trainer.stop_at"
+            monitor.say(f"stopped at step {step} ({why}); checkpoint {manager.last}. Run the same command to resume.")
+            break
+    summary = {
+        "final_step": step,
+        "train_loss": loss,
+        "val_loss": evals.get("val_loss"),
+        "val_ppl": evals.get("val_ppl"),
+        "tokens_per_s": meter.mean(),
+        "mfu": (flops_tok * meter.mean() / (peak * info.world_size)) if peak else None,
+        "tokens_seen": step * t.global_batch_tokens,
+        "wall_time_s": time.perf_counter() - start,
+        "world_size": info.world_size,
+        "finished": step >= t.max_steps,
+        "run_dir": str(run_dir),
+    }
+    if info.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        monitor.say(json.dumps(summary))
+    if stop.signum is not None:
+        summary["exit_code"] = 128 + int(stop.signum)
+    return summary
