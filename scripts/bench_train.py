@@ -1,0 +1,194 @@
+"""Training throughput of GPT-2 124M: our trainer's step per position encoding vs a minimal GPT-2.
+
+    python scripts/bench_train.py [--pos learned rope carope] [--batch 32] [--seq 1024]
+
+Each variant is compiled, runs bf16 autocast and fused AdamW with gradient clipping, and reads
+the loss back every step (as a logging training loop does). "ours" is the repository's own
+train step (trainer.loop._train_step) on models.GPT2 through ops.build("sdpa"); "minimal" is a
+single-file nanoGPT-style GPT-2 defined below with learned positions and the same settings.
+Prints a table (tokens/s, ms/step, MFU) and writes JSON. Needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import ops  # noqa: E402
+from models import GPT2Config, PosConfig, build_model  # noqa: E402
+from trainer.distributed import DistInfo  # noqa: E402
+from trainer.loop import _train_step, autocast_factory  # noqa: E402
+from trainer.monitor import peak_flops  # noqa: E402
+from trainer.optim import build_optimizer  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- minimal GPT-2
+class MinimalBlock(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.h = h
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.h, d // self.h).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.out(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.proj(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
+
+
+class MinimalGPT(nn.Module):
+    def __init__(self, vocab=50304, seq=1024, d=768, h=12, layers=12):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(seq, d)
+        self.blocks = nn.ModuleList(MinimalBlock(d, h) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.wte.weight
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, idx, targets):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for blk in self.blocks:
+            x = blk(x)
+        logits = self.head(self.ln_f(x))
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+
+
+def minimal_step(model, opt, x, y):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+# ----------------------------------------------------------------------------- harness
+class RandomTokens:
+    """Stands in for the data loader: fresh random tokens on the GPU every micro-batch."""
+
+    def __init__(self, model, batch, seq, device):
+        self.model, self.batch, self.seq, self.device = model, batch, seq, device
+
+    def next_batch(self):
+        x = torch.randint(0, 50257, (self.batch, self.seq + 1), device=self.device)
+        return x[:, :-1], x[:, 1:]
+
+    @staticmethod
+    def loss(model, batch):
+        return model(*batch)
+
+
+def time_steps(step_fn, steps, warmup):
+    for _ in range(warmup):
+        step_fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step_fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def bench_ours(pos, args, dev):
+    torch.manual_seed(0)
+    cfg = GPT2Config(name="gpt2_small", n_layer=12, n_head=12, d_model=768, max_seq_len=args.seq)
+    model = build_model(cfg, ops.build("sdpa"), PosConfig(name=pos)).to(dev)
+    optim_cfg = SimpleNamespace(lr=6e-4, min_lr=6e-5, warmup_steps=10, decay_steps=None,
+                                weight_decay=0.1, betas=[0.9, 0.95], eps=1e-8, grad_clip=1.0, fused=None)
+    opt = build_optimizer(model, optim_cfg, dev)
+    task = RandomTokens(model, args.batch, args.seq, dev)
+    task.model = model
+    compiled = torch.compile(model)
+    rc = SimpleNamespace(optim=optim_cfg)
+    info = DistInfo(device=dev)
+    autocast = autocast_factory("auto", dev)
+    counter = [0]
+
+    def step():
+        _train_step(task, compiled, opt, 1, autocast, info, rc, counter[0], 10_000)
+        counter[0] += 1
+
+    sec = time_steps(step, args.steps, args.warmup)
+    return sec, model.flops_per_token(args.seq), model.num_params()
+
+
+def bench_minimal(args, dev):
+    torch.manual_seed(0)
+    model = MinimalGPT(seq=args.seq).to(dev)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    compiled = torch.compile(model)
+
+    def step():
+        x = torch.randint(0, 50257, (args.batch, args.seq + 1), device=dev)
+        minimal_step(compiled, opt, x[:, :-1], x[:, 1:])
+
+    sec = time_steps(step, args.steps, args.warmup)
+    n = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
+    return sec, 6 * n + 12 * 12 * 768 * args.seq, n
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pos", nargs="+", default=["learned", "rope", "carope"])
+    ap.add_argument("--no-minimal", action="store_true")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--out", default="bench_train.json")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_train.py needs a CUDA GPU")
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    peak = peak_flops(dev, None)
+    variants = [("minimal", None)] * (not args.no_minimal) + [("ours", p) for p in args.pos]
+    rows = []
+    for kind, pos in variants:
+        torch._dynamo.reset()
+        t0 = time.perf_counter()
+        sec, fpt, n = bench_minimal(args, dev) if kind == "minimal" else bench_ours(pos, args, dev)
+        tok_s = args.batch * args.seq / sec
+        mfu = fpt * tok_s / peak if peak else math.nan
+        rows.append({"impl": kind, "pos": pos or "learned", "params": n, "ms_per_step": sec * 1e3,
+                     "tokens_per_s": tok_s, "mfu": mfu, "wall_s": time.perf_counter() - t0})
+        print(f"done {kind}/{pos}: {tok_s:,.0f} tok/s", flush=True)
+        torch.cuda.empty_cache()
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": __import__("triton").__version__, "python": platform.python_version(),
+           "batch": args.batch, "seq": args.seq, "steps": args.steps, "date": time.strftime("%Y-%m-%d")}
+    Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+    base = next((r["tokens_per_s"] for r in rows if r["impl"] == "minimal"), None)
+    print(f"\n{env['gpu']} | torch {env['torch']} | triton {env['triton']} | B={args.batch} T={args.seq} bf16 compiled")
+    print(f"{'impl':<8} {'pos':<8} {'ms/step':>8} {'tok/s':>10} {'MFU':>6} {'vs minimal':>10}")
+    for r in rows:
+        rel = f"{r['tokens_per_s'] / base:.3f}x" if base else "-"
+        print(f"{r['impl']:<8} {r['pos']:<8} {r['ms_per_step']:8.1f} {r['tokens_per_s']:10,.0f} "
+              f"{100 * r['mfu']:5.1f}% {rel:>10}")
+
+
+if __name__ == "__main__":
+    main()
