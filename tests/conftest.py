@@ -1,6 +1,7 @@
 """Test environment: offline hubs, offline wandb, one thread, Triton's CPU interpreter.
 
-The variables are set before any test module imports torch or defines a Triton kernel.
+The variables are set before any test module imports torch or defines a Triton kernel;
+Triton's interpreter only where no GPU is visible (on a GPU the `gpu` tests run compiled).
 """
 
 import os
@@ -10,10 +11,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
