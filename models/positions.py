@@ -100,24 +100,72 @@ class SinusoidalPositions(NoPositions):
 
 
 class RotaryPositions(NoPositions):
-    """RoPE: pair i at position m is rotated by m * theta_i (positions from zero)."""
+    """RoPE: pair i at position m is rotated by m * theta_i (positions from zero).
+
+    cos/sin come from a table computed once (in float64, stored in float32) for max_seq_len
+    positions, so a compiled step reads them instead of evaluating pow/sin/cos for every
+    element of q and k (that recomputation made a compiled step 30% slower on an H100).
+    Longer sequences (length extrapolation at eval) and float64 models compute them afresh.
+    """
 
     rotary = True
 
-    def __init__(self, head_dim: int, base: float):
+    def __init__(self, head_dim: int, base: float, max_seq_len: int = 1024):
         super().__init__()
         self.half, self.base = head_dim // 2, base
+        cos, sin = self._table(max_seq_len, "cpu", torch.float64)
+        self.register_buffer("cos_table", cos.float(), persistent=False)
+        self.register_buffer("sin_table", sin.float(), persistent=False)
+
+    def _table(self, t, device, dtype):
+        if torch.device(device).type == "meta":
+            z = torch.empty(t, self.half, device=device, dtype=dtype)
+            return z, z
+        pos = torch.arange(t, device=device, dtype=torch.float64)
+        i = torch.arange(self.half, device=device, dtype=torch.float64)
+        phase = pos[:, None] * self.base ** (-i / self.half)  # (T, D/2): m * theta_i
+        return phase.cos().to(dtype), phase.sin().to(dtype)
 
     def angles(self, t: int, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of m * theta_i, (1, T, 1, D/2); float32 (float64 for float64 models)."""
-        pos = torch.arange(t, device=device, dtype=dtype)
-        inv_freq = self.base ** (-2.0 * torch.arange(self.half, device=device, dtype=dtype) / (2 * self.half))
-        phase = pos[:, None] * inv_freq  # (T, D/2)
-        return phase.cos()[None, :, None], phase.sin()[None, :, None]
+        """cos, sin of m * theta_i as (1, T, 1, D/2)."""
+        if t <= self.cos_table.shape[0] and dtype != torch.float64:
+            cos, sin = self.cos_table[:t], self.sin_table[:t]
+        else:
+            cos, sin = self._table(t, device, dtype)
+        return cos[None, :, None], sin[None, :, None]
 
     def rotate(self, q, k, *, layer, x, x0):
         cos, sin = self.angles(q.shape[1], q.device, torch.promote_types(q.dtype, torch.float32))
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+@torch.library.custom_op("attnlab::cos_sin", mutates_args=())
+def cos_sin(phase: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin as one opaque op, so that torch.compile materialises them once per layer
+    instead of re-evaluating both for every element of q and k (and again in backward)."""
+    return phase.cos(), phase.sin()
+
+
+@cos_sin.register_fake
+def _(phase):
+    return torch.empty_like(phase), torch.empty_like(phase)
+
+
+def _cos_sin_setup(ctx, inputs, output):
+    ctx.save_for_backward(*output)
+
+
+def _cos_sin_backward(ctx, grad_cos, grad_sin):
+    cos, sin = ctx.saved_tensors
+    grad = torch.zeros_like(cos)
+    if grad_sin is not None:
+        grad = grad + grad_sin * cos
+    if grad_cos is not None:
+        grad = grad - grad_cos * sin
+    return grad
+
+
+cos_sin.register_autograd(_cos_sin_backward, setup_context=_cos_sin_setup)
 
 
 class CARoPE(NoPositions):
@@ -162,8 +210,7 @@ class CARoPE(NoPositions):
             return torch.cumsum(powers, dim=1)  # causal sum over t <= m
 
     def rotate(self, q, k, *, layer, x, x0):
-        phase = self.phases(layer, x, x0)
-        cos, sin = phase.cos(), phase.sin()
+        cos, sin = cos_sin(self.phases(layer, x, x0))
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
@@ -181,5 +228,5 @@ def build_positions(cfg: PosConfig, *, d_model, n_heads, n_kv_heads, n_layers, m
     if cfg.name == "sinusoidal":
         return SinusoidalPositions(d_model, cfg.base)
     if cfg.name == "rope":
-        return RotaryPositions(head_dim, cfg.base)
+        return RotaryPositions(head_dim, cfg.base, max_seq_len)
     return CARoPE(cfg, d_model=d_model, n_kv_heads=n_kv_heads, head_dim=head_dim, n_layers=n_layers)

@@ -2,8 +2,9 @@
 
     python scripts/bench_train.py [--pos learned rope carope] [--batch 32] [--seq 1024]
 
-Each variant is compiled, runs bf16 autocast and fused AdamW with gradient clipping, and reads
-the loss back every step (as a logging training loop does). "ours" is the repository's own
+Each variant is compiled, runs bf16 autocast and fused AdamW with gradient clipping. The
+minimal loop reads the loss back every step (as build-nanogpt-style loops print it); ours reads
+the losses back every 10 steps, as train.py does with trainer.log_every=10. "ours" is the repository's own
 train step (trainer.loop._train_step) on models.GPT2 through ops.build("sdpa"); "minimal" is a
 single-file nanoGPT-style GPT-2 defined below with learned positions and the same settings.
 Prints a table (tokens/s, ms/step, MFU) and writes JSON. Needs a CUDA GPU.
@@ -29,7 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 import ops  # noqa: E402
 from models import GPT2Config, PosConfig, build_model  # noqa: E402
 from trainer.distributed import DistInfo  # noqa: E402
-from trainer.loop import _train_step, autocast_factory  # noqa: E402
+from trainer.loop import _flush, _train_step, autocast_factory  # noqa: E402
 from trainer.monitor import peak_flops  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
 
@@ -69,7 +70,7 @@ class MinimalGPT(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         logits = self.head(self.ln_f(x))
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
 
 def minimal_step(model, opt, x, y):
@@ -109,7 +110,8 @@ def time_steps(step_fn, steps, warmup):
     return (time.perf_counter() - t0) / steps
 
 
-def bench_ours(pos, args, dev):
+def make_ours_step(pos, args, dev):
+    """Our model + optimizer + the trainer's step function; returns (step, model)."""
     torch.manual_seed(0)
     cfg = GPT2Config(name="gpt2_small", n_layer=12, n_head=12, d_model=768, max_seq_len=args.seq)
     model = build_model(cfg, ops.build("sdpa"), PosConfig(name=pos)).to(dev)
@@ -122,12 +124,19 @@ def bench_ours(pos, args, dev):
     rc = SimpleNamespace(optim=optim_cfg)
     info = DistInfo(device=dev)
     autocast = autocast_factory("auto", dev)
-    counter = [0]
+    counter, pending = [0], []
 
-    def step():
-        _train_step(task, compiled, opt, 1, autocast, info, rc, counter[0], 10_000)
+    def step():  # as train.py runs it: losses read back (and NaN-checked) every 10 steps
         counter[0] += 1
+        pending.append((counter[0], *_train_step(task, compiled, opt, 1, autocast, info, rc, counter[0], 10_000)))
+        if counter[0] % args.flush_every == 0:
+            _flush(pending, info)
 
+    return step, model
+
+
+def bench_ours(pos, args, dev):
+    step, model = make_ours_step(pos, args, dev)
     sec = time_steps(step, args.steps, args.warmup)
     return sec, model.flops_per_token(args.seq), model.num_params()
 
@@ -156,7 +165,8 @@ def main():
     ap.add_argument("--no-minimal", action="store_true")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--flush-every", type=int, default=10, help="ours: read losses back every N steps")
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--out", default="bench_train.json")
     args = ap.parse_args()
@@ -173,7 +183,7 @@ def main():
         sec, fpt, n = bench_minimal(args, dev) if kind == "minimal" else bench_ours(pos, args, dev)
         tok_s = args.batch * args.seq / sec
         mfu = fpt * tok_s / peak if peak else math.nan
-        rows.append({"impl": kind, "pos": pos or "learned", "params": n, "ms_per_step": sec * 1e3,
+        rows.append({"impl": kind, "pos": pos or "learned", "flush_every": 1 if kind == "minimal" else args.flush_every, "params": n, "ms_per_step": sec * 1e3,
                      "tokens_per_s": tok_s, "mfu": mfu, "wall_s": time.perf_counter() - t0})
         print(f"done {kind}/{pos}: {tok_s:,.0f} tok/s", flush=True)
         torch.cuda.empty_cache()
@@ -183,10 +193,10 @@ def main():
     Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     base = next((r["tokens_per_s"] for r in rows if r["impl"] == "minimal"), None)
     print(f"\n{env['gpu']} | torch {env['torch']} | triton {env['triton']} | B={args.batch} T={args.seq} bf16 compiled")
-    print(f"{'impl':<8} {'pos':<8} {'ms/step':>8} {'tok/s':>10} {'MFU':>6} {'vs minimal':>10}")
+    print(f"{'impl':<8} {'pos':<8} {'sync':>5} {'ms/step':>8} {'tok/s':>10} {'MFU':>6} {'vs minimal':>10}")
     for r in rows:
         rel = f"{r['tokens_per_s'] / base:.3f}x" if base else "-"
-        print(f"{r['impl']:<8} {r['pos']:<8} {r['ms_per_step']:8.1f} {r['tokens_per_s']:10,.0f} "
+        print(f"{r['impl']:<8} {r['pos']:<8} {r['flush_every']:>5} {r['ms_per_step']:8.1f} {r['tokens_per_s']:10,.0f} "
               f"{100 * r['mfu']:5.1f}% {rel:>10}")
 
 

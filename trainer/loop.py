@@ -87,7 +87,12 @@ def _save(manager, task, opt, step, info, config_dict, extras) -> Path | None:
 
 
 def _train_step(task, train_model, opt, accum, autocast, info, rc, step, max_steps):
-    """One optimizer step over `accum` micro-batches; returns (mean loss, grad norm, lr)."""
+    """One optimizer step over `accum` micro-batches.
+
+    Returns (mean loss, grad norm) as device tensors and the lr: nothing here waits for the
+    GPU, so the host can queue the next step while this one runs. Losses are read back (and
+    checked for NaN/Inf) in batches by `_flush`.
+    """
     lr = lr_at(step, rc.optim, max_steps)
     for group in opt.param_groups:
         group["lr"] = lr
@@ -103,15 +108,26 @@ def _train_step(task, train_model, opt, accum, autocast, info, rc, step, max_ste
         loss_acc += loss.detach()
     clip = rc.optim.grad_clip
     norm = torch.nn.utils.clip_grad_norm_(task.model.parameters(), clip if clip > 0 else math.inf)
-    loss_mean, norm_val = dist_lib.all_reduce_mean([float(loss_acc) / accum, float(norm)], info)
-    if not (math.isfinite(loss_mean) and math.isfinite(norm_val)):
-        opt.zero_grad(set_to_none=True)
-        raise NonFiniteLoss(
-            f"non-finite training loss {loss_mean} (grad norm {norm_val}) at step {step + 1}"
-        )
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss_mean, norm_val, lr
+    return loss_acc / accum, norm, lr
+
+
+def _flush(pending: list, info) -> list[dict]:
+    """Read back the queued steps' losses (one sync, one collective); raise on NaN/Inf."""
+    if not pending:
+        return []
+    vals = torch.stack([torch.stack([loss.float(), norm.float()]) for _, loss, norm, _ in pending])
+    if info.enabled:
+        torch.distributed.all_reduce(vals)
+        vals = vals / info.world_size
+    records = []
+    for (step, _, _, lr), (loss, norm) in zip(pending, vals.tolist()):
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            raise NonFiniteLoss(f"non-finite training loss {loss} (grad norm {norm}) at step {step}")
+        records.append({"step": step, "loss": loss, "lr": lr, "grad_norm": norm})
+    pending.clear()
+    return records
 
 
 def run(cfg) -> dict:
@@ -182,37 +198,51 @@ def _loop(rc, info, task, opt, manager, monitor, step, accum, run_dir, config_di
     start = time.perf_counter()
     first_step = step
     last_ckpt = manager.last if manager.last.exists() else None
+    pending = []  # steps whose losses are still on the device
     while step < t.max_steps:
-        try:
-            loss, norm, lr = _train_step(task, train_model, opt, accum, autocast, info, rc, step, t.max_steps)
-        except NonFiniteLoss as e:
-            where = last_ckpt or "none written yet"
-            raise NonFiniteLoss(
-                f"{e}. Stopped without saving; the last good checkpoint is {where}. Lower "
-                "optim.lr, raise optim.warmup_steps or check the data, then resume from it."
-            ) from None
+        pending.append((step + 1, *_train_step(task, train_model, opt, accum, autocast, info, rc, step, t.max_steps)))
         step += 1
         meter.add(t.global_batch_tokens)
-        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm}
+        is_log = step % t.log_every == 0 or step == t.max_steps or step == first_step + 1
+        is_eval = step % t.eval_every == 0 or step == t.max_steps
+        stop_at = t.stop_at is not None and t.stop_at <= step < t.max_steps
+        is_ckpt = step % t.ckpt_every == 0 or step == t.max_steps or stop_at
+        if info.enabled:  # a collective only where all ranks meet anyway
+            stopping = (is_log or is_eval or is_ckpt) and dist_lib.any_rank(stop.signum is not None, info)
+        else:
+            stopping = stop.signum is not None
+        if not (is_log or is_eval or is_ckpt or stopping):
+            continue
+        try:
+            records = _flush(pending, info)
+        except NonFiniteLoss as e:
+            raise NonFiniteLoss(
+                f"{e}. Stopped without saving; the last good checkpoint is "
+                f"{last_ckpt or 'none (no checkpoint written yet)'}. Lower optim.lr, raise "
+                "optim.warmup_steps or check the data, then resume from it."
+            ) from None
+        loss = records[-1]["loss"]
         if step == first_step + 1:
             meter.read(count=False)  # the first step includes compilation and warm-up
-        elif step % t.log_every == 0 or step == t.max_steps:
+        elif is_log:
             tok_s, step_t = meter.read()
             mfu = flops_tok * tok_s / (peak * info.world_size) if peak else None
-            record.update(tok_s=tok_s, mfu=mfu)
-            monitor.progress(step, t.max_steps, loss, lr, tok_s, mfu, step_t)
-        if step % t.eval_every == 0 or step == t.max_steps:
+            records[-1].update(tok_s=tok_s, mfu=mfu)
+            monitor.progress(step, t.max_steps, loss, records[-1]["lr"], tok_s, mfu, step_t)
+        if is_eval:
             evals = task.evaluate(model, autocast, t.eval_tokens)
-            record.update(evals)
+            records[-1].update(evals)
             monitor.say(f"step {step} | val loss {evals['val_loss']:.4f} | val ppl {evals['val_ppl']:.2f}")
-        monitor.log(record)
-        stopping = dist_lib.any_rank(stop.signum is not None, info)
-        stop_at = t.stop_at is not None and step >= t.stop_at and step < t.max_steps
-        if step % t.ckpt_every == 0 or step == t.max_steps or stopping or stop_at:
+        for rec in records:
+            monitor.log(rec)
+        if is_ckpt or stopping:
             last_ckpt = _save(manager, task, opt, step, info, config_dict, extras())
+        if is_eval or is_ckpt:
+            meter.read(count=False)  # keep evaluation and checkpoint time out of tokens/s
         if stopping or stop_at:
-            why = f"signal {signal.Signals(stop.signum).name}" if stopping and stop.signum else "trainer.stop_at"
-            monitor.say(f"stopped at step {step} ({why}); checkpoint {manager.last}. Run the same command to resume.")
+            why = f"signal {signal.Signals(stop.signum).name}" if stop.signum else "trainer.stop_at"
+            monitor.say(f"stopped at step {step} ({why}); checkpoint {manager.last}. "
+                        "Run the same command to resume.")
             break
     summary = {
         "final_step": step,
