@@ -40,19 +40,54 @@ class PosConfig:
     carope_bias: bool = True  # bias b inside the softplus (needed for RoPE equality at init)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + D/2) of x by the given angles, computing in fp32.
-
-    x: (B, T, Hx, D); cos/sin: (B|1, T, Hc, D/2) with Hx % Hc == 0 (q heads share their group's
-    angles). Returns x's shape and dtype.
-    """
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + D/2) by the angles; x (B, T, Hx, D), cos/sin (B|1, T, Hc, D/2)."""
     b, t, hx, d = x.shape
     hc = cos.shape[2]
     xs = x.to(torch.promote_types(x.dtype, cos.dtype)).view(b, t, hc, hx // hc, d)  # (B,T,Hc,G,D)
     x1, x2 = xs[..., : d // 2], xs[..., d // 2 :]
     c, s = cos.unsqueeze(3), sin.unsqueeze(3)  # (B|1, T, Hc, 1, D/2)
-    out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-    return out.view(b, t, hx, d).type_as(x)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).view(b, t, hx, d).type_as(x)
+
+
+class _Rotary(torch.autograd.Function):
+    """Rotation with a hand-written backward: the input gradient is the inverse rotation.
+
+    Left to autograd, the slice/cat backward compiles into a slow strided kernel (0.65 ms a
+    layer for GPT-2 small at B=32, T=1024 on an H200: 10% of the step); as a rotation by -angle
+    it compiles like the forward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        angle_grad = cos.requires_grad or sin.requires_grad
+        ctx.save_for_backward(x if angle_grad else None, cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, cos, sin = ctx.saved_tensors
+        dx = _rotate(g, cos, -sin) if ctx.needs_input_grad[0] else None
+        dcos = dsin = None
+        if x is not None:  # d out1 = dc*x1 - ds*x2, d out2 = dc*x2 + ds*x1; sum over the group
+            b, t, hx, d = x.shape
+            hc = cos.shape[2]
+            cdt = cos.dtype
+            xs = x.to(cdt).view(b, t, hc, hx // hc, d)
+            gs = g.to(cdt).view(b, t, hc, hx // hc, d)
+            x1, x2, g1, g2 = xs[..., : d // 2], xs[..., d // 2 :], gs[..., : d // 2], gs[..., d // 2 :]
+            dcos = (g1 * x1 + g2 * x2).sum(3).sum_to_size(cos.shape)
+            dsin = (g2 * x1 - g1 * x2).sum(3).sum_to_size(sin.shape)
+        return dx, dcos, dsin
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + D/2) of x by the given angles, computing in fp32 (fp64 for fp64).
+
+    x: (B, T, Hx, D); cos/sin: (B|1, T, Hc, D/2) with Hx % Hc == 0 (q heads share their group's
+    angles). Returns x's shape and dtype.
+    """
+    return _Rotary.apply(x, cos, sin)
 
 
 class NoPositions(nn.Module):

@@ -118,3 +118,13 @@ def test_unknown_position_and_bad_options():
         build_model(tiny_cfg(), ops.build("sdpa"), PosConfig(name="carope", carope_input="tokens"))
     with pytest.raises(ValueError, match="even head dim"):
         build_model(tiny_cfg(d_model=36, n_head=4), ops.build("sdpa"), PosConfig(name="rope"))
+
+
+@pytest.mark.parametrize("angle_shape", [(2, 5, 2, 3), (1, 5, 1, 3)])
+def test_rotary_backward_matches_finite_differences(angle_shape):
+    """The hand-written backward (inverse rotation, angle grads summed over q groups)."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 5, 4, 6, dtype=torch.float64, requires_grad=True)
+    ang = torch.randn(*angle_shape, dtype=torch.float64)
+    cos, sin = ang.cos().requires_grad_(), ang.sin().requires_grad_()
+    assert torch.autograd.gradcheck(apply_rotary, (x, cos, sin), eps=1e-6, atol=1e-7)

@@ -1,0 +1,38 @@
+"""Shared test helpers: compose the real Hydra config and run the real trainer in-process."""
+
+from __future__ import annotations
+
+import os
+
+from hydra import compose, initialize_config_dir
+
+CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+# A CPU-sized run: 1-layer GPT-2 on a small slice of the bundled corpus.
+TINY = [
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.d_model=32",
+    "trainer.seq_len=32",
+    "trainer.micro_batch=4",
+    "trainer.global_batch_tokens=256",
+    "trainer.eval_tokens=1024",
+    "trainer.log_every=2",
+    "trainer.progress=false",
+    "data.max_chars=200000",
+    "logger=none",
+    "optim.warmup_steps=2",
+]
+
+
+def compose_cfg(overrides=(), config_name="config"):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+def train(run_dir, *overrides):
+    """Run train.py's work in this process; returns summary dict."""
+    from trainer import run
+
+    cfg = compose_cfg([*TINY, f"trainer.run_dir={run_dir}", *overrides])
+    return run(cfg)
