@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 import ops  # noqa: E402
 from models import GPT2Config, PosConfig, build_model  # noqa: E402
 from trainer.distributed import DistInfo  # noqa: E402
-from trainer.loop import _flush, _train_step, autocast_factory  # noqa: E402
+from trainer.loop import _flush, _train_step, autocast_factory, compile_model  # noqa: E402
 from trainer.monitor import peak_flops  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
 
@@ -120,7 +120,7 @@ def make_ours_step(pos, args, dev):
     opt = build_optimizer(model, optim_cfg, dev)
     task = RandomTokens(model, args.batch, args.seq, dev)
     task.model = model
-    compiled = torch.compile(model)
+    compiled = compile_model(model, SimpleNamespace(compile=True, compile_tuning=args.tuning))
     rc = SimpleNamespace(optim=optim_cfg)
     info = DistInfo(device=dev)
     autocast = autocast_factory("auto", dev)
@@ -163,6 +163,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pos", nargs="+", default=["learned", "rope", "carope"])
     ap.add_argument("--no-minimal", action="store_true")
+    ap.add_argument("--tuning", action="store_true", help="ours: trainer.compile_tuning=true")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=40)
@@ -183,7 +184,8 @@ def main():
         sec, fpt, n = bench_minimal(args, dev) if kind == "minimal" else bench_ours(pos, args, dev)
         tok_s = args.batch * args.seq / sec
         mfu = fpt * tok_s / peak if peak else math.nan
-        rows.append({"impl": kind, "pos": pos or "learned", "flush_every": 1 if kind == "minimal" else args.flush_every, "params": n, "ms_per_step": sec * 1e3,
+        rows.append({"impl": kind, "pos": pos or "learned", "flush_every": 1 if kind == "minimal" else args.flush_every,
+                     "compile_tuning": kind != "minimal" and args.tuning, "params": n, "ms_per_step": sec * 1e3,
                      "tokens_per_s": tok_s, "mfu": mfu, "wall_s": time.perf_counter() - t0})
         print(f"done {kind}/{pos}: {tok_s:,.0f} tok/s", flush=True)
         torch.cuda.empty_cache()

@@ -6,7 +6,8 @@ import os
 
 from hydra import compose, initialize_config_dir
 
-CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONF = os.path.join(REPO_ROOT, "conf")
 
 # A CPU-sized run: 1-layer GPT-2 on a small slice of the bundled corpus.
 TINY = [

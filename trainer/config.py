@@ -51,6 +51,7 @@ class TrainerConfig:
     resume: str = "auto"  # auto | never | PATH
     stop_at: int | None = None  # end this process after this step (checkpointed), as if preempted
     compile: bool = False
+    compile_tuning: bool = False  # Inductor coordinate-descent tuning (slower compile)
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     run_dir: str = "runs/default"
@@ -99,8 +100,10 @@ def _typed(section: str, schema, node) -> Any:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
     except (ConfigKeyError, ValidationError) as e:
         fields = ", ".join(f.name for f in dataclasses.fields(schema))
+        key = f"{section}.{e.full_key}" if getattr(e, "full_key", None) else section
+        first = str(e).splitlines()[0]
         raise ValueError(
-            f"bad config in '{section}': {e.msg if hasattr(e, 'msg') else e}. "
+            f"bad config in '{section}' at {key}: {first}. "
             f"Valid keys of {section} ({schema.__name__}): {fields}"
         ) from None
     return OmegaConf.to_object(merged)

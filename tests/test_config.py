@@ -1,0 +1,117 @@
+"""Every experiment and every model x attn x pos composes and builds (meta device) or raises
+its documented error; config typos and bad inputs give one clear message."""
+
+import glob
+import os
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import ops
+from models import build_model
+from trainer import config as config_lib
+
+from .helpers import CONF, compose_cfg
+
+
+def names(group):
+    return sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(CONF, group, "*.yaml")))
+
+
+def build_on_meta(cfg):
+    rc = config_lib.load(cfg)
+    config_lib.validate(rc)
+    with torch.device("meta"):
+        return build_model(rc.model, ops.build(rc.attn.name, **rc.attn.options), rc.pos), rc
+
+
+@pytest.mark.parametrize("experiment", names("experiment"))
+def test_every_experiment_composes_and_builds(experiment):
+    cfg = compose_cfg([f"experiment={experiment}"])
+    model, rc = build_on_meta(cfg)
+    assert rc.experiment == experiment
+    assert rc.trainer.global_batch_tokens % (rc.trainer.micro_batch * rc.trainer.seq_len) == 0
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_experiment_recipes():
+    rc = config_lib.load(compose_cfg(["experiment=gpt2_small_fineweb_edu"]))
+    assert (rc.model.n_layer, rc.model.d_model, rc.trainer.seq_len) == (12, 768, 1024)
+    assert rc.trainer.global_batch_tokens == 524288 and rc.trainer.max_steps == 19073
+    assert (rc.optim.lr, rc.optim.warmup_steps, rc.optim.weight_decay, rc.optim.grad_clip) == (6e-4, 715, 0.1, 1.0)
+    assert rc.pos.name == "learned" and rc.data.name == "fineweb_edu"
+    for name, layers, width in [("carope_paper_tiny", 6, 512), ("carope_paper_small", 12, 768)]:
+        rc = config_lib.load(compose_cfg([f"experiment={name}"]))
+        assert (rc.model.n_layer, rc.model.d_model, rc.trainer.seq_len) == (layers, width, 512)
+        assert (rc.optim.lr, rc.optim.min_lr, rc.optim.warmup_steps, rc.trainer.max_steps) == (6e-4, 6e-5, 750, 19000)
+    # the command line wins over the experiment's choices
+    rc = config_lib.load(compose_cfg(["experiment=gpt2_small_fineweb_edu", "pos=rope"]))
+    assert rc.pos.name == "rope"
+
+
+@pytest.mark.parametrize("model", names("model"))
+@pytest.mark.parametrize("attn", names("attn"))
+@pytest.mark.parametrize("pos", names("pos"))
+def test_model_attn_pos_matrix_builds(model, attn, pos):
+    built, rc = build_on_meta(compose_cfg([f"model={model}", f"attn={attn}", f"pos={pos}"]))
+    has_wpe = any(n.startswith("pos.wpe") for n, _ in built.named_parameters())
+    has_carope = any(n.startswith("pos.proj") for n, _ in built.named_parameters())
+    assert has_wpe == (pos == "learned") and has_carope == (pos == "carope")
+    assert len(built.blocks) == rc.model.n_layer
+
+
+def test_sizes_match_the_papers():
+    counts = {}
+    for m in ("gpt2_tiny", "gpt2_small", "gpt2_medium"):
+        built, _ = build_on_meta(compose_cfg([f"model={m}", "pos=learned"]))
+        counts[m] = sum(p.numel() for p in built.parameters())
+    assert 124e6 < counts["gpt2_small"] < 125e6  # GPT-2 124M (with the 50304-token table)
+    assert 354e6 < counts["gpt2_medium"] < 356e6
+    assert 44e6 < counts["gpt2_tiny"] < 46e6
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["attn.name=flash9"], "unknown attention backend 'flash9'; valid backends: reference, sdpa"),
+        (["+attn.options.window=4"], "attention backend 'sdpa' got unknown option\\(s\\) window"),
+        (["pos.name=alibi"], "unknown position encoding pos.name='alibi'"),
+        (["model.n_head=5"], "model.d_model=128 is not divisible by model.n_head=5"),
+        (["model.n_kv_head=3"], "model.n_kv_head=3 must divide model.n_head=4"),
+        (["pos=learned", "model.max_seq_len=64", "trainer.seq_len=128"], "trainer.seq_len=128 is longer than pos=learned allows"),
+        (["trainer.global_batch_tokens=1000"], "global_batch_tokens=1000 must be a multiple of"),
+        (["trainer.resume=sometimes"], "trainer.resume='sometimes'"),
+        (["+model.n_layers=3"], "bad config in 'model'.*n_layers.*Valid keys of model \\(GPT2Config\\)"),
+        (["+trainer.max_step=3"], "bad config in 'trainer'.*max_step"),
+        (["model.family=bert"], "unknown model.family='bert'; valid: gpt2"),
+        (["logger.name=tensorboard"], "logger.name='tensorboard'"),
+    ],
+)
+def test_bad_inputs_raise_one_clear_error(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        build_on_meta(compose_cfg(overrides))
+
+
+def test_unknown_override_is_refused_by_hydra():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="max_stepz"):
+        compose_cfg(["trainer.max_stepz=3"])
+
+
+def test_missing_data_path_names_the_field(tmp_path):
+    from data import build_token_data
+
+    rc = config_lib.load(compose_cfg(["data=files", f"data.train={tmp_path}/nothing/*.jsonl"]))
+    with pytest.raises(FileNotFoundError, match="data.train"):
+        build_token_data(rc.data, batch_size=2, seq_len=8, rank=0, world_size=1, seed=0)
+    rc = config_lib.load(compose_cfg(["data=gutenberg", f"data.train={tmp_path}/x/train_*.bin.xz"]))
+    with pytest.raises(FileNotFoundError, match="data.train"):
+        build_token_data(rc.data, batch_size=2, seq_len=8, rank=0, world_size=1, seed=0)
+
+
+def test_resolved_config_round_trips():
+    rc = config_lib.load(compose_cfg([]))
+    again = config_lib.load(OmegaConf.create(config_lib.to_dict(rc)))
+    assert again == rc
