@@ -75,7 +75,12 @@ class _Rotary(torch.autograd.Function):
             cdt = cos.dtype
             xs = x.to(cdt).view(b, t, hc, hx // hc, d)
             gs = g.to(cdt).view(b, t, hc, hx // hc, d)
-            x1, x2, g1, g2 = xs[..., : d // 2], xs[..., d // 2 :], gs[..., : d // 2], gs[..., d // 2 :]
+            x1, x2, g1, g2 = (
+                xs[..., : d // 2],
+                xs[..., d // 2 :],
+                gs[..., : d // 2],
+                gs[..., d // 2 :],
+            )
             dcos = (g1 * x1 + g2 * x2).sum(3).sum_to_size(cos.shape)
             dsin = (g2 * x1 - g1 * x2).sum(3).sum_to_size(sin.shape)
         return dx, dcos, dsin
@@ -253,7 +258,9 @@ def build_positions(cfg: PosConfig, *, d_model, n_heads, n_kv_heads, n_layers, m
     """Instantiate the encoding named by ``cfg.name``; ValueError on unknown names/shapes."""
     head_dim = d_model // n_heads
     if cfg.name not in POSITIONS:
-        raise ValueError(f"unknown position encoding pos.name={cfg.name!r}; valid: {', '.join(POSITIONS)}")
+        raise ValueError(
+            f"unknown position encoding pos.name={cfg.name!r}; valid: {', '.join(POSITIONS)}"
+        )
     if cfg.name in ("rope", "carope") and head_dim % 2:
         raise ValueError(f"pos={cfg.name} needs an even head dim; got {head_dim} (d_model/n_head)")
     if cfg.name == "none":

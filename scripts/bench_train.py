@@ -115,8 +115,17 @@ def make_ours_step(pos, args, dev):
     torch.manual_seed(0)
     cfg = GPT2Config(name="gpt2_small", n_layer=12, n_head=12, d_model=768, max_seq_len=args.seq)
     model = build_model(cfg, ops.build("sdpa"), PosConfig(name=pos)).to(dev)
-    optim_cfg = SimpleNamespace(lr=6e-4, min_lr=6e-5, warmup_steps=10, decay_steps=None,
-                                weight_decay=0.1, betas=[0.9, 0.95], eps=1e-8, grad_clip=1.0, fused=None)
+    optim_cfg = SimpleNamespace(
+        lr=6e-4,
+        min_lr=6e-5,
+        warmup_steps=10,
+        decay_steps=None,
+        weight_decay=0.1,
+        betas=[0.9, 0.95],
+        eps=1e-8,
+        grad_clip=1.0,
+        fused=None,
+    )
     opt = build_optimizer(model, optim_cfg, dev)
     task = RandomTokens(model, args.batch, args.seq, dev)
     task.model = model
@@ -128,7 +137,12 @@ def make_ours_step(pos, args, dev):
 
     def step():  # as train.py runs it: losses read back (and NaN-checked) every 10 steps
         counter[0] += 1
-        pending.append((counter[0], *_train_step(task, compiled, opt, 1, autocast, info, rc, counter[0], 10_000)))
+        pending.append(
+            (
+                counter[0],
+                *_train_step(task, compiled, opt, 1, autocast, info, rc, counter[0], 10_000),
+            )
+        )
         if counter[0] % args.flush_every == 0:
             _flush(pending, info)
 
@@ -146,8 +160,13 @@ def bench_minimal(args, dev):
     model = MinimalGPT(seq=args.seq).to(dev)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+        lr=6e-4,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        fused=True,
+    )
     compiled = torch.compile(model)
 
     def step():
@@ -160,14 +179,18 @@ def bench_minimal(args, dev):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--pos", nargs="+", default=["learned", "rope", "carope"])
     ap.add_argument("--no-minimal", action="store_true")
     ap.add_argument("--tuning", action="store_true", help="ours: trainer.compile_tuning=true")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--flush-every", type=int, default=10, help="ours: read losses back every N steps")
+    ap.add_argument(
+        "--flush-every", type=int, default=10, help="ours: read losses back every N steps"
+    )
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--out", default="bench_train.json")
     args = ap.parse_args()
@@ -184,22 +207,45 @@ def main():
         sec, fpt, n = bench_minimal(args, dev) if kind == "minimal" else bench_ours(pos, args, dev)
         tok_s = args.batch * args.seq / sec
         mfu = fpt * tok_s / peak if peak else math.nan
-        rows.append({"impl": kind, "pos": pos or "learned", "flush_every": 1 if kind == "minimal" else args.flush_every,
-                     "compile_tuning": kind != "minimal" and args.tuning, "params": n, "ms_per_step": sec * 1e3,
-                     "tokens_per_s": tok_s, "mfu": mfu, "wall_s": time.perf_counter() - t0})
+        rows.append(
+            {
+                "impl": kind,
+                "pos": pos or "learned",
+                "flush_every": 1 if kind == "minimal" else args.flush_every,
+                "compile_tuning": kind != "minimal" and args.tuning,
+                "params": n,
+                "ms_per_step": sec * 1e3,
+                "tokens_per_s": tok_s,
+                "mfu": mfu,
+                "wall_s": time.perf_counter() - t0,
+            }
+        )
         print(f"done {kind}/{pos}: {tok_s:,.0f} tok/s", flush=True)
         torch.cuda.empty_cache()
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "triton": __import__("triton").__version__, "python": platform.python_version(),
-           "batch": args.batch, "seq": args.seq, "steps": args.steps, "date": time.strftime("%Y-%m-%d")}
+    env = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "python": platform.python_version(),
+        "batch": args.batch,
+        "seq": args.seq,
+        "steps": args.steps,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     base = next((r["tokens_per_s"] for r in rows if r["impl"] == "minimal"), None)
-    print(f"\n{env['gpu']} | torch {env['torch']} | triton {env['triton']} | B={args.batch} T={args.seq} bf16 compiled")
-    print(f"{'impl':<8} {'pos':<8} {'sync':>5} {'ms/step':>8} {'tok/s':>10} {'MFU':>6} {'vs minimal':>10}")
+    print(
+        f"\n{env['gpu']} | torch {env['torch']} | triton {env['triton']} | B={args.batch} T={args.seq} bf16 compiled"
+    )
+    print(
+        f"{'impl':<8} {'pos':<8} {'sync':>5} {'ms/step':>8} {'tok/s':>10} {'MFU':>6} {'vs minimal':>10}"
+    )
     for r in rows:
         rel = f"{r['tokens_per_s'] / base:.3f}x" if base else "-"
-        print(f"{r['impl']:<8} {r['pos']:<8} {r['flush_every']:>5} {r['ms_per_step']:8.1f} {r['tokens_per_s']:10,.0f} "
-              f"{100 * r['mfu']:5.1f}% {rel:>10}")
+        print(
+            f"{r['impl']:<8} {r['pos']:<8} {r['flush_every']:>5} {r['ms_per_step']:8.1f} {r['tokens_per_s']:10,.0f} "
+            f"{100 * r['mfu']:5.1f}% {rel:>10}"
+        )
 
 
 if __name__ == "__main__":

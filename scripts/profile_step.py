@@ -16,10 +16,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import bench_train as bt  # noqa: E402
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-import bench_train as bt  # noqa: E402
 from models.positions import RotaryPositions  # noqa: E402
 
 _orig_rotate = RotaryPositions.rotate
@@ -60,7 +60,9 @@ def main():
             torch.cuda.synchronize()
         print(f"\n=== pos={pos}: {ms:.1f} ms/step; top CUDA kernels over 10 steps ===")
         for ev in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[: args.top]:
-            print(f"{ev.self_device_time_total / 1e4:8.3f} ms/step {ev.count // 10:4d}x  {ev.key[:110]}")
+            print(
+                f"{ev.self_device_time_total / 1e4:8.3f} ms/step {ev.count // 10:4d}x  {ev.key[:110]}"
+            )
 
 
 if __name__ == "__main__":

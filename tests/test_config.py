@@ -39,12 +39,22 @@ def test_experiment_recipes():
     rc = config_lib.load(compose_cfg(["experiment=gpt2_small_fineweb_edu"]))
     assert (rc.model.n_layer, rc.model.d_model, rc.trainer.seq_len) == (12, 768, 1024)
     assert rc.trainer.global_batch_tokens == 524288 and rc.trainer.max_steps == 19073
-    assert (rc.optim.lr, rc.optim.warmup_steps, rc.optim.weight_decay, rc.optim.grad_clip) == (6e-4, 715, 0.1, 1.0)
+    assert (rc.optim.lr, rc.optim.warmup_steps, rc.optim.weight_decay, rc.optim.grad_clip) == (
+        6e-4,
+        715,
+        0.1,
+        1.0,
+    )
     assert rc.pos.name == "learned" and rc.data.name == "fineweb_edu"
     for name, layers, width in [("carope_paper_tiny", 6, 512), ("carope_paper_small", 12, 768)]:
         rc = config_lib.load(compose_cfg([f"experiment={name}"]))
         assert (rc.model.n_layer, rc.model.d_model, rc.trainer.seq_len) == (layers, width, 512)
-        assert (rc.optim.lr, rc.optim.min_lr, rc.optim.warmup_steps, rc.trainer.max_steps) == (6e-4, 6e-5, 750, 19000)
+        assert (rc.optim.lr, rc.optim.min_lr, rc.optim.warmup_steps, rc.trainer.max_steps) == (
+            6e-4,
+            6e-5,
+            750,
+            19000,
+        )
     # the command line wins over the experiment's choices
     rc = config_lib.load(compose_cfg(["experiment=gpt2_small_fineweb_edu", "pos=rope"]))
     assert rc.pos.name == "rope"
@@ -74,15 +84,24 @@ def test_sizes_match_the_papers():
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (["attn.name=flash9"], "unknown attention backend 'flash9'; valid backends: reference, sdpa"),
+        (
+            ["attn.name=flash9"],
+            "unknown attention backend 'flash9'; valid backends: reference, sdpa",
+        ),
         (["+attn.options.window=4"], "attention backend 'sdpa' got unknown option\\(s\\) window"),
         (["pos.name=alibi"], "unknown position encoding pos.name='alibi'"),
         (["model.n_head=5"], "model.d_model=128 is not divisible by model.n_head=5"),
         (["model.n_kv_head=3"], "model.n_kv_head=3 must divide model.n_head=4"),
-        (["pos=learned", "model.max_seq_len=64", "trainer.seq_len=128"], "trainer.seq_len=128 is longer than pos=learned allows"),
+        (
+            ["pos=learned", "model.max_seq_len=64", "trainer.seq_len=128"],
+            "trainer.seq_len=128 is longer than pos=learned allows",
+        ),
         (["trainer.global_batch_tokens=1000"], "global_batch_tokens=1000 must be a multiple of"),
         (["trainer.resume=sometimes"], "trainer.resume='sometimes'"),
-        (["+model.n_layers=3"], "bad config in 'model'.*n_layers.*Valid keys of model \\(GPT2Config\\)"),
+        (
+            ["+model.n_layers=3"],
+            "bad config in 'model'.*n_layers.*Valid keys of model \\(GPT2Config\\)",
+        ),
         (["+trainer.max_step=3"], "bad config in 'trainer'.*max_step"),
         (["model.family=bert"], "unknown model.family='bert'; valid: gpt2"),
         (["logger.name=tensorboard"], "logger.name='tensorboard'"),

@@ -21,7 +21,9 @@ def naive_attention(q, k, v, causal, scale, bias):
                 keys = [j for j in range(nk) if not causal or j <= i + nk - nq]
                 if not keys:
                     continue
-                s = torch.stack([q[bi, i, hi].double() @ k[bi, j, g].double() * scale for j in keys])
+                s = torch.stack(
+                    [q[bi, i, hi].double() @ k[bi, j, g].double() * scale for j in keys]
+                )
                 if bias is not None:
                     bb = bias.expand(b, h, nq, nk)
                     s = s + bb[bi, hi, i, keys].double()
@@ -39,9 +41,15 @@ def rand(*shape, dtype=torch.float64, grad=True):
 @pytest.mark.parametrize("h,hkv", [(4, 4), (4, 2), (4, 1)])
 def test_reference_matches_naive(nq, nk, causal, h, hkv):
     torch.manual_seed(nq * 100 + nk * 10 + h + hkv)
-    q, k, v = rand(2, nq, h, 8, grad=False), rand(2, nk, hkv, 8, grad=False), rand(2, nk, hkv, 6, grad=False)
+    q, k, v = (
+        rand(2, nq, h, 8, grad=False),
+        rand(2, nk, hkv, 8, grad=False),
+        rand(2, nk, hkv, 6, grad=False),
+    )
     bias = torch.randn(1, h, nq, nk, dtype=torch.float64)
-    out, lse = ops.reference_attention(q, k, v, causal=causal, scale=0.3, bias=bias, return_lse=True)
+    out, lse = ops.reference_attention(
+        q, k, v, causal=causal, scale=0.3, bias=bias, return_lse=True
+    )
     want, want_lse = naive_attention(q, k, v, causal, 0.3, bias)
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(lse, want_lse, rtol=1e-10, atol=1e-10)
@@ -79,7 +87,11 @@ def test_sdpa_matches_reference_forward_lse_backward(case):
 
 
 def test_dead_rows_are_zero():
-    q, k, v = rand(1, 6, 2, 8, grad=False), rand(1, 2, 2, 8, grad=False), rand(1, 2, 2, 8, grad=False)
+    q, k, v = (
+        rand(1, 6, 2, 8, grad=False),
+        rand(1, 2, 2, 8, grad=False),
+        rand(1, 2, 2, 8, grad=False),
+    )
     for name in ("sdpa", "reference"):
         out, lse = ops.build(name)(q, k, v, causal=True, return_lse=True)
         assert (out[:, :4] == 0).all() and torch.isinf(lse[..., :4]).all()
@@ -99,9 +111,15 @@ def test_sdpa_fp32_heads_last_strided_views_no_grad_mismatch():
 
 def test_reference_spatial_tokens():
     """(B, X, Y, H, D) layouts flatten to sequences."""
-    q, k, v = rand(1, 3, 4, 2, 8, grad=False), rand(1, 3, 4, 2, 8, grad=False), rand(1, 3, 4, 2, 8, grad=False)
+    q, k, v = (
+        rand(1, 3, 4, 2, 8, grad=False),
+        rand(1, 3, 4, 2, 8, grad=False),
+        rand(1, 3, 4, 2, 8, grad=False),
+    )
     out = ops.reference_attention(q, k, v)
-    flat = ops.reference_attention(q.reshape(1, 12, 2, 8), k.reshape(1, 12, 2, 8), v.reshape(1, 12, 2, 8))
+    flat = ops.reference_attention(
+        q.reshape(1, 12, 2, 8), k.reshape(1, 12, 2, 8), v.reshape(1, 12, 2, 8)
+    )
     torch.testing.assert_close(out.reshape(1, 12, 2, 8), flat)
 
 
@@ -129,7 +147,11 @@ def test_check_reports_capabilities():
     spec = ops.available()["sdpa"]
     limited = ops.Attention(
         ops.registry.BackendSpec(
-            "limited", spec.factory, {}, ops.Capabilities(bias=False, max_head_dim=64, devices=("cuda",)), ""
+            "limited",
+            spec.factory,
+            {},
+            ops.Capabilities(bias=False, max_head_dim=64, devices=("cuda",)),
+            "",
         ),
         {},
     )

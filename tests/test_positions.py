@@ -17,7 +17,9 @@ def tiny_cfg(**kw):
 
 
 def test_carope_phase_is_rope_phase_from_one_at_init():
-    pos = CARoPE(PosConfig(name="carope"), d_model=32, n_kv_heads=4, head_dim=16, n_layers=2).double()
+    pos = CARoPE(
+        PosConfig(name="carope"), d_model=32, n_kv_heads=4, head_dim=16, n_layers=2
+    ).double()
     pos.reset_parameters()  # the bias in float64 (a float32 bias is exact only to ~1e-7)
     x = torch.randn(2, 50, 32, dtype=torch.float64)
     phase = pos.phases(1, x, x)  # (B, T, H, D/2)
@@ -64,8 +66,13 @@ def test_carope_differs_from_rope_once_w_is_trained():
 @pytest.mark.parametrize("shared,bias", [(False, True), (True, False)])
 def test_carope_gradients_match_finite_differences(shared, bias):
     torch.manual_seed(2)
-    pos = CARoPE(PosConfig(name="carope", carope_shared=shared, carope_bias=bias), d_model=6,
-                 n_kv_heads=2, head_dim=4, n_layers=2).double()
+    pos = CARoPE(
+        PosConfig(name="carope", carope_shared=shared, carope_bias=bias),
+        d_model=6,
+        n_kv_heads=2,
+        head_dim=4,
+        n_layers=2,
+    ).double()
     with torch.no_grad():
         for p in pos.proj:
             p.weight.normal_(0, 0.7)

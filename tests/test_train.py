@@ -30,8 +30,14 @@ def first_val(run_dir):
 
 def test_loss_falls_and_run_dir_has_everything(tmp_path):
     run = tmp_path / "run"
-    s = train(run, "trainer.max_steps=40", "trainer.eval_every=40", "trainer.ckpt_every=10",
-              "trainer.keep_last=2", "optim.lr=3e-3")
+    s = train(
+        run,
+        "trainer.max_steps=40",
+        "trainer.eval_every=40",
+        "trainer.ckpt_every=10",
+        "trainer.keep_last=2",
+        "optim.lr=3e-3",
+    )
     start = first_val(run)
     assert start > 10.0  # ~ln(50304) at initialisation
     assert s["val_loss"] < start - 2.0, (start, s["val_loss"])
@@ -50,16 +56,26 @@ def test_stopped_and_resumed_run_matches_uninterrupted(tmp_path):
     a = train(tmp_path / "a", *common)
     b1 = train(tmp_path / "b", *common, "trainer.stop_at=3")
     assert b1["final_step"] == 3 and not b1["finished"]
+    with open(
+        tmp_path / "b" / "metrics.jsonl", "a"
+    ) as f:  # logged, then killed before a checkpoint
+        f.write(json.dumps({"step": 4, "loss": 123.0}) + "\n")
     b2 = train(tmp_path / "b", *common)  # resume=auto picks up last.pt
     la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(la) == list(range(1, 9)) and sorted(lb) == list(range(1, 9))
     assert [la[i] for i in range(1, 9)] == [lb[i] for i in range(1, 9)]  # exactly
     assert a["val_loss"] == b2["val_loss"]
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert sum('"loss"' in ln for ln in lines) == 8  # the stale step-4 record was dropped
 
 
 def test_resume_never_and_explicit_path(tmp_path):
     train(tmp_path / "a", "trainer.max_steps=4", "trainer.ckpt_every=2")
-    s = train(tmp_path / "b", "trainer.max_steps=4", f"trainer.resume={tmp_path}/a/checkpoints/step_0000002.pt")
+    s = train(
+        tmp_path / "b",
+        "trainer.max_steps=4",
+        f"trainer.resume={tmp_path}/a/checkpoints/step_0000002.pt",
+    )
     assert losses(tmp_path / "b").keys() == {3, 4}
     assert losses(tmp_path / "b")[4] == losses(tmp_path / "a")[4] and s["final_step"] == 4
     train(tmp_path / "a", "trainer.max_steps=4", "trainer.resume=never")
@@ -89,7 +105,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         return loss * float("nan") if calls["n"] > 10 else loss  # 2 micro-batches a step
 
     monkeypatch.setattr(LanguageModelTask, "loss", staticmethod(poisoned))
-    with pytest.raises(NonFiniteLoss, match="non-finite training loss nan.*at step 6.*last good checkpoint is .*step_0000004.pt"):
+    with pytest.raises(
+        NonFiniteLoss,
+        match="non-finite training loss nan.*at step 6.*last good checkpoint is .*step_0000004.pt",
+    ):
         train(tmp_path, "trainer.max_steps=20", "trainer.ckpt_every=4", "trainer.log_every=2")
     ck = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
     assert ck["step"] == 4
@@ -102,12 +121,22 @@ def _cli(*args, env=None):
 
 
 def test_sigterm_checkpoints_then_resume(tmp_path):
-    cmd, env = _cli("train.py", *TINY, f"trainer.run_dir={tmp_path}", "trainer.max_steps=100000",
-                    "trainer.eval_every=100000", "trainer.ckpt_every=100000")
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd, env = _cli(
+        "train.py",
+        *TINY,
+        f"trainer.run_dir={tmp_path}",
+        "trainer.max_steps=100000",
+        "trainer.eval_every=100000",
+        "trainer.ckpt_every=100000",
+    )
+    proc = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    while time.time() < deadline and not (
+        metrics.exists() and len(metrics.read_text().splitlines()) >= 3
+    ):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -115,15 +144,27 @@ def test_sigterm_checkpoints_then_resume(tmp_path):
     assert "stopped at step" in out and "SIGTERM" in out
     step = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["step"]
     assert step >= 2
-    s = train(tmp_path, f"trainer.max_steps={step + 2}", "trainer.eval_every=100000", "trainer.ckpt_every=100000")
+    s = train(
+        tmp_path,
+        f"trainer.max_steps={step + 2}",
+        "trainer.eval_every=100000",
+        "trainer.ckpt_every=100000",
+    )
     assert s["final_step"] == step + 2 and s["finished"]
 
 
 def test_two_gloo_processes_match_one(tmp_path):
     common = [*TINY, "trainer.max_steps=4", "trainer.eval_every=4", "trainer.device=cpu"]
-    one = train(tmp_path / "one", *common[len(TINY):])
-    cmd, env = _cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                    *common, f"trainer.run_dir={tmp_path / 'two'}")
+    one = train(tmp_path / "one", *common[len(TINY) :])
+    cmd, env = _cli(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "train.py",
+        *common,
+        f"trainer.run_dir={tmp_path / 'two'}",
+    )
     res = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
@@ -143,12 +184,23 @@ def test_wandb_offline_run_is_written(tmp_path):
 def test_eval_cli_table_json_and_hellaswag(tmp_path):
     train(tmp_path / "run", "trainer.max_steps=2", "pos=learned", "model.max_seq_len=64")
     hs = tmp_path / "hellaswag_val.jsonl"
-    ex = {"ctx": "def add(a, b):", "endings": ["return a + b", "import os", "pass", "x = 1"], "label": 0}
+    ex = {
+        "ctx": "def add(a, b):",
+        "endings": ["return a + b", "import os", "pass", "x = 1"],
+        "label": 0,
+    }
     hs.write_text("\n".join(json.dumps(ex) for _ in range(3)) + "\n")
     out = tmp_path / "eval.json"
-    cmd, env = _cli("eval.py", f"ckpt={tmp_path}/run/checkpoints/last.pt", "eval.seq_lens=[16,32]",
-                    "eval.max_tokens=512", f"eval.hellaswag={hs}", f"eval.out={out}", "data.max_chars=200000",
-                    "data=pycorpus")
+    cmd, env = _cli(
+        "eval.py",
+        f"ckpt={tmp_path}/run/checkpoints/last.pt",
+        "eval.seq_lens=[16,32]",
+        "eval.max_tokens=512",
+        f"eval.hellaswag={hs}",
+        f"eval.out={out}",
+        "data.max_chars=200000",
+        "data=pycorpus",
+    )
     res = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     r = json.loads(out.read_text())
@@ -184,18 +236,28 @@ def test_hellaswag_scoring_picks_the_likeliest_ending(tmp_path, label):
     from trainer.evaluate import hellaswag
 
     enc = gpt2_encoding()
-    ex = {"ctx": "The cat sat on the", "endings": [" mat today", " roof", " chair by the door", " dog"], "label": label}
+    ex = {
+        "ctx": "The cat sat on the",
+        "endings": [" mat today", " roof", " chair by the door", " dog"],
+        "label": label,
+    }
     target = enc.encode_ordinary(ex["ctx"]) + enc.encode_ordinary(" " + ex["endings"][label])
     path = tmp_path / "hs.jsonl"
     path.write_text(json.dumps(ex) + "\n")
-    r = hellaswag(OracleLM(target), path, device="cpu", autocast=contextlib.nullcontext, max_len=None)
+    r = hellaswag(
+        OracleLM(target), path, device="cpu", autocast=contextlib.nullcontext, max_len=None
+    )
     assert r == {"acc": 1.0, "acc_norm": 1.0, "examples": 1}
     wrong = dict(ex, label=(label + 1) % 4)
     path.write_text(json.dumps(wrong) + "\n")
-    r = hellaswag(OracleLM(target), path, device="cpu", autocast=contextlib.nullcontext, max_len=None)
+    r = hellaswag(
+        OracleLM(target), path, device="cpu", autocast=contextlib.nullcontext, max_len=None
+    )
     assert r["acc"] == 0.0 and r["acc_norm"] == 0.0
 
 
 def test_quickstart_is_the_default_config():
     cfg = compose_cfg([])
-    assert cfg.experiment == "quickstart" and cfg.pos.name == "carope" and cfg.data.kind == "bundled"
+    assert (
+        cfg.experiment == "quickstart" and cfg.pos.name == "carope" and cfg.data.kind == "bundled"
+    )

@@ -39,7 +39,9 @@ def setup(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None
+        )
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=dev)
 
 

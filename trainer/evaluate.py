@@ -24,7 +24,9 @@ def load_model(path, device) -> tuple[torch.nn.Module, config_lib.RunConfig, dic
     """Rebuild the model a checkpoint was trained with and load its weights."""
     ckpt = ckpt_lib.load(path)
     if "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path} is not a training checkpoint of this repository (no model/config)")
+        raise ValueError(
+            f"{path} is not a training checkpoint of this repository (no model/config)"
+        )
     rc = config_lib.load(ckpt["config"])
     model = build_model(rc.model, ops.build(rc.attn.name, **rc.attn.options), rc.pos)
     ckpt_lib.check_compatible(model, ckpt, path)
@@ -115,7 +117,9 @@ def run_eval(cfg) -> dict:
             f"{rc.model.max_seq_len}); use lengths <= {rc.model.max_seq_len}"
         )
     autocast = autocast_factory(e.precision, info.device)
-    _, val = build_token_data(rc.data, batch_size=1, seq_len=min(seq_lens), rank=0, world_size=1, seed=rc.seed)
+    _, val = build_token_data(
+        rc.data, batch_size=1, seq_len=min(seq_lens), rank=0, world_size=1, seed=rc.seed
+    )
     results = {
         "ckpt": str(cfg.ckpt),
         "step": ckpt.get("step"),
@@ -126,13 +130,26 @@ def run_eval(cfg) -> dict:
         "perplexity": {},
     }
     for L in seq_lens:
-        r = perplexity(model, val, seq_len=L, batch_size=e.batch_size, max_tokens=e.max_tokens,
-                       device=info.device, autocast=autocast)
+        r = perplexity(
+            model,
+            val,
+            seq_len=L,
+            batch_size=e.batch_size,
+            max_tokens=e.max_tokens,
+            device=info.device,
+            autocast=autocast,
+        )
         results["perplexity"][str(L)] = r
     if e.hellaswag:
         max_len = rc.model.max_seq_len if rc.pos.name == "learned" else None
-        results["hellaswag"] = hellaswag(model, e.hellaswag, device=info.device, autocast=autocast,
-                                         max_len=max_len, limit=e.hellaswag_limit)
+        results["hellaswag"] = hellaswag(
+            model,
+            e.hellaswag,
+            device=info.device,
+            autocast=autocast,
+            max_len=max_len,
+            limit=e.hellaswag_limit,
+        )
     out = Path(e.out) if e.out else Path(cfg.ckpt).resolve().parent.parent / "eval.json"
     out.write_text(json.dumps(results, indent=2))
     print(format_table(results))
@@ -150,5 +167,7 @@ def format_table(results: dict) -> str:
         lines.append(f"{L:>8} | {r['loss']:8.4f} | {r['ppl']:10.3f} | {r['tokens']:9d}")
     if "hellaswag" in results:
         h = results["hellaswag"]
-        lines.append(f"HellaSwag ({h['examples']} examples): acc {h['acc']:.4f}  acc_norm {h['acc_norm']:.4f}")
+        lines.append(
+            f"HellaSwag ({h['examples']} examples): acc {h['acc']:.4f}  acc_norm {h['acc_norm']:.4f}"
+        )
     return "\n".join(lines)

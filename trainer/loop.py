@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -83,6 +85,19 @@ def _resume(rc, task, opt, manager, info, monitor_say) -> tuple[int, dict]:
     return int(ckpt["step"]), ckpt
 
 
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records past the step we restart from (logged before a crash, never checkpointed)."""
+    if step == 0:
+        path.unlink(missing_ok=True)
+        return
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
 def _save(manager, task, opt, step, info, config_dict, extras) -> Path | None:
     rngs = dist_lib.gather_objects(ckpt_lib.rng_state(), info)
     path = None
@@ -139,7 +154,9 @@ def _flush(pending: list, info) -> list[dict]:
     records = []
     for (step, _, _, lr), (loss, norm) in zip(pending, vals.tolist()):
         if not (math.isfinite(loss) and math.isfinite(norm)):
-            raise NonFiniteLoss(f"non-finite training loss {loss} (grad norm {norm}) at step {step}")
+            raise NonFiniteLoss(
+                f"non-finite training loss {loss} (grad norm {norm}) at step {step}"
+            )
         records.append({"step": step, "loss": loss, "lr": lr, "grad_norm": norm})
     pending.clear()
     return records
@@ -174,13 +191,43 @@ def _run(rc, info) -> dict:
     manager = ckpt_lib.CheckpointManager(run_dir / "checkpoints", t.keep_last)
     say = print if info.is_main else (lambda *a, **k: None)
     step, extras = _resume(rc, task, opt, manager, info, say)
-    if step == 0 and info.is_main:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if info.is_main:
+        _truncate_metrics(run_dir / "metrics.jsonl", step)
     monitor = Monitor(rc, run_dir, info.is_main, config_dict, wandb_id=extras.get("wandb_id"))
     try:
         return _loop(rc, info, task, opt, manager, monitor, step, accum, run_dir, config_dict)
     finally:
         monitor.close()
+
+
+@dataclasses.dataclass
+class _Events:
+    log: bool
+    eval: bool
+    ckpt: bool
+    stop_at: bool
+
+    @property
+    def any(self) -> bool:
+        return self.log or self.eval or self.ckpt
+
+
+def _events(step: int, t, first_step: int) -> _Events:
+    """What happens after optimizer step `step` (1-based) besides training."""
+    last = step == t.max_steps
+    stop_at = t.stop_at is not None and t.stop_at <= step < t.max_steps
+    return _Events(
+        log=step % t.log_every == 0 or last or step == first_step + 1,
+        eval=step % t.eval_every == 0 or last,
+        ckpt=step % t.ckpt_every == 0 or last or stop_at,
+        stop_at=stop_at,
+    )
+
+
+def _evaluate(task, model, autocast, t, monitor, step) -> dict:
+    evals = task.evaluate(model, autocast, t.eval_tokens)
+    monitor.say(f"step {step} | val loss {evals['val_loss']:.4f} | val ppl {evals['val_ppl']:.2f}")
+    return evals
 
 
 def _loop(rc, info, task, opt, manager, monitor, step, accum, run_dir, config_dict) -> dict:
@@ -205,28 +252,22 @@ def _loop(rc, info, task, opt, manager, monitor, step, accum, run_dir, config_di
     extras = lambda: {"wandb_id": monitor.wandb_id}  # noqa: E731
     evals = {}
     if step == 0:
-        evals = task.evaluate(model, autocast, t.eval_tokens)
-        monitor.say(f"step 0 | val loss {evals['val_loss']:.4f} | val ppl {evals['val_ppl']:.2f}")
-        monitor.log({"step": 0, **evals})
+        monitor.log({"step": 0, **_evaluate(task, model, autocast, t, monitor, 0)})
     meter = Throughput()
-    loss = float("nan")
-    start = time.perf_counter()
-    first_step = step
+    loss, start, first_step = float("nan"), time.perf_counter(), step
     last_ckpt = manager.last if manager.last.exists() else None
     pending = []  # steps whose losses are still on the device
     while step < t.max_steps:
-        pending.append((step + 1, *_train_step(task, train_model, opt, accum, autocast, info, rc, step, t.max_steps)))
+        out = _train_step(task, train_model, opt, accum, autocast, info, rc, step, t.max_steps)
         step += 1
+        pending.append((step, *out))
         meter.add(t.global_batch_tokens)
-        is_log = step % t.log_every == 0 or step == t.max_steps or step == first_step + 1
-        is_eval = step % t.eval_every == 0 or step == t.max_steps
-        stop_at = t.stop_at is not None and t.stop_at <= step < t.max_steps
-        is_ckpt = step % t.ckpt_every == 0 or step == t.max_steps or stop_at
+        ev = _events(step, t, first_step)
         if info.enabled:  # a collective only where all ranks meet anyway
-            stopping = (is_log or is_eval or is_ckpt) and dist_lib.any_rank(stop.signum is not None, info)
+            stopping = ev.any and dist_lib.any_rank(stop.signum is not None, info)
         else:
             stopping = stop.signum is not None
-        if not (is_log or is_eval or is_ckpt or stopping):
+        if not (ev.any or stopping):
             continue
         try:
             records = _flush(pending, info)
@@ -239,31 +280,34 @@ def _loop(rc, info, task, opt, manager, monitor, step, accum, run_dir, config_di
         loss = records[-1]["loss"]
         if step == first_step + 1:
             meter.read(count=False)  # the first step includes compilation and warm-up
-        elif is_log:
+        elif ev.log:
             tok_s, step_t = meter.read()
             mfu = flops_tok * tok_s / (peak * info.world_size) if peak else None
             records[-1].update(tok_s=tok_s, mfu=mfu)
             monitor.progress(step, t.max_steps, loss, records[-1]["lr"], tok_s, mfu, step_t)
-        if is_eval:
-            evals = task.evaluate(model, autocast, t.eval_tokens)
+        if ev.eval:
+            evals = _evaluate(task, model, autocast, t, monitor, step)
             records[-1].update(evals)
-            monitor.say(f"step {step} | val loss {evals['val_loss']:.4f} | val ppl {evals['val_ppl']:.2f}")
         for rec in records:
             monitor.log(rec)
-        if is_ckpt or stopping:
+        if ev.ckpt or stopping:
             last_ckpt = _save(manager, task, opt, step, info, config_dict, extras())
-        if is_eval or is_ckpt:
+        if ev.eval or ev.ckpt:
             meter.read(count=False)  # keep evaluation and checkpoint time out of tokens/s
-        if stopping or stop_at:
+        if stopping or ev.stop_at:
             why = f"signal {signal.Signals(stop.signum).name}" if stop.signum else "trainer.stop_at"
-            monitor.say(f"stopped at step {step} ({why}); checkpoint {manager.last}. "
-                        "Run the same command to resume.")
+            monitor.say(
+                f"stopped at step {step} ({why}); checkpoint {manager.last}. "
+                "Run the same command to resume."
+            )
             break
+    if not evals:  # resumed a run that had already finished
+        evals = _evaluate(task, model, autocast, t, monitor, step)
     summary = {
         "final_step": step,
         "train_loss": loss,
-        "val_loss": evals.get("val_loss"),
-        "val_ppl": evals.get("val_ppl"),
+        "val_loss": evals["val_loss"],
+        "val_ppl": evals["val_ppl"],
         "tokens_per_s": meter.mean(),
         "mfu": (flops_tok * meter.mean() / (peak * info.world_size)) if peak else None,
         "tokens_seen": step * t.global_batch_tokens,
