@@ -38,6 +38,8 @@ class LanguageModelTask:
     def next_batch(self):
         x, y = self.train_loader.next_batch()
         dev = self.info.device
+        if dev.type == "cuda":  # pinned host memory: the copy overlaps with queued GPU work
+            x, y = x.pin_memory(), y.pin_memory()
         return x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
 
     @staticmethod
