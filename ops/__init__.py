@@ -11,8 +11,10 @@ This package imports nothing else of the repository.
 """
 
 from . import reference as _reference  # noqa: F401  (registers "reference")
+from . import neighborhood_ref as _neighborhood_ref  # noqa: F401  (registers "neighborhood_reference")
 from . import sdpa as _sdpa  # noqa: F401  (registers "sdpa")
 from .contract import check_inputs
+from .neighborhood_ref import neighborhood_mask, neighborhood_reference
 from .reference import reference_attention
 from .registry import Attention, Capabilities, available, build, register
 from .sdpa import sdpa_attention
@@ -23,6 +25,8 @@ __all__ = [
     "available",
     "build",
     "check_inputs",
+    "neighborhood_mask",
+    "neighborhood_reference",
     "reference_attention",
     "register",
     "sdpa_attention",
