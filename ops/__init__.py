@@ -10,10 +10,11 @@ bottom-right when query and key lengths differ; ``bias`` is additive and broadca
 This package imports nothing else of the repository.
 """
 
-from . import reference as _reference  # noqa: F401  (registers "reference")
 from . import neighborhood_ref as _neighborhood_ref  # noqa: F401  (registers "neighborhood_reference")
+from . import reference as _reference  # noqa: F401  (registers "reference")
 from . import sdpa as _sdpa  # noqa: F401  (registers "sdpa")
 from .contract import check_inputs
+from .flash import flash_attention  # registers "flash"
 from .neighborhood_ref import neighborhood_mask, neighborhood_reference
 from .reference import reference_attention
 from .registry import Attention, Capabilities, available, build, register
@@ -25,6 +26,7 @@ __all__ = [
     "available",
     "build",
     "check_inputs",
+    "flash_attention",
     "neighborhood_mask",
     "neighborhood_reference",
     "reference_attention",

@@ -124,7 +124,7 @@ def test_reference_spatial_tokens():
 
 
 def test_build_errors_name_the_valid_choices():
-    with pytest.raises(ValueError, match="unknown attention backend 'flashy'.*reference.*sdpa"):
+    with pytest.raises(ValueError, match="unknown attention backend .flashy.*reference.*sdpa"):
         ops.build("flashy")
     with pytest.raises(ValueError, match="unknown option.*window.*valid options: \\(none\\)"):
         ops.build("sdpa", window=3)

@@ -1,0 +1,115 @@
+"""Attention kernel latency: our backends against PyTorch's in the same process.
+
+    python scripts/bench_attention.py [--shape 4,16,4096,64] [--causal] [--out bench_attention.json]
+
+Dense core for now (issue 3 adds neighborhood shapes and FlexAttention): ``ops.build("flash")``
+against SDPA's flash and cuDNN backends, forward and forward+backward, bf16, median of
+triton.testing.do_bench. Prints the floor (FLOPs / 790 TFLOP/s, bytes / 3.0 TB/s) beside each
+time, and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+import ops  # noqa: E402
+
+MATMUL_PEAK, HBM = 790e12, 3.0e12  # measured bf16 matmul rate and copy bandwidth (KINDS.md)
+
+
+def floors(b, h, n, d, causal, bwd):
+    flops = 4 * b * h * n * n * d * (0.5 if causal else 1.0) * (3.5 if bwd else 1.0)
+    byts = 2 * b * n * h * d * (4 if not bwd else 10)  # q,k,v,o (+ do, dq, dk, dv, o, lse-ish)
+    return flops / MATMUL_PEAK * 1e3, byts / HBM * 1e3, flops
+
+
+def run(fn, q, k, v, bwd):
+    import triton
+
+    if not bwd:
+        return triton.testing.do_bench(lambda: fn(q, k, v), return_mode="median")
+    go = torch.randn_like(q)
+
+    def step():
+        out = fn(q, k, v)
+        torch.autograd.grad(out, (q, k, v), go)
+
+    return triton.testing.do_bench(step, return_mode="median")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="4,16,4096,64", help="B,H,N,D")
+    ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--out", default="bench_attention.json")
+    args = ap.parse_args()
+    b, h, n, d = map(int, args.shape.split(","))
+    dev, dt = "cuda", torch.bfloat16
+    q, k, v = (torch.randn(b, n, h, d, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
+    flash = ops.build("flash")
+
+    def sdpa(backend):
+        def fn(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=args.causal
+                ).transpose(1, 2)
+
+        return fn
+
+    impls = {
+        "ours flash": lambda q, k, v: flash(q, k, v, causal=args.causal),
+        "sdpa flash": sdpa(SDPBackend.FLASH_ATTENTION),
+        "sdpa cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+    }
+    rows = []
+    for name, fn in impls.items():
+        for bwd in (False, True):
+            try:
+                ms = run(fn, q, k, v, bwd)
+            except Exception as e:  # a backend missing on this build: report, don't hide
+                print(f"{name} {'fwd+bwd' if bwd else 'fwd'} failed: {type(e).__name__}: {e}")
+                continue
+            f_ms, b_ms, flops = floors(b, h, n, d, args.causal, bwd)
+            rows.append(
+                {
+                    "impl": name,
+                    "pass": "fwd+bwd" if bwd else "fwd",
+                    "ms": ms,
+                    "tflops": flops / ms / 1e9,
+                    "floor_flops_ms": f_ms,
+                    "floor_bytes_ms": b_ms,
+                }
+            )
+    env = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "shape": [b, h, n, d],
+        "causal": args.causal,
+        "dtype": "bf16",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+    print(
+        f"\n{env['gpu']} | torch {env['torch']} | triton {env['triton']} | B,H,N,D={b},{h},{n},{d} causal={args.causal} bf16"
+    )
+    print(f"{'impl':<11} {'pass':<8} {'ms':>8} {'TFLOP/s':>8} {'floor(FLOP)':>11} {'floor(B)':>9}")
+    for r in rows:
+        print(
+            f"{r['impl']:<11} {r['pass']:<8} {r['ms']:8.3f} {r['tflops']:8.1f} {r['floor_flops_ms']:11.3f} {r['floor_bytes_ms']:9.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
