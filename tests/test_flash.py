@@ -198,3 +198,21 @@ def test_gpu_real_size_within_twice_sdpa_error(dtype, hkv, d, causal):
     check_against_baseline(got, run(ops.sdpa_attention, q, k, v, causal, go, w), ref)
     again = run(attn, q, k, v, causal, go, w)
     assert all(torch.equal(x, y) for x, y in zip(got, again))
+
+
+def test_gpt2_with_flash_matches_sdpa():
+    """The backend from config inside the model: same logits and gradients as sdpa (fp32)."""
+    from models import GPT2Config, PosConfig, build_model
+
+    torch.manual_seed(5)
+    cfg = GPT2Config(n_layer=1, n_head=2, n_kv_head=1, d_model=32)
+    ref = build_model(cfg, ops.build("sdpa"), PosConfig(name="rope"))
+    ours = build_model(cfg, ops.build("flash"), PosConfig(name="rope"))
+    ours.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, 50257, (2, 19))
+    la, lb = ref(idx, idx), ours(idx, idx)
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)
+    ga = torch.autograd.grad(la, list(ref.parameters()))
+    gb = torch.autograd.grad(lb, list(ours.parameters()))
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
