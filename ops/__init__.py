@@ -10,6 +10,7 @@ bottom-right when query and key lengths differ; ``bias`` is additive and broadca
 This package imports nothing else of the repository.
 """
 
+from . import neighborhood as _neighborhood  # noqa: F401  (registers "neighborhood")
 from . import neighborhood_ref as _neighborhood_ref  # noqa: F401  (registers "neighborhood_reference")
 from . import reference as _reference  # noqa: F401  (registers "reference")
 from . import sdpa as _sdpa  # noqa: F401  (registers "sdpa")

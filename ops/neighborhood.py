@@ -1,0 +1,416 @@
+"""Fused 1-D neighborhood attention (NATTEN semantics) in Triton, forward and backward.
+
+Semantics are those of ``ops.neighborhood_ref.axis_window`` (kernel size K >= 2, dilation d,
+stride S <= K, causal windows ending at the query); ``neighborhood_reference`` defines
+correctness. Layering as in ``ops/flash.py``: kernels -> launchers -> ``_NAFunction`` ->
+``ops.build("neighborhood", kernel_size=..., ...)``.
+
+- No (N, N) mask: the window of query position p is computed in-kernel from the closed-form
+  rule (``_window``). A query tile visits only the key tiles between the start of its first
+  query and the end of its last one (start/end are non-decreasing in p); key tiles that every
+  query of the tile sees fully run without a mask, the others are masked element-wise.
+- Dilation without copies: one program per (tile, dilation group g, batch*head). In group
+  coordinates, position p is token p*d + g, i.e. a sequence of length Lg = N//d + (g < N%d)
+  with memory stride d*stride_n, on which the window rule is the d = 1 rule.
+- Backward: Delta = rowsum(dO*O) - dLSE (flash's preprocess kernel), a dK/dV kernel per key tile
+  (the queries that see it form a contiguous range, found by binary search on the monotone
+  rule; loops over the q heads of the GQA group) and a dQ kernel per query tile. No atomics.
+- GQA: q head h reads kv head h // (H // Hkv). Any strides, no hidden copies.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .contract import check_inputs
+from .flash import (
+    _ALLOWED,
+    _DTYPES,
+    _HEAD_DIMS,
+    _INTERPRET,
+    _LOG2E,
+    _delta_kernel,
+    _dot,
+    _jit,
+    _launch,
+    _tiles,
+    tl,
+    triton,
+)
+from .neighborhood_ref import check_window
+from .registry import Capabilities, register
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@_jit
+def _window(p, lg, ksize, stride, CAUSAL: tl.constexpr):
+    """Keys [start, end) of query position p (scalar or vector) in a group of length lg."""
+    if CAUSAL:
+        leader = tl.minimum((p // stride) * stride + stride - 1, lg - 1)
+        start = tl.maximum(leader - ksize + 1, 0)
+        end = tl.minimum(p + 1, lg)
+    else:
+        leader = tl.minimum((p // stride) * stride + stride // 2, lg - 1)
+        start = tl.minimum(tl.maximum(leader - ksize // 2, 0), lg - ksize)
+        end = start + ksize
+    return start, end
+
+
+@_jit
+def _key_range(p0, lg, ksize, stride, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):  # fmt: skip
+    """Query tile at p0: key tiles [lo, a) and [b, hi) need a mask, [a, b) do not."""
+    first_s, first_e = _window(tl.minimum(p0, lg - 1), lg, ksize, stride, CAUSAL)
+    last_s, last_e = _window(tl.minimum(p0 + BLOCK_M - 1, lg - 1), lg, ksize, stride, CAUSAL)
+    lo = first_s // BLOCK_N * BLOCK_N
+    hi = last_e
+    a = tl.minimum((last_s + BLOCK_N - 1) // BLOCK_N * BLOCK_N, hi)  # every row starts by here
+    b = tl.maximum(tl.minimum(first_e // BLOCK_N * BLOCK_N, hi), a)  # every row ends after
+    return lo, a, b, hi
+
+
+@_jit
+def _first_query(n, lg, ksize, stride, CAUSAL: tl.constexpr, BY_END: tl.constexpr):
+    """Smallest p in [0, lg] with end(p) > n (BY_END) or start(p) > n: binary search on the
+    non-decreasing start/end of the rule."""
+    lo = lg * 0
+    hi = lg
+    while lo < hi:
+        mid = (lo + hi) // 2
+        s, e = _window(mid, lg, ksize, stride, CAUSAL)
+        if BY_END:
+            above = e > n
+        else:
+            above = s > n
+        hi = tl.where(above, mid, hi)
+        lo = tl.where(above, lo, mid + 1)
+    return lo
+
+
+@_jit
+def _in_window(rows, cols, lg, ksize, stride, CAUSAL: tl.constexpr):
+    """Bool (rows x cols broadcast): query position ``rows`` sees key position ``cols``."""
+    start, end = _window(rows, lg, ksize, stride, CAUSAL)
+    return (rows < lg) & (cols >= start) & (cols < end)
+
+
+@_jit
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, lo, hi, lg, ksize,
+               stride, qk_scale, CAUSAL: tl.constexpr, MASK: tl.constexpr,
+               BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """Online-softmax update of (acc, l_i, m_i) over key positions [lo, hi); log2 units."""
+    offs_d = tl.arange(0, HEAD_D)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_k = offs_n < lg
+        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                     mask=in_k[None, :], other=0.0)  # (D, BN)  # fmt: skip
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                    mask=in_k[:, None], other=0.0)  # (BN, D)  # fmt: skip
+        s = _dot(q, kt, IEEE) * qk_scale  # (BM, BN)
+        if MASK:
+            ok = _in_window(offs_m[:, None], offs_n[None, :], lg, ksize, stride, CAUSAL)
+            s = tl.where(ok, s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows that saw nothing yet
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@_jit
+def _fwd_kernel(Q, K, V, O, LSE, sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
+                sob, son, soh, sod, n, n_heads, group, dil, ksize, stride, qk_scale,
+                CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """One (query tile, dilation group, batch*head): O and LSE (natural log) of its queries."""
+    g = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = (bh // n_heads).to(tl.int64)
+    h = bh % n_heads
+    lg = n // dil + (g < n % dil).to(tl.int32)  # positions p -> tokens p * dil + g
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    in_q = offs_m < lg
+    q = tl.load(Q + b * sqb + h * sqh + (offs_m * dil + g)[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=in_q[:, None], other=0.0)  # (BM, D)  # fmt: skip
+    k_base = K + b * skb + (h // group) * skh + g * skn
+    v_base = V + b * svb + (h // group) * svh + g * svn
+    acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+    lo, a, c, hi = _key_range(tl.program_id(0) * BLOCK_M, lg, ksize, stride, CAUSAL, BLOCK_M,
+                              BLOCK_N)  # masked [lo, a), unmasked [a, c), masked [c, hi)  # fmt: skip
+    skn, svn = skn * dil, svn * dil  # one step in group coordinates
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, lo, a,
+                               lg, ksize, stride, qk_scale, CAUSAL, True, BLOCK_N, HEAD_D, IEEE)  # fmt: skip
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, a, c,
+                               lg, ksize, stride, qk_scale, CAUSAL, False, BLOCK_N, HEAD_D, IEEE)  # fmt: skip
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, c, hi,
+                               lg, ksize, stride, qk_scale, CAUSAL, True, BLOCK_N, HEAD_D, IEEE)  # fmt: skip
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    tok = offs_m * dil + g
+    tl.store(O + b * sob + h * soh + tok[:, None] * son + offs_d[None, :] * sod,
+             (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=in_q[:, None])  # fmt: skip
+    tl.store(LSE + bh.to(tl.int64) * n + tok, (m_i + tl.log2(l_safe)) / 1.4426950408889634,
+             mask=in_q)  # fmt: skip
+
+
+@_jit
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn, sdd,
+                offs_n, lo, hi, lg, dil, ksize, stride, qk_scale, CAUSAL: tl.constexpr,
+                BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """Accumulate dK, dV (unscaled dK) of one key tile over query positions [lo, hi), masked.
+    q_base/do_base step by group positions; lse_base/delta_base by tokens (p * dil)."""
+    offs_d = tl.arange(0, HEAD_D)
+    for m0 in range(lo, hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        in_q = offs_m < lg
+        q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                    mask=in_q[:, None], other=0.0)  # (BM, D)  # fmt: skip
+        do = tl.load(do_base + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
+                     mask=in_q[:, None], other=0.0)  # (BM, D)  # fmt: skip
+        lse = tl.load(lse_base + offs_m * dil, mask=in_q, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_base + offs_m * dil, mask=in_q, other=0.0)
+        st = _dot(k, tl.trans(q), IEEE) * qk_scale  # (BN, BM) = S^T in log2 units
+        ok = _in_window(offs_m[None, :], offs_n[:, None], lg, ksize, stride, CAUSAL)
+        pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0)  # P^T
+        dv += _dot(pt.to(do.dtype), do, IEEE)
+        dpt = _dot(v, tl.trans(do), IEEE)  # (BN, BM) = dP^T
+        dst = pt * (dpt - delta[None, :])  # dS^T; delta already holds Delta - dLSE
+        dk += _dot(dst.to(q.dtype), q, IEEE)
+    return dk, dv
+
+
+@_jit
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqn, sqh, sqd, skb, skn, skh, skd,
+                 svb, svn, svh, svd, sdb, sdn, sdh, sdd, n, n_heads, group, dil, ksize, stride,
+                 qk_scale, scale, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """One (key tile, dilation group, batch*kv head): dK, dV summed over the GQA group's q
+    heads, visiting only the query range whose windows can include these keys."""
+    g = tl.program_id(1)
+    bhk = tl.program_id(2)
+    n_kv = n_heads // group
+    b = (bhk // n_kv).to(tl.int64)
+    hk = bhk % n_kv
+    lg = n // dil + (g < n % dil).to(tl.int32)
+    n0 = tl.program_id(0) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D)
+    in_k = offs_n[:, None] < lg
+    tok = offs_n * dil + g
+    k = tl.load(K + b * skb + hk * skh + tok[:, None] * skn + offs_d[None, :] * skd,
+                mask=in_k, other=0.0)  # (BN, D)  # fmt: skip
+    v = tl.load(V + b * svb + hk * svh + tok[:, None] * svn + offs_d[None, :] * svd,
+                mask=in_k, other=0.0)  # (BN, D)  # fmt: skip
+    dk = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
+    q_lo = _first_query(n0, lg, ksize, stride, CAUSAL, True)  # first query ending after n0
+    last = tl.minimum(n0 + BLOCK_N, lg) - 1
+    q_hi = _first_query(last, lg, ksize, stride, CAUSAL, False)  # first starting after last
+    for j in range(group):
+        h = hk * group + j
+        row = (b * n_heads + h) * n + g  # (B, H, N) offset of LSE / DELTA at token g
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q + b * sqb + h * sqh + g * sqn,
+                             DO + b * sdb + h * sdh + g * sdn, LSE + row, DELTA + row,
+                             sqn * dil, sqd, sdn * dil, sdd, offs_n, q_lo // BLOCK_M * BLOCK_M,
+                             q_hi, lg, dil, ksize, stride, qk_scale, CAUSAL, BLOCK_M, HEAD_D,
+                             IEEE)  # fmt: skip
+    out = ((b * n + tok[:, None]) * n_kv + hk) * HEAD_D + offs_d[None, :]  # (B, N, Hkv, D)
+    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=in_k)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=in_k)
+
+
+@_jit
+def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skn, skd, svn, svd, offs_m, lo, hi, lg,
+              ksize, stride, qk_scale, CAUSAL: tl.constexpr, MASK: tl.constexpr,
+              BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """Accumulate (unscaled) dQ of one query tile over key positions [lo, hi)."""
+    offs_d = tl.arange(0, HEAD_D)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_k = offs_n[:, None] < lg
+        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=in_k, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=in_k, other=0.0)
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale  # (BM, BN)
+        p = tl.exp2(s - lse[:, None])
+        if MASK:
+            ok = _in_window(offs_m[:, None], offs_n[None, :], lg, ksize, stride, CAUSAL)
+            p = tl.where(ok, p, 0.0)
+        dp = _dot(do, tl.trans(v), IEEE)  # (BM, BN)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, IEEE)
+    return dq
+
+
+@_jit
+def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqn, sqh, sqd, skb, skn, skh, skd,
+               svb, svn, svh, svd, sdb, sdn, sdh, sdd, n, n_heads, group, dil, ksize, stride,
+               qk_scale, scale, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """One (query tile, dilation group, batch*head): dQ = scale * dS K over its key range."""
+    g = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = (bh // n_heads).to(tl.int64)
+    h = bh % n_heads
+    lg = n // dil + (g < n % dil).to(tl.int32)
+    p0 = tl.program_id(0) * BLOCK_M
+    offs_m = p0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    in_q = offs_m < lg
+    tok = offs_m * dil + g
+    q = tl.load(Q + b * sqb + h * sqh + tok[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=in_q[:, None], other=0.0)  # (BM, D)  # fmt: skip
+    do = tl.load(DO + b * sdb + h * sdh + tok[:, None] * sdn + offs_d[None, :] * sdd,
+                 mask=in_q[:, None], other=0.0)  # (BM, D)  # fmt: skip
+    row = bh.to(tl.int64) * n + tok
+    lse = tl.load(LSE + row, mask=in_q, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row, mask=in_q, other=0.0)
+    k_base = K + b * skb + (h // group) * skh + g * skn
+    v_base = V + b * svb + (h // group) * svh + g * svn
+    skn, svn = skn * dil, svn * dil  # one step in group coordinates
+    dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+    lo, a, c, hi = _key_range(p0, lg, ksize, stride, CAUSAL, BLOCK_M, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skn, skd, svn, svd, offs_m, lo, a, lg,
+                   ksize, stride, qk_scale, CAUSAL, True, BLOCK_N, HEAD_D, IEEE)  # fmt: skip
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skn, skd, svn, svd, offs_m, a, c, lg,
+                   ksize, stride, qk_scale, CAUSAL, False, BLOCK_N, HEAD_D, IEEE)  # fmt: skip
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skn, skd, svn, svd, offs_m, c, hi, lg,
+                   ksize, stride, qk_scale, CAUSAL, True, BLOCK_N, HEAD_D, IEEE)  # fmt: skip
+    out = ((b * n + tok[:, None]) * n_heads + h) * HEAD_D + offs_d[None, :]  # (B, N, H, D)
+    tl.store(DQ + out, (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _forward(q, k, v, win, scale: float, opts: dict):
+    """q (B, N, H, D), k/v (B, N, Hkv, D) any strides -> o (B, N, H, D), lse (B, H, N) fp32."""
+    b, n, h, d = q.shape
+    ksize, dil, stride, causal = win
+    tiles = _tiles(opts, d, q.dtype, backward=False)
+    o = torch.empty((b, n, h, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(-(-n // dil), tiles.block_m), dil, b * h)  # longest group: ceil(N / d)
+    _launch(_fwd_kernel, grid, q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(),
+            *o.stride(), n, h, h // k.shape[2], dil, ksize, stride, scale * _LOG2E, tiles=tiles,
+            CAUSAL=causal, HEAD_D=d, IEEE=q.dtype == torch.float32)  # fmt: skip
+    return o, lse
+
+
+def _backward(do, dlse, q, k, v, o, lse, win, scale: float, opts: dict):
+    """Gradients of sum(o * do) + sum(lse * dlse); dk/dv already summed over GQA groups."""
+    b, n, h, d = q.shape
+    hkv = k.shape[2]
+    ksize, dil, stride, causal = win
+    tiles = _tiles(opts, d, q.dtype, backward=True)
+    delta = torch.empty_like(lse)  # (B, H, N) fp32: rowsum(dO * O) - dLSE
+    dlse = None if dlse is None else dlse.contiguous()  # (B, H, N), tiny
+    _launch(_delta_kernel, (triton.cdiv(n, tiles.block_m), b * h), o, do,
+            delta if dlse is None else dlse, delta, *do.stride(), n, h,
+            tiles=tiles, HAS_DLSE=dlse is not None, HEAD_D=d)  # fmt: skip
+    dq = torch.empty((b, n, h, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty((b, n, hkv, d), dtype=k.dtype, device=k.device)
+    dv = torch.empty((b, n, hkv, d), dtype=v.dtype, device=v.device)
+    args = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), n, h, h // hkv, dil, ksize,
+            stride, scale * _LOG2E, scale)  # fmt: skip
+    const = dict(tiles=tiles, CAUSAL=causal, HEAD_D=d, IEEE=q.dtype == torch.float32)
+    lmax = -(-n // dil)  # longest dilation group
+    _launch(_dkdv_kernel, (triton.cdiv(lmax, tiles.block_n), dil, b * hkv), q, k, v, do, lse,
+            delta, dk, dv, *args, **const)  # fmt: skip
+    _launch(_dq_kernel, (triton.cdiv(lmax, tiles.block_m), dil, b * h), q, k, v, do, lse, delta,
+            dq, *args, **const)  # fmt: skip
+    return dq, dk, dv
+
+
+class _NAFunction(torch.autograd.Function):
+    """(q, k, v) -> (o, lse), both differentiable; win = (K, d, S, causal)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, win, scale, opts):
+        o, lse = _forward(q, k, v, win, scale, opts)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.args = (win, scale, opts)
+        ctx.set_materialize_grads(False)  # no (B, H, N) zeros when the LSE is not used
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        if do is None and dlse is None:
+            return (None,) * 6
+        do = torch.zeros_like(o) if do is None else do
+        return (*_backward(do, dlse, q, k, v, o, lse, *ctx.args), None, None, None)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check(q, k, v, bias) -> None:
+    """The contract's checks plus what this backend lacks; ValueError names the problem."""
+    if q.dim() >= 4 and k.dim() == q.dim() and q.shape[1:-2] != k.shape[1:-2]:
+        raise ValueError(
+            "'neighborhood' needs the same token layout for q and k/v: "
+            f"q tokens {tuple(q.shape[1:-2])}, k tokens {tuple(k.shape[1:-2])}"
+        )
+    check_inputs(q, k, v, bias)
+    if bias is not None:
+        raise ValueError("'neighborhood' does not support an attention bias")
+    if q.dim() != 4:
+        raise ValueError(
+            f"'neighborhood': the fused kernel handles 1-D token layouts (B, N, H, D) so far; got "
+            f"q{tuple(q.shape)}. Use 'neighborhood_reference' (ops.neighborhood_reference) for "
+            "2-D/3-D token layouts"
+        )
+    if q.shape[-1] not in _HEAD_DIMS:
+        raise ValueError(f"'neighborhood' head dim must be one of {_HEAD_DIMS}; got {q.shape[-1]}")
+    if v.shape[-1] != q.shape[-1]:
+        raise ValueError(f"'neighborhood' needs Dv == D; got Dv={v.shape[-1]}, D={q.shape[-1]}")
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"'neighborhood' supports dtypes {_DTYPES}; got {q.dtype}")
+    if triton is None or not (q.is_cuda or _INTERPRET):
+        raise ValueError(
+            "'neighborhood' needs triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU)"
+        )
+
+
+_DEFAULTS = {
+    "kernel_size": 7,
+    "dilation": 1,
+    "stride": 1,
+    "is_causal": False,
+    "block_m": None,
+    "block_n": None,
+    "num_warps": None,
+    "num_stages": None,
+}
+_CAPS = Capabilities(
+    dtypes=_DTYPES, head_dims=_HEAD_DIMS, bias=False, causal=True, gqa=True, token_ndims=(1,)
+)
+
+
+@register("neighborhood", defaults=_DEFAULTS, capabilities=_CAPS)
+def _build_neighborhood(kernel_size, dilation, stride, is_causal, block_m, block_n, num_warps,
+                        num_stages):  # fmt: skip
+    """Fused Triton 1-D neighborhood attention (NATTEN semantics), fwd + bwd, no (N, N) mask."""
+    opts = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    for name, value in opts.items():
+        if value is not None and value not in _ALLOWED[name]:
+            raise ValueError(
+                f"neighborhood option {name}={value!r}: use None (auto) or one of {_ALLOWED[name]}"
+            )
+
+    def attention(q, k, v, *, causal=False, scale=None, bias=None, return_lse=False):
+        _check(q, k, v, bias)
+        ks, ds, ss, cs = check_window(q.shape[1:2], kernel_size, dilation, stride, is_causal)
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        win = (ks[0], ds[0], ss[0], cs[0] or bool(causal))  # causal=True: GPT-2's flag
+        o, lse = _NAFunction.apply(q, k, v, win, scale, opts)
+        return (o, lse) if return_lse else o
+
+    return attention

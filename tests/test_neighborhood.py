@@ -1,0 +1,234 @@
+"""Fused 1-D neighborhood attention ("neighborhood") against ops.neighborhood_reference.
+
+On CPU the kernels run in Triton's interpreter with 16x16 tiles unless a case binds others, so
+shapes stay tiny; the `gpu` test runs at training size. Every loss also uses the LSE
+(sum(lse * w)), so the differentiable-LSE backward is checked.
+"""
+
+import math
+
+import pytest
+import torch
+
+import ops
+
+# (id, B, N, H, Hkv, D, kernel_size, dilation, stride, is_causal, call causal, build options)
+CASES = [
+    ("n9-k3", 1, 9, 2, 2, 16, 3, 1, 1, False, False, {}),
+    ("n17-k4-even-causal-flag", 2, 17, 2, 1, 16, 4, 1, 1, False, True, {}),
+    ("n33-k5-d2-gqa", 1, 33, 4, 2, 16, 5, 2, 1, False, False, {}),
+    ("n50-k6-d3-s2-causal", 1, 50, 2, 2, 16, 6, 3, 2, True, False, {}),
+    ("n50-k7-sK-mqa", 1, 50, 4, 1, 16, 7, 1, 7, False, False, {}),
+    ("n33-k4-sK-causal", 1, 33, 2, 2, 16, 4, 1, 4, True, False, {}),
+    ("n70-k20-s3-gqa", 1, 70, 4, 2, 32, 20, 1, 3, False, False, {}),
+    ("n70-k20-d2-s4-causal", 1, 70, 2, 2, 16, 20, 2, 4, True, False, {}),
+    ("n40-k40-whole-seq", 1, 40, 2, 1, 16, 40, 1, 1, False, False, {}),
+    ("n45-k8-d2-tiles32x16", 1, 45, 2, 2, 16, 8, 2, 1, False, True, {"block_m": 32, "block_n": 16}),
+    ("n45-k9-tiles16x32-causal", 1, 45, 2, 2, 16, 9, 1, 1, True, False, {"block_n": 32}),
+]
+
+
+def make_qkv(b, n, h, hkv, d, dtype=torch.float32, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    shapes = ((b, n, h, d), (b, n, hkv, d), (b, n, hkv, d))
+    return [torch.randn(s, generator=g).to(device=device, dtype=dtype) for s in shapes]
+
+
+def run(attn, q, k, v, causal, go, w):
+    """[out, lse, dq, dk, dv] for loss = sum(out * go) + sum(lse * w)."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out, lse = attn(q, k, v, causal=causal, return_lse=True)
+    loss = (out.double() * go).sum() + (lse.double() * w).sum()
+    return [out, lse, *torch.autograd.grad(loss, (q, k, v))]
+
+
+def upstream(q, seed=1):
+    """Upstream grads (go, w) in float64 for out (B, N, H, D) and lse (B, H, N)."""
+    g = torch.Generator().manual_seed(seed)
+    b, n, h, d = q.shape
+    go = torch.randn((b, n, h, d), generator=g, dtype=torch.float64).to(q.device)
+    w = torch.randn((b, h, n), generator=g, dtype=torch.float64).to(q.device)
+    return go, w
+
+
+def window(kernel_size, dilation, stride, is_causal):
+    return dict(kernel_size=kernel_size, dilation=dilation, stride=stride, is_causal=is_causal)
+
+
+def masked_sdpa(n, win, device="cpu"):
+    """Baseline in the inputs' dtype: torch SDPA with the window as an additive -inf mask."""
+    mask = ops.neighborhood_mask((n,), **win, device=device)
+    bias = torch.zeros(mask.shape, device=device).masked_fill(~mask, -math.inf)
+
+    def attn(q, k, v, causal, return_lse):
+        return ops.sdpa_attention(q, k, v, bias=bias, return_lse=return_lse)
+
+    return attn
+
+
+def max_err(x, ref):
+    return (x.double() - ref).abs().max().item()
+
+
+def check_against_baseline(got, base, ref):
+    """Each of out, lse, dq, dk, dv within 2x the baseline's own error against float64,
+    plus a floor of 1e-5 of the magnitude (LSE is fp32 in both, ~1e-7)."""
+    for name, x, y, r in zip(("out", "lse", "dq", "dk", "dv"), got, base, ref):
+        err, tol = max_err(x, r), 2 * max_err(y, r) + 1e-5 * r.abs().max().item()
+        assert err <= tol, f"{name}: error {err:.3g} > tolerance {tol:.3g}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_fp32_matches_reference(case):
+    """fp32, IEEE dots: ~1e-6 from the float64 reference; a wrong window fails by far more."""
+    _, b, n, h, hkv, d, ks, dil, st, is_causal, causal, options = case
+    q, k, v = make_qkv(b, n, h, hkv, d, seed=n + 7 * ks + dil)
+    go, w = upstream(q)
+    win = window(ks, dil, st, is_causal)
+    ref = run(ops.build("neighborhood_reference", **win), *(t.double() for t in (q, k, v)),
+              causal, go, w)  # fmt: skip
+    got = run(ops.build("neighborhood", **win, **options), q, k, v, causal, go, w)
+    assert got[0].shape == (b, n, h, d) and got[0].dtype == torch.float32
+    assert got[1].shape == (b, h, n) and got[1].dtype == torch.float32
+    for name, x, r in zip(("out", "lse", "dq", "dk", "dv"), got, ref):
+        torch.testing.assert_close(x.double(), r, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    "n,hkv,ks,dil,st,causal", [(50, 2, 7, 2, 1, False), (70, 1, 9, 1, 3, True)]
+)
+def test_fp16_within_twice_masked_sdpa_error(n, hkv, ks, dil, st, causal):
+    """fp16 vs the float64 reference of the fp16 inputs, tolerance 2x the error of torch SDPA
+    in fp16 with the same mask (the fp32-computing reference rounds only its results)."""
+    q, k, v = make_qkv(1, n, 4, hkv, 16, dtype=torch.float16, seed=n)
+    go, w = upstream(q)
+    win = window(ks, dil, st, causal)
+    ref = run(ops.build("neighborhood_reference", **win), *(t.double() for t in (q, k, v)),
+              False, go, w)  # fmt: skip
+    got = run(ops.build("neighborhood", **win), q, k, v, False, go, w)
+    assert got[0].dtype == torch.float16 and got[1].dtype == torch.float32
+    check_against_baseline(got, run(masked_sdpa(n, win), q, k, v, False, go, w), ref)
+
+
+def test_strided_views_read_in_place():
+    """Views of one fused (B, N, (H + 2*Hkv) * D) projection give exactly the results of
+    contiguous copies; gradients reach the fused tensor."""
+    b, n, h, hkv, d = 2, 19, 4, 2, 16
+    torch.manual_seed(0)
+    fused = torch.randn(b, n, (h + 2 * hkv) * d, requires_grad=True)
+    q, k, v = (t.unflatten(-1, (-1, d)) for t in fused.split([h * d, hkv * d, hkv * d], -1))
+    assert not q.is_contiguous()
+    attn = ops.build("neighborhood", kernel_size=5, dilation=2)
+    go, w = torch.randn(b, n, h, d), torch.randn(b, h, n)
+    out, lse = attn(q, k, v, causal=True, return_lse=True)
+    (out * go).sum().add((lse * w).sum()).backward()
+    want = run(attn, q.contiguous(), k.contiguous(), v.contiguous(), True, go.double(), w.double())
+    assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
+    assert torch.equal(fused.grad, torch.cat([g.flatten(2) for g in want[2:]], -1))
+
+
+def test_far_tiles_are_never_read():
+    """NaN in keys/values beyond the key tiles that the first query tile's windows touch leaves
+    its outputs finite (the kernel skips those tiles); likewise NaN in far queries leaves dK/dV of
+    the first key tile finite. A dense loop with masks would propagate NaN (0 * NaN)."""
+    q, k, v = make_qkv(1, 64, 2, 2, 16)
+    attn = ops.build("neighborhood", kernel_size=5)  # rows 0..15 see keys 0..17: tiles 0, 1
+    k[:, 32:], v[:, 32:] = math.nan, math.nan
+    out, lse = attn(q, k, v, return_lse=True)
+    assert torch.isfinite(out[:, :16]).all() and torch.isfinite(lse[..., :16]).all()
+    q, k, v = make_qkv(1, 64, 2, 2, 16)
+    q.requires_grad_()
+    k.requires_grad_()
+    v.requires_grad_()
+    out = attn(q, k, v)
+    go = torch.randn_like(out)
+    go[:, 32:] = math.nan  # keys 0..15 are seen by queries 0..17 only
+    dk, dv = torch.autograd.grad(out, (k, v), go)
+    assert torch.isfinite(dk[:, :16]).all() and torch.isfinite(dv[:, :16]).all()
+
+
+def test_lse_only_loss_and_output_only():
+    """A loss on the LSE alone (no dO) and a call without return_lse get true gradients."""
+    q, k, v = make_qkv(1, 21, 2, 1, 16, seed=5)
+    win = window(6, 1, 2, True)
+    attn, ref = ops.build("neighborhood", **win), ops.build("neighborhood_reference", **win)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    got = torch.autograd.grad(attn(q, k, v, return_lse=True)[1].sum(), (q, k, v))
+    want = torch.autograd.grad(ref(qd, kd, vd, return_lse=True)[1].sum(), (qd, kd), None)
+    assert (got[2] == 0).all()  # the LSE does not depend on v
+    for x, r in zip(got[:2], want):
+        torch.testing.assert_close(x.double(), r, rtol=1e-5, atol=1e-5)
+    out = attn(q, k, v)
+    assert isinstance(out, torch.Tensor) and out.shape == q.shape
+    got = torch.autograd.grad(out.square().sum(), (q, k, v))
+    want = torch.autograd.grad(ref(qd, kd, vd).square().sum(), (qd, kd, vd))
+    for x, r in zip(got, want):
+        torch.testing.assert_close(x.double(), r, rtol=1e-5, atol=1e-5)
+
+
+def test_errors_name_the_problem():
+    attn = ops.build("neighborhood", kernel_size=3)
+    q, k, v = make_qkv(1, 8, 2, 2, 16)
+    with pytest.raises(
+        ValueError, match="handles 1-D token layouts.*so far.*neighborhood_reference"
+    ):
+        attn(*(t.reshape(1, 2, 4, 2, 16) for t in (q, k, v)))
+    with pytest.raises(ValueError, match=r"kernel_size \* dilation = 5 \* 2 = 10 is larger"):
+        ops.build("neighborhood", kernel_size=5, dilation=2)(q, k, v)
+    with pytest.raises(ValueError, match=r"stride must be in \[1, kernel_size=3\], got 4"):
+        ops.build("neighborhood", kernel_size=3, stride=4)(q, k, v)
+    with pytest.raises(ValueError, match="kernel_size must be an integer >= 2"):
+        ops.build("neighborhood", kernel_size=1)(q, k, v)
+    with pytest.raises(ValueError, match="bias"):
+        attn(q, k, v, bias=torch.zeros(1, 2, 8, 8))
+    with pytest.raises(ValueError, match="same token layout"):
+        attn(q, torch.randn(1, 9, 2, 16), torch.randn(1, 9, 2, 16))
+    with pytest.raises(ValueError, match="Dv == D"):
+        attn(q, k, torch.randn(1, 8, 2, 32))
+    with pytest.raises(ValueError, match=r"head dim must be one of .*got 24"):
+        attn(*make_qkv(1, 8, 2, 2, 24))
+    with pytest.raises(ValueError, match="block_m=48"):
+        ops.build("neighborhood", block_m=48)
+    with pytest.raises(ValueError, match="2-D token layouts"):
+        attn.check(token_ndim=2)
+    attn.check(head_dim=64, n_heads=8, n_kv_heads=2, dtype=torch.bfloat16, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_real_size_within_twice_sdpa_error(causal):
+    """Compiled kernels at training size (bf16, N=4096, K=257, GQA) vs the float64 reference;
+    tolerance 2x the error of torch SDPA with the same boolean mask in bf16. Deterministic."""
+    q, k, v = make_qkv(2, 4096, 8, 2, 64, dtype=torch.bfloat16, device="cuda")
+    go, w = upstream(q)
+    win = window(257, 1, 1, causal)
+    ref = run(ops.build("neighborhood_reference", **win), *(t.double() for t in (q, k, v)),
+              False, go, w)  # fmt: skip
+    base = run(masked_sdpa(4096, win, "cuda"), q, k, v, False, go, w)
+    attn = ops.build("neighborhood", **win)
+    got = run(attn, q, k, v, False, go, w)
+    check_against_baseline(got, base, ref)
+    again = run(attn, q, k, v, False, go, w)
+    assert all(torch.equal(x, y) for x, y in zip(got, again))
+
+
+def test_gpt2_with_fused_kernel_matches_reference_backend():
+    """Inside GPT-2 (which passes causal=True): same logits and gradients as the reference."""
+    from models import GPT2Config, PosConfig, build_model
+
+    torch.manual_seed(5)
+    cfg = GPT2Config(n_layer=1, n_head=2, d_model=32)
+    ref = build_model(
+        cfg, ops.build("neighborhood_reference", kernel_size=8), PosConfig(name="rope")
+    )
+    ours = build_model(cfg, ops.build("neighborhood", kernel_size=8), PosConfig(name="rope"))
+    ours.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, 50257, (2, 19))
+    torch.testing.assert_close(ours(idx), ref(idx), rtol=1e-5, atol=1e-5)  # logits
+    la, lb = ref(idx, idx), ours(idx, idx)
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)
+    ga = torch.autograd.grad(la, list(ref.parameters()))
+    gb = torch.autograd.grad(lb, list(ours.parameters()))
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
