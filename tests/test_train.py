@@ -261,3 +261,20 @@ def test_quickstart_is_the_default_config():
     assert (
         cfg.experiment == "quickstart" and cfg.pos.name == "carope" and cfg.data.kind == "bundled"
     )
+
+
+def test_gpt2_trains_with_fused_neighborhood_attention_from_config(tmp_path):
+    """attn=neighborhood (causal sliding window through the Triton kernel) from the command line.
+
+    Kept short: the kernel runs in Triton's CPU interpreter here."""
+    s = train(
+        tmp_path,
+        "attn=neighborhood",
+        "attn.options.kernel_size=8",
+        "trainer.max_steps=4",
+        "trainer.eval_every=4",
+        "trainer.eval_tokens=256",
+        "optim.lr=3e-3",
+    )
+    start = first_val(tmp_path)
+    assert s["finished"] and s["val_loss"] < start - 0.2, (start, s["val_loss"])
