@@ -1,9 +1,11 @@
 """Attention kernel latency: our backends against PyTorch's in the same process.
 
     python scripts/bench_attention.py [--shape 4,16,4096,64] [--causal] [--out bench_attention.json]
+    python scripts/bench_attention.py --na 2d     # neighborhood: 1d, 2d, 3d, large2d (issue 3)
 
-Dense core for now (issue 3 adds neighborhood shapes and FlexAttention): ``ops.build("flash")``
-against SDPA's flash and cuDNN backends, forward and forward+backward, bf16, median of
+Dense: ``ops.build("flash")`` against SDPA's flash and cuDNN backends. Neighborhood (``--na``):
+``ops.build("neighborhood")`` against FlexAttention (compiled, block mask from the same NATTEN
+rule, scripts/natten_flex.py). Forward and forward+backward, bf16, median of
 triton.testing.do_bench. Prints the floor (FLOPs / 790 TFLOP/s, bytes / 3.0 TB/s) beside each
 time, and writes JSON.
 """
@@ -47,12 +49,72 @@ def run(fn, q, k, v, bwd):
     return triton.testing.do_bench(step, return_mode="median")
 
 
+# The issue's neighborhood cases: (B, H, token shape, D, kernel per axis).
+NA_CASES = {
+    "1d": (1, 16, (32768,), 128, (2049,)),
+    "2d": (2, 8, (128, 128), 64, (13, 13)),
+    "3d": (1, 8, (32, 32, 32), 64, (7, 7, 7)),
+    "large2d": (1, 24, (256, 256), 128, (80, 80)),
+}
+
+
+def bench_na(case: str, out: str) -> None:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from scripts.natten_flex import natten_mask_mod
+
+    b, h, shape, d, ks = NA_CASES[case]
+    n, nd = 1, len(shape)
+    for L in shape:
+        n *= L
+    ones = (1,) * nd
+    q, k, v = (torch.randn(b, *shape, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))  # fmt: skip
+    ours = ops.build("neighborhood", kernel_size=list(ks))
+    mask = natten_mask_mod(shape, ks, ones, ones, (False,) * nd)
+    block_mask = create_block_mask(mask, None, None, n, n, device="cuda")
+    flex = torch.compile(flex_attention)
+
+    def flex_fn(q, k, v):
+        qf, kf, vf = (t.reshape(b, n, h, d).transpose(1, 2) for t in (q, k, v))
+        return flex(qf, kf, vf, block_mask=block_mask).transpose(1, 2)
+
+    window = 1
+    for kk in ks:
+        window *= kk
+    rows = []
+    for name, fn in {"ours neighborhood": lambda q, k, v: ours(q, k, v), "flex": flex_fn}.items():
+        for bwd in (False, True):
+            ms = run(fn, q, k, v, bwd)
+            flops = 4 * b * h * n * window * d * (3.5 if bwd else 1.0)
+            byts = 2 * b * n * h * d * (10 if bwd else 4)
+            rows.append({"impl": name, "pass": "fwd+bwd" if bwd else "fwd", "ms": ms,
+                         "tflops": flops / ms / 1e9, "floor_flops_ms": flops / MATMUL_PEAK * 1e3,
+                         "floor_bytes_ms": byts / HBM * 1e3})  # fmt: skip
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "case": case,
+           "B": b, "H": h, "tokens": shape, "D": d, "kernel": ks, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    Path(out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+    print_table(f"NA {case}: B={b} H={h} tokens={shape} D={d} kernel={ks} bf16", env, rows)
+
+
+def print_table(title, env, rows):
+    print(f"\n{env['gpu']} | torch {env['torch']} | {title}")
+    print(f"{'impl':<18} {'pass':<8} {'ms':>8} {'TFLOP/s':>8} {'floor(FLOP)':>11} {'floor(B)':>9}")
+    for r in rows:
+        print(
+            f"{r['impl']:<18} {r['pass']:<8} {r['ms']:8.3f} {r['tflops']:8.1f} {r['floor_flops_ms']:11.3f} {r['floor_bytes_ms']:9.3f}"
+        )
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="4,16,4096,64", help="B,H,N,D")
     ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--na", choices=sorted(NA_CASES), help="a neighborhood-attention case instead")
     ap.add_argument("--out", default="bench_attention.json")
     args = ap.parse_args()
+    if args.na:
+        return bench_na(args.na, args.out)
     b, h, n, d = map(int, args.shape.split(","))
     dev, dt = "cuda", torch.bfloat16
     q, k, v = (torch.randn(b, n, h, d, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
