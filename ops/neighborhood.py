@@ -1,4 +1,7 @@
-"""Fused 1-D neighborhood attention (NATTEN semantics) in Triton, forward and backward.
+"""Fused neighborhood attention (NATTEN semantics) in Triton, forward and backward.
+
+This file: the 1-D kernels, the per-axis helpers and the public ``neighborhood`` backend;
+2-D/3-D token layouts (B, X, Y(, Z), H, D) run the kernels of ``ops/neighborhood_nd.py``.
 
 Semantics are those of ``ops.neighborhood_ref.axis_window`` (kernel size K >= 2, dilation d,
 stride S <= K, causal windows ending at the query); ``neighborhood_reference`` defines
@@ -329,11 +332,12 @@ def _backward(do, dlse, q, k, v, o, lse, win, scale: float, opts: dict):
 
 
 class _NAFunction(torch.autograd.Function):
-    """(q, k, v) -> (o, lse), both differentiable; win = (K, d, S, causal)."""
+    """(q, k, v) -> (o, lse), both differentiable. 1-D: win = (K, d, S, causal) ints;
+    2-D/3-D (ops/neighborhood_nd.py): win = per-axis tuples (ks, ds, ss, cs)."""
 
     @staticmethod
     def forward(ctx, q, k, v, win, scale, opts):
-        o, lse = _forward(q, k, v, win, scale, opts)
+        o, lse = (_forward if q.dim() == 4 else _forward_nd)(q, k, v, win, scale, opts)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.args = (win, scale, opts)
         ctx.set_materialize_grads(False)  # no (B, H, N) zeros when the LSE is not used
@@ -345,7 +349,8 @@ class _NAFunction(torch.autograd.Function):
         if do is None and dlse is None:
             return (None,) * 6
         do = torch.zeros_like(o) if do is None else do
-        return (*_backward(do, dlse, q, k, v, o, lse, *ctx.args), None, None, None)
+        bwd = _backward if q.dim() == 4 else _backward_nd
+        return (*bwd(do, dlse, q, k, v, o, lse, *ctx.args), None, None, None)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -361,11 +366,10 @@ def _check(q, k, v, bias) -> None:
     check_inputs(q, k, v, bias)
     if bias is not None:
         raise ValueError("'neighborhood' does not support an attention bias")
-    if q.dim() != 4:
+    if q.dim() not in (4, 5, 6):
         raise ValueError(
-            f"'neighborhood': the fused kernel handles 1-D token layouts (B, N, H, D) so far; got "
-            f"q{tuple(q.shape)}. Use 'neighborhood_reference' (ops.neighborhood_reference) for "
-            "2-D/3-D token layouts"
+            "'neighborhood' handles 1-D, 2-D and 3-D token layouts (B, *tokens, H, D) with 1 to 3 "
+            f"token axes; got q{tuple(q.shape)} with {q.dim() - 3} token axes"
         )
     if q.shape[-1] not in _HEAD_DIMS:
         raise ValueError(f"'neighborhood' head dim must be one of {_HEAD_DIMS}; got {q.shape[-1]}")
@@ -390,14 +394,15 @@ _DEFAULTS = {
     "num_stages": None,
 }
 _CAPS = Capabilities(
-    dtypes=_DTYPES, head_dims=_HEAD_DIMS, bias=False, causal=True, gqa=True, token_ndims=(1,)
+    dtypes=_DTYPES, head_dims=_HEAD_DIMS, bias=False, causal=True, gqa=True, token_ndims=(1, 2, 3)
 )
 
 
 @register("neighborhood", defaults=_DEFAULTS, capabilities=_CAPS)
 def _build_neighborhood(kernel_size, dilation, stride, is_causal, block_m, block_n, num_warps,
                         num_stages):  # fmt: skip
-    """Fused Triton 1-D neighborhood attention (NATTEN semantics), fwd + bwd, no (N, N) mask."""
+    """Fused Triton 1-D/2-D/3-D neighborhood attention (NATTEN semantics), fwd + bwd, no (N, N)
+    mask."""
     opts = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
     for name, value in opts.items():
         if value is not None and value not in _ALLOWED[name]:
@@ -407,10 +412,15 @@ def _build_neighborhood(kernel_size, dilation, stride, is_causal, block_m, block
 
     def attention(q, k, v, *, causal=False, scale=None, bias=None, return_lse=False):
         _check(q, k, v, bias)
-        ks, ds, ss, cs = check_window(q.shape[1:2], kernel_size, dilation, stride, is_causal)
+        ks, ds, ss, cs = check_window(q.shape[1:-2], kernel_size, dilation, stride, is_causal)
+        cs = tuple(c or bool(causal) for c in cs)  # causal=True (GPT-2's flag): every axis
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        win = (ks[0], ds[0], ss[0], cs[0] or bool(causal))  # causal=True: GPT-2's flag
+        win = (ks[0], ds[0], ss[0], cs[0]) if q.dim() == 4 else (ks, ds, ss, cs)
         o, lse = _NAFunction.apply(q, k, v, win, scale, opts)
         return (o, lse) if return_lse else o
 
     return attention
+
+
+# 2-D/3-D kernels; imported last: they reuse this module's per-axis helpers.
+from .neighborhood_nd import _backward_nd, _forward_nd  # noqa: E402

@@ -1,0 +1,362 @@
+"""Fused 2-D / 3-D neighborhood attention kernels (NATTEN semantics) behind ``neighborhood``.
+
+Semantics: ``ops.neighborhood_ref`` (per-axis rule; the window is the product of per-axis
+windows over row-major flattened tokens). The 1-D helpers of ``ops/neighborhood.py``
+(``_window``, ``_in_window``, ``_first_query``) are applied per axis.
+
+- One kernel family for 2-D and 3-D: a 2-D layout (X, Y) runs as (X, Y, 1) with kernel 1 on the
+  unit axis (the rule then yields the window [0, 1)), so every kernel has three axes.
+- Query tile: a TX x TY x TZ box of positions of one dilation group per axis, flattened to
+  BLOCK_M = TX*TY*TZ rows for tl.dot; key tiles are KX x KY x KZ boxes (BLOCK_N). Grid: (tiles,
+  dilation groups dx*dy*dz, batch*heads). In group coordinates position p of axis a is token
+  p*d_a + g_a, so dilation costs no copies: offsets are computed from the input's own strides.
+- Forward / dQ: per axis the keys of a query tile lie in [start(first query), end(last query))
+  (start/end are non-decreasing in p); the kernel loops over the key tiles covering that box only.
+  Per axis the union of the tile's windows is contiguous and the window is a product, so every
+  visited key tile is at least partially visible; tiles outside the box are never read. First
+  version: every visited tile is masked element-wise with the product of the per-axis masks
+  (the 1-D path distinguishes unmasked interior tiles; here that is not done yet).
+- dK/dV: one program per (key tile, dilation group, batch*kv head); per axis the queries that can
+  see the tile form a contiguous range (binary search on the monotone rule, as in 1-D); loops over
+  the query tiles of that box and the q heads of the GQA group. Deterministic, no atomics.
+- q/k/v: any strides (per-axis strides passed). O, dQ, dK, dV are allocated contiguous; dO is
+  reshaped to (B, N, H, D), which is a view unless autograd hands a non-mergeable layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .flash import _INTERPRET, _LOG2E, _delta_kernel, _dot, _jit, _launch, _tiles, tl, triton
+from .neighborhood import _first_query, _in_window, _window
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@_jit
+def _group_len(n, dil, g):
+    """Length of dilation group g of an axis of length n."""
+    return n // dil + (g < n % dil).to(tl.int32)
+
+
+@_jit
+def _split3(idx, n1, n2):
+    """Row-major index over (?, n1, n2) -> its three coordinates."""
+    return idx // (n1 * n2), (idx // n2) % n1, idx % n2
+
+
+@_jit
+def _box(base_x, base_y, base_z, DY: tl.constexpr, DZ: tl.constexpr, BLOCK: tl.constexpr):
+    """Positions (BLOCK,) per axis of a (BLOCK // (DY*DZ)) x DY x DZ box at (base_x, y, z)."""
+    r = tl.arange(0, BLOCK)
+    return base_x + r // (DY * DZ), base_y + (r // DZ) % DY, base_z + r % DZ
+
+
+@_jit
+def _mem(px, py, pz, gx, gy, gz, dlx, dly, dlz, sx, sy, sz):
+    """Memory offset of group positions (px, py, pz) of groups (gx, gy, gz)."""
+    return (px * dlx + gx) * sx + (py * dly + gy) * sy + (pz * dlz + gz) * sz
+
+
+@_jit
+def _span(p0, size, lg, ksize, stride, CAUSAL: tl.constexpr):
+    """Key positions [lo, hi) seen by the queries [p0, p0 + size) of one axis (clipped to lg)."""
+    lo, _ = _window(tl.minimum(p0, lg - 1), lg, ksize, stride, CAUSAL)
+    _, hi = _window(tl.minimum(p0 + size - 1, lg - 1), lg, ksize, stride, CAUSAL)
+    return lo, hi
+
+
+@_jit
+def _sees(qx, qy, qz, kx, ky, kz, lgx, lgy, lgz, ksx, ksy, ksz, stx, sty, stz,
+          CX: tl.constexpr, CY: tl.constexpr, CZ: tl.constexpr):  # fmt: skip
+    """Bool (broadcast): query (qx, qy, qz) sees key (kx, ky, kz): product of the axis rules."""
+    ok = _in_window(qx, kx, lgx, ksx, stx, CX) & _in_window(qy, ky, lgy, ksy, sty, CY)
+    return ok & _in_window(qz, kz, lgz, ksz, stz, CZ)
+
+
+# ----------------------------------------------------------------------------- kernels
+# Shared scalar arguments, in order: nx, ny, nz (axis lengths), dlx, dly, dlz (dilations),
+# ksx, ksy, ksz (kernel sizes), stx, sty, stz (strides), ntx, nty, ntz (tiles per axis of the
+# grid's first dimension), n_heads, group (q heads per kv head).
+
+
+@_jit
+def _fwd_nd_kernel(Q, K, V, O, LSE, sqb, sqx, sqy, sqz, sqh, sqd, skb, skx, sky, skz, skh, skd,
+                   svb, svx, svy, svz, svh, svd, nx, ny, nz, dlx, dly, dlz, ksx, ksy, ksz,
+                   stx, sty, stz, ntx, nty, ntz, n_heads, group, qk_scale,
+                   CX: tl.constexpr, CY: tl.constexpr, CZ: tl.constexpr, TY: tl.constexpr,
+                   TZ: tl.constexpr, KY: tl.constexpr, KZ: tl.constexpr, HEAD_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """One (query box, dilation groups, batch*head): O and LSE (natural log) of its queries."""
+    tx, ty, tz = _split3(tl.program_id(0), nty, ntz)
+    gx, gy, gz = _split3(tl.program_id(1), dly, dlz)
+    bh = tl.program_id(2)
+    b = (bh // n_heads).to(tl.int64)
+    h = bh % n_heads
+    lgx, lgy, lgz = _group_len(nx, dlx, gx), _group_len(ny, dly, gy), _group_len(nz, dlz, gz)
+    TX: tl.constexpr = BLOCK_M // (TY * TZ)
+    KX: tl.constexpr = BLOCK_N // (KY * KZ)
+    px, py, pz = _box(tx * TX, ty * TY, tz * TZ, TY, TZ, BLOCK_M)
+    in_q = (px < lgx) & (py < lgy) & (pz < lgz)
+    offs_d = tl.arange(0, HEAD_D)
+    q_off = _mem(px, py, pz, gx, gy, gz, dlx, dly, dlz, sqx, sqy, sqz)
+    q = tl.load(Q + b * sqb + h * sqh + q_off[:, None] + offs_d[None, :] * sqd,
+                mask=in_q[:, None], other=0.0)  # (BM, D)  # fmt: skip
+    k_base = K + b * skb + (h // group) * skh
+    v_base = V + b * svb + (h // group) * svh
+    lox, hix = _span(tx * TX, TX, lgx, ksx, stx, CX)
+    loy, hiy = _span(ty * TY, TY, lgy, ksy, sty, CY)
+    loz, hiz = _span(tz * TZ, TZ, lgz, ksz, stz, CZ)
+    acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+    for kx0 in range(lox, hix, KX):
+        for ky0 in range(loy, hiy, KY):
+            for kz0 in range(loz, hiz, KZ):
+                kx, ky, kz = _box(kx0, ky0, kz0, KY, KZ, BLOCK_N)
+                in_k = (kx < lgx) & (ky < lgy) & (kz < lgz)
+                k_off = _mem(kx, ky, kz, gx, gy, gz, dlx, dly, dlz, skx, sky, skz)
+                v_off = _mem(kx, ky, kz, gx, gy, gz, dlx, dly, dlz, svx, svy, svz)
+                kt = tl.load(k_base + k_off[None, :] + offs_d[:, None] * skd,
+                             mask=in_k[None, :], other=0.0)  # (D, BN)  # fmt: skip
+                v = tl.load(v_base + v_off[:, None] + offs_d[None, :] * svd,
+                            mask=in_k[:, None], other=0.0)  # (BN, D)  # fmt: skip
+                s = _dot(q, kt, IEEE) * qk_scale  # (BM, BN), log2 units
+                ok = _sees(px[:, None], py[:, None], pz[:, None], kx[None, :], ky[None, :],
+                           kz[None, :], lgx, lgy, lgz, ksx, ksy, ksz, stx, sty, stz, CX, CY,
+                           CZ)  # fmt: skip
+                s = tl.where(ok, s, -float("inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_use = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows that saw nothing
+                p = tl.exp2(s - m_use[:, None])
+                alpha = tl.exp2(m_i - m_use)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+                m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    tok = ((px * dlx + gx) * ny + py * dly + gy) * nz + pz * dlz + gz  # row-major token index
+    n = nx * ny * nz
+    tl.store(O + ((b * n + tok[:, None]) * n_heads + h) * HEAD_D + offs_d[None, :],
+             (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=in_q[:, None])  # fmt: skip
+    tl.store(LSE + bh.to(tl.int64) * n + tok, (m_i + tl.log2(l_safe)) / 1.4426950408889634,
+             mask=in_q)  # fmt: skip
+
+
+@_jit
+def _dq_nd_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqx, sqy, sqz, sqh, sqd, skb, skx, sky, skz,
+                  skh, skd, svb, svx, svy, svz, svh, svd, nx, ny, nz, dlx, dly, dlz, ksx, ksy,
+                  ksz, stx, sty, stz, ntx, nty, ntz, n_heads, group, qk_scale, scale,
+                  CX: tl.constexpr, CY: tl.constexpr, CZ: tl.constexpr, TY: tl.constexpr,
+                  TZ: tl.constexpr, KY: tl.constexpr, KZ: tl.constexpr, HEAD_D: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """One (query box, dilation groups, batch*head): dQ = scale * dS K over its key box.
+    DO is contiguous (B, N, H, D)."""
+    tx, ty, tz = _split3(tl.program_id(0), nty, ntz)
+    gx, gy, gz = _split3(tl.program_id(1), dly, dlz)
+    bh = tl.program_id(2)
+    b = (bh // n_heads).to(tl.int64)
+    h = bh % n_heads
+    lgx, lgy, lgz = _group_len(nx, dlx, gx), _group_len(ny, dly, gy), _group_len(nz, dlz, gz)
+    TX: tl.constexpr = BLOCK_M // (TY * TZ)
+    KX: tl.constexpr = BLOCK_N // (KY * KZ)
+    px, py, pz = _box(tx * TX, ty * TY, tz * TZ, TY, TZ, BLOCK_M)
+    in_q = (px < lgx) & (py < lgy) & (pz < lgz)
+    offs_d = tl.arange(0, HEAD_D)
+    n = nx * ny * nz
+    tok = ((px * dlx + gx) * ny + py * dly + gy) * nz + pz * dlz + gz
+    q_off = _mem(px, py, pz, gx, gy, gz, dlx, dly, dlz, sqx, sqy, sqz)
+    q = tl.load(Q + b * sqb + h * sqh + q_off[:, None] + offs_d[None, :] * sqd,
+                mask=in_q[:, None], other=0.0)  # (BM, D)  # fmt: skip
+    flat = ((b * n + tok[:, None]) * n_heads + h) * HEAD_D + offs_d[None, :]  # (B, N, H, D)
+    do = tl.load(DO + flat, mask=in_q[:, None], other=0.0)
+    row = bh.to(tl.int64) * n + tok
+    lse = tl.load(LSE + row, mask=in_q, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row, mask=in_q, other=0.0)
+    k_base = K + b * skb + (h // group) * skh
+    v_base = V + b * svb + (h // group) * svh
+    lox, hix = _span(tx * TX, TX, lgx, ksx, stx, CX)
+    loy, hiy = _span(ty * TY, TY, lgy, ksy, sty, CY)
+    loz, hiz = _span(tz * TZ, TZ, lgz, ksz, stz, CZ)
+    dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+    for kx0 in range(lox, hix, KX):
+        for ky0 in range(loy, hiy, KY):
+            for kz0 in range(loz, hiz, KZ):
+                kx, ky, kz = _box(kx0, ky0, kz0, KY, KZ, BLOCK_N)
+                in_k = (kx < lgx) & (ky < lgy) & (kz < lgz)
+                k_off = _mem(kx, ky, kz, gx, gy, gz, dlx, dly, dlz, skx, sky, skz)
+                v_off = _mem(kx, ky, kz, gx, gy, gz, dlx, dly, dlz, svx, svy, svz)
+                k = tl.load(k_base + k_off[:, None] + offs_d[None, :] * skd,
+                            mask=in_k[:, None], other=0.0)  # (BN, D)  # fmt: skip
+                v = tl.load(v_base + v_off[:, None] + offs_d[None, :] * svd,
+                            mask=in_k[:, None], other=0.0)  # (BN, D)  # fmt: skip
+                s = _dot(q, tl.trans(k), IEEE) * qk_scale
+                ok = _sees(px[:, None], py[:, None], pz[:, None], kx[None, :], ky[None, :],
+                           kz[None, :], lgx, lgy, lgz, ksx, ksy, ksz, stx, sty, stz, CX, CY,
+                           CZ)  # fmt: skip
+                p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+                dp = _dot(do, tl.trans(v), IEEE)
+                ds = p * (dp - delta[:, None])  # delta holds Delta - dLSE
+                dq += _dot(ds.to(k.dtype), k, IEEE)
+    tl.store(DQ + flat, (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])
+
+
+@_jit
+def _dkdv_nd_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqx, sqy, sqz, sqh, sqd, skb, skx, sky,
+                    skz, skh, skd, svb, svx, svy, svz, svh, svd, nx, ny, nz, dlx, dly, dlz, ksx,
+                    ksy, ksz, stx, sty, stz, ntx, nty, ntz, n_heads, group, qk_scale, scale,
+                    CX: tl.constexpr, CY: tl.constexpr, CZ: tl.constexpr, TY: tl.constexpr,
+                    TZ: tl.constexpr, KY: tl.constexpr, KZ: tl.constexpr, HEAD_D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """One (key box, dilation groups, batch*kv head): dK, dV summed over the GQA group's q
+    heads, over the query box whose windows can reach these keys (per-axis binary search)."""
+    tx, ty, tz = _split3(tl.program_id(0), nty, ntz)
+    gx, gy, gz = _split3(tl.program_id(1), dly, dlz)
+    bhk = tl.program_id(2)
+    n_kv = n_heads // group
+    b = (bhk // n_kv).to(tl.int64)
+    hk = bhk % n_kv
+    lgx, lgy, lgz = _group_len(nx, dlx, gx), _group_len(ny, dly, gy), _group_len(nz, dlz, gz)
+    TX: tl.constexpr = BLOCK_M // (TY * TZ)
+    KX: tl.constexpr = BLOCK_N // (KY * KZ)
+    kx0, ky0, kz0 = tx * KX, ty * KY, tz * KZ
+    kx, ky, kz = _box(kx0, ky0, kz0, KY, KZ, BLOCK_N)
+    in_k = (kx < lgx) & (ky < lgy) & (kz < lgz)
+    offs_d = tl.arange(0, HEAD_D)
+    n = nx * ny * nz
+    k_off = _mem(kx, ky, kz, gx, gy, gz, dlx, dly, dlz, skx, sky, skz)
+    v_off = _mem(kx, ky, kz, gx, gy, gz, dlx, dly, dlz, svx, svy, svz)
+    k = tl.load(K + b * skb + hk * skh + k_off[:, None] + offs_d[None, :] * skd,
+                mask=in_k[:, None], other=0.0)  # (BN, D)  # fmt: skip
+    v = tl.load(V + b * svb + hk * svh + v_off[:, None] + offs_d[None, :] * svd,
+                mask=in_k[:, None], other=0.0)  # (BN, D)  # fmt: skip
+    # per axis: queries [first ending after the tile's first key, first starting after its last)
+    qlox = _first_query(kx0, lgx, ksx, stx, CX, True)
+    qhix = _first_query(tl.minimum(kx0 + KX, lgx) - 1, lgx, ksx, stx, CX, False)
+    qloy = _first_query(ky0, lgy, ksy, sty, CY, True)
+    qhiy = _first_query(tl.minimum(ky0 + KY, lgy) - 1, lgy, ksy, sty, CY, False)
+    qloz = _first_query(kz0, lgz, ksz, stz, CZ, True)
+    qhiz = _first_query(tl.minimum(kz0 + KZ, lgz) - 1, lgz, ksz, stz, CZ, False)
+    dk = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
+    for j in range(group):
+        h = hk * group + j
+        q_base = Q + b * sqb + h * sqh
+        for qx0 in range(qlox, qhix, TX):
+            for qy0 in range(qloy, qhiy, TY):
+                for qz0 in range(qloz, qhiz, TZ):
+                    px, py, pz = _box(qx0, qy0, qz0, TY, TZ, BLOCK_M)
+                    in_q = (px < lgx) & (py < lgy) & (pz < lgz)
+                    q_off = _mem(px, py, pz, gx, gy, gz, dlx, dly, dlz, sqx, sqy, sqz)
+                    q = tl.load(q_base + q_off[:, None] + offs_d[None, :] * sqd,
+                                mask=in_q[:, None], other=0.0)  # (BM, D)  # fmt: skip
+                    tok = ((px * dlx + gx) * ny + py * dly + gy) * nz + pz * dlz + gz
+                    flat = ((b * n + tok[:, None]) * n_heads + h) * HEAD_D + offs_d[None, :]
+                    do = tl.load(DO + flat, mask=in_q[:, None], other=0.0)
+                    row = (b * n_heads + h) * n + tok
+                    lse = tl.load(LSE + row, mask=in_q, other=0.0) * 1.4426950408889634
+                    delta = tl.load(DELTA + row, mask=in_q, other=0.0)
+                    st = _dot(k, tl.trans(q), IEEE) * qk_scale  # (BN, BM) = S^T, log2 units
+                    ok = _sees(px[None, :], py[None, :], pz[None, :], kx[:, None], ky[:, None],
+                               kz[:, None], lgx, lgy, lgz, ksx, ksy, ksz, stx, sty, stz, CX, CY,
+                               CZ)  # fmt: skip
+                    pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0)  # P^T
+                    dv += _dot(pt.to(do.dtype), do, IEEE)
+                    dpt = _dot(v, tl.trans(do), IEEE)  # dP^T
+                    dst = pt * (dpt - delta[None, :])
+                    dk += _dot(dst.to(q.dtype), q, IEEE)
+    tok = ((kx * dlx + gx) * ny + ky * dly + gy) * nz + kz * dlz + gz
+    out = ((b * n + tok[:, None]) * n_kv + hk) * HEAD_D + offs_d[None, :]  # (B, N, Hkv, D)
+    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=in_k[:, None])
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=in_k[:, None])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _box_shape(block: int, ndim: int) -> tuple[int, int, int]:
+    """Split a power-of-two tile size into an (x, y, z) box, later axes getting the larger
+    factors (e.g. 2-D 128 -> 8x16x1, 3-D 16 -> 2x2x4, 3-D 128 -> 4x4x8)."""
+    e = block.bit_length() - 1
+    parts = [e // ndim + (i >= ndim - e % ndim) for i in range(ndim)]
+    return tuple(1 << p for p in parts) + (1,) * (3 - ndim)
+
+
+def _axes(shape, win):
+    """Token shape and per-axis window padded to three axes (a unit axis has kernel 1)."""
+    ks, ds, ss, cs = win
+    pad = 3 - len(shape)
+    return (tuple(shape) + (1,) * pad, tuple(ks) + (1,) * pad, tuple(ds) + (1,) * pad,
+            tuple(ss) + (1,) * pad, tuple(cs) + (False,) * pad)  # fmt: skip
+
+
+def _strides3(t):
+    """(b, x, y, z, h, d) strides of a (B, *tokens, H, D) tensor, z stride 0 for 2-D."""
+    s = t.stride()
+    return (*s[:-2], *(0,) * (6 - len(s)), *s[-2:])
+
+
+def _common(q, win, box_m, box_n, by_keys):
+    """Scalar kernel arguments and the grid's tile count over the query (or key) box."""
+    shape, ks, ds, ss, cs = _axes(q.shape[1:-2], win)
+    box = box_n if by_keys else box_m
+    tiles = [triton.cdiv(-(-n // d), t) for n, d, t in zip(shape, ds, box)]  # longest group
+    args = (*shape, *ds, *ks, *ss, *tiles, q.shape[-2])
+    return args, tiles, ds, cs
+
+
+def _nd_opts(opts: dict) -> dict:
+    """Under the interpreter, time goes by programs and loop steps more than by tile elements:
+    default to 64-element boxes (8x8, 4x4x4) there instead of flash's 16."""
+    if not _INTERPRET:
+        return opts
+    return {**opts, "block_m": opts["block_m"] or 64, "block_n": opts["block_n"] or 64}
+
+
+def _forward_nd(q, k, v, win, scale: float, opts: dict):
+    """q (B, *tokens, H, D), k/v (B, *tokens, Hkv, D), 2 or 3 token axes, any strides ->
+    o (B, *tokens, H, D) contiguous, lse (B, H, N) fp32."""
+    ndim = q.dim() - 3
+    b, h, d = q.shape[0], q.shape[-2], q.shape[-1]
+    n = q[0, ..., 0, 0].numel()
+    tiles = _tiles(_nd_opts(opts), d, q.dtype, backward=False)
+    bm, bn = _box_shape(tiles.block_m, ndim), _box_shape(tiles.block_n, ndim)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+    args, nt, ds, cs = _common(q, win, bm, bn, by_keys=False)
+    grid = (nt[0] * nt[1] * nt[2], ds[0] * ds[1] * ds[2], b * h)
+    _launch(_fwd_nd_kernel, grid, q, k, v, o, lse, *_strides3(q), *_strides3(k), *_strides3(v),
+            *args, h // k.shape[-2], scale * _LOG2E, tiles=tiles, CX=cs[0], CY=cs[1], CZ=cs[2],
+            TY=bm[1], TZ=bm[2], KY=bn[1], KZ=bn[2], HEAD_D=d,
+            IEEE=q.dtype == torch.float32)  # fmt: skip
+    return o, lse
+
+
+def _backward_nd(do, dlse, q, k, v, o, lse, win, scale: float, opts: dict):
+    """Gradients of sum(o * do) + sum(lse * dlse) for 2-D/3-D layouts; dk/dv GQA-summed."""
+    ndim = q.dim() - 3
+    b, h, d = q.shape[0], q.shape[-2], q.shape[-1]
+    hkv = k.shape[-2]
+    n = lse.shape[-1]
+    tiles = _tiles(_nd_opts(opts), d, q.dtype, backward=True)
+    bm, bn = _box_shape(tiles.block_m, ndim), _box_shape(tiles.block_n, ndim)
+    do = do.reshape(b, n, h, d)  # a view for the usual (mergeable) layouts
+    if do.stride() != (n * h * d, h * d, d, 1):
+        do = do.contiguous()  # the ND kernels read dO as contiguous (B, N, H, D)
+    delta = torch.empty_like(lse)  # (B, H, N) fp32: rowsum(dO * O) - dLSE
+    dlse = None if dlse is None else dlse.contiguous()
+    _launch(_delta_kernel, (triton.cdiv(n, tiles.block_m), b * h), o, do,
+            delta if dlse is None else dlse, delta, *do.stride(), n, h,
+            tiles=tiles, HAS_DLSE=dlse is not None, HEAD_D=d)  # fmt: skip
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    strides = (*_strides3(q), *_strides3(k), *_strides3(v))
+    const = dict(tiles=tiles, TY=bm[1], TZ=bm[2], KY=bn[1], KZ=bn[2], HEAD_D=d,
+                 IEEE=q.dtype == torch.float32)  # fmt: skip
+    for kernel, outs, by_keys, heads in ((_dkdv_nd_kernel, (dk, dv), True, hkv),
+                                         (_dq_nd_kernel, (dq,), False, h)):  # fmt: skip
+        args, nt, ds, cs = _common(q, win, bm, bn, by_keys)
+        grid = (nt[0] * nt[1] * nt[2], ds[0] * ds[1] * ds[2], b * heads)
+        _launch(kernel, grid, q, k, v, do, lse, delta, *outs, *strides, *args, h // hkv,
+                scale * _LOG2E, scale, CX=cs[0], CY=cs[1], CZ=cs[2], **const)  # fmt: skip
+    return dq, dk, dv
