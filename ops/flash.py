@@ -107,6 +107,19 @@ def _query_bounds(start_n, n_q, n_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr
 
 
 @_jit
+def _softmax_update(acc, l_i, m_i, s, v, IEEE: tl.constexpr):
+    """One online-softmax step: fold scores s (BM, BN, log2 units) and values v (BN, D) into
+    the running (acc, l_i, m_i). Rows that have seen no key yet (m = -inf) stay at zero."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return acc, l_i, m_new
+
+
+@_jit
 def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, lo, hi,
                n_q, n_k, qk_scale, CAUSAL: tl.constexpr, MASK: tl.constexpr,
                BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
@@ -122,13 +135,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, lo,
         s = _dot(q, kt, IEEE) * qk_scale  # (BM, BN)
         if MASK:
             s = _masked(s, offs_m[:, None], offs_n[None, :], n_q, n_k, CAUSAL)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows that saw nothing yet
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-        m_i = m_new
+        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, IEEE)
     return acc, l_i, m_i
 
 

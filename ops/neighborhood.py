@@ -36,6 +36,7 @@ from .flash import (
     _dot,
     _jit,
     _launch,
+    _softmax_update,
     _tiles,
     tl,
     triton,
@@ -115,13 +116,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, lo,
         if MASK:
             ok = _in_window(offs_m[:, None], offs_n[None, :], lg, ksize, stride, CAUSAL)
             s = tl.where(ok, s, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows that saw nothing yet
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-        m_i = m_new
+        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, IEEE)
     return acc, l_i, m_i
 
 

@@ -27,7 +27,18 @@ from __future__ import annotations
 
 import torch
 
-from .flash import _INTERPRET, _LOG2E, _delta_kernel, _dot, _jit, _launch, _tiles, tl, triton
+from .flash import (
+    _INTERPRET,
+    _LOG2E,
+    _delta_kernel,
+    _dot,
+    _jit,
+    _launch,
+    _softmax_update,
+    _tiles,
+    tl,
+    triton,
+)
 from .neighborhood import _first_query, _in_window, _window
 
 # ----------------------------------------------------------------------------- helpers
@@ -126,13 +137,7 @@ def _fwd_nd_kernel(Q, K, V, O, LSE, sqb, sqx, sqy, sqz, sqh, sqd, skb, skx, sky,
                            kz[None, :], lgx, lgy, lgz, ksx, ksy, ksz, stx, sty, stz, CX, CY,
                            CZ)  # fmt: skip
                 s = tl.where(ok, s, -float("inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_use = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows that saw nothing
-                p = tl.exp2(s - m_use[:, None])
-                alpha = tl.exp2(m_i - m_use)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-                m_i = m_new
+                acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, IEEE)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     tok = ((px * dlx + gx) * ny + py * dly + gy) * nz + pz * dlz + gz  # row-major token index
     n = nx * ny * nz
