@@ -27,7 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ops import rotary as rotary_ops
+
 POSITIONS = ("none", "learned", "sinusoidal", "rope", "carope")
+KERNELS = ("torch", "triton")
 CAROPE_INPUTS = ("layer", "embedding")
 
 
@@ -38,6 +41,7 @@ class PosConfig:
     carope_input: str = "layer"  # layer | embedding
     carope_shared: bool = False  # one W (d_model, n_kv_heads) for all layers
     carope_bias: bool = True  # bias b inside the softplus (needed for RoPE equality at init)
+    kernel: str = "torch"  # torch | triton (ops/rotary.py: one fused pass over q and k)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -150,9 +154,9 @@ class RotaryPositions(NoPositions):
 
     rotary = True
 
-    def __init__(self, head_dim: int, base: float, max_seq_len: int = 1024):
+    def __init__(self, head_dim: int, base: float, max_seq_len: int = 1024, kernel: str = "torch"):
         super().__init__()
-        self.half, self.base = head_dim // 2, base
+        self.half, self.base, self.kernel = head_dim // 2, base, kernel
         cos, sin = self._table(max_seq_len, "cpu", torch.float64)
         self.register_buffer("cos_table", cos.float(), persistent=False)
         self.register_buffer("sin_table", sin.float(), persistent=False)
@@ -176,6 +180,8 @@ class RotaryPositions(NoPositions):
 
     def rotate(self, q, k, *, layer, x, x0):
         cos, sin = self.angles(q.shape[1], q.device, torch.promote_types(q.dtype, torch.float32))
+        if self.kernel == "triton" and q.dtype != torch.float64:
+            return rotary_ops.rope_qk(q, k, cos, sin)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
@@ -220,6 +226,7 @@ class CARoPE(NoPositions):
                 f"pos.carope_input={cfg.carope_input!r}; valid: {', '.join(CAROPE_INPUTS)}"
             )
         self.input, self.head_dim, self.base = cfg.carope_input, head_dim, cfg.base
+        self.kernel = cfg.kernel
         n_proj = 1 if cfg.carope_shared else n_layers
         self.proj = nn.ModuleList(
             nn.Linear(d_model, n_kv_heads, bias=cfg.carope_bias) for _ in range(n_proj)
@@ -237,19 +244,26 @@ class CARoPE(NoPositions):
             if p.bias is not None:
                 nn.init.constant_(p.bias, math.log(math.expm1(target)))
 
-    def phases(self, layer: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """Per-token phases, (B, T, Hkv, D/2) float32."""
+    def log_frequencies(self, layer: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """log f(x_t)_h = -log(softplus(x_t W + b) + 1), (B, T, Hkv) in fp32 (fp64 for fp64)."""
         proj = self.proj[layer % len(self.proj)]
         src = x if self.input == "layer" else x0
         cdt = torch.promote_types(src.dtype, torch.float32)  # fp32 under bf16 autocast too
         bias = None if proj.bias is None else proj.bias.to(cdt)
         with torch.autocast(src.device.type, enabled=False):
             z = F.linear(src.to(cdt), proj.weight.to(cdt), bias)  # (B, T, Hkv)
-            log_f = -torch.log1p(F.softplus(z))  # log f = -log(softplus(z) + 1)
-            powers = torch.exp(log_f.unsqueeze(-1) * self.pair_index.to(cdt))  # f**i (B,T,Hkv,D/2)
+            return -torch.log1p(F.softplus(z))
+
+    def phases(self, layer: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Per-token phases, (B, T, Hkv, D/2) float32."""
+        log_f = self.log_frequencies(layer, x, x0)
+        with torch.autocast(x.device.type, enabled=False):
+            powers = torch.exp(log_f.unsqueeze(-1) * self.pair_index.to(log_f.dtype))  # f**i
             return torch.cumsum(powers, dim=1)  # causal sum over t <= m
 
     def rotate(self, q, k, *, layer, x, x0):
+        if self.kernel == "triton" and q.dtype != torch.float64:
+            return rotary_ops.carope_qk(q, k, self.log_frequencies(layer, x, x0).float())
         cos, sin = cos_sin(self.phases(layer, x, x0))
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
@@ -261,6 +275,8 @@ def build_positions(cfg: PosConfig, *, d_model, n_heads, n_kv_heads, n_layers, m
         raise ValueError(
             f"unknown position encoding pos.name={cfg.name!r}; valid: {', '.join(POSITIONS)}"
         )
+    if cfg.kernel not in KERNELS:
+        raise ValueError(f"pos.kernel={cfg.kernel!r}; valid: {', '.join(KERNELS)}")
     if cfg.name in ("rope", "carope") and head_dim % 2:
         raise ValueError(f"pos={cfg.name} needs an even head dim; got {head_dim} (d_model/n_head)")
     if cfg.name == "none":
@@ -270,5 +286,5 @@ def build_positions(cfg: PosConfig, *, d_model, n_heads, n_kv_heads, n_layers, m
     if cfg.name == "sinusoidal":
         return SinusoidalPositions(d_model, cfg.base)
     if cfg.name == "rope":
-        return RotaryPositions(head_dim, cfg.base, max_seq_len)
+        return RotaryPositions(head_dim, cfg.base, max_seq_len, cfg.kernel)
     return CARoPE(cfg, d_model=d_model, n_kv_heads=n_kv_heads, head_dim=head_dim, n_layers=n_layers)

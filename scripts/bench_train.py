@@ -114,7 +114,7 @@ def make_ours_step(pos, args, dev):
     """Our model + optimizer + the trainer's step function; returns (step, model)."""
     torch.manual_seed(0)
     cfg = GPT2Config(name="gpt2_small", n_layer=12, n_head=12, d_model=768, max_seq_len=args.seq)
-    model = build_model(cfg, ops.build("sdpa"), PosConfig(name=pos)).to(dev)
+    model = build_model(cfg, ops.build("sdpa"), PosConfig(name=pos, kernel=args.kernel)).to(dev)
     optim_cfg = SimpleNamespace(
         lr=6e-4,
         min_lr=6e-5,
@@ -185,6 +185,9 @@ def main():
     ap.add_argument("--pos", nargs="+", default=["learned", "rope", "carope"])
     ap.add_argument("--no-minimal", action="store_true")
     ap.add_argument("--tuning", action="store_true", help="ours: trainer.compile_tuning=true")
+    ap.add_argument(
+        "--kernel", default="torch", choices=["torch", "triton"], help="ours: pos.kernel"
+    )
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=40)
@@ -213,6 +216,7 @@ def main():
                 "pos": pos or "learned",
                 "flush_every": 1 if kind == "minimal" else args.flush_every,
                 "compile_tuning": kind != "minimal" and args.tuning,
+                "pos_kernel": None if kind == "minimal" else args.kernel,
                 "params": n,
                 "ms_per_step": sec * 1e3,
                 "tokens_per_s": tok_s,

@@ -44,6 +44,8 @@ def main():
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--top", type=int, default=16)
     ap.add_argument("--flush-every", type=int, default=10)
+    ap.add_argument("--kernel", default="torch", choices=["torch", "triton"])
+    ap.add_argument("--tuning", action="store_true")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -135,3 +135,29 @@ def test_rotary_backward_matches_finite_differences(angle_shape):
     ang = torch.randn(*angle_shape, dtype=torch.float64)
     cos, sin = ang.cos().requires_grad_(), ang.sin().requires_grad_()
     assert torch.autograd.gradcheck(apply_rotary, (x, cos, sin), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["rope", "carope"])
+def test_triton_rotary_kernels_match_the_torch_path_in_the_model(name):
+    """pos.kernel=triton (ops/rotary.py, interpreter here) = pos.kernel=torch: logits and grads."""
+    torch.manual_seed(6)
+    cfg = tiny_cfg(n_kv_head=2)
+    a = build_model(cfg, ops.build("sdpa"), PosConfig(name=name))
+    if name == "carope":
+        with torch.no_grad():
+            for p in a.pos.proj:
+                p.weight.normal_(0, 0.3)
+    b = build_model(cfg, ops.build("sdpa"), PosConfig(name=name, kernel="triton"))
+    b.load_state_dict(a.state_dict())
+    idx = torch.randint(0, 50257, (2, 21))
+    la, lb = a(idx, idx), b(idx, idx)
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)
+    ga = torch.autograd.grad(la, list(a.parameters()))
+    gb = torch.autograd.grad(lb, list(b.parameters()))
+    for (n, _), x, y in zip(a.named_parameters(), ga, gb):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_unknown_rotary_kernel():
+    with pytest.raises(ValueError, match="pos.kernel='cuda'; valid: torch, triton"):
+        build_model(tiny_cfg(), ops.build("sdpa"), PosConfig(name="rope", kernel="cuda"))

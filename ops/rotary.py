@@ -1,0 +1,325 @@
+"""Fused rotary position kernels (Triton): RoPE and CARoPE applied to q and k in one launch.
+
+    rope_qk(q, k, cos, sin)  -> (q_rot, k_rot)   cos/sin: (T', D/2) fp32 tables, T' >= T
+    carope_qk(q, k, log_f)   -> (q_rot, k_rot)   log_f: (B, T, Hkv) fp32 per-token log-frequency
+
+q is (B, T, H, D), k is (B, T, Hkv, D) with H % Hkv == 0, any strides (e.g. views of one fused
+qkv projection); outputs are contiguous in the input dtype. Pairs are half-split: dims
+(i, i + D/2) form pair i and are rotated by an angle phi: (x1 c - x2 s, x2 c + x1 s).
+Arithmetic is fp32 whatever the input dtype; these match models.positions.apply_rotary.
+
+Why fused: the PyTorch path reads q and k once per op (rotate, cat, cast) and, for CARoPE,
+writes the (B, T, Hkv, D/2) phase plus its cos and sin to memory; here each element of q and k
+is read once and written once, and CARoPE's phase lives only in registers.
+
+- RoPE: grid (token blocks, batch); a program loads its cos/sin tile once and rotates every q and
+  k head of those tokens. Backward is the same kernel rotating the gradients by -phi.
+- CARoPE: grid (batch, kv head); a program walks T in blocks, carrying the running sum of
+  f_t ** i = exp(i log_f[t]) (phase = carry + in-block cumsum), and rotates the group's q heads
+  and the k head. It stores the carry at each block start ((B, Hkv, n_blocks, D/2), tiny), so
+  backward recomputes exactly the forward phases. Backward walks T from the end: dq, dk are the
+  gradients rotated by -phi; d phase = g2 * out1 - g1 * out2, with out recomputed in fp32 from
+  the saved inputs (not the bf16-rounded outputs), summed over the group and the k head; the
+  cumsum's gradient is a reverse cumsum (carried suffix); d log_f[t] = sum_i dpow[t,i] i f_t**i.
+  No atomics: results are deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pyproject installs triton on Linux only; keep `import ops` working
+
+    class tl:  # stand-in so that the kernel definitions below still parse
+        constexpr = staticmethod(lambda x=None: x)
+
+    triton = None
+
+# Triton decides interpreter vs compiler when a kernel is defined, i.e. at this import.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_jit = triton.jit if triton is not None else (lambda fn: fn)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@_jit
+def _rot(X, Y, x_off, y_off, sxd, offs_i, mask, c, s, HALF: tl.constexpr):
+    """Rotate one head tile: pairs at X + x_off (strided) -> Y + y_off (contiguous D).
+
+    x_off/y_off (BT, 1), offs_i (HP,), mask/c/s (BT, HP)."""
+    x1 = tl.load(X + x_off + offs_i[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(X + x_off + (offs_i[None, :] + HALF) * sxd, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + y_off + offs_i[None, :], (x1 * c - x2 * s).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + y_off + offs_i[None, :] + HALF, (x2 * c + x1 * s).to(Y.dtype.element_ty),
+             mask=mask)  # fmt: skip
+
+
+@_jit
+def _rot_back(G, X, DX, g_off, x_off, dx_off, sgd, sxd, offs_i, mask, c, s, HALF: tl.constexpr):
+    """Gradient of one head tile: DX = G rotated by -phi (contiguous D); returns
+    d phi = g1 (-x1 s - x2 c) + g2 (x1 c - x2 s), (BT, HP), from the exact inputs x."""
+    g1 = tl.load(G + g_off + offs_i[None, :] * sgd, mask=mask, other=0.0).to(tl.float32)
+    g2 = tl.load(G + g_off + (offs_i[None, :] + HALF) * sgd, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(X + x_off + offs_i[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(X + x_off + (offs_i[None, :] + HALF) * sxd, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DX + dx_off + offs_i[None, :], (g1 * c + g2 * s).to(DX.dtype.element_ty), mask=mask)
+    tl.store(DX + dx_off + offs_i[None, :] + HALF, (g2 * c - g1 * s).to(DX.dtype.element_ty),
+             mask=mask)  # fmt: skip
+    return g2 * (x1 * c - x2 * s) - g1 * (x2 * c + x1 * s)
+
+
+@_jit
+def _rope_kernel(Q, K, QO, KO, COS, SIN, sqb, sqt, sqh, sqd, skb, skt, skh, skd,
+                 sct, sci, sst, ssi, n_t, n_h, n_kv, NEG: tl.constexpr, HALF: tl.constexpr,
+                 HALF_P: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+    """One (token block, batch): rotate all q and k heads by the table angles (by -angle if NEG)."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b = tl.program_id(1).to(tl.int64)
+    offs_i = tl.arange(0, HALF_P)
+    mask = (offs_t < n_t)[:, None] & (offs_i < HALF)[None, :]  # (BT, HP)
+    t = offs_t.to(tl.int64)[:, None]  # (BT, 1)
+    c = tl.load(COS + t * sct + offs_i[None, :] * sci, mask=mask, other=0.0)
+    s = tl.load(SIN + t * sst + offs_i[None, :] * ssi, mask=mask, other=0.0)
+    if NEG:
+        s = -s
+    for h in range(n_h):
+        _rot(Q, QO, b * sqb + t * sqt + h * sqh, ((b * n_t + t) * n_h + h) * (2 * HALF), sqd,
+             offs_i, mask, c, s, HALF)  # fmt: skip
+    for h in range(n_kv):
+        _rot(K, KO, b * skb + t * skt + h * skh, ((b * n_t + t) * n_kv + h) * (2 * HALF), skd,
+             offs_i, mask, c, s, HALF)  # fmt: skip
+
+
+@_jit
+def _carope_phase(LOGF, l_off, slt, offs_t, offs_i, carry, n_t, HALF: tl.constexpr):
+    """Powers f_t ** i = exp(i log_f[t]) and phases carry + cumsum_t (both (BT, HP), 0 off-range)."""
+    in_t = offs_t < n_t
+    mask = in_t[:, None] & (offs_i < HALF)[None, :]
+    log_f = tl.load(LOGF + l_off + offs_t.to(tl.int64) * slt, mask=in_t, other=0.0)
+    pw = tl.where(mask, tl.exp(log_f[:, None] * offs_i.to(tl.float32)[None, :]), 0.0)
+    return pw, carry[None, :] + tl.cumsum(pw, 0), mask
+
+
+@_jit
+def _carope_fwd_kernel(Q, K, LOGF, QO, KO, CARRY, sqb, sqt, sqh, sqd, skb, skt, skh, skd,
+                       slb, slt, slh, n_t, n_h, n_kv, HALF: tl.constexpr, HALF_P: tl.constexpr,
+                       BLOCK_T: tl.constexpr):  # fmt: skip
+    """One (batch, kv head): walk T in blocks with a carried phase prefix; rotate the group's q
+    heads and the k head; store each block's starting carry for the backward."""
+    b = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1)
+    group = n_h // n_kv
+    n_blocks = tl.cdiv(n_t, BLOCK_T)
+    offs_i = tl.arange(0, HALF_P)
+    carry_base = CARRY + (b * n_kv + hk) * n_blocks * HALF_P  # (B, Hkv, n_blocks, HP)
+    carry = tl.zeros([HALF_P], dtype=tl.float32)
+    for blk in range(n_blocks):
+        tl.store(carry_base + blk * HALF_P + offs_i, carry)
+        offs_t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+        pw, phase, mask = _carope_phase(LOGF, b * slb + hk * slh, slt, offs_t, offs_i, carry,
+                                        n_t, HALF)  # fmt: skip
+        carry = tl.max(phase, 0)  # phases never decrease (pw >= 0): the block's last prefix
+        c = tl.cos(phase)
+        s = tl.sin(phase)
+        t = offs_t.to(tl.int64)[:, None]  # (BT, 1)
+        for g in range(group):
+            h = hk * group + g
+            _rot(Q, QO, b * sqb + t * sqt + h * sqh, ((b * n_t + t) * n_h + h) * (2 * HALF), sqd,
+                 offs_i, mask, c, s, HALF)  # fmt: skip
+        _rot(K, KO, b * skb + t * skt + hk * skh, ((b * n_t + t) * n_kv + hk) * (2 * HALF), skd,
+             offs_i, mask, c, s, HALF)  # fmt: skip
+
+
+@_jit
+def _carope_bwd_kernel(GQ, GK, Q, K, LOGF, CARRY, DQ, DK, DLOGF, sgqb, sgqt, sgqh, sgqd,
+                       sgkb, sgkt, sgkh, sgkd, sqb, sqt, sqh, sqd, skb, skt, skh, skd,
+                       slb, slt, slh, n_t, n_h, n_kv,
+                       HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+    """One (batch, kv head): walk T from the end; dq, dk, and d log_f through the cumsum
+    (a reverse cumsum with a carried suffix)."""
+    b = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1)
+    group = n_h // n_kv
+    n_blocks = tl.cdiv(n_t, BLOCK_T)
+    offs_i = tl.arange(0, HALF_P)
+    carry_base = CARRY + (b * n_kv + hk) * n_blocks * HALF_P
+    suffix = tl.zeros([HALF_P], dtype=tl.float32)  # sum of d phase over the later blocks
+    for r in range(n_blocks):
+        blk = n_blocks - 1 - r
+        offs_t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+        carry = tl.load(carry_base + blk * HALF_P + offs_i)
+        pw, phase, mask = _carope_phase(LOGF, b * slb + hk * slh, slt, offs_t, offs_i, carry,
+                                        n_t, HALF)  # fmt: skip
+        c = tl.cos(phase)
+        s = tl.sin(phase)
+        t = offs_t.to(tl.int64)[:, None]  # (BT, 1)
+        dphase = tl.zeros([BLOCK_T, HALF_P], dtype=tl.float32)
+        for g in range(group):
+            h = hk * group + g
+            dphase += _rot_back(GQ, Q, DQ, b * sgqb + t * sgqt + h * sgqh,
+                                b * sqb + t * sqt + h * sqh, ((b * n_t + t) * n_h + h) * (2 * HALF),
+                                sgqd, sqd, offs_i, mask, c, s, HALF)  # fmt: skip
+        dphase += _rot_back(GK, K, DK, b * sgkb + t * sgkt + hk * sgkh,
+                            b * skb + t * skt + hk * skh, ((b * n_t + t) * n_kv + hk) * (2 * HALF),
+                            sgkd, skd, offs_i, mask, c, s, HALF)  # fmt: skip
+        dpow = suffix[None, :] + tl.cumsum(dphase, 0, reverse=True)  # sum over m >= t
+        suffix += tl.sum(dphase, 0)
+        dlog_f = tl.sum(dpow * pw * offs_i.to(tl.float32)[None, :], 1)  # (BT,)
+        tl.store(DLOGF + (b * n_t + offs_t) * n_kv + hk, dlog_f, mask=offs_t < n_t)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _opts(block_t, num_warps, default_block_t: int) -> tuple[int, int]:
+    """Tile options: given values, else defaults (16-token blocks under the interpreter)."""
+    bt = (16 if _INTERPRET else default_block_t) if block_t is None else block_t
+    if not isinstance(bt, int) or bt < 1 or bt & (bt - 1) or bt > 1024:
+        raise ValueError(f"block_t must be a power of two in [1, 1024]; got {block_t!r}")
+    nw = 4 if num_warps is None else num_warps
+    if nw not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps must be one of (1, 2, 4, 8, 16); got {num_warps!r}")
+    return bt, nw
+
+
+def _launch(kernel, grid, *args, num_warps: int, **constexprs):
+    if all(grid):  # empty sequences or batches: nothing to do
+        kernel[grid](*args, **constexprs, num_warps=num_warps)
+
+
+def _half(d: int) -> dict:
+    return dict(HALF=d // 2, HALF_P=triton.next_power_of_2(d // 2))
+
+
+def _rope(q, k, cos, sin, neg: bool, block_t: int, num_warps: int):
+    """q (B, T, H, D), k (B, T, Hkv, D) any strides -> rotated, contiguous, same dtype."""
+    b, t, h, d = q.shape
+    hkv = k.shape[2]
+    qo = torch.empty((b, t, h, d), dtype=q.dtype, device=q.device)
+    ko = torch.empty((b, t, hkv, d), dtype=k.dtype, device=k.device)
+    _launch(_rope_kernel, (triton.cdiv(t, block_t), b), q, k, qo, ko, cos, sin, *q.stride(),
+            *k.stride(), *cos.stride(), *sin.stride(), t, h, hkv, num_warps=num_warps, NEG=neg,
+            BLOCK_T=block_t, **_half(d))  # fmt: skip
+    return qo, ko
+
+
+class _RopeQK(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, block_t, num_warps):
+        ctx.save_for_backward(cos, sin)
+        ctx.opts = (block_t, num_warps)
+        return _rope(q, k, cos, sin, False, block_t, num_warps)
+
+    @staticmethod
+    def backward(ctx, gq, gk):
+        cos, sin = ctx.saved_tensors
+        dq, dk = _rope(gq, gk, cos, sin, True, *ctx.opts)  # inverse rotation
+        return dq, dk, None, None, None, None
+
+
+class _CaropeQK(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, log_f, block_t, num_warps):
+        b, t, h, d = q.shape
+        hkv = k.shape[2]
+        half = _half(d)
+        qo = torch.empty((b, t, h, d), dtype=q.dtype, device=q.device)
+        ko = torch.empty((b, t, hkv, d), dtype=k.dtype, device=k.device)
+        n_blocks = triton.cdiv(t, block_t)
+        carry = torch.empty((b, hkv, n_blocks, half["HALF_P"]), dtype=torch.float32,
+                            device=q.device)  # fmt: skip
+        _launch(_carope_fwd_kernel, (b, hkv), q, k, log_f, qo, ko, carry, *q.stride(),
+                *k.stride(), *log_f.stride(), t, h, hkv, num_warps=num_warps, BLOCK_T=block_t,
+                **half)  # fmt: skip
+        ctx.save_for_backward(q, k, log_f, carry)
+        ctx.opts = (block_t, num_warps)
+        return qo, ko
+
+    @staticmethod
+    def backward(ctx, gq, gk):
+        q, k, log_f, carry = ctx.saved_tensors
+        block_t, num_warps = ctx.opts
+        b, t, h, d = q.shape
+        hkv = k.shape[2]
+        dq = torch.empty((b, t, h, d), dtype=q.dtype, device=q.device)
+        dk = torch.empty((b, t, hkv, d), dtype=k.dtype, device=k.device)
+        dlog_f = torch.empty((b, t, hkv), dtype=torch.float32, device=q.device)
+        _launch(_carope_bwd_kernel, (b, hkv), gq, gk, q, k, log_f, carry, dq, dk, dlog_f,
+                *gq.stride(), *gk.stride(), *q.stride(), *k.stride(), *log_f.stride(), t, h, hkv, num_warps=num_warps,
+                BLOCK_T=block_t, **_half(d))  # fmt: skip
+        return dq, dk, dlog_f, None, None
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check_qk(name: str, q: torch.Tensor, k: torch.Tensor) -> None:
+    """Shape/dtype/device checks shared by both ops; ValueError says what would be right."""
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"{name} takes q (B, T, H, D), k (B, T, Hkv, D); got q{tuple(q.shape)}, "
+                         f"k{tuple(k.shape)}")  # fmt: skip
+    (b, t, h, d), (bk, tk, hkv, dk) = q.shape, k.shape
+    if (b, t, d) != (bk, tk, dk):
+        raise ValueError(f"{name}: q{tuple(q.shape)} and k{tuple(k.shape)} must agree in B, T, D")
+    if d % 2 or d > _MAX_HEAD_DIM or d == 0:
+        raise ValueError(f"{name}: head dim must be even and <= {_MAX_HEAD_DIM}; got {d}")
+    if hkv == 0 or h % hkv:
+        raise ValueError(f"{name}: q heads ({h}) must be a multiple of k heads ({hkv})")
+    if q.dtype != k.dtype or q.dtype not in _DTYPES:
+        raise ValueError(f"{name}: q and k must share a dtype in {_DTYPES}; got {q.dtype}, "
+                         f"{k.dtype}")  # fmt: skip
+    if q.device != k.device:
+        raise ValueError(f"{name}: q on {q.device}, k on {k.device}; put them on one device")
+    if triton is None or not (q.is_cuda or _INTERPRET):
+        raise ValueError(f"{name} needs triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+
+
+def _check_f32(name: str, what: str, x: torch.Tensor, shape: tuple, device) -> None:
+    if x.dtype != torch.float32 or x.device != device:
+        raise ValueError(f"{name}: {what} must be float32 on {device}; got {x.dtype} on {x.device}")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name}: {what} must have shape {shape}; got {tuple(x.shape)}")
+
+
+def rope_qk(q, k, cos, sin, *, block_t=None, num_warps=None):
+    """RoPE on q (B, T, H, D) and k (B, T, Hkv, D) in one launch; returns contiguous (q_rot, k_rot).
+
+    cos, sin: (T', D/2) float32 tables with T' >= T (the first T rows are used), or their
+    (1, T', 1, D/2) broadcast views. Gradients flow to q and k only: the tables must not
+    require grad. Same numbers as models.positions.apply_rotary with these angles.
+    """
+    _check_qk("rope_qk", q, k)
+    t, half = q.shape[1], q.shape[3] // 2
+    cos, sin = (x[0, :, 0] if x.dim() == 4 and x.shape[0] == x.shape[2] == 1 else x
+                for x in (cos, sin))  # fmt: skip
+    for what, x in (("cos", cos), ("sin", sin)):
+        if x.dim() == 2 and x.shape[1] == half and x.shape[0] < t:
+            raise ValueError(f"rope_qk: {what} table has {x.shape[0]} rows, fewer than T={t}")
+        _check_f32("rope_qk", what, x, (x.shape[0] if x.dim() == 2 else t, half), q.device)
+        if x.requires_grad:
+            raise ValueError("rope_qk gives no gradient to cos/sin; detach them, or use "
+                             "models.positions.apply_rotary for learned angles")  # fmt: skip
+    block_t, num_warps = _opts(block_t, num_warps, 32)
+    return _RopeQK.apply(q, k, cos, sin, block_t, num_warps)
+
+
+def carope_qk(q, k, log_f, *, block_t=None, num_warps=None):
+    """CARoPE on q (B, T, H, D) and k (B, T, Hkv, D) in one launch; returns (q_rot, k_rot).
+
+    log_f: (B, T, Hkv) float32 log-frequencies (-log(softplus(z) + 1) in models.positions).
+    Pair i at position m turns by phase sum_{t<=m} exp(i log_f[t]) of its kv head (q head h
+    uses kv head h // (H / Hkv)), computed in fp32 in registers. Differentiable in q, k, log_f.
+    """
+    _check_qk("carope_qk", q, k)
+    b, t, _, _ = q.shape
+    _check_f32("carope_qk", "log_f", log_f, (b, t, k.shape[2]), q.device)
+    block_t, num_warps = _opts(block_t, num_warps, 64)
+    return _CaropeQK.apply(q, k, log_f, block_t, num_warps)
