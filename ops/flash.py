@@ -107,6 +107,17 @@ def _query_bounds(start_n, n_q, n_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr
 
 
 @_jit
+def _load_kv(k_base, v_base, offs_n, in_k, skn, skd, svn, svd, HEAD_D: tl.constexpr):
+    """A key tile transposed (D, BN) and its value tile (BN, D); rows past the end read 0."""
+    offs_d = tl.arange(0, HEAD_D)
+    kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                 mask=in_k[None, :], other=0.0)  # fmt: skip
+    v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                mask=in_k[:, None], other=0.0)  # fmt: skip
+    return kt, v
+
+
+@_jit
 def _softmax_update(acc, l_i, m_i, s, v, IEEE: tl.constexpr):
     """One online-softmax step: fold scores s (BM, BN, log2 units) and values v (BN, D) into
     the running (acc, l_i, m_i). Rows that have seen no key yet (m = -inf) stay at zero."""
@@ -124,14 +135,10 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, lo,
                n_q, n_k, qk_scale, CAUSAL: tl.constexpr, MASK: tl.constexpr,
                BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """Online-softmax update of (acc, l_i, m_i) over key tiles [lo, hi); m_i in log2 units."""
-    offs_d = tl.arange(0, HEAD_D)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_k = offs_n < n_k
-        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=in_k[None, :], other=0.0)  # (D, BN)  # fmt: skip
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                    mask=in_k[:, None], other=0.0)  # (BN, D)  # fmt: skip
+        kt, v = _load_kv(k_base, v_base, offs_n, in_k, skn, skd, svn, svd, HEAD_D)
         s = _dot(q, kt, IEEE) * qk_scale  # (BM, BN)
         if MASK:
             s = _masked(s, offs_m[:, None], offs_n[None, :], n_q, n_k, CAUSAL)

@@ -36,6 +36,7 @@ from .flash import (
     _dot,
     _jit,
     _launch,
+    _load_kv,
     _softmax_update,
     _tiles,
     tl,
@@ -104,14 +105,10 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, lo,
                stride, qk_scale, CAUSAL: tl.constexpr, MASK: tl.constexpr,
                BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """Online-softmax update of (acc, l_i, m_i) over key positions [lo, hi); log2 units."""
-    offs_d = tl.arange(0, HEAD_D)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_k = offs_n < lg
-        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=in_k[None, :], other=0.0)  # (D, BN)  # fmt: skip
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                    mask=in_k[:, None], other=0.0)  # (BN, D)  # fmt: skip
+        kt, v = _load_kv(k_base, v_base, offs_n, in_k, skn, skd, svn, svd, HEAD_D)
         s = _dot(q, kt, IEEE) * qk_scale  # (BM, BN)
         if MASK:
             ok = _in_window(offs_m[:, None], offs_n[None, :], lg, ksize, stride, CAUSAL)
