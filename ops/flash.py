@@ -1,6 +1,6 @@
 """Triton flash attention, forward and backward, behind the attention contract.
 
-Layering: Triton kernels -> launchers (``_forward``, ``_backward``) -> ``_FlashFunction``
+Layering: Triton kernels -> launchers (``_forward``, ``_backward``) -> ``KernelAttention``
 (autograd) -> ``flash_attention`` / ``ops.build("flash", block_m=..., block_n=...)``.
 
 - Heads-last q (B, N, H, D), k/v (B, Nk, Hkv, D) with any strides: the kernels take strides, so
@@ -390,14 +390,16 @@ def _backward(do, dlse, q, k, v, o, lse, causal: bool, scale: float, opts: dict)
     return dq, dk, dv
 
 
-class _FlashFunction(torch.autograd.Function):
-    """(q, k, v) -> (o, lse), both differentiable."""
+class KernelAttention(torch.autograd.Function):
+    """(q, k, v) -> (o, lse), both differentiable, through a pair of kernel launchers:
+    ``fwd(q, k, v, *args) -> (o, lse)`` and ``bwd(do, dlse, q, k, v, o, lse, *args) -> (dq, dk,
+    dv)`` (dlse may be None). Shared by the flash and neighborhood backends."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, opts):
-        o, lse = _forward(q, k, v, causal, scale, opts)
+    def forward(ctx, q, k, v, fwd, bwd, args):
+        o, lse = fwd(q, k, v, *args)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = (causal, scale, opts)
+        ctx.bwd, ctx.args = bwd, args
         ctx.set_materialize_grads(False)  # no (B, H, N) zeros when the LSE is not used
         return o, lse
 
@@ -407,7 +409,7 @@ class _FlashFunction(torch.autograd.Function):
         if do is None and dlse is None:
             return (None,) * 6
         do = torch.zeros_like(o) if do is None else do
-        return (*_backward(do, dlse, q, k, v, o, lse, *ctx.args), None, None, None)
+        return (*ctx.bwd(do, dlse, q, k, v, o, lse, *ctx.args), None, None, None)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -433,7 +435,7 @@ def _check(q, k, v, bias) -> None:
 def _attention(q, k, v, causal, scale, bias, return_lse, opts):
     _check(q, k, v, bias)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    o, lse = _FlashFunction.apply(q, k, v, bool(causal), scale, opts)
+    o, lse = KernelAttention.apply(q, k, v, _forward, _backward, (bool(causal), scale, opts))
     return (o, lse) if return_lse else o
 
 

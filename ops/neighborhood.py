@@ -5,7 +5,7 @@ This file: the 1-D kernels, the per-axis helpers and the public ``neighborhood``
 
 Semantics are those of ``ops.neighborhood_ref.axis_window`` (kernel size K >= 2, dilation d,
 stride S <= K, causal windows ending at the query); ``neighborhood_reference`` defines
-correctness. Layering as in ``ops/flash.py``: kernels -> launchers -> ``_NAFunction`` ->
+correctness. Layering as in ``ops/flash.py``: kernels -> launchers -> ``KernelAttention`` ->
 ``ops.build("neighborhood", kernel_size=..., ...)``.
 
 - No (N, N) mask: the window of query position p is computed in-kernel from the closed-form
@@ -32,6 +32,7 @@ from .flash import (
     _HEAD_DIMS,
     _INTERPRET,
     _LOG2E,
+    KernelAttention,
     _delta_kernel,
     _dot,
     _jit,
@@ -323,28 +324,6 @@ def _backward(do, dlse, q, k, v, o, lse, win, scale: float, opts: dict):
     return dq, dk, dv
 
 
-class _NAFunction(torch.autograd.Function):
-    """(q, k, v) -> (o, lse), both differentiable. 1-D: win = (K, d, S, causal) ints;
-    2-D/3-D (ops/neighborhood_nd.py): win = per-axis tuples (ks, ds, ss, cs)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, win, scale, opts):
-        o, lse = (_forward if q.dim() == 4 else _forward_nd)(q, k, v, win, scale, opts)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = (win, scale, opts)
-        ctx.set_materialize_grads(False)  # no (B, H, N) zeros when the LSE is not used
-        return o, lse
-
-    @staticmethod
-    def backward(ctx, do, dlse):
-        q, k, v, o, lse = ctx.saved_tensors
-        if do is None and dlse is None:
-            return (None,) * 6
-        do = torch.zeros_like(o) if do is None else do
-        bwd = _backward if q.dim() == 4 else _backward_nd
-        return (*bwd(do, dlse, q, k, v, o, lse, *ctx.args), None, None, None)
-
-
 # ----------------------------------------------------------------------------- public API
 
 
@@ -408,7 +387,8 @@ def _build_neighborhood(kernel_size, dilation, stride, is_causal, block_m, block
         cs = tuple(c or bool(causal) for c in cs)  # causal=True (GPT-2's flag): every axis
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         win = (ks[0], ds[0], ss[0], cs[0]) if q.dim() == 4 else (ks, ds, ss, cs)
-        o, lse = _NAFunction.apply(q, k, v, win, scale, opts)
+        fwd, bwd = (_forward, _backward) if q.dim() == 4 else (_forward_nd, _backward_nd)
+        o, lse = KernelAttention.apply(q, k, v, fwd, bwd, (win, scale, opts))
         return (o, lse) if return_lse else o
 
     return attention
