@@ -3,7 +3,9 @@
 nanoGPT-shaped: pre-LayerNorm blocks, GELU MLP, tied token embedding / LM head. Attention runs
 through the ``ops`` contract in the heads-last layout, so q/k/v are plain views of the fused
 projection. Positions come from ``models.positions`` (additive ones once at the bottom, rotary
-ones inside every attention layer).
+ones inside every attention layer). The loss (``model.loss``) is either the plain expression
+over materialised logits or ``ops.linear_cross_entropy``, which never holds more than a chunk of
+them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ops import cross_entropy as ce_ops
+
 from .positions import PosConfig, build_positions
+
+LOSSES = ("auto", "torch", "fused")
 
 
 @dataclasses.dataclass
@@ -31,6 +37,9 @@ class GPT2Config:
     dropout: float = 0.0
     bias: bool = True
     mlp_ratio: int = 4
+    # LM-head loss: "torch" materialises the (B*T, V) logits, "fused" is ops.linear_cross_entropy
+    # (chunked, gradient in forward), "auto" = fused where the logits are on CUDA and triton imports
+    loss: str = "auto"
 
 
 SIZES = {  # name: (n_layer, n_head, d_model)
@@ -134,10 +143,19 @@ class GPT2(nn.Module):
         x = self.drop(x0 if pe is None else x0 + pe)
         for i, block in enumerate(self.blocks):
             x = block(x, pos=self.pos, layer=i, x0=x0)
-        logits = self.lm_head(self.ln_f(x))
+        x = self.ln_f(x)
         if targets is None:
-            return logits
+            return self.lm_head(x)  # (B, T, V)
+        if self._fused_loss(x):  # never materialises the (B*T, V) logits
+            return ce_ops.linear_cross_entropy(x, self.lm_head.weight, targets)
+        logits = self.lm_head(x)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def _fused_loss(self, x: torch.Tensor) -> bool:
+        """model.loss: fused (errors where the kernel cannot run), torch, or auto (fused on CUDA)."""
+        if self.cfg.loss == "auto":
+            return x.is_cuda and ce_ops.fused_available(x.device)
+        return self.cfg.loss == "fused"
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; tied weights once; without the position table if non_embedding."""
@@ -163,5 +181,7 @@ def validate_config(cfg: GPT2Config) -> None:
         raise ValueError(
             f"model.n_kv_head={n_kv} must divide model.n_head={cfg.n_head} (GQA groups)"
         )
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"model.loss={cfg.loss!r}; valid: {', '.join(LOSSES)}")
     if cfg.vocab_size < 50257:
         raise ValueError(f"model.vocab_size={cfg.vocab_size} is below GPT-2's 50257 tokens")

@@ -7,6 +7,8 @@ Dv) in q's dtype, plus LSE (B, H, Ntokens) float32 when ``return_lse``. ``causal
 bottom-right when query and key lengths differ; ``bias`` is additive and broadcasts to
 (B, H, Nq, Nk). Algorithm options are bound once with ``ops.build(name, **options)``.
 
+Besides attention: ``linear_cross_entropy`` (fused, chunked LM-head loss; ops/cross_entropy.py).
+
 This package imports nothing else of the repository.
 """
 
@@ -15,6 +17,7 @@ from . import neighborhood_ref as _neighborhood_ref  # noqa: F401  (registers "n
 from . import reference as _reference  # noqa: F401  (registers "reference")
 from . import sdpa as _sdpa  # noqa: F401  (registers "sdpa")
 from .contract import check_inputs
+from .cross_entropy import linear_cross_entropy, linear_cross_entropy_torch
 from .flash import flash_attention  # registers "flash"
 from .neighborhood_ref import neighborhood_mask, neighborhood_reference
 from .reference import reference_attention
@@ -28,6 +31,8 @@ __all__ = [
     "build",
     "check_inputs",
     "flash_attention",
+    "linear_cross_entropy",
+    "linear_cross_entropy_torch",
     "neighborhood_mask",
     "neighborhood_reference",
     "reference_attention",

@@ -1,12 +1,14 @@
 """Training throughput of GPT-2 124M: our trainer's step per position encoding vs a minimal GPT-2.
 
-    python scripts/bench_train.py [--pos learned rope carope] [--batch 32] [--seq 1024]
+    python scripts/bench_train.py [--pos learned rope carope] [--loss auto] [--batch 32] [--seq 1024]
 
 Each variant is compiled, runs bf16 autocast and fused AdamW with gradient clipping. The
 minimal loop reads the loss back every step (as build-nanogpt-style loops print it); ours reads
 the losses back every 10 steps, as train.py does with trainer.log_every=10. "ours" is the repository's own
 train step (trainer.loop._train_step) on models.GPT2 through ops.build("sdpa"); "minimal" is a
 single-file nanoGPT-style GPT-2 defined below with learned positions and the same settings.
+``--loss`` sets model.loss for ours (auto = the fused linear + cross-entropy on CUDA; torch =
+materialised logits, as the minimal model does); several values bench each one.
 Prints a table (tokens/s, ms/step, MFU) and writes JSON. Needs a CUDA GPU.
 """
 
@@ -110,10 +112,12 @@ def time_steps(step_fn, steps, warmup):
     return (time.perf_counter() - t0) / steps
 
 
-def make_ours_step(pos, args, dev):
+def make_ours_step(pos, loss, args, dev):
     """Our model + optimizer + the trainer's step function; returns (step, model)."""
     torch.manual_seed(0)
-    cfg = GPT2Config(name="gpt2_small", n_layer=12, n_head=12, d_model=768, max_seq_len=args.seq)
+    cfg = GPT2Config(
+        name="gpt2_small", n_layer=12, n_head=12, d_model=768, max_seq_len=args.seq, loss=loss
+    )
     model = build_model(cfg, ops.build("sdpa"), PosConfig(name=pos, kernel=args.kernel)).to(dev)
     optim_cfg = SimpleNamespace(
         lr=6e-4,
@@ -149,8 +153,8 @@ def make_ours_step(pos, args, dev):
     return step, model
 
 
-def bench_ours(pos, args, dev):
-    step, model = make_ours_step(pos, args, dev)
+def bench_ours(pos, loss, args, dev):
+    step, model = make_ours_step(pos, loss, args, dev)
     sec = time_steps(step, args.steps, args.warmup)
     return sec, model.flops_per_token(args.seq), model.num_params()
 
@@ -188,6 +192,13 @@ def main():
     ap.add_argument(
         "--kernel", default="torch", choices=["torch", "triton"], help="ours: pos.kernel"
     )
+    ap.add_argument(
+        "--loss",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "torch", "fused"],
+        help="ours: model.loss (each value is a variant)",
+    )
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=40)
@@ -202,12 +213,16 @@ def main():
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     peak = peak_flops(dev, None)
-    variants = [("minimal", None)] * (not args.no_minimal) + [("ours", p) for p in args.pos]
+    variants = [("minimal", None, "torch")] * (not args.no_minimal)
+    variants += [("ours", p, loss) for p in args.pos for loss in args.loss]
     rows = []
-    for kind, pos in variants:
+    for kind, pos, loss in variants:
         torch._dynamo.reset()
         t0 = time.perf_counter()
-        sec, fpt, n = bench_minimal(args, dev) if kind == "minimal" else bench_ours(pos, args, dev)
+        if kind == "minimal":
+            sec, fpt, n = bench_minimal(args, dev)
+        else:
+            sec, fpt, n = bench_ours(pos, loss, args, dev)
         tok_s = args.batch * args.seq / sec
         mfu = fpt * tok_s / peak if peak else math.nan
         rows.append(
@@ -217,6 +232,7 @@ def main():
                 "flush_every": 1 if kind == "minimal" else args.flush_every,
                 "compile_tuning": kind != "minimal" and args.tuning,
                 "pos_kernel": None if kind == "minimal" else args.kernel,
+                "loss": loss,
                 "params": n,
                 "ms_per_step": sec * 1e3,
                 "tokens_per_s": tok_s,
@@ -224,7 +240,7 @@ def main():
                 "wall_s": time.perf_counter() - t0,
             }
         )
-        print(f"done {kind}/{pos}: {tok_s:,.0f} tok/s", flush=True)
+        print(f"done {kind}/{pos}/loss={loss}: {tok_s:,.0f} tok/s", flush=True)
         torch.cuda.empty_cache()
     env = {
         "gpu": torch.cuda.get_device_name(),
@@ -242,12 +258,12 @@ def main():
         f"\n{env['gpu']} | torch {env['torch']} | triton {env['triton']} | B={args.batch} T={args.seq} bf16 compiled"
     )
     print(
-        f"{'impl':<8} {'pos':<8} {'sync':>5} {'ms/step':>8} {'tok/s':>10} {'MFU':>6} {'vs minimal':>10}"
+        f"{'impl':<8} {'pos':<8} {'loss':<6} {'sync':>5} {'ms/step':>8} {'tok/s':>10} {'MFU':>6} {'vs minimal':>10}"
     )
     for r in rows:
         rel = f"{r['tokens_per_s'] / base:.3f}x" if base else "-"
         print(
-            f"{r['impl']:<8} {r['pos']:<8} {r['flush_every']:>5} {r['ms_per_step']:8.1f} {r['tokens_per_s']:10,.0f} "
+            f"{r['impl']:<8} {r['pos']:<8} {r['loss']:<6} {r['flush_every']:>5} {r['ms_per_step']:8.1f} {r['tokens_per_s']:10,.0f} "
             f"{100 * r['mfu']:5.1f}% {rel:>10}"
         )
 

@@ -92,6 +92,7 @@ def test_sizes_match_the_papers():
         (["pos.name=alibi"], "unknown position encoding pos.name='alibi'"),
         (["model.n_head=5"], "model.d_model=128 is not divisible by model.n_head=5"),
         (["model.n_kv_head=3"], "model.n_kv_head=3 must divide model.n_head=4"),
+        (["model.loss=fast"], "model.loss='fast'; valid: auto, torch, fused"),
         (
             ["pos=learned", "model.max_seq_len=64", "trainer.seq_len=128"],
             "trainer.seq_len=128 is longer than pos=learned allows",
@@ -128,6 +129,13 @@ def test_missing_data_path_names_the_field(tmp_path):
     rc = config_lib.load(compose_cfg(["data=gutenberg", f"data.train={tmp_path}/x/train_*.bin.xz"]))
     with pytest.raises(FileNotFoundError, match="data.train"):
         build_token_data(rc.data, batch_size=2, seq_len=8, rank=0, world_size=1, seed=0)
+
+
+@pytest.mark.parametrize("model", names("model"))
+def test_model_loss_is_configurable(model):
+    assert config_lib.load(compose_cfg([f"model={model}"])).model.loss == "auto"
+    rc = config_lib.load(compose_cfg([f"model={model}", "model.loss=fused"]))
+    assert rc.model.loss == "fused"
 
 
 def test_resolved_config_round_trips():
