@@ -363,6 +363,7 @@ _DEFAULTS = {
     "block_n": None,
     "num_warps": None,
     "num_stages": None,
+    "flat_tiles": None,
 }
 _CAPS = Capabilities(
     dtypes=_DTYPES, head_dims=_HEAD_DIMS, bias=False, causal=True, gqa=True, token_ndims=(1, 2, 3)
@@ -371,15 +372,19 @@ _CAPS = Capabilities(
 
 @register("neighborhood", defaults=_DEFAULTS, capabilities=_CAPS)
 def _build_neighborhood(kernel_size, dilation, stride, is_causal, block_m, block_n, num_warps,
-                        num_stages):  # fmt: skip
+                        num_stages, flat_tiles):  # fmt: skip
     """Fused Triton 1-D/2-D/3-D neighborhood attention (NATTEN semantics), fwd + bwd, no (N, N)
-    mask."""
+    mask. 2-D/3-D: ``flat_tiles`` None (auto), True (visit a tile's key span as runs of
+    consecutive positions) or False (as boxes, unmasked where every query sees the box)."""
     opts = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
     for name, value in opts.items():
         if value is not None and value not in _ALLOWED[name]:
             raise ValueError(
                 f"neighborhood option {name}={value!r}: use None (auto) or one of {_ALLOWED[name]}"
             )
+    if flat_tiles not in (None, True, False):
+        raise ValueError(f"neighborhood option flat_tiles={flat_tiles!r}: use None, True or False")
+    opts["flat_tiles"] = flat_tiles
 
     def attention(q, k, v, *, causal=False, scale=None, bias=None, return_lse=False):
         _check(q, k, v, bias)

@@ -25,6 +25,8 @@ windows over row-major flattened tokens). The 1-D helpers of ``ops/neighborhood.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .flash import (
@@ -92,12 +94,61 @@ def _sees(qx, qy, qz, kx, ky, kz, lgx, lgy, lgz, ksx, ksy, ksz, stx, sty, stz,
 
 
 @_jit
+def _seen_by_all(p0, size, lg, ksize, stride, CAUSAL: tl.constexpr):
+    """Key positions [a, b) of one axis that every query of [p0, p0 + size) (clipped to lg)
+    sees; empty (a >= b) unless the kernel is large against the tile."""
+    a, _ = _window(tl.minimum(p0 + size - 1, lg - 1), lg, ksize, stride, CAUSAL)
+    _, b = _window(tl.minimum(p0, lg - 1), lg, ksize, stride, CAUSAL)
+    return a, b
+
+
+@_jit
+def _n_tiles(sx, sy, sz, DX: tl.constexpr, DY: tl.constexpr, DZ: tl.constexpr,
+             FLAT: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Tiles covering an sx x sy x sz span: DX x DY x DZ boxes, or (FLAT) BLOCK-long runs of
+    its row-major positions."""
+    sx, sy, sz = tl.maximum(sx, 0), tl.maximum(sy, 0), tl.maximum(sz, 0)
+    if FLAT:
+        return (sx * sy * sz + BLOCK - 1) // BLOCK
+    else:
+        return ((sx + DX - 1) // DX) * ((sy + DY - 1) // DY) * ((sz + DZ - 1) // DZ)
+
+
+@_jit
+def _tile(t, lox, loy, loz, sx, sy, sz, DX: tl.constexpr, DY: tl.constexpr, DZ: tl.constexpr,
+          FLAT: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Tile t of the span [lo, lo + s) per axis: positions (BLOCK,) per axis, which of them lie
+    in the span, and the box origin (x0, y0, z0) (unused when FLAT)."""
+    if FLAT:  # consecutive row-major positions of the span: no rounding up per axis
+        idx = t * BLOCK + tl.arange(0, BLOCK)
+        x = lox + idx // (sy * sz)
+        y = loy + (idx // sz) % sy
+        z = loz + idx % sz
+        x0, y0, z0 = lox, loy, loz
+    else:
+        ix, iy, iz = _split3(t, (sy + DY - 1) // DY, (sz + DZ - 1) // DZ)
+        x0, y0, z0 = lox + ix * DX, loy + iy * DY, loz + iz * DZ
+        x, y, z = _box(x0, y0, z0, DY, DZ, BLOCK)
+    ok = (x < lox + sx) & (y < loy + sy) & (z < loz + sz)
+    return x, y, z, ok, x0, y0, z0
+
+
+@_jit
+def _box_seen(x0, y0, z0, ax, bx, ay, by, az, bz, DX: tl.constexpr, DY: tl.constexpr,
+              DZ: tl.constexpr):  # fmt: skip
+    """Scalar: the DX x DY x DZ key box at (x0, y0, z0) lies inside [a, b) on every axis."""
+    return ((x0 >= ax) & (x0 + DX <= bx) & (y0 >= ay) & (y0 + DY <= by) & (z0 >= az)
+            & (z0 + DZ <= bz))  # fmt: skip
+
+
+@_jit
 def _fwd_nd_kernel(Q, K, V, O, LSE, sqb, sqx, sqy, sqz, sqh, sqd, skb, skx, sky, skz, skh, skd,
                    svb, svx, svy, svz, svh, svd, nx, ny, nz, dlx, dly, dlz, ksx, ksy, ksz,
                    stx, sty, stz, ntx, nty, ntz, n_heads, group, qk_scale,
                    CX: tl.constexpr, CY: tl.constexpr, CZ: tl.constexpr, TY: tl.constexpr,
-                   TZ: tl.constexpr, KY: tl.constexpr, KZ: tl.constexpr, HEAD_D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+                   TZ: tl.constexpr, KY: tl.constexpr, KZ: tl.constexpr, FLAT: tl.constexpr,
+                   HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   IEEE: tl.constexpr):  # fmt: skip
     """One (query box, dilation groups, batch*head): O and LSE (natural log) of its queries."""
     tx, ty, tz = _split3(tl.program_id(0), nty, ntz)
     gx, gy, gz = _split3(tl.program_id(1), dly, dlz)
@@ -118,26 +169,33 @@ def _fwd_nd_kernel(Q, K, V, O, LSE, sqb, sqx, sqy, sqz, sqh, sqd, skb, skx, sky,
     lox, hix = _span(tx * TX, TX, lgx, ksx, stx, CX)
     loy, hiy = _span(ty * TY, TY, lgy, ksy, sty, CY)
     loz, hiz = _span(tz * TZ, TZ, lgz, ksz, stz, CZ)
+    ax, bx = _seen_by_all(tx * TX, TX, lgx, ksx, stx, CX)
+    ay, by = _seen_by_all(ty * TY, TY, lgy, ksy, sty, CY)
+    az, bz = _seen_by_all(tz * TZ, TZ, lgz, ksz, stz, CZ)
+    sx, sy, sz = hix - lox, hiy - loy, hiz - loz
     acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
-    for kx0 in range(lox, hix, KX):
-        for ky0 in range(loy, hiy, KY):
-            for kz0 in range(loz, hiz, KZ):
-                kx, ky, kz = _box(kx0, ky0, kz0, KY, KZ, BLOCK_N)
-                in_k = (kx < lgx) & (ky < lgy) & (kz < lgz)
-                k_off = _mem(kx, ky, kz, gx, gy, gz, dlx, dly, dlz, skx, sky, skz)
-                v_off = _mem(kx, ky, kz, gx, gy, gz, dlx, dly, dlz, svx, svy, svz)
-                kt = tl.load(k_base + k_off[None, :] + offs_d[:, None] * skd,
-                             mask=in_k[None, :], other=0.0)  # (D, BN)  # fmt: skip
-                v = tl.load(v_base + v_off[:, None] + offs_d[None, :] * svd,
-                            mask=in_k[:, None], other=0.0)  # (BN, D)  # fmt: skip
-                s = _dot(q, kt, IEEE) * qk_scale  # (BM, BN), log2 units
-                ok = _sees(px[:, None], py[:, None], pz[:, None], kx[None, :], ky[None, :],
-                           kz[None, :], lgx, lgy, lgz, ksx, ksy, ksz, stx, sty, stz, CX, CY,
-                           CZ)  # fmt: skip
-                s = tl.where(ok, s, -float("inf"))
-                acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, IEEE)
+    for t in range(0, _n_tiles(sx, sy, sz, KX, KY, KZ, FLAT, BLOCK_N)):
+        kx, ky, kz, in_k, x0, y0, z0 = _tile(t, lox, loy, loz, sx, sy, sz, KX, KY, KZ, FLAT,
+                                             BLOCK_N)  # fmt: skip
+        k_off = _mem(kx, ky, kz, gx, gy, gz, dlx, dly, dlz, skx, sky, skz)
+        v_off = _mem(kx, ky, kz, gx, gy, gz, dlx, dly, dlz, svx, svy, svz)
+        kt = tl.load(k_base + k_off[None, :] + offs_d[:, None] * skd,
+                     mask=in_k[None, :], other=0.0)  # (D, BN)  # fmt: skip
+        v = tl.load(v_base + v_off[:, None] + offs_d[None, :] * svd,
+                    mask=in_k[:, None], other=0.0)  # (BN, D)  # fmt: skip
+        s = _dot(q, kt, IEEE) * qk_scale  # (BM, BN), log2 units
+        if FLAT:  # a run of the span: always masked
+            partial = True
+        else:  # a box: masked unless every query of the tile sees all of it
+            partial = _box_seen(x0, y0, z0, ax, bx, ay, by, az, bz, KX, KY, KZ) == 0
+        if partial:
+            ok = _sees(px[:, None], py[:, None], pz[:, None], kx[None, :], ky[None, :],
+                       kz[None, :], lgx, lgy, lgz, ksx, ksy, ksz, stx, sty, stz, CX, CY,
+                       CZ)  # fmt: skip
+            s = tl.where(ok, s, -float("inf"))
+        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, IEEE)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     tok = ((px * dlx + gx) * ny + py * dly + gy) * nz + pz * dlz + gz  # row-major token index
     n = nx * ny * nz
@@ -152,9 +210,10 @@ def _dq_nd_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqx, sqy, sqz, sqh, sqd, skb
                   skh, skd, svb, svx, svy, svz, svh, svd, nx, ny, nz, dlx, dly, dlz, ksx, ksy,
                   ksz, stx, sty, stz, ntx, nty, ntz, n_heads, group, qk_scale, scale,
                   CX: tl.constexpr, CY: tl.constexpr, CZ: tl.constexpr, TY: tl.constexpr,
-                  TZ: tl.constexpr, KY: tl.constexpr, KZ: tl.constexpr, HEAD_D: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    """One (query box, dilation groups, batch*head): dQ = scale * dS K over its key box.
+                  TZ: tl.constexpr, KY: tl.constexpr, KZ: tl.constexpr, FLAT: tl.constexpr,
+                  HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  IEEE: tl.constexpr):  # fmt: skip
+    """One (query box, dilation groups, batch*head): dQ = scale * dS K over its key span.
     DO is contiguous (B, N, H, D)."""
     tx, ty, tz = _split3(tl.program_id(0), nty, ntz)
     gx, gy, gz = _split3(tl.program_id(1), dly, dlz)
@@ -182,26 +241,33 @@ def _dq_nd_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqx, sqy, sqz, sqh, sqd, skb
     lox, hix = _span(tx * TX, TX, lgx, ksx, stx, CX)
     loy, hiy = _span(ty * TY, TY, lgy, ksy, sty, CY)
     loz, hiz = _span(tz * TZ, TZ, lgz, ksz, stz, CZ)
+    ax, bx = _seen_by_all(tx * TX, TX, lgx, ksx, stx, CX)
+    ay, by = _seen_by_all(ty * TY, TY, lgy, ksy, sty, CY)
+    az, bz = _seen_by_all(tz * TZ, TZ, lgz, ksz, stz, CZ)
+    sx, sy, sz = hix - lox, hiy - loy, hiz - loz
     dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
-    for kx0 in range(lox, hix, KX):
-        for ky0 in range(loy, hiy, KY):
-            for kz0 in range(loz, hiz, KZ):
-                kx, ky, kz = _box(kx0, ky0, kz0, KY, KZ, BLOCK_N)
-                in_k = (kx < lgx) & (ky < lgy) & (kz < lgz)
-                k_off = _mem(kx, ky, kz, gx, gy, gz, dlx, dly, dlz, skx, sky, skz)
-                v_off = _mem(kx, ky, kz, gx, gy, gz, dlx, dly, dlz, svx, svy, svz)
-                k = tl.load(k_base + k_off[:, None] + offs_d[None, :] * skd,
-                            mask=in_k[:, None], other=0.0)  # (BN, D)  # fmt: skip
-                v = tl.load(v_base + v_off[:, None] + offs_d[None, :] * svd,
-                            mask=in_k[:, None], other=0.0)  # (BN, D)  # fmt: skip
-                s = _dot(q, tl.trans(k), IEEE) * qk_scale
-                ok = _sees(px[:, None], py[:, None], pz[:, None], kx[None, :], ky[None, :],
-                           kz[None, :], lgx, lgy, lgz, ksx, ksy, ksz, stx, sty, stz, CX, CY,
-                           CZ)  # fmt: skip
-                p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-                dp = _dot(do, tl.trans(v), IEEE)
-                ds = p * (dp - delta[:, None])  # delta holds Delta - dLSE
-                dq += _dot(ds.to(k.dtype), k, IEEE)
+    for t in range(0, _n_tiles(sx, sy, sz, KX, KY, KZ, FLAT, BLOCK_N)):
+        kx, ky, kz, in_k, x0, y0, z0 = _tile(t, lox, loy, loz, sx, sy, sz, KX, KY, KZ, FLAT,
+                                             BLOCK_N)  # fmt: skip
+        k_off = _mem(kx, ky, kz, gx, gy, gz, dlx, dly, dlz, skx, sky, skz)
+        v_off = _mem(kx, ky, kz, gx, gy, gz, dlx, dly, dlz, svx, svy, svz)
+        k = tl.load(k_base + k_off[:, None] + offs_d[None, :] * skd,
+                    mask=in_k[:, None], other=0.0)  # (BN, D)  # fmt: skip
+        v = tl.load(v_base + v_off[:, None] + offs_d[None, :] * svd,
+                    mask=in_k[:, None], other=0.0)  # (BN, D)  # fmt: skip
+        p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
+        if FLAT:  # a run of the span: always masked
+            partial = True
+        else:  # a box: masked unless every query of the tile sees all of it
+            partial = _box_seen(x0, y0, z0, ax, bx, ay, by, az, bz, KX, KY, KZ) == 0
+        if partial:
+            ok = _sees(px[:, None], py[:, None], pz[:, None], kx[None, :], ky[None, :],
+                       kz[None, :], lgx, lgy, lgz, ksx, ksy, ksz, stx, sty, stz, CX, CY,
+                       CZ)  # fmt: skip
+            p = tl.where(ok, p, 0.0)
+        dp = _dot(do, tl.trans(v), IEEE)
+        ds = p * (dp - delta[:, None])  # delta holds Delta - dLSE
+        dq += _dot(ds.to(k.dtype), k, IEEE)
     tl.store(DQ + flat, (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])
 
 
@@ -210,10 +276,11 @@ def _dkdv_nd_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqx, sqy, sqz, sqh, sq
                     skz, skh, skd, svb, svx, svy, svz, svh, svd, nx, ny, nz, dlx, dly, dlz, ksx,
                     ksy, ksz, stx, sty, stz, ntx, nty, ntz, n_heads, group, qk_scale, scale,
                     CX: tl.constexpr, CY: tl.constexpr, CZ: tl.constexpr, TY: tl.constexpr,
-                    TZ: tl.constexpr, KY: tl.constexpr, KZ: tl.constexpr, HEAD_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+                    TZ: tl.constexpr, KY: tl.constexpr, KZ: tl.constexpr, FLAT: tl.constexpr,
+                    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    IEEE: tl.constexpr):  # fmt: skip
     """One (key box, dilation groups, batch*kv head): dK, dV summed over the GQA group's q
-    heads, over the query box whose windows can reach these keys (per-axis binary search)."""
+    heads, over the query span whose windows can reach these keys (per-axis binary search)."""
     tx, ty, tz = _split3(tl.program_id(0), nty, ntz)
     gx, gy, gz = _split3(tl.program_id(1), dly, dlz)
     bhk = tl.program_id(2)
@@ -234,41 +301,51 @@ def _dkdv_nd_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqx, sqy, sqz, sqh, sq
                 mask=in_k[:, None], other=0.0)  # (BN, D)  # fmt: skip
     v = tl.load(V + b * svb + hk * svh + v_off[:, None] + offs_d[None, :] * svd,
                 mask=in_k[:, None], other=0.0)  # (BN, D)  # fmt: skip
-    # per axis: queries [first ending after the tile's first key, first starting after its last)
+    # per axis: queries [first ending after the box's first key, first starting after its last)
     qlox = _first_query(kx0, lgx, ksx, stx, CX, True)
     qhix = _first_query(tl.minimum(kx0 + KX, lgx) - 1, lgx, ksx, stx, CX, False)
     qloy = _first_query(ky0, lgy, ksy, sty, CY, True)
     qhiy = _first_query(tl.minimum(ky0 + KY, lgy) - 1, lgy, ksy, sty, CY, False)
     qloz = _first_query(kz0, lgz, ksz, stz, CZ, True)
     qhiz = _first_query(tl.minimum(kz0 + KZ, lgz) - 1, lgz, ksz, stz, CZ, False)
+    sx, sy, sz = qhix - qlox, qhiy - qloy, qhiz - qloz
+    n_t = _n_tiles(sx, sy, sz, TX, TY, TZ, FLAT, BLOCK_M)
     dk = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
     for j in range(group):
         h = hk * group + j
         q_base = Q + b * sqb + h * sqh
-        for qx0 in range(qlox, qhix, TX):
-            for qy0 in range(qloy, qhiy, TY):
-                for qz0 in range(qloz, qhiz, TZ):
-                    px, py, pz = _box(qx0, qy0, qz0, TY, TZ, BLOCK_M)
-                    in_q = (px < lgx) & (py < lgy) & (pz < lgz)
-                    q_off = _mem(px, py, pz, gx, gy, gz, dlx, dly, dlz, sqx, sqy, sqz)
-                    q = tl.load(q_base + q_off[:, None] + offs_d[None, :] * sqd,
-                                mask=in_q[:, None], other=0.0)  # (BM, D)  # fmt: skip
-                    tok = ((px * dlx + gx) * ny + py * dly + gy) * nz + pz * dlz + gz
-                    flat = ((b * n + tok[:, None]) * n_heads + h) * HEAD_D + offs_d[None, :]
-                    do = tl.load(DO + flat, mask=in_q[:, None], other=0.0)
-                    row = (b * n_heads + h) * n + tok
-                    lse = tl.load(LSE + row, mask=in_q, other=0.0) * 1.4426950408889634
-                    delta = tl.load(DELTA + row, mask=in_q, other=0.0)
-                    st = _dot(k, tl.trans(q), IEEE) * qk_scale  # (BN, BM) = S^T, log2 units
-                    ok = _sees(px[None, :], py[None, :], pz[None, :], kx[:, None], ky[:, None],
-                               kz[:, None], lgx, lgy, lgz, ksx, ksy, ksz, stx, sty, stz, CX, CY,
-                               CZ)  # fmt: skip
-                    pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0)  # P^T
-                    dv += _dot(pt.to(do.dtype), do, IEEE)
-                    dpt = _dot(v, tl.trans(do), IEEE)  # dP^T
-                    dst = pt * (dpt - delta[None, :])
-                    dk += _dot(dst.to(q.dtype), q, IEEE)
+        for t in range(0, n_t):
+            px, py, pz, in_q, x0, y0, z0 = _tile(t, qlox, qloy, qloz, sx, sy, sz, TX, TY, TZ,
+                                                 FLAT, BLOCK_M)  # fmt: skip
+            q_off = _mem(px, py, pz, gx, gy, gz, dlx, dly, dlz, sqx, sqy, sqz)
+            q = tl.load(q_base + q_off[:, None] + offs_d[None, :] * sqd,
+                        mask=in_q[:, None], other=0.0)  # (BM, D)  # fmt: skip
+            tok = ((px * dlx + gx) * ny + py * dly + gy) * nz + pz * dlz + gz
+            flat = ((b * n + tok[:, None]) * n_heads + h) * HEAD_D + offs_d[None, :]
+            do = tl.load(DO + flat, mask=in_q[:, None], other=0.0)
+            row = (b * n_heads + h) * n + tok
+            lse = tl.load(LSE + row, mask=in_q, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + row, mask=in_q, other=0.0)
+            pt = tl.exp2(_dot(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])  # P^T (BN, BM)
+            # unmasked when every query of the box sees every key: the key box lies inside the
+            # keys seen by all of them (rows outside the span or the axes load zeros q, dO)
+            if FLAT:
+                partial = True
+            else:
+                ax, bx = _seen_by_all(x0, TX, lgx, ksx, stx, CX)
+                ay, by = _seen_by_all(y0, TY, lgy, ksy, sty, CY)
+                az, bz = _seen_by_all(z0, TZ, lgz, ksz, stz, CZ)
+                partial = _box_seen(kx0, ky0, kz0, ax, bx, ay, by, az, bz, KX, KY, KZ) == 0
+            if partial:
+                ok = _sees(px[None, :], py[None, :], pz[None, :], kx[:, None], ky[:, None],
+                           kz[:, None], lgx, lgy, lgz, ksx, ksy, ksz, stx, sty, stz, CX, CY,
+                           CZ)  # fmt: skip
+                pt = tl.where(ok, pt, 0.0)
+            dv += _dot(pt.to(do.dtype), do, IEEE)
+            dpt = _dot(v, tl.trans(do), IEEE)  # dP^T
+            dst = pt * (dpt - delta[None, :])
+            dk += _dot(dst.to(q.dtype), q, IEEE)
     tok = ((kx * dlx + gx) * ny + ky * dly + gy) * nz + kz * dlz + gz
     out = ((b * n + tok[:, None]) * n_kv + hk) * HEAD_D + offs_d[None, :]  # (B, N, Hkv, D)
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=in_k[:, None])
@@ -317,21 +394,48 @@ def _nd_opts(opts: dict) -> dict:
     return {**opts, "block_m": opts["block_m"] or 64, "block_n": opts["block_n"] or 64}
 
 
+def _nd_tiles(opts: dict, d: int, dtype: torch.dtype, backward: bool):
+    """Tile sizes: given options, else 16-bit defaults timed on the issue's 2-D/3-D cases
+    (scripts/bench_attention.py --na 2d --sweep; small boxes waste the least of the halo), else
+    flash's."""
+    opts = _nd_opts(opts)
+    if not _INTERPRET and dtype != torch.float32 and d <= 64:
+        base = (64, 64, 4, 2) if backward else (64, 32, 4, 3)
+        names = ("block_m", "block_n", "num_warps", "num_stages")
+        opts = {n: base[i] if opts[n] is None else opts[n] for i, n in enumerate(names)}
+    return _tiles(opts, d, dtype, backward)
+
+
+def _use_flat(flat: bool | None, shape, ks, ds, fixed_box, run_box, run_block) -> bool:
+    """Visit the span of a fixed box (the program's query box, or key box for dK/dV) as runs of
+    ``run_block`` consecutive positions (True) or as boxes ``run_box`` (False). Boxes round the
+    span up per axis but let tiles that every query sees skip the mask; runs round up once.
+    Auto: runs when they visit at most 85% of the positions boxes would (small kernels)."""
+    if flat is not None:
+        return flat
+    span = [min(t + k - 1, -(-n // d)) for t, k, n, d in zip(fixed_box, ks, shape, ds)]
+    boxes = math.prod(-(-s // r) for s, r in zip(span, run_box)) * run_block
+    runs = -(-math.prod(span) // run_block) * run_block
+    return runs <= 0.85 * boxes
+
+
 def _forward_nd(q, k, v, win, scale: float, opts: dict):
     """q (B, *tokens, H, D), k/v (B, *tokens, Hkv, D), 2 or 3 token axes, any strides ->
     o (B, *tokens, H, D) contiguous, lse (B, H, N) fp32."""
     ndim = q.dim() - 3
     b, h, d = q.shape[0], q.shape[-2], q.shape[-1]
     n = q[0, ..., 0, 0].numel()
-    tiles = _tiles(_nd_opts(opts), d, q.dtype, backward=False)
+    tiles = _nd_tiles(opts, d, q.dtype, backward=False)
     bm, bn = _box_shape(tiles.block_m, ndim), _box_shape(tiles.block_n, ndim)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
     args, nt, ds, cs = _common(q, win, bm, bn, by_keys=False)
+    shape, ks = _axes(q.shape[1:-2], win)[:2]
+    flat = _use_flat(opts.get("flat_tiles"), shape, ks, ds, bm, bn, tiles.block_n)
     grid = (nt[0] * nt[1] * nt[2], ds[0] * ds[1] * ds[2], b * h)
     _launch(_fwd_nd_kernel, grid, q, k, v, o, lse, *_strides3(q), *_strides3(k), *_strides3(v),
             *args, h // k.shape[-2], scale * _LOG2E, tiles=tiles, CX=cs[0], CY=cs[1], CZ=cs[2],
-            TY=bm[1], TZ=bm[2], KY=bn[1], KZ=bn[2], HEAD_D=d,
+            TY=bm[1], TZ=bm[2], KY=bn[1], KZ=bn[2], FLAT=flat, HEAD_D=d,
             IEEE=q.dtype == torch.float32)  # fmt: skip
     return o, lse
 
@@ -342,7 +446,7 @@ def _backward_nd(do, dlse, q, k, v, o, lse, win, scale: float, opts: dict):
     b, h, d = q.shape[0], q.shape[-2], q.shape[-1]
     hkv = k.shape[-2]
     n = lse.shape[-1]
-    tiles = _tiles(_nd_opts(opts), d, q.dtype, backward=True)
+    tiles = _nd_tiles(opts, d, q.dtype, backward=True)
     bm, bn = _box_shape(tiles.block_m, ndim), _box_shape(tiles.block_n, ndim)
     do = do.reshape(b, n, h, d)  # a view for the usual (mergeable) layouts
     if do.stride() != (n * h * d, h * d, d, 1):
@@ -361,7 +465,11 @@ def _backward_nd(do, dlse, q, k, v, o, lse, win, scale: float, opts: dict):
     for kernel, outs, by_keys, heads in ((_dkdv_nd_kernel, (dk, dv), True, hkv),
                                          (_dq_nd_kernel, (dq,), False, h)):  # fmt: skip
         args, nt, ds, cs = _common(q, win, bm, bn, by_keys)
+        shape, ks = _axes(q.shape[1:-2], win)[:2]
+        fixed, run, block = (bn, bm, tiles.block_m) if by_keys else (bm, bn, tiles.block_n)
+        flat = _use_flat(opts.get("flat_tiles"), shape, ks, ds, fixed, run, block)
         grid = (nt[0] * nt[1] * nt[2], ds[0] * ds[1] * ds[2], b * heads)
         _launch(kernel, grid, q, k, v, do, lse, delta, *outs, *strides, *args, h // hkv,
-                scale * _LOG2E, scale, CX=cs[0], CY=cs[1], CZ=cs[2], **const)  # fmt: skip
+                scale * _LOG2E, scale, CX=cs[0], CY=cs[1], CZ=cs[2], FLAT=flat,
+                **const)  # fmt: skip
     return dq, dk, dv

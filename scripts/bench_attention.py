@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -77,7 +78,7 @@ def bench_na(case: str, out: str) -> None:
 
     def flex_fn(q, k, v):
         qf, kf, vf = (t.reshape(b, n, h, d).transpose(1, 2) for t in (q, k, v))
-        return flex(qf, kf, vf, block_mask=block_mask).transpose(1, 2)
+        return flex(qf, kf, vf, block_mask=block_mask).transpose(1, 2).reshape(q.shape)
 
     window = 1
     for kk in ks:
@@ -97,6 +98,53 @@ def bench_na(case: str, out: str) -> None:
     print_table(f"NA {case}: B={b} H={h} tokens={shape} D={d} kernel={ks} bf16", env, rows)
 
 
+SWEEP = [
+    (bm, bn, w, st)
+    for bm, bn in ((32, 32), (32, 64), (64, 32), (64, 64), (128, 64), (128, 128))
+    for w in (4, 8)
+    for st in (2, 3)
+]
+
+
+def sweep_na(case: str, out: str) -> None:
+    """Time our forward and backward launchers separately for each tile config of SWEEP (the
+    defaults come from the fastest rows; docs/benchmarks.md)."""
+    import triton
+
+    from ops import neighborhood as na
+    from ops.neighborhood_ref import check_window
+
+    b, h, shape, d, ks = NA_CASES[case]
+    q, k, v = (torch.randn(b, *shape, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ks3, ds, ss, cs = check_window(shape, list(ks), 1, 1, False)
+    nd = len(shape)
+    win = (ks3[0], ds[0], ss[0], cs[0]) if nd == 1 else (ks3, ds, ss, cs)
+    fwd, bwd = (na._forward, na._backward) if nd == 1 else (na._forward_nd, na._backward_nd)
+    scale = d**-0.5
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "case": case,
+           "triton": triton.__version__, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    rows = []
+    for bm, bn, w, st in SWEEP:
+        opts = dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+        try:
+            o, lse = fwd(q, k, v, win, scale, opts)
+            do = torch.randn_like(o)
+            f_ms = triton.testing.do_bench(partial(fwd, q, k, v, win, scale, opts),
+                                           return_mode="median")  # fmt: skip
+            b_ms = triton.testing.do_bench(partial(bwd, do, None, q, k, v, o, lse, win, scale,
+                                                   opts), return_mode="median")  # fmt: skip
+        except Exception as e:  # out of shared memory etc.: report and go on
+            print(f"{opts}: {type(e).__name__}: {str(e)[:80]}")
+            continue
+        rows.append({**opts, "fwd_ms": f_ms, "bwd_ms": b_ms})
+        Path(out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))  # so far
+        print(f"bm={bm:<4} bn={bn:<4} warps={w} stages={st}  fwd {f_ms:7.3f} ms  bwd {b_ms:7.3f} ms",
+              flush=True)  # fmt: skip
+    best_f = min(rows, key=lambda r: r["fwd_ms"])
+    best_b = min(rows, key=lambda r: r["bwd_ms"])
+    print(f"best fwd: {best_f}\nbest bwd: {best_b}")
+
+
 def print_table(title, env, rows):
     print(f"\n{env['gpu']} | torch {env['torch']} | {title}")
     print(f"{'impl':<18} {'pass':<8} {'ms':>8} {'TFLOP/s':>8} {'floor(FLOP)':>11} {'floor(B)':>9}")
@@ -111,8 +159,11 @@ def main():
     ap.add_argument("--shape", default="4,16,4096,64", help="B,H,N,D")
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--na", choices=sorted(NA_CASES), help="a neighborhood-attention case instead")
+    ap.add_argument("--sweep", action="store_true", help="with --na: time tile configs of ours")
     ap.add_argument("--out", default="bench_attention.json")
     args = ap.parse_args()
+    if args.na and args.sweep:
+        return sweep_na(args.na, args.out)
     if args.na:
         return bench_na(args.na, args.out)
     b, h, n, d = map(int, args.shape.split(","))

@@ -251,6 +251,15 @@ ND_CASES = [
     ("4x5x6-k3-causal-flag-gqa", 1, (4, 5, 6), 4, 2, 16, 3, 1, 1, False, True, {}),
     ("5x6x7-k2x5x3-d2x1x2-causal-z", 1, (5, 6, 7), 2, 2, 16, (2, 5, 3), (2, 1, 2), 1,
      (False, False, True), False, {}),
+    # boxes forced: a large kernel on 4x4 boxes, so some key boxes are seen by every query of a
+    # box and skip the mask (both loops: forward/dQ over keys, dK/dV over queries)
+    ("11x12-k9-box-unmasked", 1, (11, 12), 1, 1, 16, 9, 1, 1, False, False,
+     {"block_m": 16, "block_n": 16, "flat_tiles": False}),
+    ("11x12-k8x7-d1x2-s2x1-causal-y-box", 1, (11, 12), 2, 2, 16, (8, 5), (1, 2), (2, 1),
+     (False, True), False, {"block_m": 16, "block_n": 16, "flat_tiles": False}),
+    # runs of the span forced, ragged 3-D with dilation and GQA
+    ("7x7x6-k3x4x2-d2x1x1-flat-gqa", 1, (7, 7, 6), 2, 1, 16, (3, 4, 2), (2, 1, 1), 1, False,
+     False, {"block_m": 32, "block_n": 64, "flat_tiles": True}),
 ]  # fmt: skip
 
 
@@ -313,6 +322,20 @@ def masked_sdpa_nd(tokens, win, device="cpu"):
         return ops.sdpa_attention(q, k, v, bias=bias, return_lse=return_lse)
 
     return attn
+
+
+def test_nd_auto_tiles_choose_runs_for_small_kernels_boxes_for_large():
+    from ops.neighborhood_nd import _use_flat
+
+    # 2-D 13x13 on 8x8 boxes: a 20x20 span is 7 runs of 64 against 3x3 boxes of 64
+    assert _use_flat(None, (128, 128, 1), (13, 13, 1), (1, 1, 1), (8, 8, 1), (8, 8, 1), 64)
+    # 3-D 7x7x7 on 4x4x4 boxes: 10x10x10 span, 16 runs against 27 boxes
+    assert _use_flat(None, (32, 32, 32), (7, 7, 7), (1, 1, 1), (4, 4, 4), (4, 4, 4), 64)
+    # 2-D 80x80: 87x87 span, runs save nothing and boxes skip the mask inside
+    assert not _use_flat(None, (256, 256, 1), (80, 80, 1), (1, 1, 1), (8, 8, 1), (8, 8, 1), 64)
+    assert _use_flat(True, (256, 256, 1), (80, 80, 1), (1, 1, 1), (8, 8, 1), (8, 8, 1), 64)
+    with pytest.raises(ValueError, match="flat_tiles='yes'"):
+        ops.build("neighborhood", flat_tiles="yes")
 
 
 def test_nd_strided_views_read_in_place():

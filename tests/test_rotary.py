@@ -40,7 +40,7 @@ def rope_tables(t, d, base=10000.0):
 
 def carope_ref(q, k, log_f):
     """The models.positions path: phase = cumsum(f ** i) in log_f's dtype, apply_rotary."""
-    i = torch.arange(q.shape[-1] // 2, dtype=log_f.dtype)
+    i = torch.arange(q.shape[-1] // 2, dtype=log_f.dtype, device=log_f.device)
     phase = torch.cumsum(torch.exp(log_f.unsqueeze(-1) * i), dim=1)  # (B, T, Hkv, D/2)
     cos, sin = phase.cos(), phase.sin()
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
