@@ -289,6 +289,9 @@ def _forward(q, k, v, win, scale: float, opts: dict):
     """q (B, N, H, D), k/v (B, N, Hkv, D) any strides -> o (B, N, H, D), lse (B, H, N) fp32."""
     b, n, h, d = q.shape
     ksize, dil, stride, causal = win
+    if not _INTERPRET and q.dtype != torch.float32 and d == 128:  # H200 sweep, 1-D k=2049
+        base = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
+        opts = {**opts, **{n: t for n, t in base.items() if opts[n] is None}}
     tiles = _tiles(opts, d, q.dtype, backward=False)
     o = torch.empty((b, n, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)

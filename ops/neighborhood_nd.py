@@ -25,8 +25,6 @@ windows over row-major flattened tokens). The 1-D helpers of ``ops/neighborhood.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .flash import (
@@ -396,27 +394,26 @@ def _nd_opts(opts: dict) -> dict:
 
 def _nd_tiles(opts: dict, d: int, dtype: torch.dtype, backward: bool):
     """Tile sizes: given options, else 16-bit defaults timed on the issue's 2-D/3-D cases
-    (scripts/bench_attention.py --na 2d --sweep; small boxes waste the least of the halo), else
-    flash's."""
+    (``scripts/bench_attention.py --na 2d|3d|large2d --sweep``, H200: small 8x8 / 4x4x4 query
+    boxes waste the least of the halo), else flash's."""
     opts = _nd_opts(opts)
-    if not _INTERPRET and dtype != torch.float32 and d <= 64:
-        base = (64, 64, 4, 2) if backward else (64, 32, 4, 3)
+    if not _INTERPRET and dtype != torch.float32:
+        if backward:
+            base = (64, 64, 4, 2)
+        else:
+            base = (64, 32, 4, 3) if d <= 64 else (64, 64, 4, 3)
         names = ("block_m", "block_n", "num_warps", "num_stages")
-        opts = {n: base[i] if opts[n] is None else opts[n] for i, n in enumerate(names)}
+        opts = {**opts, **{n: base[i] if opts[n] is None else opts[n] for i, n in enumerate(names)}}
     return _tiles(opts, d, dtype, backward)
 
 
-def _use_flat(flat: bool | None, shape, ks, ds, fixed_box, run_box, run_block) -> bool:
-    """Visit the span of a fixed box (the program's query box, or key box for dK/dV) as runs of
-    ``run_block`` consecutive positions (True) or as boxes ``run_box`` (False). Boxes round the
-    span up per axis but let tiles that every query sees skip the mask; runs round up once.
-    Auto: runs when they visit at most 85% of the positions boxes would (small kernels)."""
-    if flat is not None:
-        return flat
-    span = [min(t + k - 1, -(-n // d)) for t, k, n, d in zip(fixed_box, ks, shape, ds)]
-    boxes = math.prod(-(-s // r) for s, r in zip(span, run_box)) * run_block
-    runs = -(-math.prod(span) // run_block) * run_block
-    return runs <= 0.85 * boxes
+def _use_flat(flat: bool | None) -> bool:
+    """Visit a program's span as runs of consecutive positions (True) or as boxes (False).
+    Runs visit up to 40% fewer positions for small kernels (they round the span up once, not
+    per axis) but measured slower on an H200 in every 2-D 13x13 / 3-D 7x7x7 tile config but
+    one (docs/benchmarks.md): the default (None) is boxes, which also skip the mask where every
+    query sees the whole box."""
+    return bool(flat)
 
 
 def _forward_nd(q, k, v, win, scale: float, opts: dict):
@@ -430,8 +427,7 @@ def _forward_nd(q, k, v, win, scale: float, opts: dict):
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
     args, nt, ds, cs = _common(q, win, bm, bn, by_keys=False)
-    shape, ks = _axes(q.shape[1:-2], win)[:2]
-    flat = _use_flat(opts.get("flat_tiles"), shape, ks, ds, bm, bn, tiles.block_n)
+    flat = _use_flat(opts.get("flat_tiles"))
     grid = (nt[0] * nt[1] * nt[2], ds[0] * ds[1] * ds[2], b * h)
     _launch(_fwd_nd_kernel, grid, q, k, v, o, lse, *_strides3(q), *_strides3(k), *_strides3(v),
             *args, h // k.shape[-2], scale * _LOG2E, tiles=tiles, CX=cs[0], CY=cs[1], CZ=cs[2],
@@ -465,9 +461,7 @@ def _backward_nd(do, dlse, q, k, v, o, lse, win, scale: float, opts: dict):
     for kernel, outs, by_keys, heads in ((_dkdv_nd_kernel, (dk, dv), True, hkv),
                                          (_dq_nd_kernel, (dq,), False, h)):  # fmt: skip
         args, nt, ds, cs = _common(q, win, bm, bn, by_keys)
-        shape, ks = _axes(q.shape[1:-2], win)[:2]
-        fixed, run, block = (bn, bm, tiles.block_m) if by_keys else (bm, bn, tiles.block_n)
-        flat = _use_flat(opts.get("flat_tiles"), shape, ks, ds, fixed, run, block)
+        flat = _use_flat(opts.get("flat_tiles"))
         grid = (nt[0] * nt[1] * nt[2], ds[0] * ds[1] * ds[2], b * heads)
         _launch(kernel, grid, q, k, v, do, lse, delta, *outs, *strides, *args, h // hkv,
                 scale * _LOG2E, scale, CX=cs[0], CY=cs[1], CZ=cs[2], FLAT=flat,

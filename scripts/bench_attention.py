@@ -2,18 +2,23 @@
 
     python scripts/bench_attention.py [--shape 4,16,4096,64] [--causal] [--out bench_attention.json]
     python scripts/bench_attention.py --na 2d     # neighborhood: 1d, 2d, 3d, large2d (issue 3)
+    python scripts/bench_attention.py --plot --out na_kernel_sizes.json   # + na_kernel_sizes.png
+    python scripts/bench_attention.py --na 2d --sweep [--flat both] [--configs "64,32,4,3;..."]
 
 Dense: ``ops.build("flash")`` against SDPA's flash and cuDNN backends. Neighborhood (``--na``):
 ``ops.build("neighborhood")`` against FlexAttention (compiled, block mask from the same NATTEN
 rule, scripts/natten_flex.py). Forward and forward+backward, bf16, median of
 triton.testing.do_bench. Prints the floor (FLOPs / 790 TFLOP/s, bytes / 3.0 TB/s) beside each
-time, and writes JSON.
+time, and writes JSON. ``--plot``: 2-D latency against kernel size (ours vs Flex, fwd and
+fwd+bwd) as JSON and PNG. ``--sweep``: our forward and backward launchers per tile config.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import sys
 import time
 from functools import partial
@@ -59,15 +64,13 @@ NA_CASES = {
 }
 
 
-def bench_na(case: str, out: str) -> None:
+def na_rows(b, h, shape, d, ks) -> list[dict]:
+    """Ours and FlexAttention (same NATTEN rule as a block mask), fwd and fwd+bwd, one shape."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     from scripts.natten_flex import natten_mask_mod
 
-    b, h, shape, d, ks = NA_CASES[case]
-    n, nd = 1, len(shape)
-    for L in shape:
-        n *= L
+    n, nd = math.prod(shape), len(shape)
     ones = (1,) * nd
     q, k, v = (torch.randn(b, *shape, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))  # fmt: skip
@@ -80,9 +83,7 @@ def bench_na(case: str, out: str) -> None:
         qf, kf, vf = (t.reshape(b, n, h, d).transpose(1, 2) for t in (q, k, v))
         return flex(qf, kf, vf, block_mask=block_mask).transpose(1, 2).reshape(q.shape)
 
-    window = 1
-    for kk in ks:
-        window *= kk
+    window = math.prod(ks)
     rows = []
     for name, fn in {"ours neighborhood": lambda q, k, v: ours(q, k, v), "flex": flex_fn}.items():
         for bwd in (False, True):
@@ -91,11 +92,61 @@ def bench_na(case: str, out: str) -> None:
             byts = 2 * b * n * h * d * (10 if bwd else 4)
             rows.append({"impl": name, "pass": "fwd+bwd" if bwd else "fwd", "ms": ms,
                          "tflops": flops / ms / 1e9, "floor_flops_ms": flops / MATMUL_PEAK * 1e3,
-                         "floor_bytes_ms": byts / HBM * 1e3})  # fmt: skip
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "case": case,
-           "B": b, "H": h, "tokens": shape, "D": d, "kernel": ks, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+                         "floor_bytes_ms": byts / HBM * 1e3, "kernel": list(ks)})  # fmt: skip
+    return rows
+
+
+def _env(**extra) -> dict:
+    import triton
+
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__, "date": time.strftime("%Y-%m-%d"), **extra}  # fmt: skip
+
+
+def bench_na(case: str, out: str) -> None:
+    b, h, shape, d, ks = NA_CASES[case]
+    rows = na_rows(b, h, shape, d, ks)
+    env = _env(case=case, B=b, H=h, tokens=shape, D=d, kernel=ks)
     Path(out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     print_table(f"NA {case}: B={b} H={h} tokens={shape} D={d} kernel={ks} bf16", env, rows)
+
+
+PLOT_KERNELS = (3, 5, 7, 9, 13, 17, 25, 33)
+
+
+def plot_na(out: str) -> None:
+    """2-D, B=2 H=8 128x128 D=64: latency against kernel size, ours vs Flex -> JSON + PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b, h, shape, d = 2, 8, (128, 128), 64
+    rows = []
+    for kk in PLOT_KERNELS:
+        rows += na_rows(b, h, shape, d, (kk, kk))
+        torch._dynamo.reset()  # a new block mask per kernel size: let Flex recompile freely
+        print(f"kernel {kk}x{kk}: " + ", ".join(f"{r['impl']} {r['pass']} {r['ms']:.3f} ms"
+                                                for r in rows[-4:]), flush=True)  # fmt: skip
+    env = _env(B=b, H=h, tokens=shape, D=d, kernels=PLOT_KERNELS)
+    Path(out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for impl, color in (("ours neighborhood", "C0"), ("flex", "C1")):
+        for pas, style in (("fwd", "--"), ("fwd+bwd", "-")):
+            pts = [
+                (r["kernel"][0], r["ms"]) for r in rows if r["impl"] == impl and r["pass"] == pas
+            ]
+            ax.plot(*zip(*pts), style, color=color, marker="o", label=f"{impl} {pas}")
+    ax.set_xlabel("kernel size (k x k)")
+    ax.set_ylabel("ms (median)")
+    ax.set_yscale("log")
+    ax.set_title(f"2-D NA, B={b} H={h} {shape[0]}x{shape[1]} D={d} bf16, {env['gpu']}", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = str(Path(out).with_suffix(".png"))
+    fig.savefig(png, dpi=120)
+    print(f"wrote {out} and {png}")
 
 
 SWEEP = [
@@ -106,7 +157,7 @@ SWEEP = [
 ]
 
 
-def sweep_na(case: str, out: str) -> None:
+def sweep_na(case: str, out: str, flats=(None,), configs=None) -> None:
     """Time our forward and backward launchers separately for each tile config of SWEEP (the
     defaults come from the fastest rows; docs/benchmarks.md)."""
     import triton
@@ -121,11 +172,10 @@ def sweep_na(case: str, out: str) -> None:
     win = (ks3[0], ds[0], ss[0], cs[0]) if nd == 1 else (ks3, ds, ss, cs)
     fwd, bwd = (na._forward, na._backward) if nd == 1 else (na._forward_nd, na._backward_nd)
     scale = d**-0.5
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "case": case,
-           "triton": triton.__version__, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    env = _env(case=case)
     rows = []
-    for bm, bn, w, st in SWEEP:
-        opts = dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+    for (bm, bn, w, st), flat in itertools.product(configs or SWEEP, flats):
+        opts = dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st, flat_tiles=flat)
         try:
             o, lse = fwd(q, k, v, win, scale, opts)
             do = torch.randn_like(o)
@@ -138,7 +188,7 @@ def sweep_na(case: str, out: str) -> None:
             continue
         rows.append({**opts, "fwd_ms": f_ms, "bwd_ms": b_ms})
         Path(out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))  # so far
-        print(f"bm={bm:<4} bn={bn:<4} warps={w} stages={st}  fwd {f_ms:7.3f} ms  bwd {b_ms:7.3f} ms",
+        print(f"bm={bm:<4} bn={bn:<4} warps={w} stages={st} flat={flat}  fwd {f_ms:7.3f} ms  bwd {b_ms:7.3f} ms",
               flush=True)  # fmt: skip
     best_f = min(rows, key=lambda r: r["fwd_ms"])
     best_b = min(rows, key=lambda r: r["bwd_ms"])
@@ -160,10 +210,18 @@ def main():
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--na", choices=sorted(NA_CASES), help="a neighborhood-attention case instead")
     ap.add_argument("--sweep", action="store_true", help="with --na: time tile configs of ours")
+    ap.add_argument("--flat", choices=["auto", "both"], default="auto",
+                    help="with --sweep: 2-D/3-D flat_tiles auto, or both True and False")  # fmt: skip
+    ap.add_argument("--plot", action="store_true", help="2-D latency vs kernel size, ours vs Flex")
+    ap.add_argument("--configs", default="", help='with --sweep: "bm,bn,warps,stages;..."')
     ap.add_argument("--out", default="bench_attention.json")
     args = ap.parse_args()
+    if args.plot:
+        return plot_na(args.out)
     if args.na and args.sweep:
-        return sweep_na(args.na, args.out)
+        flats = {"auto": (None,), "both": (True, False)}[args.flat]
+        configs = [tuple(map(int, c.split(","))) for c in args.configs.split(";")] or None
+        return sweep_na(args.na, args.out, flats, configs if args.configs else None)
     if args.na:
         return bench_na(args.na, args.out)
     b, h, n, d = map(int, args.shape.split(","))
@@ -180,8 +238,14 @@ def main():
 
         return fn
 
+    def sdpa_default(q, k, v):  # whichever backend PyTorch picks (what ops.build("sdpa") runs)
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=args.causal
+        ).transpose(1, 2)
+
     impls = {
         "ours flash": lambda q, k, v: flash(q, k, v, causal=args.causal),
+        "sdpa default": sdpa_default,
         "sdpa flash": sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
     }

@@ -324,16 +324,10 @@ def masked_sdpa_nd(tokens, win, device="cpu"):
     return attn
 
 
-def test_nd_auto_tiles_choose_runs_for_small_kernels_boxes_for_large():
+def test_nd_tiles_default_to_boxes_and_flat_tiles_is_checked():
     from ops.neighborhood_nd import _use_flat
 
-    # 2-D 13x13 on 8x8 boxes: a 20x20 span is 7 runs of 64 against 3x3 boxes of 64
-    assert _use_flat(None, (128, 128, 1), (13, 13, 1), (1, 1, 1), (8, 8, 1), (8, 8, 1), 64)
-    # 3-D 7x7x7 on 4x4x4 boxes: 10x10x10 span, 16 runs against 27 boxes
-    assert _use_flat(None, (32, 32, 32), (7, 7, 7), (1, 1, 1), (4, 4, 4), (4, 4, 4), 64)
-    # 2-D 80x80: 87x87 span, runs save nothing and boxes skip the mask inside
-    assert not _use_flat(None, (256, 256, 1), (80, 80, 1), (1, 1, 1), (8, 8, 1), (8, 8, 1), 64)
-    assert _use_flat(True, (256, 256, 1), (80, 80, 1), (1, 1, 1), (8, 8, 1), (8, 8, 1), 64)
+    assert not _use_flat(None) and not _use_flat(False) and _use_flat(True)
     with pytest.raises(ValueError, match="flat_tiles='yes'"):
         ops.build("neighborhood", flat_tiles="yes")
 
