@@ -25,6 +25,9 @@ windows over row-major flattened tokens). The 1-D helpers of ``ops/neighborhood.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
 from .flash import (
@@ -361,6 +364,42 @@ def _box_shape(block: int, ndim: int) -> tuple[int, int, int]:
     return tuple(1 << p for p in parts) + (1,) * (3 - ndim)
 
 
+@functools.lru_cache(maxsize=256)
+def _choose_boxes(shape, ks, ds, ss, ndim: int, block_m: int, block_n: int, by_keys: bool):
+    """(query box, key box) as (x, y, z) for one launch: the power-of-two factorisations of
+    block_m / block_n that visit the fewest (query, key) tile pairs, by the per-axis span rule
+    (a box of T queries reaches about T + K + S - 2 keys, clipped to the axis). For dK/dV
+    (by_keys) the key box is the program's and the queries are visited; for the forward and dQ
+    the other way round. Ties keep the squarest boxes (_box_shape)."""
+
+    def factorisations(block):
+        e = block.bit_length() - 1
+        out = []
+        for ex in range(e + 1):
+            for ey in range(e + 1 - ex):
+                ez = e - ex - ey
+                if ndim == 2 and ez:
+                    continue
+                out.append((1 << ex, 1 << ey, 1 << ez))
+        return out
+
+    lens = [-(-n // d) for n, d in zip(shape, ds)]  # longest dilation group per axis
+
+    def cost(fixed, visited):  # programs over the fixed box x tiles of the visited box
+        programs = math.prod(-(-L // f) for L, f in zip(lens, fixed))
+        spans = [min(f + k + s - 2, L) for f, k, s, L in zip(fixed, ks, ss, lens)]
+        return programs * math.prod(-(-sp // v) for sp, v in zip(spans, visited))
+
+    best = (_box_shape(block_m, ndim), _box_shape(block_n, ndim))
+    best_cost = cost(best[1], best[0]) if by_keys else cost(best[0], best[1])
+    for bm in factorisations(block_m):
+        for bn in factorisations(block_n):
+            c = cost(bn, bm) if by_keys else cost(bm, bn)
+            if c < 0.98 * best_cost:
+                best, best_cost = (bm, bn), c
+    return best
+
+
 def _axes(shape, win):
     """Token shape and per-axis window padded to three axes (a unit axis has kernel 1)."""
     ks, ds, ss, cs = win
@@ -423,7 +462,8 @@ def _forward_nd(q, k, v, win, scale: float, opts: dict):
     b, h, d = q.shape[0], q.shape[-2], q.shape[-1]
     n = q[0, ..., 0, 0].numel()
     tiles = _nd_tiles(opts, d, q.dtype, backward=False)
-    bm, bn = _box_shape(tiles.block_m, ndim), _box_shape(tiles.block_n, ndim)
+    bm, bn = _choose_boxes(*_axes(q.shape[1:-2], win)[:4], ndim, tiles.block_m, tiles.block_n,
+                           False)  # fmt: skip
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
     args, nt, ds, cs = _common(q, win, bm, bn, by_keys=False)
@@ -443,7 +483,6 @@ def _backward_nd(do, dlse, q, k, v, o, lse, win, scale: float, opts: dict):
     hkv = k.shape[-2]
     n = lse.shape[-1]
     tiles = _nd_tiles(opts, d, q.dtype, backward=True)
-    bm, bn = _box_shape(tiles.block_m, ndim), _box_shape(tiles.block_n, ndim)
     do = do.reshape(b, n, h, d)  # a view for the usual (mergeable) layouts
     if do.stride() != (n * h * d, h * d, d, 1):
         do = do.contiguous()  # the ND kernels read dO as contiguous (B, N, H, D)
@@ -456,14 +495,15 @@ def _backward_nd(do, dlse, q, k, v, o, lse, win, scale: float, opts: dict):
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     strides = (*_strides3(q), *_strides3(k), *_strides3(v))
-    const = dict(tiles=tiles, TY=bm[1], TZ=bm[2], KY=bn[1], KZ=bn[2], HEAD_D=d,
-                 IEEE=q.dtype == torch.float32)  # fmt: skip
+    const = dict(tiles=tiles, HEAD_D=d, IEEE=q.dtype == torch.float32)
     for kernel, outs, by_keys, heads in ((_dkdv_nd_kernel, (dk, dv), True, hkv),
                                          (_dq_nd_kernel, (dq,), False, h)):  # fmt: skip
+        bm, bn = _choose_boxes(*_axes(q.shape[1:-2], win)[:4], ndim, tiles.block_m,
+                               tiles.block_n, by_keys)  # fmt: skip
         args, nt, ds, cs = _common(q, win, bm, bn, by_keys)
         flat = _use_flat(opts.get("flat_tiles"))
         grid = (nt[0] * nt[1] * nt[2], ds[0] * ds[1] * ds[2], b * heads)
         _launch(kernel, grid, q, k, v, do, lse, delta, *outs, *strides, *args, h // hkv,
-                scale * _LOG2E, scale, CX=cs[0], CY=cs[1], CZ=cs[2], FLAT=flat,
-                **const)  # fmt: skip
+                scale * _LOG2E, scale, CX=cs[0], CY=cs[1], CZ=cs[2], TY=bm[1], TZ=bm[2],
+                KY=bn[1], KZ=bn[2], FLAT=flat, **const)  # fmt: skip
     return dq, dk, dv

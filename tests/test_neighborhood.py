@@ -332,6 +332,19 @@ def test_nd_tiles_default_to_boxes_and_flat_tiles_is_checked():
         ops.build("neighborhood", flat_tiles="yes")
 
 
+def test_nd_boxes_follow_the_span():
+    """13x13 on 128x128: dK/dV key boxes of 16x4 reach a 28x16 query span, exactly 7 query
+    boxes of 4x16, where the square 8x8 / 8x8 pair visits 9 boxes of a 20x20 span; an 80x80
+    kernel keeps square boxes (nothing to gain)."""
+    from ops.neighborhood_nd import _choose_boxes
+
+    geo = ((128, 128, 1), (13, 13, 1), (1, 1, 1), (1, 1, 1), 2)
+    assert _choose_boxes(*geo, 64, 64, True) == ((4, 16, 1), (16, 4, 1))
+    assert _choose_boxes(*geo, 64, 32, False) == ((4, 16, 1), (8, 4, 1))
+    big = ((256, 256, 1), (80, 80, 1), (1, 1, 1), (1, 1, 1), 2)
+    assert _choose_boxes(*big, 64, 64, False) == ((8, 8, 1), (8, 8, 1))
+
+
 def test_nd_strided_views_read_in_place():
     """2-D: views of a fused projection and a spatial crop (non-mergeable token strides) give
     exactly the results of contiguous copies; gradients reach the fused tensor."""
@@ -353,25 +366,35 @@ def test_nd_strided_views_read_in_place():
 
 
 def test_nd_far_tiles_are_never_read():
-    """2-D, 8x8 boxes: the first query box (rows 0..7, cols 0..7, kernel 3) sees keys 0..8 per
-    axis, i.e. key boxes [0, 16) per axis. NaN keys/values outside that region leave its outputs
-    finite; NaN upstream grads outside the queries that reach the first key box leave its dK/dV
-    finite. A dense loop with masks would propagate NaN (0 * NaN)."""
-    tokens = (24, 24)
+    """2-D, kernel 3: the first query box (boxes as the launcher chooses them) reaches keys
+    [0, box + 1) per axis, visited as whole key boxes; NaN keys/values beyond those boxes leave
+    its outputs finite. Likewise NaN upstream grads beyond the query boxes that the first key box
+    visits leave its dK/dV finite. A dense loop with masks would propagate NaN (0 * NaN)."""
+    from ops.neighborhood_nd import _choose_boxes
+
+    tokens = (40, 40)
     attn = ops.build("neighborhood", kernel_size=3, block_m=64, block_n=64)
+    geo = ((40, 40, 1), (3, 3, 1), (1, 1, 1), (1, 1, 1), 2, 64, 64)
+    (tx, ty, _), (kx, ky, _) = _choose_boxes(*geo, False)
+    reach = [-(-(t + 1) // kk) * kk for t, kk in ((tx, kx), (ty, ky))]  # visited key boxes
+    assert max(reach) < 40
     q, k, v = make_nd(1, tokens, 1, 1, 16)
     for t in (k, v):
-        t[:, 16:], t[:, :, 16:] = math.nan, math.nan
+        t[:, reach[0] :], t[:, :, reach[1] :] = math.nan, math.nan
     out, lse = attn(q, k, v, return_lse=True)
-    assert torch.isfinite(out[:, :8, :8]).all()
-    assert torch.isfinite(lse.view(1, 1, *tokens)[..., :8, :8]).all()
-    assert torch.isnan(out[:, 20:, 20:]).all()  # the poison does reach the far queries
+    assert torch.isfinite(out[:, :tx, :ty]).all()
+    assert torch.isfinite(lse.view(1, 1, *tokens)[..., :tx, :ty]).all()
+    assert torch.isnan(out[:, 39:, 39:]).all()  # the poison does reach the far queries
+    (tx, ty, _), (kx, ky, _) = _choose_boxes(*geo, True)
+    reach = [-(-(kk + 1) // t) * t for t, kk in ((tx, kx), (ty, ky))]  # visited query boxes
+    assert max(reach) < 40
     q, k, v = (t.requires_grad_() for t in make_nd(1, tokens, 1, 1, 16))
     out = attn(q, k, v)
     go = torch.randn_like(out)
-    go[:, 16:], go[:, :, 16:] = math.nan, math.nan  # keys 0..7 are seen by queries 0..8 only
+    go[:, reach[0] :], go[:, :, reach[1] :] = math.nan, math.nan
     dk, dv = torch.autograd.grad(out, (k, v), go)
-    assert torch.isfinite(dk[:, :8, :8]).all() and torch.isfinite(dv[:, :8, :8]).all()
+    assert torch.isfinite(dk[:, :kx, :ky]).all() and torch.isfinite(dv[:, :kx, :ky]).all()
+    assert torch.isnan(dk[:, 39:, 39:]).all()
 
 
 def test_nd_errors_name_the_problem():
