@@ -66,6 +66,19 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @_jit
+def _dot_acc(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b in fp32, the add done by the matrix unit."""
+    if IEEE:
+        if _HAS_INPUT_PRECISION:
+            c = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            c = tl.dot(a, b, acc, allow_tf32=False)
+    else:
+        c = tl.dot(a, b, acc)
+    return c
+
+
+@_jit
 def _masked(s, rows, cols, n_q, n_k, CAUSAL: tl.constexpr):
     """Scores s with -inf where query ``rows`` may not see key ``cols`` (broadcast to s)."""
     ok = (rows < n_q) & (cols < n_k)
@@ -118,15 +131,17 @@ def _load_kv(k_base, v_base, offs_n, in_k, skn, skd, svn, svd, HEAD_D: tl.conste
 
 
 @_jit
-def _softmax_update(acc, l_i, m_i, s, v, IEEE: tl.constexpr):
-    """One online-softmax step: fold scores s (BM, BN, log2 units) and values v (BN, D) into
-    the running (acc, l_i, m_i). Rows that have seen no key yet (m = -inf) stay at zero."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+def _softmax_update(acc, l_i, m_i, s, v, qk_scale, IEEE: tl.constexpr):
+    """One online-softmax step: fold raw scores s (BM, BN; -inf where masked), scaled by
+    qk_scale > 0 into log2 units, and values v (BN, D) into the running (acc, l_i, m_i). The
+    scale is folded into the exponent (one FMA per score). Rows that have seen no key yet
+    (m = -inf) stay at zero."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
-    p = tl.exp2(s - m_use[:, None])
+    p = tl.exp2(s * qk_scale - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    acc = _dot_acc(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
     return acc, l_i, m_new
 
 
@@ -139,10 +154,10 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, lo,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_k = offs_n < n_k
         kt, v = _load_kv(k_base, v_base, offs_n, in_k, skn, skd, svn, svd, HEAD_D)
-        s = _dot(q, kt, IEEE) * qk_scale  # (BM, BN)
+        s = _dot(q, kt, IEEE)  # (BM, BN), unscaled
         if MASK:
             s = _masked(s, offs_m[:, None], offs_n[None, :], n_q, n_k, CAUSAL)
-        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, IEEE)
+        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, qk_scale, IEEE)
     return acc, l_i, m_i
 
 
@@ -415,6 +430,14 @@ class KernelAttention(torch.autograd.Function):
 # ----------------------------------------------------------------------------- public API
 
 
+def _check_scale(q, scale, name: str) -> float:
+    """The softmax scale (1/sqrt(D) by default); the kernels fold it into exp2 and need > 0."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not scale > 0:
+        raise ValueError(f"'{name}' needs a positive scale; got scale={scale}")
+    return scale
+
+
 def _check(q, k, v, bias) -> None:
     """The contract's checks plus what this backend lacks; ValueError names the problem."""
     check_inputs(q, k, v, bias)
@@ -434,7 +457,7 @@ def _check(q, k, v, bias) -> None:
 
 def _attention(q, k, v, causal, scale, bias, return_lse, opts):
     _check(q, k, v, bias)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _check_scale(q, scale, "flash")
     o, lse = KernelAttention.apply(q, k, v, _forward, _backward, (bool(causal), scale, opts))
     return (o, lse) if return_lse else o
 

@@ -33,6 +33,7 @@ from .flash import (
     _INTERPRET,
     _LOG2E,
     KernelAttention,
+    _check_scale,
     _delta_kernel,
     _dot,
     _jit,
@@ -110,11 +111,11 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, lo,
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_k = offs_n < lg
         kt, v = _load_kv(k_base, v_base, offs_n, in_k, skn, skd, svn, svd, HEAD_D)
-        s = _dot(q, kt, IEEE) * qk_scale  # (BM, BN)
+        s = _dot(q, kt, IEEE)  # (BM, BN), unscaled
         if MASK:
             ok = _in_window(offs_m[:, None], offs_n[None, :], lg, ksize, stride, CAUSAL)
             s = tl.where(ok, s, -float("inf"))
-        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, IEEE)
+        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, qk_scale, IEEE)
     return acc, l_i, m_i
 
 
@@ -393,7 +394,7 @@ def _build_neighborhood(kernel_size, dilation, stride, is_causal, block_m, block
         _check(q, k, v, bias)
         ks, ds, ss, cs = check_window(q.shape[1:-2], kernel_size, dilation, stride, is_causal)
         cs = tuple(c or bool(causal) for c in cs)  # causal=True (GPT-2's flag): every axis
-        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        scale = _check_scale(q, scale, "neighborhood")
         win = (ks[0], ds[0], ss[0], cs[0]) if q.dim() == 4 else (ks, ds, ss, cs)
         fwd, bwd = (_forward, _backward) if q.dim() == 4 else (_forward_nd, _backward_nd)
         o, lse = KernelAttention.apply(q, k, v, fwd, bwd, (win, scale, opts))

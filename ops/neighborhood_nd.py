@@ -186,7 +186,7 @@ def _fwd_nd_kernel(Q, K, V, O, LSE, sqb, sqx, sqy, sqz, sqh, sqd, skb, skx, sky,
                      mask=in_k[None, :], other=0.0)  # (D, BN)  # fmt: skip
         v = tl.load(v_base + v_off[:, None] + offs_d[None, :] * svd,
                     mask=in_k[:, None], other=0.0)  # (BN, D)  # fmt: skip
-        s = _dot(q, kt, IEEE) * qk_scale  # (BM, BN), log2 units
+        s = _dot(q, kt, IEEE)  # (BM, BN), unscaled
         if FLAT:  # a run of the span: always masked
             partial = True
         else:  # a box: masked unless every query of the tile sees all of it
@@ -196,7 +196,7 @@ def _fwd_nd_kernel(Q, K, V, O, LSE, sqb, sqx, sqy, sqz, sqh, sqd, skb, skx, sky,
                        kz[None, :], lgx, lgy, lgz, ksx, ksy, ksz, stx, sty, stz, CX, CY,
                        CZ)  # fmt: skip
             s = tl.where(ok, s, -float("inf"))
-        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, IEEE)
+        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, qk_scale, IEEE)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     tok = ((px * dlx + gx) * ny + py * dly + gy) * nz + pz * dlz + gz  # row-major token index
     n = nx * ny * nz

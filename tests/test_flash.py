@@ -173,6 +173,10 @@ def test_errors_name_the_problem():
         attn(q.double(), k.double(), v.double())
     with pytest.raises(ValueError, match="sequences"):
         attn(*(t.reshape(1, 2, 4, 2, 16) for t in (q, k, v)))
+    with pytest.raises(ValueError, match="positive scale; got scale=-0.5"):
+        attn(q, k, v, scale=-0.5)
+    with pytest.raises(ValueError, match="'neighborhood' needs a positive scale; got scale=0.0"):
+        ops.build("neighborhood", kernel_size=3)(q, k, v, scale=0.0)
     with pytest.raises(ValueError, match=r"block_m=48.*\(16, 32, 64, 128, 256\)"):
         ops.build("flash", block_m=48)
     with pytest.raises(ValueError, match="num_warps=3"):
