@@ -278,3 +278,50 @@ def test_gpt2_trains_with_fused_neighborhood_attention_from_config(tmp_path):
     )
     start = first_val(tmp_path)
     assert s["finished"] and s["val_loss"] < start - 0.2, (start, s["val_loss"])
+
+
+def test_adaptive_clipping_scales_each_unit_to_its_weight_norm():
+    from trainer.optim import adaptive_clip_
+
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 0.0], [1.0, 0.0]]))  # row norms 5, 0, 1
+    w.grad = torch.tensor([[30.0, 40.0], [1.0, 0.0], [0.001, 0.0]])  # row norms 50, 1, 0.001
+    b = torch.nn.Parameter(torch.tensor([2.0]))
+    b.grad = torch.tensor([0.01])
+    adaptive_clip_([w, b], clip=0.1)
+    # row 0: limit 0.5 -> scaled to norm 0.5; row 1: weight norm floored at 1e-3 -> limit 1e-4;
+    # row 2: 0.001 < 0.1 untouched; bias: 0.01 < 0.2 untouched
+    torch.testing.assert_close(w.grad[0], torch.tensor([0.3, 0.4]))
+    torch.testing.assert_close(w.grad[1], torch.tensor([1e-4, 0.0]))
+    torch.testing.assert_close(w.grad[2], torch.tensor([0.001, 0.0]))
+    torch.testing.assert_close(b.grad, torch.tensor([0.01]))
+
+
+def test_weight_ema_is_the_running_average_and_copies_integer_buffers():
+    from trainer.optim import WeightEMA
+
+    m = torch.nn.BatchNorm1d(3)
+    ema = WeightEMA(m, 0.9)
+    with torch.no_grad():
+        m.weight.fill_(2.0)  # EMA weight: 0.9 * 1 + 0.1 * 2
+    m.num_batches_tracked.fill_(7)
+    ema.update()
+    torch.testing.assert_close(ema.model.weight, torch.full((3,), 1.1))
+    assert int(ema.model.num_batches_tracked) == 7 and not ema.model.weight.requires_grad
+    with pytest.raises(ValueError, match=r"ema_decay=1.0: use a value in \(0, 1\)"):
+        WeightEMA(m, 1.0)
+
+
+def test_ema_and_agc_train_and_resume_exactly(tmp_path):
+    """trainer.ema_decay evaluates the EMA beside the weights; the EMA is checkpointed, so a
+    stopped and resumed run ends with the same EMA metrics; optim.clip_mode=agc trains."""
+    common = ["trainer.max_steps=6", "trainer.eval_every=3", "trainer.ckpt_every=100",
+              "trainer.ema_decay=0.8", "optim.clip_mode=agc", "optim.grad_clip=0.02"]  # fmt: skip
+    a = train(tmp_path / "a", *common)
+    assert a["ema_val_loss"] != a["val_loss"] and math.isfinite(a["ema_val_loss"])
+    train(tmp_path / "b", *common, "trainer.stop_at=4")
+    assert "ema" in torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)
+    b = train(tmp_path / "b", *common)
+    assert b["ema_val_loss"] == a["ema_val_loss"] and b["val_loss"] == a["val_loss"]
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    with pytest.raises(ValueError, match="optim.clip_mode='unit'; valid: norm, agc"):
+        train(tmp_path / "c", *common, "optim.clip_mode=unit")

@@ -34,6 +34,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables
+    clip_mode: str = "norm"  # norm (global grad norm <= grad_clip) | agc (adaptive, per unit)
     fused: bool | None = None  # None: fused AdamW on CUDA
 
 
@@ -50,6 +51,7 @@ class TrainerConfig:
     keep_last: int = 3  # step checkpoints kept besides last.pt
     resume: str = "auto"  # auto | never | PATH
     stop_at: int | None = None  # end this process after this step (checkpointed), as if preempted
+    ema_decay: float | None = None  # weight EMA (also evaluated: ema_val_*); None: off
     compile: bool = False
     compile_tuning: bool = False  # Inductor coordinate-descent tuning (slower compile)
     device: str = "auto"  # auto | cpu | cuda
@@ -138,6 +140,10 @@ def validate(rc: RunConfig, world_size: int = 1) -> int:
         raise ValueError(f"trainer.device={t.device!r}; valid: auto, cpu, cuda")
     if t.precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"trainer.precision={t.precision!r}; valid: auto, bf16, fp32")
+    if rc.optim.clip_mode not in ("norm", "agc"):
+        raise ValueError(f"optim.clip_mode={rc.optim.clip_mode!r}; valid: norm, agc")
+    if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
+        raise ValueError(f"trainer.ema_decay={t.ema_decay}: use null (off) or a value in (0, 1)")
     if rc.logger.name not in ("wandb", "none"):
         raise ValueError(f"logger.name={rc.logger.name!r}; valid: wandb, none (logger=none)")
     per_micro = t.micro_batch * t.seq_len * world_size

@@ -18,7 +18,7 @@ from . import checkpoint as ckpt_lib
 from . import config as config_lib
 from . import distributed as dist_lib
 from .monitor import Monitor, Throughput, peak_flops
-from .optim import build_optimizer, lr_at
+from .optim import WeightEMA, adaptive_clip_, build_optimizer, lr_at
 from .tasks import build_task
 
 
@@ -77,6 +77,12 @@ def _resume(rc, task, opt, manager, info, monitor_say) -> tuple[int, dict]:
     ckpt = ckpt_lib.load(path)
     ckpt_lib.check_compatible(task.model, ckpt, path)
     task.model.load_state_dict(ckpt["model"])
+    if getattr(task, "ema", None) is not None:
+        if "ema" in ckpt:
+            task.ema.load_state_dict(ckpt["ema"])
+        else:
+            task.ema.load_state_dict(ckpt["model"])
+            monitor_say(f"{path} holds no weight EMA: the EMA starts from its weights")
     opt.load_state_dict(ckpt["optimizer"])
     task.train_loader.load_state_dict(ckpt["data"])
     rngs = ckpt["rng"]
@@ -109,6 +115,7 @@ def _save(manager, task, opt, step, info, config_dict, extras) -> Path | None:
             "data": task.train_loader.state_dict(),
             "rng": rngs,
             "config": config_dict,
+            **({"ema": task.ema.state_dict()} if getattr(task, "ema", None) else {}),
             **extras,
         }
         path = manager.save(state, step)
@@ -137,7 +144,13 @@ def _train_step(task, train_model, opt, accum, autocast, info, rc, step, max_ste
             (loss / accum).backward()
         loss_acc += loss.detach()
     clip = rc.optim.grad_clip
-    norm = torch.nn.utils.clip_grad_norm_(task.model.parameters(), clip if clip > 0 else math.inf)
+    if rc.optim.clip_mode == "agc" and clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(task.model.parameters(), math.inf)  # logged only
+        adaptive_clip_(task.model.parameters(), clip)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(
+            task.model.parameters(), clip if clip > 0 else math.inf
+        )
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss_acc / accum, norm, lr
@@ -187,6 +200,7 @@ def _run(rc, info) -> dict:
 
     task = build_task(rc, info)
     task.model.to(info.device)
+    task.ema = WeightEMA(task.model, t.ema_decay) if t.ema_decay else None
     opt = build_optimizer(task.model, rc.optim, info.device)
     manager = ckpt_lib.CheckpointManager(run_dir / "checkpoints", t.keep_last)
     say = print if info.is_main else (lambda *a, **k: None)
@@ -226,7 +240,13 @@ def _events(step: int, t, first_step: int) -> _Events:
 
 def _evaluate(task, model, autocast, t, monitor, step) -> dict:
     evals = task.evaluate(model, autocast, t.eval_tokens)
-    monitor.say(f"step {step} | val loss {evals['val_loss']:.4f} | val ppl {evals['val_ppl']:.2f}")
+    line = f"step {step} | val loss {evals['val_loss']:.4f} | val ppl {evals['val_ppl']:.2f}"
+    ema = getattr(task, "ema", None)
+    if ema is not None:  # the EMA weights, evaluated on the same data
+        ema_evals = task.evaluate(ema.model, autocast, t.eval_tokens)
+        evals.update({f"ema_{k}": v for k, v in ema_evals.items()})
+        line += f" | ema val loss {ema_evals['val_loss']:.4f}"
+    monitor.say(line)
     return evals
 
 
@@ -259,6 +279,8 @@ def _loop(rc, info, task, opt, manager, monitor, step, accum, run_dir, config_di
     pending = []  # steps whose losses are still on the device
     while step < t.max_steps:
         out = _train_step(task, train_model, opt, accum, autocast, info, rc, step, t.max_steps)
+        if task.ema is not None:
+            task.ema.update()
         step += 1
         pending.append((step, *out))
         meter.add(t.global_batch_tokens)
@@ -308,6 +330,7 @@ def _loop(rc, info, task, opt, manager, monitor, step, accum, run_dir, config_di
         "train_loss": loss,
         "val_loss": evals["val_loss"],
         "val_ppl": evals["val_ppl"],
+        **{k: evals[k] for k in ("ema_val_loss", "ema_val_ppl") if k in evals},
         "tokens_per_s": meter.mean(),
         "mfu": (flops_tok * meter.mean() / (peak * info.world_size)) if peak else None,
         "tokens_seen": step * t.global_batch_tokens,

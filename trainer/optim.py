@@ -1,4 +1,5 @@
-"""AdamW with decay only on matrices, and the warmup + cosine learning-rate schedule."""
+"""AdamW with decay only on matrices, the warmup + cosine learning-rate schedule, adaptive
+gradient clipping and the weight EMA."""
 
 from __future__ import annotations
 
@@ -29,3 +30,62 @@ def lr_at(step: int, cfg, max_steps: int) -> float:
         return cfg.min_lr
     frac = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (cfg.lr - cfg.min_lr)
+
+
+def _unitwise_norm(x: torch.Tensor) -> torch.Tensor:
+    """L2 norm per output unit: per row (dim 0) of a >= 2-D weight, whole tensor for 0/1-D."""
+    if x.dim() <= 1:
+        return x.norm()
+    return x.norm(dim=tuple(range(1, x.dim())), keepdim=True)
+
+
+@torch.no_grad()
+def adaptive_clip_(params, clip: float, eps: float = 1e-3) -> None:
+    """Adaptive gradient clipping (Brock et al. 2021, NFNets), in place: each unit's gradient is
+    scaled down to ``clip`` x its weight norm (weight norm floored at ``eps``) where larger."""
+    for p in params:
+        if p.grad is None:
+            continue
+        limit = _unitwise_norm(p.detach()).clamp(min=eps).mul_(clip)
+        g = p.grad.detach()
+        g_norm = _unitwise_norm(g)
+        scale = torch.where(g_norm > limit, limit / g_norm.clamp(min=1e-6), torch.ones_like(g_norm))
+        g.mul_(scale)
+
+
+class WeightEMA:
+    """Exponential moving average of a model's floating-point state (parameters and buffers),
+    kept in a frozen copy of the model: ``ema = decay * ema + (1 - decay) * current`` after each
+    update; integer buffers (e.g. BatchNorm's step count) are copied. Evaluate ``ema.model``."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"trainer.ema_decay={decay}: use a value in (0, 1), e.g. 0.9998")
+        import copy
+
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._pairs(model)
+
+    def _pairs(self, model) -> None:
+        # state_dict() tensors share storage with the modules: collect them once.
+        ema_sd, cur_sd = self.model.state_dict(), model.state_dict()
+        if list(ema_sd) != list(cur_sd):
+            raise ValueError("WeightEMA: the model's state keys changed since the EMA was made")
+        pairs = [(ema_sd[k], cur_sd[k]) for k in cur_sd]
+        self._float = [(e, c) for e, c in pairs if e.dtype.is_floating_point]
+        self._other = [(e, c) for e, c in pairs if not e.dtype.is_floating_point]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        if self._float:
+            ema, cur = zip(*self._float)
+            torch._foreach_lerp_(list(ema), list(cur), 1.0 - self.decay)
+        for e, c in self._other:
+            e.copy_(c)
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)
