@@ -1,7 +1,9 @@
-"""Token data for GPT-2 language-model training: tokenizer, shards, sources, loaders.
+"""Training data: GPT-2 token streams and image classification sets.
 
-The trainer needs one call, ``build_token_data(cfg, ...)``, which turns a
+Tokens: the trainer needs one call, ``build_token_data(cfg, ...)``, which turns a
 ``TokenDataConfig`` into a training ``TokenLoader`` and a validation token array.
+Images (``data.images``): ``build_image_loaders(cfg, batch_size, ...)`` turns an
+``ImageDataConfig`` into train/val loaders, the class count and a mixup callable.
 This package imports nothing from models/, ops/ or trainer/.
 """
 
@@ -14,6 +16,29 @@ from typing import TypeVar
 
 import numpy as np
 
+from data.images import (
+    IMAGE_KINDS,
+    IMAGENET_HF_REPO,
+    IMAGENET_HF_REVISION,
+    BatchMixup,
+    DigitsDataset,
+    HFImageDataset,
+    ImageDataConfig,
+    ImageFolderDataset,
+    PackedImageDataset,
+    RepeatAugSampler,
+    ShardSampler,
+    build_image_datasets,
+    build_image_loaders,
+    build_mixup,
+    build_transforms,
+    check_image_config,
+    load_hf_split,
+    make_image_folder,
+    open_packed,
+    to_device,
+    write_packed,
+)
 from data.loader import TokenLoader, iter_eval_batches, shuffle_documents
 from data.shards import SHARD_SUFFIXES, list_shards, load_tokens, write_shard
 from data.sources import (
@@ -32,14 +57,30 @@ __all__ = [
     "EOT",
     "FINEWEB_EDU_CONFIGS",
     "FINEWEB_EDU_REVISION",
+    "IMAGENET_HF_REPO",
+    "IMAGENET_HF_REVISION",
+    "IMAGE_KINDS",
     "KINDS",
     "SHARD_SUFFIXES",
     "VOCAB_SIZE",
+    "BatchMixup",
+    "DigitsDataset",
+    "HFImageDataset",
+    "ImageDataConfig",
+    "ImageFolderDataset",
+    "PackedImageDataset",
+    "RepeatAugSampler",
+    "ShardSampler",
     "TokenDataConfig",
     "TokenLoader",
+    "build_image_datasets",
+    "build_image_loaders",
+    "build_mixup",
     "build_token_data",
+    "build_transforms",
     "bundled_corpus",
     "bundled_documents",
+    "check_image_config",
     "default_cache_dir",
     "encode_document",
     "encode_documents",
@@ -48,9 +89,14 @@ __all__ = [
     "iter_eval_batches",
     "iter_local_documents",
     "list_shards",
+    "load_hf_split",
     "load_tokens",
     "local_files",
+    "make_image_folder",
+    "open_packed",
     "shuffle_documents",
+    "to_device",
+    "write_packed",
     "write_shard",
 ]
 
