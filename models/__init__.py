@@ -6,6 +6,15 @@ model config, a bound attention backend (``ops.build``) and the position config.
 
 from __future__ import annotations
 
+from .efficientvit import (
+    VARIANTS,
+    EfficientViT,
+    EfficientViTConfig,
+    build_efficientvit,
+    from_timm_state_dict,
+    load_pretrained,
+    to_timm_state_dict,
+)
 from .gpt2 import GPT2, SIZES, GPT2Config
 from .positions import POSITIONS, PosConfig, build_positions
 
@@ -14,7 +23,10 @@ def _build_gpt2(cfg: GPT2Config, attention, pos: PosConfig) -> GPT2:
     return GPT2(cfg, attention, pos)
 
 
-FAMILIES = {"gpt2": (GPT2Config, _build_gpt2)}
+FAMILIES = {
+    "gpt2": (GPT2Config, _build_gpt2),
+    "efficientvit": (EfficientViTConfig, build_efficientvit),  # pos must be none
+}
 
 
 def build_model(model_cfg, attention, pos_cfg: PosConfig):
@@ -27,11 +39,18 @@ def build_model(model_cfg, attention, pos_cfg: PosConfig):
 
 __all__ = [
     "FAMILIES",
+    "VARIANTS",
+    "EfficientViT",
+    "EfficientViTConfig",
     "GPT2",
     "GPT2Config",
     "POSITIONS",
     "PosConfig",
     "SIZES",
+    "build_efficientvit",
     "build_model",
     "build_positions",
+    "from_timm_state_dict",
+    "load_pretrained",
+    "to_timm_state_dict",
 ]

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 import ops
-from models import build_model
+from models import VARIANTS, build_model
 from trainer import config as config_lib
 
 from .helpers import CONF, compose_cfg
@@ -19,9 +19,14 @@ def names(group):
     return sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(CONF, group, "*.yaml")))
 
 
-def build_on_meta(cfg):
+def family(model):
+    return OmegaConf.load(os.path.join(CONF, "model", f"{model}.yaml")).family
+
+
+def build_on_meta(cfg, validate=True):
     rc = config_lib.load(cfg)
-    config_lib.validate(rc)
+    if validate:
+        config_lib.validate(rc)
     with torch.device("meta"):
         return build_model(rc.model, ops.build(rc.attn.name, **rc.attn.options), rc.pos), rc
 
@@ -60,15 +65,44 @@ def test_experiment_recipes():
     assert rc.pos.name == "rope"
 
 
-@pytest.mark.parametrize("model", names("model"))
-@pytest.mark.parametrize("attn", names("attn"))
-@pytest.mark.parametrize("pos", names("pos"))
+def matrix():
+    """Every model x attn x pos for GPT-2; EfficientViT (whose own attention biases replace
+    positions) every variant x attn with pos=none, and the first variant x attn x every pos."""
+    evit = [m for m in names("model") if family(m) == "efficientvit"]
+    return [
+        (m, a, p)
+        for m in names("model")
+        for a in names("attn")
+        for p in names("pos")
+        if family(m) != "efficientvit" or p == "none" or m == evit[0]
+    ]
+
+
+@pytest.mark.parametrize("model, attn, pos", matrix())
 def test_model_attn_pos_matrix_builds(model, attn, pos):
-    built, rc = build_on_meta(compose_cfg([f"model={model}", f"attn={attn}", f"pos={pos}"]))
-    has_wpe = any(n.startswith("pos.wpe") for n, _ in built.named_parameters())
-    has_carope = any(n.startswith("pos.proj") for n, _ in built.named_parameters())
-    assert has_wpe == (pos == "learned") and has_carope == (pos == "carope")
-    assert len(built.blocks) == rc.model.n_layer
+    cfg = compose_cfg([f"model={model}", f"attn={attn}", f"pos={pos}"])
+    if family(model) == "gpt2":
+        built, rc = build_on_meta(cfg)
+        has_wpe = any(n.startswith("pos.wpe") for n, _ in built.named_parameters())
+        has_carope = any(n.startswith("pos.proj") for n, _ in built.named_parameters())
+        assert has_wpe == (pos == "learned") and has_carope == (pos == "carope")
+        assert len(built.blocks) == rc.model.n_layer
+        return
+    assert family(model) == "efficientvit", f"{model}: add its family's expectations here"
+    # trainer.validate checks token-model fields (seq_len vs max_seq_len): build directly
+    rc = config_lib.load(cfg)
+    if pos != "none":  # its attention biases are its positions
+        with pytest.raises(ValueError, match="efficientvit uses its own relative-position"):
+            build_on_meta(cfg, validate=False)
+        return
+    if not ops.build(rc.attn.name, **rc.attn.options).capabilities.bias:
+        with pytest.raises(ValueError, match=f"'{attn}' does not support: an additive attention"):
+            build_on_meta(cfg, validate=False)
+        return
+    built, rc = build_on_meta(cfg, validate=False)
+    depths = VARIANTS[rc.model.variant][1]
+    assert [len(stage.blocks) for stage in built.stages] == list(depths)
+    assert not any(n.startswith("pos.") for n, _ in built.named_parameters())
 
 
 def test_sizes_match_the_papers():
@@ -79,6 +113,9 @@ def test_sizes_match_the_papers():
     assert 124e6 < counts["gpt2_small"] < 125e6  # GPT-2 124M (with the 50304-token table)
     assert 354e6 < counts["gpt2_medium"] < 356e6
     assert 44e6 < counts["gpt2_tiny"] < 46e6
+    for m, millions in [("efficientvit_m0", 2.35), ("efficientvit_m5", 12.4)]:  # = timm's
+        built, _ = build_on_meta(compose_cfg([f"model={m}", "pos=none"]))
+        assert abs(sum(p.numel() for p in built.parameters()) / 1e6 - millions) < 0.1
 
 
 @pytest.mark.parametrize(
@@ -104,7 +141,27 @@ def test_sizes_match_the_papers():
             "bad config in 'model'.*n_layers.*Valid keys of model \\(GPT2Config\\)",
         ),
         (["+trainer.max_step=3"], "bad config in 'trainer'.*max_step"),
-        (["model.family=bert"], "unknown model.family='bert'; valid: gpt2"),
+        (["model.family=bert"], "unknown model.family='bert'; valid: gpt2, efficientvit"),
+        (
+            ["model=efficientvit_m0", "pos=none", "model.variant=m7"],
+            "unknown EfficientViT variant model.variant='m7'; valid: m0, m1, m2, m3, m4, m5",
+        ),
+        (
+            ["model=efficientvit_m0", "pos=none", "model.img_size=200"],
+            "model.img_size=200 must be a positive multiple of 16",
+        ),
+        (
+            ["model=efficientvit_m0", "pos=none", "+model.depth=3"],
+            "bad config in 'model'.*depth.*Valid keys of model \\(EfficientViTConfig\\)",
+        ),
+        (
+            ["model=efficientvit_m0", "pos=rope"],
+            "efficientvit uses its own relative-position attention biases; set pos=none",
+        ),
+        (
+            ["model=efficientvit_m0", "pos=none", "attn=flash"],
+            "'flash' does not support: an additive attention bias",
+        ),
         (["logger.name=tensorboard"], "logger.name='tensorboard'"),
     ],
 )
@@ -131,7 +188,7 @@ def test_missing_data_path_names_the_field(tmp_path):
         build_token_data(rc.data, batch_size=2, seq_len=8, rank=0, world_size=1, seed=0)
 
 
-@pytest.mark.parametrize("model", names("model"))
+@pytest.mark.parametrize("model", [m for m in names("model") if family(m) == "gpt2"])
 def test_model_loss_is_configurable(model):
     assert config_lib.load(compose_cfg([f"model={model}"])).model.loss == "auto"
     rc = config_lib.load(compose_cfg([f"model={model}", "model.loss=fused"]))
