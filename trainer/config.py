@@ -153,7 +153,8 @@ def validate(rc: RunConfig, world_size: int = 1) -> int:
             f"micro_batch x seq_len x world_size = {t.micro_batch} x {t.seq_len} x {world_size} "
             f"= {per_micro}"
         )
-    if rc.pos.name == "learned" and t.seq_len > rc.model.max_seq_len:
+    max_len = getattr(rc.model, "max_seq_len", None)
+    if rc.pos.name == "learned" and max_len is not None and t.seq_len > max_len:
         raise ValueError(
             f"trainer.seq_len={t.seq_len} is longer than pos=learned allows "
             f"(model.max_seq_len={rc.model.max_seq_len}); raise model.max_seq_len or shorten"
