@@ -36,8 +36,27 @@ def test_every_experiment_composes_and_builds(experiment):
     cfg = compose_cfg([f"experiment={experiment}"])
     model, rc = build_on_meta(cfg)
     assert rc.experiment == experiment
-    assert rc.trainer.global_batch_tokens % (rc.trainer.micro_batch * rc.trainer.seq_len) == 0
+    assert config_lib.validate(rc, world_size=1) >= 1  # batch sizes fit, cross-field checks pass
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_efficientvit_imagenet_recipe_is_the_papers():
+    for v in range(6):
+        rc = config_lib.load(compose_cfg([f"experiment=efficientvit_m{v}_imagenet"]))
+        assert rc.model.variant == f"m{v}" and rc.pos.name == "none"
+        o, t, d = rc.optim, rc.trainer, rc.data
+        assert (o.lr, o.min_lr, o.weight_decay, o.betas) == (4e-3, 1e-5, 0.025, [0.9, 0.999])
+        assert (o.warmup_steps, o.warmup_init_lr, o.schedule_unit) == (5, 1e-6, "epoch")
+        assert (o.clip_mode, o.grad_clip) == ("agc", 0.02)
+        assert (t.epochs, t.global_batch, t.ema_decay) == (300, 2048, 0.99996)
+        assert (d.kind, d.img_size, d.auto_augment, d.re_prob) == (
+            "folder",
+            224,
+            "rand-m9-mstd0.5-inc1",
+            0.25,
+        )
+        assert (d.mixup, d.cutmix, d.label_smoothing, d.repeated_aug) == (0.8, 1.0, 0.1, True)
+        assert config_lib.validate(rc, world_size=8) == 1  # 8 GPUs x 256
 
 
 def test_experiment_recipes():
@@ -80,7 +99,8 @@ def matrix():
 
 @pytest.mark.parametrize("model, attn, pos", matrix())
 def test_model_attn_pos_matrix_builds(model, attn, pos):
-    cfg = compose_cfg([f"model={model}", f"attn={attn}", f"pos={pos}"])
+    data = ["data=digits"] if family(model) == "efficientvit" else []  # images, not tokens
+    cfg = compose_cfg([f"model={model}", f"attn={attn}", f"pos={pos}", *data])
     if family(model) == "gpt2":
         built, rc = build_on_meta(cfg)
         has_wpe = any(n.startswith("pos.wpe") for n, _ in built.named_parameters())
@@ -114,7 +134,7 @@ def test_sizes_match_the_papers():
     assert 354e6 < counts["gpt2_medium"] < 356e6
     assert 44e6 < counts["gpt2_tiny"] < 46e6
     for m, millions in [("efficientvit_m0", 2.35), ("efficientvit_m5", 12.4)]:  # = timm's
-        built, _ = build_on_meta(compose_cfg([f"model={m}", "pos=none"]))
+        built, _ = build_on_meta(compose_cfg([f"model={m}", "pos=none", "data=digits"]))
         assert abs(sum(p.numel() for p in built.parameters()) / 1e6 - millions) < 0.1
 
 
@@ -143,25 +163,30 @@ def test_sizes_match_the_papers():
         (["+trainer.max_step=3"], "bad config in 'trainer'.*max_step"),
         (["model.family=bert"], "unknown model.family='bert'; valid: gpt2, efficientvit"),
         (
-            ["model=efficientvit_m0", "pos=none", "model.variant=m7"],
+            ["model=efficientvit_m0", "pos=none", "data=digits", "model.variant=m7"],
             "unknown EfficientViT variant model.variant='m7'; valid: m0, m1, m2, m3, m4, m5",
         ),
         (
-            ["model=efficientvit_m0", "pos=none", "model.img_size=200"],
+            ["model=efficientvit_m0", "pos=none", "data=digits", "model.img_size=200"],
             "model.img_size=200 must be a positive multiple of 16",
         ),
         (
-            ["model=efficientvit_m0", "pos=none", "+model.depth=3"],
+            ["model=efficientvit_m0", "pos=none", "data=digits", "+model.depth=3"],
             "bad config in 'model'.*depth.*Valid keys of model \\(EfficientViTConfig\\)",
         ),
         (
-            ["model=efficientvit_m0", "pos=rope"],
+            ["model=efficientvit_m0", "pos=rope", "data=digits"],
             "efficientvit uses its own relative-position attention biases; set pos=none",
         ),
         (
-            ["model=efficientvit_m0", "pos=none", "attn=flash"],
+            ["model=efficientvit_m0", "pos=none", "data=digits", "attn=flash"],
             "'flash' does not support: an additive attention bias",
         ),
+        (
+            ["model=efficientvit_m0", "pos=none"],
+            "model.family=efficientvit trains on images: data=digits.*got data=pycorpus",
+        ),
+        (["data=digits"], "model.family=gpt2 trains on tokens: data=pycorpus"),
         (["logger.name=tensorboard"], "logger.name='tensorboard'"),
     ],
 )

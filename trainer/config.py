@@ -13,7 +13,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from data import TokenDataConfig
+from data import ImageDataConfig, TokenDataConfig
+from data.images import IMAGE_KINDS
 from models import FAMILIES, PosConfig
 
 
@@ -33,6 +34,8 @@ class OptimConfig:
     weight_decay: float = 0.1  # on >= 2-D weights only (not norms, biases)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
+    warmup_init_lr: float = 0.0  # lr at the first warmup step/epoch (timm's warmup_lr_init)
+    schedule_unit: str = "step"  # step | epoch: lr held constant within an epoch (timm's default)
     grad_clip: float = 1.0  # 0 disables
     clip_mode: str = "norm"  # norm (global grad norm <= grad_clip) | agc (adaptive, per unit)
     fused: bool | None = None  # None: fused AdamW on CUDA
@@ -44,6 +47,9 @@ class TrainerConfig:
     seq_len: int = 256
     micro_batch: int = 8  # sequences per forward, per process
     global_batch_tokens: int = 2048  # tokens per optimizer step over all processes
+    global_batch: int | None = None  # images per optimizer step, all processes (classification);
+    # None: micro_batch x processes. Language models use global_batch_tokens.
+    epochs: int | None = None  # classification: train this many epochs (sets max_steps)
     eval_every: int = 100
     eval_tokens: int = 65536  # validation tokens per evaluation (all processes together)
     log_every: int = 10
@@ -77,7 +83,7 @@ class RunConfig:
     model: Any
     attn: AttnConfig
     pos: PosConfig
-    data: TokenDataConfig
+    data: Any  # TokenDataConfig (language models) or ImageDataConfig (image classifiers)
     optim: OptimConfig
     trainer: TrainerConfig
     logger: LoggerConfig
@@ -86,15 +92,16 @@ class RunConfig:
     experiment: str | None = None
 
 
+# The data schema follows the model family: token streams for language models, images else.
+DATA_SCHEMAS = {"gpt2": TokenDataConfig, "efficientvit": ImageDataConfig}
 SECTIONS = {
     "attn": AttnConfig,
     "pos": PosConfig,
-    "data": TokenDataConfig,
     "optim": OptimConfig,
     "trainer": TrainerConfig,
     "logger": LoggerConfig,
 }
-TOP_LEVEL = {"seed", "run_name", "experiment", "eval", "ckpt", *SECTIONS, "model"}
+TOP_LEVEL = {"seed", "run_name", "experiment", "eval", "ckpt", *SECTIONS, "model", "data"}
 
 
 def _typed(section: str, schema, node) -> Any:
@@ -123,6 +130,15 @@ def load(cfg: DictConfig | dict) -> RunConfig:
         raise ValueError(f"unknown model.family={family!r}; valid: {', '.join(FAMILIES)}")
     typed = {name: _typed(name, schema, cfg[name]) for name, schema in SECTIONS.items()}
     typed["model"] = _typed("model", FAMILIES[family][0], cfg.model)
+    schema = DATA_SCHEMAS.get(family, TokenDataConfig)
+    kind = cfg.data.get("kind")
+    if (schema is ImageDataConfig) != (kind in IMAGE_KINDS):
+        want = "images: data=digits|cifar10|imagenet|imagenet_hf" if schema is ImageDataConfig \
+            else "tokens: data=pycorpus|files|gutenberg|fineweb_edu"  # fmt: skip
+        raise ValueError(
+            f"model.family={family} trains on {want}; got data={cfg.data.get('name')} (kind {kind})"
+        )
+    typed["data"] = _typed("data", schema, cfg.data)
     return RunConfig(
         **typed,
         seed=int(cfg.get("seed", 1337)),
@@ -146,6 +162,22 @@ def validate(rc: RunConfig, world_size: int = 1) -> int:
         raise ValueError(f"trainer.ema_decay={t.ema_decay}: use null (off) or a value in (0, 1)")
     if rc.logger.name not in ("wandb", "none"):
         raise ValueError(f"logger.name={rc.logger.name!r}; valid: wandb, none (logger=none)")
+    if rc.optim.schedule_unit not in ("step", "epoch"):
+        raise ValueError(f"optim.schedule_unit={rc.optim.schedule_unit!r}; valid: step, epoch")
+    if isinstance(rc.data, ImageDataConfig):
+        per_micro = t.micro_batch * world_size
+        global_batch = t.global_batch or per_micro
+        if global_batch % per_micro:
+            raise ValueError(
+                f"trainer.global_batch={global_batch} must be a multiple of micro_batch x "
+                f"world_size = {t.micro_batch} x {world_size} = {per_micro}"
+            )
+        return global_batch // per_micro
+    if rc.optim.schedule_unit == "epoch" or t.epochs is not None:
+        raise ValueError(
+            "optim.schedule_unit=epoch and trainer.epochs are for image classification; "
+            "language models count trainer.max_steps"
+        )
     per_micro = t.micro_batch * t.seq_len * world_size
     if t.global_batch_tokens % per_micro:
         raise ValueError(

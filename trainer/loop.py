@@ -7,10 +7,12 @@ import dataclasses
 import json
 import math
 import os
+import random
 import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -130,7 +132,7 @@ def _train_step(task, train_model, opt, accum, autocast, info, rc, step, max_ste
     GPU, so the host can queue the next step while this one runs. Losses are read back (and
     checked for NaN/Inf) in batches by `_flush`.
     """
-    lr = lr_at(step, rc.optim, max_steps)
+    lr = lr_at(step, rc.optim, max_steps, getattr(task, "steps_per_epoch", None))
     for group in opt.param_groups:
         group["lr"] = lr
     loss_acc = torch.zeros((), device=info.device)
@@ -199,6 +201,14 @@ def _run(rc, info) -> dict:
     torch.manual_seed(rc.seed)  # same initial weights on every rank
 
     task = build_task(rc, info)
+    # Python / NumPy draws (image augmentation) per rank, seeded after the build: first imports
+    # may draw from `random`, which would make a process's first run differ from its later ones
+    random.seed(rc.seed + info.rank)
+    np.random.seed((rc.seed + info.rank) % 2**32)
+    if task.unit == "images":  # epochs of the image loader, in optimizer steps
+        task.steps_per_epoch = max(1, len(task.train_loader) // accum)
+        if t.epochs is not None:
+            t.max_steps = t.epochs * task.steps_per_epoch
     task.model.to(info.device)
     task.ema = WeightEMA(task.model, t.ema_decay) if t.ema_decay else None
     opt = build_optimizer(task.model, rc.optim, info.device)
@@ -238,14 +248,23 @@ def _events(step: int, t, first_step: int) -> _Events:
     )
 
 
+def _describe(evals: dict, prefix: str = "") -> str:
+    out = f"{prefix}val loss {evals['val_loss']:.4f}"
+    if "val_ppl" in evals:
+        out += f" | {prefix}val ppl {evals['val_ppl']:.2f}"
+    if "val_acc1" in evals:
+        out += f" | {prefix}top-1 {evals['val_acc1']:.2f}% | {prefix}top-5 {evals['val_acc5']:.2f}%"
+    return out
+
+
 def _evaluate(task, model, autocast, t, monitor, step) -> dict:
     evals = task.evaluate(model, autocast, t.eval_tokens)
-    line = f"step {step} | val loss {evals['val_loss']:.4f} | val ppl {evals['val_ppl']:.2f}"
+    line = f"step {step} | {_describe(evals)}"
     ema = getattr(task, "ema", None)
     if ema is not None:  # the EMA weights, evaluated on the same data
         ema_evals = task.evaluate(ema.model, autocast, t.eval_tokens)
         evals.update({f"ema_{k}": v for k, v in ema_evals.items()})
-        line += f" | ema val loss {ema_evals['val_loss']:.4f}"
+        line += f" | {_describe(ema_evals, 'ema ')}"
     monitor.say(line)
     return evals
 
@@ -259,13 +278,20 @@ def _loop(rc, info, task, opt, manager, monitor, step, accum, run_dir, config_di
         train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=ids)
     autocast = autocast_factory(t.precision, info.device)
     peak = peak_flops(info.device, t.peak_flops)
-    flops_tok = task.flops_per_token()
+    flops_tok = task.flops_per_unit()
+    unit = task.unit  # "tokens" or "images"
+    per_step = task.units_per_micro * accum * info.world_size
     n_params = model.num_params()
-    monitor.say(
-        f"run {run_dir} | {rc.model.name} ({n_params / 1e6:.1f}M params) pos={rc.pos.name} "
-        f"attn={rc.attn.name} | {info.world_size} x {info.device.type} | "
+    batch = (
         f"{t.global_batch_tokens} tokens/step = {accum} x {t.micro_batch} x {t.seq_len} x "
         f"{info.world_size}"
+        if unit == "tokens"
+        else f"{per_step} images/step = {accum} x {t.micro_batch} x {info.world_size}, "
+        f"{getattr(task, 'steps_per_epoch', '?')} steps/epoch"
+    )
+    monitor.say(
+        f"run {run_dir} | {rc.model.name} ({n_params / 1e6:.1f}M params) pos={rc.pos.name} "
+        f"attn={rc.attn.name} | {info.world_size} x {info.device.type} | {batch}"
     )
     stop = StopRequest()
     stop.install()
@@ -283,7 +309,7 @@ def _loop(rc, info, task, opt, manager, monitor, step, accum, run_dir, config_di
             task.ema.update()
         step += 1
         pending.append((step, *out))
-        meter.add(t.global_batch_tokens)
+        meter.add(per_step)
         ev = _events(step, t, first_step)
         if info.enabled:  # a collective only where all ranks meet anyway
             stopping = ev.any and dist_lib.any_rank(stop.signum is not None, info)
@@ -306,7 +332,8 @@ def _loop(rc, info, task, opt, manager, monitor, step, accum, run_dir, config_di
             tok_s, step_t = meter.read()
             mfu = flops_tok * tok_s / (peak * info.world_size) if peak else None
             records[-1].update(tok_s=tok_s, mfu=mfu)
-            monitor.progress(step, t.max_steps, loss, records[-1]["lr"], tok_s, mfu, step_t)
+            monitor.progress(step, t.max_steps, loss, records[-1]["lr"], tok_s, mfu, step_t,
+                             unit="tok" if unit == "tokens" else "img")  # fmt: skip
         if ev.eval:
             evals = _evaluate(task, model, autocast, t, monitor, step)
             records[-1].update(evals)
@@ -325,15 +352,18 @@ def _loop(rc, info, task, opt, manager, monitor, step, accum, run_dir, config_di
             break
     if not evals:  # resumed a run that had already finished
         evals = _evaluate(task, model, autocast, t, monitor, step)
+    metric_keys = ("val_ppl", "val_acc1", "val_acc5")
     summary = {
         "final_step": step,
         "train_loss": loss,
         "val_loss": evals["val_loss"],
-        "val_ppl": evals["val_ppl"],
-        **{k: evals[k] for k in ("ema_val_loss", "ema_val_ppl") if k in evals},
-        "tokens_per_s": meter.mean(),
+        **{k: evals[k] for k in metric_keys if k in evals},
+        **{
+            f"ema_{k}": evals[f"ema_{k}"] for k in ("val_loss", *metric_keys) if f"ema_{k}" in evals
+        },
+        f"{unit}_per_s": meter.mean(),
         "mfu": (flops_tok * meter.mean() / (peak * info.world_size)) if peak else None,
-        "tokens_seen": step * t.global_batch_tokens,
+        f"{unit}_seen": step * per_step,
         "wall_time_s": time.perf_counter() - start,
         "world_size": info.world_size,
         "finished": step >= t.max_steps,

@@ -66,14 +66,14 @@ class Monitor:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
-    def progress(self, step, max_steps, loss, lr, tok_s, mfu, step_time):
+    def progress(self, step, max_steps, loss, lr, tok_s, mfu, step_time, unit="tok"):
         if not (self.is_main and self.rc.trainer.progress):
             return
         eta = fmt_duration((max_steps - step) * step_time)
         mfu_s = f"{100 * mfu:5.1f}%" if mfu is not None else "    -"
         print(
             f"step {step:>6}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-            f"{tok_s / 1e3:8.1f}k tok/s | MFU {mfu_s} | {step_time * 1e3:7.1f} ms/step | ETA {eta}",
+            f"{tok_s / 1e3:8.1f}k {unit}/s | MFU {mfu_s} | {step_time * 1e3:7.1f} ms/step | ETA {eta}",
             flush=True,
         )
 

@@ -9,10 +9,12 @@ import torch
 
 
 def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on >= 2-D parameters (weights, embeddings), none on norms/biases."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    """AdamW; weight decay on >= 2-D parameters (weights, embeddings), none on norms/biases
+    nor on what the model lists in ``no_weight_decay()`` (EfficientViT's attention biases)."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.dim() >= 2 and n not in skip]
+    no_decay = [p for n, p in named if p.dim() < 2 or n in skip]
     fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
@@ -21,10 +23,20 @@ def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
 
 
-def lr_at(step: int, cfg, max_steps: int) -> float:
-    """Linear warmup to cfg.lr over warmup_steps, then cosine to cfg.min_lr at decay_steps."""
+def lr_at(step: int, cfg, max_steps: int, steps_per_epoch: int | None = None) -> float:
+    """Warmup to cfg.lr over warmup_steps, then cosine to cfg.min_lr at decay_steps.
+
+    Warmup is linear from cfg.warmup_init_lr (0: from lr / warmup_steps at the first step).
+    With cfg.schedule_unit == "epoch" every count (warmup_steps, decay_steps, max_steps) is in
+    epochs and the lr is constant within an epoch (timm's per-epoch scheduler)."""
+    if cfg.schedule_unit == "epoch":
+        if not steps_per_epoch:
+            raise ValueError("optim.schedule_unit=epoch needs the number of steps per epoch")
+        step, max_steps = step // steps_per_epoch, max(1, max_steps // steps_per_epoch)
     decay_steps = cfg.decay_steps or max_steps
     if step < cfg.warmup_steps:
+        if cfg.warmup_init_lr > 0 or cfg.schedule_unit == "epoch":  # timm: init + t * slope
+            return cfg.warmup_init_lr + (cfg.lr - cfg.warmup_init_lr) * step / cfg.warmup_steps
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if step >= decay_steps:
         return cfg.min_lr
@@ -36,7 +48,7 @@ def _unitwise_norm(x: torch.Tensor) -> torch.Tensor:
     """L2 norm per output unit: per row (dim 0) of a >= 2-D weight, whole tensor for 0/1-D."""
     if x.dim() <= 1:
         return x.norm()
-    return x.norm(dim=tuple(range(1, x.dim())), keepdim=True)
+    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), keepdim=True)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 import ops
 from data import build_token_data, iter_eval_batches
@@ -24,7 +25,7 @@ class LanguageModelTask:
         attention = ops.build(rc.attn.name, **rc.attn.options)
         self.model = build_model(rc.model, attention, rc.pos)
         t = rc.trainer
-        self.tokens_per_micro = t.micro_batch * t.seq_len
+        self.tokens_per_micro = self.units_per_micro = t.micro_batch * t.seq_len
         if build_data:
             self.train_loader, self.val_tokens = build_token_data(
                 rc.data,
@@ -47,7 +48,9 @@ class LanguageModelTask:
         x, y = batch
         return model(x, y)
 
-    def flops_per_token(self) -> float:
+    unit = "tokens"
+
+    def flops_per_unit(self) -> float:
         return self.model.flops_per_token(self.rc.trainer.seq_len)
 
     @torch.no_grad()
@@ -80,7 +83,146 @@ class LanguageModelTask:
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 80.0)), "val_tokens": count}
 
 
-TASKS = {"gpt2": LanguageModelTask}
+class _Skip:
+    """A sampler without its first ``n`` indices (this epoch's order: set_epoch came first)."""
+
+    def __init__(self, sampler, n: int):
+        self.sampler, self.n = sampler, n
+
+    def __iter__(self):
+        it = iter(self.sampler)
+        for _ in range(self.n):
+            next(it, None)
+        return it
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.n)
+
+
+class _Epochs:
+    """Endless batches from an epoch-based loader, with a resumable position (epoch, batch):
+    each epoch reshuffles through ``sampler.set_epoch``; resuming skips the batches already
+    consumed in the current epoch, so a resumed run sees the same samples in the same order
+    (and, with ``data.num_workers=0``, the same augmentations; worker processes draw theirs
+    from seeds taken when an epoch's iterator starts)."""
+
+    def __init__(self, loader):
+        self.loader, self.epoch, self.batch, self._it = loader, 0, 0, None
+
+    def next_batch(self):
+        while True:
+            if self._it is None:
+                self.loader.sampler.set_epoch(self.epoch)
+                rng = torch.random.get_rng_state()  # DataLoader draws a base seed per iterator:
+                self._it = iter(self._skipping(self.batch) if self.batch else self.loader)
+                torch.random.set_rng_state(rng)  # keep it out of the checkpointed RNG stream
+            try:
+                out = next(self._it)
+                self.batch += 1
+                return out
+            except StopIteration:
+                self._it, self.epoch, self.batch = None, self.epoch + 1, 0
+
+    def _skipping(self, batches: int):
+        """This epoch's loader without its first ``batches`` batches, skipped in the sampler
+        (nothing is loaded or augmented for them, so the RNG state restored from the checkpoint
+        is still the one the uninterrupted run had)."""
+        from torch.utils.data import DataLoader
+
+        ld = self.loader
+        kw = {"prefetch_factor": ld.prefetch_factor} if ld.num_workers else {}
+        return DataLoader(ld.dataset, batch_size=ld.batch_size,
+                          sampler=_Skip(ld.sampler, batches * ld.batch_size),
+                          num_workers=ld.num_workers, collate_fn=ld.collate_fn,
+                          pin_memory=ld.pin_memory, drop_last=ld.drop_last,
+                          worker_init_fn=ld.worker_init_fn,
+                          persistent_workers=False, **kw)  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batch, self._it = int(state["epoch"]), int(state["batch"]), None
+
+
+class ClassificationTask:
+    """Image classification (EfficientViT family): timm-style augmentation and mixing, soft-
+    target cross-entropy, top-1 / top-5 evaluation over the whole validation set."""
+
+    unit = "images"
+
+    def __init__(self, rc, info: DistInfo, *, build_data: bool = True):
+        from data import build_image_loaders, to_device
+
+        self.rc, self.info, self._to_device = rc, info, to_device
+        attention = ops.build(rc.attn.name, **rc.attn.options)
+        self.model = build_model(rc.model, attention, rc.pos)
+        t = rc.trainer
+        self.units_per_micro = t.micro_batch
+        self.mixup = None
+        if build_data:
+            loader, self.val_loader, n_classes, self.mixup = build_image_loaders(
+                rc.data, t.micro_batch, rank=info.rank, world=info.world_size, seed=rc.seed
+            )
+            if n_classes != rc.model.num_classes:
+                raise ValueError(
+                    f"data '{rc.data.name}' has {n_classes} classes but model.num_classes="
+                    f"{rc.model.num_classes}; set model.num_classes={n_classes}"
+                )
+            if rc.data.img_size != rc.model.img_size:
+                raise ValueError(
+                    f"data.img_size={rc.data.img_size} differs from model.img_size="
+                    f"{rc.model.img_size}; set both to the same size"
+                )
+            self.train_loader = _Epochs(loader)
+
+    def next_batch(self):
+        images, labels = self._to_device(
+            self.train_loader.next_batch(), self.info.device, self.rc.data.channels_last
+        )
+        if self.mixup is not None:
+            return self.mixup(images, labels)  # soft targets (B, classes), rows sum to one
+        return images, labels
+
+    def loss(self, model, batch) -> torch.Tensor:
+        images, targets = batch
+        logits = model(images).float()
+        if targets.dim() == 2:  # mixed / smoothed targets
+            return torch.sum(-targets * torch.log_softmax(logits, -1), -1).mean()
+        return F.cross_entropy(logits, targets, label_smoothing=self.rc.data.label_smoothing)
+
+    def flops_per_unit(self) -> float:
+        """Training FLOPs per image: 3x the forward (forward + backward)."""
+        return 3.0 * self.model.flops_per_image()
+
+    @torch.no_grad()
+    def evaluate(self, model, autocast, max_units: int | None = None, **_) -> dict:
+        """Loss, top-1 and top-5 accuracy (%) over the whole validation set (all ranks)."""
+        was_training = model.training
+        model.eval()
+        loss_sum = top1 = top5 = count = 0.0
+        for batch in self.val_loader:
+            images, labels = self._to_device(batch, self.info.device, self.rc.data.channels_last)
+            with autocast():
+                logits = model(images).float()
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            best = logits.topk(min(5, logits.shape[-1]), -1).indices
+            hit = best == labels[:, None]
+            top1 += float(hit[:, 0].sum())
+            top5 += float(hit.any(-1).sum())
+            count += labels.numel()
+        model.train(was_training)
+        loss_sum, top1, top5, count = all_reduce_sum([loss_sum, top1, top5, count], self.info)
+        if count == 0:
+            raise ValueError(f"validation set of data '{self.rc.data.name}' is empty")
+        return {"val_loss": loss_sum / count, "val_acc1": 100.0 * top1 / count,
+                "val_acc5": 100.0 * top5 / count, "val_images": int(count)}  # fmt: skip
+
+
+TASKS = {"gpt2": LanguageModelTask, "efficientvit": ClassificationTask}
 
 
 def build_task(rc, info: DistInfo, **kw):
