@@ -1,7 +1,9 @@
 """Evaluate a checkpoint: ``python eval.py ckpt=PATH [eval.seq_lens=[512,1024]] [data=...]``.
 
-Prints a table of perplexity at each context length (and HellaSwag accuracy with
-``eval.hellaswag=path/to/hellaswag_val.jsonl``) and writes the same as JSON.
+Language models: a table of perplexity at each context length (and HellaSwag accuracy with
+``eval.hellaswag=path/to/hellaswag_val.jsonl``). Image classifiers (EfficientViT): top-1,
+top-5 and loss on ``data``'s validation set for the raw and the EMA weights, with parameter
+count and image size. Both write the same as JSON.
 """
 
 import hydra

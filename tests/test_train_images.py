@@ -88,3 +88,26 @@ def test_image_config_errors_name_the_field():
     with pytest.raises(ValueError, match="has 10 classes but model.num_classes=7"):
         build_task(rc, DistInfo(device=torch.device("cpu")))
     assert config_lib.validate(rc) == 1
+
+
+def test_eval_cli_reports_top1_top5_for_raw_and_ema_weights(tmp_path):
+    """eval.py on an image checkpoint: top-1, top-5, loss, parameter count and image size for the
+    raw and the EMA weights; the same numbers as the trainer's own final evaluation."""
+    import subprocess
+    import sys
+
+    from .helpers import REPO_ROOT
+
+    s = run(tmp_path / "r", "trainer.max_steps=6", "trainer.epochs=null",
+            "optim.schedule_unit=step", "optim.warmup_steps=2")  # fmt: skip
+    out = tmp_path / "eval.json"
+    cmd = [sys.executable, "eval.py", f"ckpt={tmp_path}/r/checkpoints/last.pt",
+           f"eval.out={out}", "eval.batch_size=64"]  # fmt: skip
+    res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    r = json.loads(out.read_text())
+    assert r["img_size"] == 32 and 2.0e6 < r["param_count"] < 2.4e6 and r["step"] == 6
+    assert set(r["weights"]) == {"raw", "ema"} and r["weights"]["raw"]["val_images"] == 359
+    assert math.isclose(r["weights"]["raw"]["val_acc1"], s["val_acc1"])
+    assert math.isclose(r["weights"]["ema"]["val_loss"], s["ema_val_loss"], rel_tol=1e-6)
+    assert "top-1" in res.stdout and "ema" in res.stdout

@@ -107,6 +107,8 @@ def run_eval(cfg) -> dict:
     e = cfg.eval
     info = setup(e.device)
     model, rc, ckpt = load_model(cfg.ckpt, info.device)
+    if rc.model.family == "efficientvit":
+        return _run_image_eval(cfg, info, model, rc, ckpt)
     if cfg.get("data") is not None:
         node = OmegaConf.merge(OmegaConf.structured(TokenDataConfig), cfg.data)
         rc.data = OmegaConf.to_object(node)
@@ -155,6 +157,66 @@ def run_eval(cfg) -> dict:
     print(format_table(results))
     print(f"wrote {out}")
     return results
+
+
+def _run_image_eval(cfg, info, model, rc, ckpt) -> dict:
+    """Image classifiers: top-1, top-5 and loss on the validation set, for the raw weights and
+    (when the checkpoint holds one) the EMA, with parameter count and image size, as timm's
+    validate reports them."""
+    import copy
+
+    from data import ImageDataConfig, build_image_loaders
+
+    from .tasks import evaluate_classifier
+
+    e = cfg.eval
+    if cfg.get("data") is not None:
+        rc.data = OmegaConf.to_object(
+            OmegaConf.merge(OmegaConf.structured(ImageDataConfig), cfg.data)
+        )
+    rc.data.img_size = rc.model.img_size  # evaluate at the size the model was built for
+    _, val, n_classes, _ = build_image_loaders(rc.data, int(e.batch_size), rank=0, world=1)
+    if n_classes != rc.model.num_classes:
+        raise ValueError(
+            f"data '{rc.data.name}' has {n_classes} classes; the checkpoint's model has "
+            f"{rc.model.num_classes}"
+        )
+    autocast = autocast_factory(e.precision, info.device)
+    results = {
+        "ckpt": str(cfg.ckpt),
+        "step": ckpt.get("step"),
+        "model": rc.model.name,
+        "attn": rc.attn.name,
+        "data": rc.data.name,
+        "img_size": rc.model.img_size,
+        "param_count": sum(p.numel() for p in model.parameters()),
+        "weights": {},
+    }
+    results["weights"]["raw"] = evaluate_classifier(model, val, info, autocast, what=rc.data.name)
+    if "ema" in ckpt:
+        ema = copy.deepcopy(model)
+        ema.load_state_dict(ckpt["ema"])
+        results["weights"]["ema"] = evaluate_classifier(ema, val, info, autocast, what=rc.data.name)
+    out = Path(e.out) if e.out else Path(cfg.ckpt).resolve().parent.parent / "eval.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(format_image_table(results))
+    print(f"wrote {out}")
+    return results
+
+
+def format_image_table(results: dict) -> str:
+    lines = [
+        f"{results['model']} attn={results['attn']} step={results['step']} data={results['data']}"
+        f" | {results['param_count'] / 1e6:.2f}M params | {results['img_size']}px",
+        f"{'weights':>8} | {'top-1':>7} | {'top-5':>7} | {'loss':>7} | {'images':>7}",
+        "-" * 50,
+    ]
+    for name, r in results["weights"].items():
+        lines.append(
+            f"{name:>8} | {r['val_acc1']:7.2f} | {r['val_acc5']:7.2f} | {r['val_loss']:7.4f} | "
+            f"{r['val_images']:7d}"
+        )
+    return "\n".join(lines)
 
 
 def format_table(results: dict) -> str:

@@ -198,28 +198,39 @@ class ClassificationTask:
         """Training FLOPs per image: 3x the forward (forward + backward)."""
         return 3.0 * self.model.flops_per_image()
 
-    @torch.no_grad()
     def evaluate(self, model, autocast, max_units: int | None = None, **_) -> dict:
         """Loss, top-1 and top-5 accuracy (%) over the whole validation set (all ranks)."""
-        was_training = model.training
-        model.eval()
-        loss_sum = top1 = top5 = count = 0.0
-        for batch in self.val_loader:
-            images, labels = self._to_device(batch, self.info.device, self.rc.data.channels_last)
-            with autocast():
-                logits = model(images).float()
-            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-            best = logits.topk(min(5, logits.shape[-1]), -1).indices
-            hit = best == labels[:, None]
-            top1 += float(hit[:, 0].sum())
-            top5 += float(hit.any(-1).sum())
-            count += labels.numel()
-        model.train(was_training)
-        loss_sum, top1, top5, count = all_reduce_sum([loss_sum, top1, top5, count], self.info)
-        if count == 0:
-            raise ValueError(f"validation set of data '{self.rc.data.name}' is empty")
-        return {"val_loss": loss_sum / count, "val_acc1": 100.0 * top1 / count,
-                "val_acc5": 100.0 * top5 / count, "val_images": int(count)}  # fmt: skip
+        return evaluate_classifier(
+            model, self.val_loader, self.info, autocast, self.rc.data.channels_last,
+            what=f"data '{self.rc.data.name}'",
+        )  # fmt: skip
+
+
+@torch.no_grad()
+def evaluate_classifier(model, loader, info: DistInfo, autocast, channels_last: bool = True,
+                        what: str = "the data") -> dict:  # fmt: skip
+    """Mean loss, top-1 and top-5 accuracy (%) of ``model`` over ``loader``, summed over ranks
+    (each rank holds its own shard of the validation set)."""
+    from data import to_device
+
+    was_training = model.training
+    model.eval()
+    loss_sum = top1 = top5 = count = 0.0
+    for batch in loader:
+        images, labels = to_device(batch, info.device, channels_last)
+        with autocast():
+            logits = model(images).float()
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        hit = logits.topk(min(5, logits.shape[-1]), -1).indices == labels[:, None]
+        top1 += float(hit[:, 0].sum())
+        top5 += float(hit.any(-1).sum())
+        count += labels.numel()
+    model.train(was_training)
+    loss_sum, top1, top5, count = all_reduce_sum([loss_sum, top1, top5, count], info)
+    if count == 0:
+        raise ValueError(f"the validation set of {what} is empty")
+    return {"val_loss": loss_sum / count, "val_acc1": 100.0 * top1 / count,
+            "val_acc5": 100.0 * top5 / count, "val_images": int(count)}  # fmt: skip
 
 
 TASKS = {"gpt2": LanguageModelTask, "efficientvit": ClassificationTask}
