@@ -146,6 +146,28 @@ def _softmax_update(acc, l_i, m_i, s, v, qk_scale, IEEE: tl.constexpr):
 
 
 @_jit
+def _dkdv_update(dk, dv, pt, q, do, v, delta, IEEE: tl.constexpr):
+    """One backward step of a key tile over a query tile: from P^T (BN, BM), dV += P^T dO and
+    (unscaled) dK += dS^T Q, with dS^T = P^T * (dP^T - delta); delta (BM,) already holds
+    rowsum(dO * O) - dLSE. Shared by the flash and neighborhood dK/dV kernels."""
+    dv += _dot(pt.to(do.dtype), do, IEEE)
+    dpt = _dot(v, tl.trans(do), IEEE)  # (BN, BM) = dP^T
+    dst = pt * (dpt - delta[None, :])
+    dk += _dot(dst.to(q.dtype), q, IEEE)
+    return dk, dv
+
+
+@_jit
+def _dq_update(dq, p, do, v, k, delta, IEEE: tl.constexpr):
+    """One backward step of a query tile over a key tile: from P (BM, BN), (unscaled)
+    dQ += dS K with dS = P * (dO V^T - delta). Shared by the flash and neighborhood dQ kernels."""
+    dp = _dot(do, tl.trans(v), IEEE)  # (BM, BN)
+    ds = p * (dp - delta[:, None])
+    dq += _dot(ds.to(k.dtype), k, IEEE)
+    return dq
+
+
+@_jit
 def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, lo, hi,
                n_q, n_k, qk_scale, CAUSAL: tl.constexpr, MASK: tl.constexpr,
                BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
@@ -237,10 +259,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, s
         if MASK:
             st = _masked(st, offs_m[None, :], offs_n[:, None], n_q, n_k, CAUSAL)
         pt = tl.exp2(st - lse[None, :])  # P^T
-        dv += _dot(pt.to(do.dtype), do, IEEE)
-        dpt = _dot(v, tl.trans(do), IEEE)  # (BN, BM) = dP^T
-        dst = pt * (dpt - delta[None, :])  # dS^T; delta already holds Delta - dLSE
-        dk += _dot(dst.to(q.dtype), q, IEEE)
+        dk, dv = _dkdv_update(dk, dv, pt, q, do, v, delta, IEEE)
     return dk, dv
 
 
@@ -297,9 +316,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skn, skd, svn, svd, offs_m,
         if MASK:
             s = _masked(s, offs_m[:, None], offs_n[None, :], n_q, n_k, CAUSAL)
         p = tl.exp2(s - lse[:, None])
-        dp = _dot(do, tl.trans(v), IEEE)  # (BM, BN)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, IEEE)
+        dq = _dq_update(dq, p, do, v, k, delta, IEEE)
     return dq
 
 

@@ -35,7 +35,9 @@ from .flash import (
     KernelAttention,
     _check_scale,
     _delta_kernel,
+    _dkdv_update,
     _dot,
+    _dq_update,
     _jit,
     _launch,
     _load_kv,
@@ -176,10 +178,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, s
         st = _dot(k, tl.trans(q), IEEE) * qk_scale  # (BN, BM) = S^T in log2 units
         ok = _in_window(offs_m[None, :], offs_n[:, None], lg, ksize, stride, CAUSAL)
         pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0)  # P^T
-        dv += _dot(pt.to(do.dtype), do, IEEE)
-        dpt = _dot(v, tl.trans(do), IEEE)  # (BN, BM) = dP^T
-        dst = pt * (dpt - delta[None, :])  # dS^T; delta already holds Delta - dLSE
-        dk += _dot(dst.to(q.dtype), q, IEEE)
+        dk, dv = _dkdv_update(dk, dv, pt, q, do, v, delta, IEEE)
     return dk, dv
 
 
@@ -239,9 +238,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skn, skd, svn, svd, offs_m,
         if MASK:
             ok = _in_window(offs_m[:, None], offs_n[None, :], lg, ksize, stride, CAUSAL)
             p = tl.where(ok, p, 0.0)
-        dp = _dot(do, tl.trans(v), IEEE)  # (BM, BN)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, IEEE)
+        dq = _dq_update(dq, p, do, v, k, delta, IEEE)
     return dq
 
 

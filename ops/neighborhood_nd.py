@@ -13,9 +13,14 @@ windows over row-major flattened tokens). The 1-D helpers of ``ops/neighborhood.
 - Forward / dQ: per axis the keys of a query tile lie in [start(first query), end(last query))
   (start/end are non-decreasing in p); the kernel loops over the key tiles covering that box only.
   Per axis the union of the tile's windows is contiguous and the window is a product, so every
-  visited key tile is at least partially visible; tiles outside the box are never read. First
-  version: every visited tile is masked element-wise with the product of the per-axis masks
-  (the 1-D path distinguishes unmasked interior tiles; here that is not done yet).
+  visited key tile is at least partially visible; tiles outside the box are never read. A key
+  box that every query of the tile sees runs without a mask (large kernels); the others are
+  masked element-wise with the product of the per-axis masks.
+- Box shapes are chosen per launch (``_choose_boxes``) to visit the fewest tile pairs.
+  ``flat_tiles=True`` visits a span as runs of consecutive positions instead (rounded up once,
+  not per axis: up to 40% fewer positions for small kernels), always masked; it measured slower
+  on an H200 in 9 of 10 2-D 13x13 / 3-D 7x7x7 tile configs (docs/benchmarks.md), so boxes are
+  the default.
 - dK/dV: one program per (key tile, dilation group, batch*kv head); per axis the queries that can
   see the tile form a contiguous range (binary search on the monotone rule, as in 1-D); loops over
   the query tiles of that box and the q heads of the GQA group. Deterministic, no atomics.
@@ -34,7 +39,9 @@ from .flash import (
     _INTERPRET,
     _LOG2E,
     _delta_kernel,
+    _dkdv_update,
     _dot,
+    _dq_update,
     _jit,
     _launch,
     _softmax_update,
@@ -266,9 +273,7 @@ def _dq_nd_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqx, sqy, sqz, sqh, sqd, skb
                        kz[None, :], lgx, lgy, lgz, ksx, ksy, ksz, stx, sty, stz, CX, CY,
                        CZ)  # fmt: skip
             p = tl.where(ok, p, 0.0)
-        dp = _dot(do, tl.trans(v), IEEE)
-        ds = p * (dp - delta[:, None])  # delta holds Delta - dLSE
-        dq += _dot(ds.to(k.dtype), k, IEEE)
+        dq = _dq_update(dq, p, do, v, k, delta, IEEE)  # delta holds Delta - dLSE
     tl.store(DQ + flat, (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])
 
 
@@ -343,10 +348,7 @@ def _dkdv_nd_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqx, sqy, sqz, sqh, sq
                            kz[:, None], lgx, lgy, lgz, ksx, ksy, ksz, stx, sty, stz, CX, CY,
                            CZ)  # fmt: skip
                 pt = tl.where(ok, pt, 0.0)
-            dv += _dot(pt.to(do.dtype), do, IEEE)
-            dpt = _dot(v, tl.trans(do), IEEE)  # dP^T
-            dst = pt * (dpt - delta[None, :])
-            dk += _dot(dst.to(q.dtype), q, IEEE)
+            dk, dv = _dkdv_update(dk, dv, pt, q, do, v, delta, IEEE)
     tok = ((kx * dlx + gx) * ny + ky * dly + gy) * nz + kz * dlz + gz
     out = ((b * n + tok[:, None]) * n_kv + hk) * HEAD_D + offs_d[None, :]  # (B, N, Hkv, D)
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=in_k[:, None])
@@ -415,13 +417,16 @@ def _strides3(t):
     return (*s[:-2], *(0,) * (6 - len(s)), *s[-2:])
 
 
-def _common(q, win, box_m, box_n, by_keys):
-    """Scalar kernel arguments and the grid's tile count over the query (or key) box."""
-    shape, ks, ds, ss, cs = _axes(q.shape[1:-2], win)
-    box = box_n if by_keys else box_m
-    tiles = [triton.cdiv(-(-n // d), t) for n, d, t in zip(shape, ds, box)]  # longest group
-    args = (*shape, *ds, *ks, *ss, *tiles, q.shape[-2])
-    return args, tiles, ds, cs
+def _launch_geometry(axes, heads: int, ndim: int, tiles, by_keys: bool):
+    """For one launch over the padded ``axes`` (_axes): the (query, key) boxes, the scalar
+    kernel arguments and the grid's tile count over the program's box (query box, or key box
+    for dK/dV)."""
+    shape, ks, ds, ss, cs = axes
+    bm, bn = _choose_boxes(shape, ks, ds, ss, ndim, tiles.block_m, tiles.block_n, by_keys)
+    box = bn if by_keys else bm
+    nt = [triton.cdiv(-(-n // d), t) for n, d, t in zip(shape, ds, box)]  # longest group
+    args = (*shape, *ds, *ks, *ss, *nt, heads)
+    return bm, bn, args, nt
 
 
 def _nd_opts(opts: dict) -> dict:
@@ -447,15 +452,6 @@ def _nd_tiles(opts: dict, d: int, dtype: torch.dtype, backward: bool):
     return _tiles(opts, d, dtype, backward)
 
 
-def _use_flat(flat: bool | None) -> bool:
-    """Visit a program's span as runs of consecutive positions (True) or as boxes (False).
-    Runs visit up to 40% fewer positions for small kernels (they round the span up once, not
-    per axis) but measured slower on an H200 in every 2-D 13x13 / 3-D 7x7x7 tile config but
-    one (docs/benchmarks.md): the default (None) is boxes, which also skip the mask where every
-    query sees the whole box."""
-    return bool(flat)
-
-
 def _forward_nd(q, k, v, win, scale: float, opts: dict):
     """q (B, *tokens, H, D), k/v (B, *tokens, Hkv, D), 2 or 3 token axes, any strides ->
     o (B, *tokens, H, D) contiguous, lse (B, H, N) fp32."""
@@ -463,17 +459,16 @@ def _forward_nd(q, k, v, win, scale: float, opts: dict):
     b, h, d = q.shape[0], q.shape[-2], q.shape[-1]
     n = q[0, ..., 0, 0].numel()
     tiles = _nd_tiles(opts, d, q.dtype, backward=False)
-    bm, bn = _choose_boxes(*_axes(q.shape[1:-2], win)[:4], ndim, tiles.block_m, tiles.block_n,
-                           False)  # fmt: skip
+    axes = _axes(q.shape[1:-2], win)
+    ds, cs = axes[2], axes[4]
+    bm, bn, args, nt = _launch_geometry(axes, h, ndim, tiles, by_keys=False)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
-    args, nt, ds, cs = _common(q, win, bm, bn, by_keys=False)
-    flat = _use_flat(opts.get("flat_tiles"))
     grid = (nt[0] * nt[1] * nt[2], ds[0] * ds[1] * ds[2], b * h)
     _launch(_fwd_nd_kernel, grid, q, k, v, o, lse, *_strides3(q), *_strides3(k), *_strides3(v),
             *args, h // k.shape[-2], scale * _LOG2E, tiles=tiles, CX=cs[0], CY=cs[1], CZ=cs[2],
-            TY=bm[1], TZ=bm[2], KY=bn[1], KZ=bn[2], FLAT=flat, HEAD_D=d,
-            IEEE=q.dtype == torch.float32)  # fmt: skip
+            TY=bm[1], TZ=bm[2], KY=bn[1], KZ=bn[2], FLAT=bool(opts.get("flat_tiles")),
+            HEAD_D=d, IEEE=q.dtype == torch.float32)  # fmt: skip
     return o, lse
 
 
@@ -496,15 +491,15 @@ def _backward_nd(do, dlse, q, k, v, o, lse, win, scale: float, opts: dict):
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     strides = (*_strides3(q), *_strides3(k), *_strides3(v))
-    const = dict(tiles=tiles, HEAD_D=d, IEEE=q.dtype == torch.float32)
+    const = dict(tiles=tiles, HEAD_D=d, IEEE=q.dtype == torch.float32,
+                 FLAT=bool(opts.get("flat_tiles")))  # fmt: skip
+    axes = _axes(q.shape[1:-2], win)
+    ds, cs = axes[2], axes[4]
     for kernel, outs, by_keys, heads in ((_dkdv_nd_kernel, (dk, dv), True, hkv),
                                          (_dq_nd_kernel, (dq,), False, h)):  # fmt: skip
-        bm, bn = _choose_boxes(*_axes(q.shape[1:-2], win)[:4], ndim, tiles.block_m,
-                               tiles.block_n, by_keys)  # fmt: skip
-        args, nt, ds, cs = _common(q, win, bm, bn, by_keys)
-        flat = _use_flat(opts.get("flat_tiles"))
+        bm, bn, args, nt = _launch_geometry(axes, h, ndim, tiles, by_keys)
         grid = (nt[0] * nt[1] * nt[2], ds[0] * ds[1] * ds[2], b * heads)
         _launch(kernel, grid, q, k, v, do, lse, delta, *outs, *strides, *args, h // hkv,
                 scale * _LOG2E, scale, CX=cs[0], CY=cs[1], CZ=cs[2], TY=bm[1], TZ=bm[2],
-                KY=bn[1], KZ=bn[2], FLAT=flat, **const)  # fmt: skip
+                KY=bn[1], KZ=bn[2], **const)  # fmt: skip
     return dq, dk, dv

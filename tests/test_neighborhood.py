@@ -325,9 +325,11 @@ def masked_sdpa_nd(tokens, win, device="cpu"):
 
 
 def test_nd_tiles_default_to_boxes_and_flat_tiles_is_checked():
-    from ops.neighborhood_nd import _use_flat
-
-    assert not _use_flat(None) and not _use_flat(False) and _use_flat(True)
+    """flat_tiles=None (the default) runs the box kernels: bit-identical to flat_tiles=False."""
+    q, k, v = make_nd(1, (6, 7), 1, 1, 16)
+    default = ops.build("neighborhood", kernel_size=3)(q, k, v)
+    boxes = ops.build("neighborhood", kernel_size=3, flat_tiles=False)(q, k, v)
+    assert torch.equal(default, boxes)
     with pytest.raises(ValueError, match="flat_tiles='yes'"):
         ops.build("neighborhood", flat_tiles="yes")
 
