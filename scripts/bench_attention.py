@@ -268,15 +268,7 @@ def main():
                     "floor_bytes_ms": b_ms,
                 }
             )
-    env = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "shape": [b, h, n, d],
-        "causal": args.causal,
-        "dtype": "bf16",
-        "date": time.strftime("%Y-%m-%d"),
-    }
+    env = _env(shape=[b, h, n, d], causal=args.causal, dtype="bf16")
     Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     print(
         f"\n{env['gpu']} | torch {env['torch']} | triton {env['triton']} | B,H,N,D={b},{h},{n},{d} causal={args.causal} bf16"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -11,13 +12,21 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 import ops
-from data import TokenDataConfig, build_token_data, gpt2_encoding, iter_eval_batches
+from data import (
+    ImageDataConfig,
+    TokenDataConfig,
+    build_image_loaders,
+    build_token_data,
+    gpt2_encoding,
+    iter_eval_batches,
+)
 from models import build_model
 
 from . import checkpoint as ckpt_lib
 from . import config as config_lib
 from .distributed import setup
 from .loop import autocast_factory
+from .tasks import evaluate_classifier
 
 
 def load_model(path, device) -> tuple[torch.nn.Module, config_lib.RunConfig, dict]:
@@ -163,12 +172,6 @@ def _run_image_eval(cfg, info, model, rc, ckpt) -> dict:
     """Image classifiers: top-1, top-5 and loss on the validation set, for the raw weights and
     (when the checkpoint holds one) the EMA, with parameter count and image size, as timm's
     validate reports them."""
-    import copy
-
-    from data import ImageDataConfig, build_image_loaders
-
-    from .tasks import evaluate_classifier
-
     e = cfg.eval
     if cfg.get("data") is not None:
         rc.data = OmegaConf.to_object(

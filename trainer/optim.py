@@ -3,6 +3,7 @@ gradient clipping and the weight EMA."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -73,8 +74,6 @@ class WeightEMA:
     def __init__(self, model: torch.nn.Module, decay: float):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"trainer.ema_decay={decay}: use a value in (0, 1), e.g. 0.9998")
-        import copy
-
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self._pairs(model)

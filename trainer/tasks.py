@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import ops
-from data import build_token_data, iter_eval_batches
+from data import build_image_loaders, build_token_data, iter_eval_batches, to_device
 from models import build_model
 
 from .distributed import DistInfo, all_reduce_sum
@@ -155,9 +155,7 @@ class ClassificationTask:
     unit = "images"
 
     def __init__(self, rc, info: DistInfo, *, build_data: bool = True):
-        from data import build_image_loaders, to_device
-
-        self.rc, self.info, self._to_device = rc, info, to_device
+        self.rc, self.info = rc, info
         attention = ops.build(rc.attn.name, **rc.attn.options)
         self.model = build_model(rc.model, attention, rc.pos)
         t = rc.trainer
@@ -180,7 +178,7 @@ class ClassificationTask:
             self.train_loader = _Epochs(loader)
 
     def next_batch(self):
-        images, labels = self._to_device(
+        images, labels = to_device(
             self.train_loader.next_batch(), self.info.device, self.rc.data.channels_last
         )
         if self.mixup is not None:
@@ -211,8 +209,6 @@ def evaluate_classifier(model, loader, info: DistInfo, autocast, channels_last: 
                         what: str = "the data") -> dict:  # fmt: skip
     """Mean loss, top-1 and top-5 accuracy (%) of ``model`` over ``loader``, summed over ranks
     (each rank holds its own shard of the validation set)."""
-    from data import to_device
-
     was_training = model.training
     model.eval()
     loss_sum = top1 = top5 = count = 0.0
