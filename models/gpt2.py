@@ -65,11 +65,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, *, pos, layer, x0):
         b, t, _ = x.shape
         hd = self.head_dim
-        q, k, v = self.qkv(x).split([self.n_head * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
-        q = q.view(b, t, self.n_head, hd)  # (B, T, H, D)
-        k = k.view(b, t, self.n_kv, hd)  # (B, T, Hkv, D)
-        v = v.view(b, t, self.n_kv, hd)
-        q, k = pos.rotate(q, k, layer=layer, x=x, x0=x0)
+        # q (B, T, H, D), k and v (B, T, Hkv, D); q and k rotated by rotary encodings
+        q, k, v = pos.split_rotate(self.qkv(x), self.n_head, self.n_kv, layer=layer, x=x, x0=x0)
         y = self.attention(q, k, v, causal=True)  # (B, T, H, D)
         return self.dropout(self.proj(y.reshape(b, t, self.n_head * hd)))
 

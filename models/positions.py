@@ -108,6 +108,15 @@ class NoPositions(nn.Module):
     def rotate(self, q, k, *, layer: int, x: torch.Tensor, x0: torch.Tensor):
         return q, k
 
+    def split_rotate(self, qkv, n_head: int, n_kv: int, *, layer: int, x, x0):
+        """q (B, T, H, D), k, v (B, T, Hkv, D) from a fused projection (B, T, (H + 2 Hkv) D),
+        q and k rotated. Encodings with a fused kernel override this (see RotaryPositions)."""
+        b, t, w = qkv.shape
+        d = w // (n_head + 2 * n_kv)
+        q, k, v = qkv.split([n_head * d, n_kv * d, n_kv * d], dim=-1)
+        q, k = self.rotate(q.view(b, t, n_head, d), k.view(b, t, n_kv, d), layer=layer, x=x, x0=x0)
+        return q, k, v.view(b, t, n_kv, d)
+
 
 class LearnedPositions(NoPositions):
     """GPT-2's learned absolute position table; sequences longer than it are an error."""
@@ -183,6 +192,13 @@ class RotaryPositions(NoPositions):
         if self.kernel == "triton" and q.dtype != torch.float64:
             return rotary_ops.rope_qk(q, k, cos, sin)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    def split_rotate(self, qkv, n_head, n_kv, *, layer, x, x0):
+        if self.kernel == "triton" and qkv.dtype != torch.float64:
+            # one kernel rotates q and k; its backward writes the fused qkv gradient directly
+            cos, sin = self.angles(qkv.shape[1], qkv.device)
+            return rotary_ops.rope_qkv(qkv, cos, sin, n_head, n_kv)
+        return super().split_rotate(qkv, n_head, n_kv, layer=layer, x=x, x0=x0)
 
 
 @torch.library.custom_op("attnlab::cos_sin", mutates_args=())

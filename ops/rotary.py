@@ -1,6 +1,7 @@
 """Fused rotary position kernels (Triton): RoPE and CARoPE applied to q and k in one launch.
 
     rope_qk(q, k, cos, sin)  -> (q_rot, k_rot)   cos/sin: (T', D/2) fp32 tables, T' >= T
+    rope_qkv(qkv, cos, sin, n_head, n_kv) -> (q_rot, k_rot, v)   on a fused qkv projection
     carope_qk(q, k, log_f)   -> (q_rot, k_rot)   log_f: (B, T, Hkv) fp32 per-token log-frequency
 
 q is (B, T, H, D), k is (B, T, Hkv, D) with H % Hkv == 0, any strides (e.g. views of one fused
@@ -52,7 +53,7 @@ _MAX_HEAD_DIM = 256
 
 @_jit
 def _rot(X, Y, x_off, y_off, sxd, offs_i, mask, c, s, HALF: tl.constexpr):
-    """Rotate one head tile: pairs at X + x_off (strided) -> Y + y_off (contiguous D).
+    """Rotate one head tile: pairs at X + x_off (strided) -> Y + y_off (unit D stride).
 
     x_off/y_off (BT, 1), offs_i (HP,), mask/c/s (BT, HP)."""
     x1 = tl.load(X + x_off + offs_i[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
@@ -60,6 +61,14 @@ def _rot(X, Y, x_off, y_off, sxd, offs_i, mask, c, s, HALF: tl.constexpr):
     tl.store(Y + y_off + offs_i[None, :], (x1 * c - x2 * s).to(Y.dtype.element_ty), mask=mask)
     tl.store(Y + y_off + offs_i[None, :] + HALF, (x2 * c + x1 * s).to(Y.dtype.element_ty),
              mask=mask)  # fmt: skip
+
+
+@_jit
+def _copy_head(X, Y, x_off, y_off, sxd, offs_i, mask, HALF: tl.constexpr):
+    """Copy one head tile (both halves) from X + x_off (strided) to Y + y_off (unit D stride)."""
+    for j in tl.static_range(2):
+        x = tl.load(X + x_off + (offs_i[None, :] + j * HALF) * sxd, mask=mask, other=0.0)
+        tl.store(Y + y_off + offs_i[None, :] + j * HALF, x.to(Y.dtype.element_ty), mask=mask)
 
 
 @_jit
@@ -77,10 +86,12 @@ def _rot_back(G, X, DX, g_off, x_off, dx_off, sgd, sxd, offs_i, mask, c, s, HALF
 
 
 @_jit
-def _rope_kernel(Q, K, QO, KO, COS, SIN, sqb, sqt, sqh, sqd, skb, skt, skh, skd,
-                 sct, sci, sst, ssi, n_t, n_h, n_kv, NEG: tl.constexpr, HALF: tl.constexpr,
-                 HALF_P: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
-    """One (token block, batch): rotate all q and k heads by the table angles (by -angle if NEG)."""
+def _rope_body(Q, K, V, QO, KO, VO, COS, SIN, sqb, sqt, sqh, sqd, skb, skt, skh, skd,
+               svb, svt, svh, svd, sob, sot, soh, skob, skot, skoh, svob, svot, svoh,
+               sct, sci, sst, ssi, n_t, n_h, n_kv, NEG: tl.constexpr, COPY_V: tl.constexpr,
+               HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+    """One (token block, batch): rotate all q and k heads by the table angles (by -angle if NEG)
+    and, if COPY_V, copy the v heads too."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     b = tl.program_id(1).to(tl.int64)
     offs_i = tl.arange(0, HALF_P)
@@ -91,11 +102,41 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN, sqb, sqt, sqh, sqd, skb, skt, skh, skd,
     if NEG:
         s = -s
     for h in range(n_h):
-        _rot(Q, QO, b * sqb + t * sqt + h * sqh, ((b * n_t + t) * n_h + h) * (2 * HALF), sqd,
-             offs_i, mask, c, s, HALF)  # fmt: skip
+        _rot(Q, QO, b * sqb + t * sqt + h * sqh, b * sob + t * sot + h * soh, sqd, offs_i, mask,
+             c, s, HALF)  # fmt: skip
     for h in range(n_kv):
-        _rot(K, KO, b * skb + t * skt + h * skh, ((b * n_t + t) * n_kv + h) * (2 * HALF), skd,
-             offs_i, mask, c, s, HALF)  # fmt: skip
+        _rot(K, KO, b * skb + t * skt + h * skh, b * skob + t * skot + h * skoh, skd, offs_i,
+             mask, c, s, HALF)  # fmt: skip
+    if COPY_V:
+        for h in range(n_kv):
+            _copy_head(V, VO, b * svb + t * svt + h * svh, b * svob + t * svot + h * svoh, svd,
+                       offs_i, mask, HALF)  # fmt: skip
+
+
+@_jit
+def _rope_kernel(Q, K, QO, KO, COS, SIN, sqb, sqt, sqh, sqd, skb, skt, skh, skd,
+                 sob, sot, soh, skob, skot, skoh, sct, sci, sst, ssi, n_t, n_h, n_kv,
+                 NEG: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
+                 BLOCK_T: tl.constexpr):  # fmt: skip
+    """q, k (any strides) -> rotated qo, ko (separate outputs, unit D stride)."""
+    _rope_body(Q, K, K, QO, KO, KO, COS, SIN, sqb, sqt, sqh, sqd, skb, skt, skh, skd,
+               skb, skt, skh, skd, sob, sot, soh, skob, skot, skoh, skob, skot, skoh,
+               sct, sci, sst, ssi, n_t, n_h, n_kv, NEG, False, HALF, HALF_P, BLOCK_T)  # fmt: skip
+
+
+@_jit
+def _rope_qkv_bwd_kernel(GQ, GK, GV, DQKV, COS, SIN, sgqb, sgqt, sgqh, sgqd, sgkb, sgkt, sgkh,
+                         sgkd, sgvb, sgvt, sgvh, sgvd, sdb, sdt, n_t, n_h, n_kv, sct, sci, sst,
+                         ssi, HALF: tl.constexpr, HALF_P: tl.constexpr,
+                         BLOCK_T: tl.constexpr):  # fmt: skip
+    """Gradient of a fused qkv (B, T, (H + 2 Hkv) D), unit column stride, written in one pass:
+    q and k gradients rotated back, v's copied. One output pointer: passing three views of one
+    buffer would make torch.compile treat them as separate mutated tensors."""
+    D: tl.constexpr = 2 * HALF
+    _rope_body(GQ, GK, GV, DQKV, DQKV + n_h * D, DQKV + (n_h + n_kv) * D, COS, SIN,
+               sgqb, sgqt, sgqh, sgqd, sgkb, sgkt, sgkh, sgkd, sgvb, sgvt, sgvh, sgvd,
+               sdb, sdt, D, sdb, sdt, D, sdb, sdt, D, sct, sci, sst, ssi, n_t, n_h, n_kv,
+               True, True, HALF, HALF_P, BLOCK_T)  # fmt: skip
 
 
 @_jit
@@ -202,12 +243,11 @@ def _half(d: int) -> dict:
 def _rope(q, k, cos, sin, neg: bool, block_t: int, num_warps: int):
     """q (B, T, H, D), k (B, T, Hkv, D) any strides -> rotated, contiguous, same dtype."""
     b, t, h, d = q.shape
-    hkv = k.shape[2]
     qo = torch.empty((b, t, h, d), dtype=q.dtype, device=q.device)
-    ko = torch.empty((b, t, hkv, d), dtype=k.dtype, device=k.device)
+    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     _launch(_rope_kernel, (triton.cdiv(t, block_t), b), q, k, qo, ko, cos, sin, *q.stride(),
-            *k.stride(), *cos.stride(), *sin.stride(), t, h, hkv, num_warps=num_warps, NEG=neg,
-            BLOCK_T=block_t, **_half(d))  # fmt: skip
+            *k.stride(), *qo.stride()[:3], *ko.stride()[:3], *cos.stride(), *sin.stride(), t, h,
+            k.shape[2], num_warps=num_warps, NEG=neg, BLOCK_T=block_t, **_half(d))  # fmt: skip
     return qo, ko
 
 
@@ -223,6 +263,46 @@ class _RopeQK(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         dq, dk = _rope(gq, gk, cos, sin, True, *ctx.opts)  # inverse rotation
         return dq, dk, None, None, None, None
+
+
+def _split_qkv(qkv: torch.Tensor, n_head: int, n_kv: int):
+    """Views q (B, T, H, D), k, v (B, T, Hkv, D) of a fused (B, T, (H + 2 Hkv) D) projection."""
+    b, t, w = qkv.shape
+    d = w // (n_head + 2 * n_kv)
+    q, k, v = qkv.split([n_head * d, n_kv * d, n_kv * d], dim=-1)
+    return q.view(b, t, n_head, d), k.view(b, t, n_kv, d), v.view(b, t, n_kv, d)
+
+
+class _RopeQKV(torch.autograd.Function):
+    """RoPE on a fused qkv projection. Backward writes the qkv gradient in one launch (q and k
+    gradients rotated back, v's copied beside them) instead of rotating into separate tensors
+    that autograd's split backward then concatenates: one read and one write of the gradient
+    fewer per layer."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, n_head, n_kv, block_t, num_warps):
+        q, k, v = _split_qkv(qkv, n_head, n_kv)
+        ctx.save_for_backward(cos, sin)
+        ctx.opts = (n_head, n_kv, block_t, num_warps)
+        qo, ko = _rope(q, k, cos, sin, False, block_t, num_warps)
+        return qo, ko, v
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        cos, sin = ctx.saved_tensors
+        n_head, n_kv, block_t, num_warps = ctx.opts
+        g = next(x for x in (gq, gk, gv) if x is not None)
+        b, t, _, d = g.shape
+        if gv is None:  # an output unused downstream has no gradient: use zeros
+            gv = torch.zeros((b, t, n_kv, d), dtype=g.dtype, device=g.device)
+        gq = torch.zeros((b, t, n_head, d), dtype=g.dtype, device=g.device) if gq is None else gq
+        gk = torch.zeros_like(gv) if gk is None else gk
+        dqkv = torch.empty(b, t, (n_head + 2 * n_kv) * d, dtype=g.dtype, device=g.device)
+        _launch(_rope_qkv_bwd_kernel, (triton.cdiv(t, block_t), b), gq, gk, gv, dqkv, cos, sin,
+                *gq.stride(), *gk.stride(), *gv.stride(), *dqkv.stride()[:2], t, n_head, n_kv,
+                *cos.stride(), *sin.stride(), num_warps=num_warps, BLOCK_T=block_t,
+                **_half(d))  # fmt: skip
+        return dqkv, None, None, None, None, None, None
 
 
 class _CaropeQK(torch.autograd.Function):
@@ -289,6 +369,20 @@ def _check_f32(name: str, what: str, x: torch.Tensor, shape: tuple, device) -> N
         raise ValueError(f"{name}: {what} must have shape {shape}; got {tuple(x.shape)}")
 
 
+def _tables(name: str, cos, sin, t: int, half: int, device):
+    """Validated (T', D/2) float32 cos/sin tables (from tables or their (1, T', 1, D/2) views)."""
+    cos, sin = (x[0, :, 0] if x.dim() == 4 and x.shape[0] == x.shape[2] == 1 else x
+                for x in (cos, sin))  # fmt: skip
+    for what, x in (("cos", cos), ("sin", sin)):
+        if x.dim() == 2 and x.shape[1] == half and x.shape[0] < t:
+            raise ValueError(f"{name}: {what} table has {x.shape[0]} rows, fewer than T={t}")
+        _check_f32(name, what, x, (x.shape[0] if x.dim() == 2 else t, half), device)
+        if x.requires_grad:
+            raise ValueError(f"{name} gives no gradient to cos/sin; detach them, or use "
+                             "models.positions.apply_rotary for learned angles")  # fmt: skip
+    return cos, sin
+
+
 def rope_qk(q, k, cos, sin, *, block_t=None, num_warps=None):
     """RoPE on q (B, T, H, D) and k (B, T, Hkv, D) in one launch; returns contiguous (q_rot, k_rot).
 
@@ -297,18 +391,29 @@ def rope_qk(q, k, cos, sin, *, block_t=None, num_warps=None):
     require grad. Same numbers as models.positions.apply_rotary with these angles.
     """
     _check_qk("rope_qk", q, k)
-    t, half = q.shape[1], q.shape[3] // 2
-    cos, sin = (x[0, :, 0] if x.dim() == 4 and x.shape[0] == x.shape[2] == 1 else x
-                for x in (cos, sin))  # fmt: skip
-    for what, x in (("cos", cos), ("sin", sin)):
-        if x.dim() == 2 and x.shape[1] == half and x.shape[0] < t:
-            raise ValueError(f"rope_qk: {what} table has {x.shape[0]} rows, fewer than T={t}")
-        _check_f32("rope_qk", what, x, (x.shape[0] if x.dim() == 2 else t, half), q.device)
-        if x.requires_grad:
-            raise ValueError("rope_qk gives no gradient to cos/sin; detach them, or use "
-                             "models.positions.apply_rotary for learned angles")  # fmt: skip
+    cos, sin = _tables("rope_qk", cos, sin, q.shape[1], q.shape[3] // 2, q.device)
     block_t, num_warps = _opts(block_t, num_warps, 32)
     return _RopeQK.apply(q, k, cos, sin, block_t, num_warps)
+
+
+def rope_qkv(qkv, cos, sin, n_head: int, n_kv: int, *, block_t=None, num_warps=None):
+    """RoPE on a fused projection qkv (B, T, (H + 2 Hkv) D) laid out [q heads | k heads | v heads].
+
+    Returns (q_rot (B, T, H, D), k_rot (B, T, Hkv, D)) contiguous and v (B, T, Hkv, D), a view
+    of qkv. Same numbers as rope_qk on the split views; the difference is the backward, which
+    writes qkv's gradient directly (see _RopeQKV). cos, sin as for rope_qk.
+    """
+    if qkv.dim() != 3:
+        raise ValueError(f"rope_qkv takes qkv (B, T, (H + 2 Hkv) D); got {tuple(qkv.shape)}")
+    heads = n_head + 2 * n_kv
+    if n_head < 1 or n_kv < 1 or qkv.shape[2] % heads:
+        raise ValueError(f"rope_qkv: width {qkv.shape[2]} is not (n_head + 2 n_kv) * head_dim "
+                         f"with n_head={n_head}, n_kv={n_kv}")  # fmt: skip
+    q, k, _ = _split_qkv(qkv, n_head, n_kv)
+    _check_qk("rope_qkv", q, k)
+    cos, sin = _tables("rope_qkv", cos, sin, q.shape[1], q.shape[3] // 2, q.device)
+    block_t, num_warps = _opts(block_t, num_warps, 32)
+    return _RopeQKV.apply(qkv, cos, sin, n_head, n_kv, block_t, num_warps)
 
 
 def carope_qk(q, k, log_f, *, block_t=None, num_warps=None):

@@ -31,6 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import ops  # noqa: E402
 from models import GPT2Config, PosConfig, build_model  # noqa: E402
+from trainer.config import OptimConfig  # noqa: E402
 from trainer.distributed import DistInfo  # noqa: E402
 from trainer.loop import _flush, _train_step, autocast_factory, compile_model  # noqa: E402
 from trainer.monitor import peak_flops  # noqa: E402
@@ -119,17 +120,9 @@ def make_ours_step(pos, loss, args, dev):
         name="gpt2_small", n_layer=12, n_head=12, d_model=768, max_seq_len=args.seq, loss=loss
     )
     model = build_model(cfg, ops.build("sdpa"), PosConfig(name=pos, kernel=args.kernel)).to(dev)
-    optim_cfg = SimpleNamespace(
-        lr=6e-4,
-        min_lr=6e-5,
-        warmup_steps=10,
-        decay_steps=None,
-        weight_decay=0.1,
-        betas=[0.9, 0.95],
-        eps=1e-8,
-        grad_clip=1.0,
-        fused=None,
-    )
+    # the trainer's own schema (defaults + these overrides), so new optim keys reach the bench
+    optim_cfg = OptimConfig(lr=6e-4, min_lr=6e-5, warmup_steps=10, weight_decay=0.1,
+                            betas=[0.9, 0.95], eps=1e-8, grad_clip=1.0)  # fmt: skip
     opt = build_optimizer(model, optim_cfg, dev)
     task = RandomTokens(model, args.batch, args.seq, dev)
     task.model = model
@@ -159,7 +152,8 @@ def bench_ours(pos, loss, args, dev):
     return sec, model.flops_per_token(args.seq), model.num_params()
 
 
-def bench_minimal(args, dev):
+def make_minimal_step(args, dev):
+    """The minimal GPT-2 + fused AdamW, compiled; returns (step, model)."""
     torch.manual_seed(0)
     model = MinimalGPT(seq=args.seq).to(dev)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -177,6 +171,11 @@ def bench_minimal(args, dev):
         x = torch.randint(0, 50257, (args.batch, args.seq + 1), device=dev)
         minimal_step(compiled, opt, x[:, :-1], x[:, 1:])
 
+    return step, model
+
+
+def bench_minimal(args, dev):
+    step, model = make_minimal_step(args, dev)
     sec = time_steps(step, args.steps, args.warmup)
     n = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
     return sec, 6 * n + 12 * 12 * 768 * args.seq, n
