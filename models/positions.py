@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ops import rotary as rotary_ops
 
 POSITIONS = ("none", "learned", "sinusoidal", "rope", "carope")
-KERNELS = ("torch", "triton")
+KERNELS = ("auto", "torch", "triton")
 CAROPE_INPUTS = ("layer", "embedding")
 
 
@@ -41,7 +41,8 @@ class PosConfig:
     carope_input: str = "layer"  # layer | embedding
     carope_shared: bool = False  # one W (d_model, n_kv_heads) for all layers
     carope_bias: bool = True  # bias b inside the softplus (needed for RoPE equality at init)
-    kernel: str = "torch"  # torch | triton (ops/rotary.py: one fused pass over q and k)
+    # auto (triton on CUDA, else torch) | torch | triton (ops/rotary.py: one fused pass over q, k)
+    kernel: str = "auto"
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -97,6 +98,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     angles). Returns x's shape and dtype.
     """
     return _Rotary.apply(x, cos, sin)
+
+
+def _fused_kernel(kernel: str, x: torch.Tensor) -> bool:
+    """Whether pos.kernel selects ops/rotary.py's Triton kernels for tensors like x."""
+    if x.dtype == torch.float64:  # the kernels compute in fp32; float64 checks use PyTorch
+        return False
+    return kernel == "triton" or (kernel == "auto" and x.is_cuda and rotary_ops.available())
 
 
 class NoPositions(nn.Module):
@@ -189,12 +197,12 @@ class RotaryPositions(NoPositions):
 
     def rotate(self, q, k, *, layer, x, x0):
         cos, sin = self.angles(q.shape[1], q.device, torch.promote_types(q.dtype, torch.float32))
-        if self.kernel == "triton" and q.dtype != torch.float64:
+        if _fused_kernel(self.kernel, q):
             return rotary_ops.rope_qk(q, k, cos, sin)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def split_rotate(self, qkv, n_head, n_kv, *, layer, x, x0):
-        if self.kernel == "triton" and qkv.dtype != torch.float64:
+        if _fused_kernel(self.kernel, qkv):
             # one kernel rotates q and k; its backward writes the fused qkv gradient directly
             cos, sin = self.angles(qkv.shape[1], qkv.device)
             return rotary_ops.rope_qkv(qkv, cos, sin, n_head, n_kv)
@@ -278,10 +286,16 @@ class CARoPE(NoPositions):
             return torch.cumsum(powers, dim=1)  # causal sum over t <= m
 
     def rotate(self, q, k, *, layer, x, x0):
-        if self.kernel == "triton" and q.dtype != torch.float64:
+        if _fused_kernel(self.kernel, q):
             return rotary_ops.carope_qk(q, k, self.log_frequencies(layer, x, x0).float())
         cos, sin = cos_sin(self.phases(layer, x, x0))
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    def split_rotate(self, qkv, n_head, n_kv, *, layer, x, x0):
+        if _fused_kernel(self.kernel, qkv):  # backward writes the fused qkv gradient directly
+            log_f = self.log_frequencies(layer, x, x0).float()
+            return rotary_ops.carope_qkv(qkv, log_f, n_head, n_kv)
+        return super().split_rotate(qkv, n_head, n_kv, layer=layer, x=x, x0=x0)
 
 
 def build_positions(cfg: PosConfig, *, d_model, n_heads, n_kv_heads, n_layers, max_seq_len):

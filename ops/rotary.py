@@ -2,6 +2,7 @@
 
     rope_qk(q, k, cos, sin)  -> (q_rot, k_rot)   cos/sin: (T', D/2) fp32 tables, T' >= T
     rope_qkv(qkv, cos, sin, n_head, n_kv) -> (q_rot, k_rot, v)   on a fused qkv projection
+    carope_qkv(qkv, log_f, n_head, n_kv)  -> (q_rot, k_rot, v)   likewise
     carope_qk(q, k, log_f)   -> (q_rot, k_rot)   log_f: (B, T, Hkv) fp32 per-token log-frequency
 
 q is (B, T, H, D), k is (B, T, Hkv, D) with H % Hkv == 0, any strides (e.g. views of one fused
@@ -180,12 +181,13 @@ def _carope_fwd_kernel(Q, K, LOGF, QO, KO, CARRY, sqb, sqt, sqh, sqd, skb, skt, 
 
 
 @_jit
-def _carope_bwd_kernel(GQ, GK, Q, K, LOGF, CARRY, DQ, DK, DLOGF, sgqb, sgqt, sgqh, sgqd,
-                       sgkb, sgkt, sgkh, sgkd, sqb, sqt, sqh, sqd, skb, skt, skh, skd,
-                       slb, slt, slh, n_t, n_h, n_kv,
-                       HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+def _carope_bwd_body(GQ, GK, GV, Q, K, LOGF, CARRY, DQ, DK, DV, DLOGF, sgqb, sgqt, sgqh, sgqd,
+                     sgkb, sgkt, sgkh, sgkd, sgvb, sgvt, sgvh, sgvd, sqb, sqt, sqh, sqd,
+                     skb, skt, skh, skd, sdqb, sdqt, sdqh, sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
+                     slb, slt, slh, n_t, n_h, n_kv, COPY_V: tl.constexpr, HALF: tl.constexpr,
+                     HALF_P: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
     """One (batch, kv head): walk T from the end; dq, dk, and d log_f through the cumsum
-    (a reverse cumsum with a carried suffix)."""
+    (a reverse cumsum with a carried suffix); with COPY_V also this kv head's v gradient."""
     b = tl.program_id(0).to(tl.int64)
     hk = tl.program_id(1)
     group = n_h // n_kv
@@ -206,15 +208,48 @@ def _carope_bwd_kernel(GQ, GK, Q, K, LOGF, CARRY, DQ, DK, DLOGF, sgqb, sgqt, sgq
         for g in range(group):
             h = hk * group + g
             dphase += _rot_back(GQ, Q, DQ, b * sgqb + t * sgqt + h * sgqh,
-                                b * sqb + t * sqt + h * sqh, ((b * n_t + t) * n_h + h) * (2 * HALF),
+                                b * sqb + t * sqt + h * sqh, b * sdqb + t * sdqt + h * sdqh,
                                 sgqd, sqd, offs_i, mask, c, s, HALF)  # fmt: skip
         dphase += _rot_back(GK, K, DK, b * sgkb + t * sgkt + hk * sgkh,
-                            b * skb + t * skt + hk * skh, ((b * n_t + t) * n_kv + hk) * (2 * HALF),
+                            b * skb + t * skt + hk * skh, b * sdkb + t * sdkt + hk * sdkh,
                             sgkd, skd, offs_i, mask, c, s, HALF)  # fmt: skip
+        if COPY_V:
+            _copy_head(GV, DV, b * sgvb + t * sgvt + hk * sgvh, b * sdvb + t * sdvt + hk * sdvh,
+                       sgvd, offs_i, mask, HALF)  # fmt: skip
         dpow = suffix[None, :] + tl.cumsum(dphase, 0, reverse=True)  # sum over m >= t
         suffix += tl.sum(dphase, 0)
         dlog_f = tl.sum(dpow * pw * offs_i.to(tl.float32)[None, :], 1)  # (BT,)
         tl.store(DLOGF + (b * n_t + offs_t) * n_kv + hk, dlog_f, mask=offs_t < n_t)
+
+
+@_jit
+def _carope_bwd_kernel(GQ, GK, Q, K, LOGF, CARRY, DQ, DK, DLOGF, sgqb, sgqt, sgqh, sgqd,
+                       sgkb, sgkt, sgkh, sgkd, sqb, sqt, sqh, sqd, skb, skt, skh, skd,
+                       slb, slt, slh, n_t, n_h, n_kv,
+                       HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+    """Backward into separate contiguous dq (B, T, H, D), dk (B, T, Hkv, D)."""
+    D: tl.constexpr = 2 * HALF
+    _carope_bwd_body(GQ, GK, GK, Q, K, LOGF, CARRY, DQ, DK, DK, DLOGF, sgqb, sgqt, sgqh, sgqd,
+                     sgkb, sgkt, sgkh, sgkd, sgkb, sgkt, sgkh, sgkd, sqb, sqt, sqh, sqd,
+                     skb, skt, skh, skd, n_t * n_h * D, n_h * D, D, n_t * n_kv * D, n_kv * D, D,
+                     n_t * n_kv * D, n_kv * D, D, slb, slt, slh, n_t, n_h, n_kv, False, HALF,
+                     HALF_P, BLOCK_T)  # fmt: skip
+
+
+@_jit
+def _carope_qkv_bwd_kernel(GQ, GK, GV, Q, K, LOGF, CARRY, DQKV, DLOGF, sgqb, sgqt, sgqh, sgqd,
+                           sgkb, sgkt, sgkh, sgkd, sgvb, sgvt, sgvh, sgvd, sqb, sqt, sqh, sqd,
+                           skb, skt, skh, skd, sdb, sdt, slb, slt, slh, n_t, n_h, n_kv,
+                           HALF: tl.constexpr, HALF_P: tl.constexpr,
+                           BLOCK_T: tl.constexpr):  # fmt: skip
+    """Backward into one fused qkv gradient (B, T, (H + 2 Hkv) D) with unit column stride (one
+    output pointer, as _rope_qkv_bwd_kernel), v's gradient copied beside q's and k's."""
+    D: tl.constexpr = 2 * HALF
+    _carope_bwd_body(GQ, GK, GV, Q, K, LOGF, CARRY, DQKV, DQKV + n_h * D,
+                     DQKV + (n_h + n_kv) * D, DLOGF, sgqb, sgqt, sgqh, sgqd, sgkb, sgkt, sgkh,
+                     sgkd, sgvb, sgvt, sgvh, sgvd, sqb, sqt, sqh, sqd, skb, skt, skh, skd,
+                     sdb, sdt, D, sdb, sdt, D, sdb, sdt, D, slb, slt, slh, n_t, n_h, n_kv, True,
+                     HALF, HALF_P, BLOCK_T)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -305,20 +340,26 @@ class _RopeQKV(torch.autograd.Function):
         return dqkv, None, None, None, None, None, None
 
 
+def _carope_fwd(q, k, log_f, block_t, num_warps):
+    """Rotated contiguous (qo, ko) and the per-block phase carries for the backward."""
+    b, t, h, d = q.shape
+    hkv = k.shape[2]
+    half = _half(d)
+    qo = torch.empty((b, t, h, d), dtype=q.dtype, device=q.device)
+    ko = torch.empty((b, t, hkv, d), dtype=k.dtype, device=k.device)
+    n_blocks = triton.cdiv(t, block_t)
+    carry = torch.empty((b, hkv, n_blocks, half["HALF_P"]), dtype=torch.float32,
+                        device=q.device)  # fmt: skip
+    _launch(_carope_fwd_kernel, (b, hkv), q, k, log_f, qo, ko, carry, *q.stride(),
+            *k.stride(), *log_f.stride(), t, h, hkv, num_warps=num_warps, BLOCK_T=block_t,
+            **half)  # fmt: skip
+    return qo, ko, carry
+
+
 class _CaropeQK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, log_f, block_t, num_warps):
-        b, t, h, d = q.shape
-        hkv = k.shape[2]
-        half = _half(d)
-        qo = torch.empty((b, t, h, d), dtype=q.dtype, device=q.device)
-        ko = torch.empty((b, t, hkv, d), dtype=k.dtype, device=k.device)
-        n_blocks = triton.cdiv(t, block_t)
-        carry = torch.empty((b, hkv, n_blocks, half["HALF_P"]), dtype=torch.float32,
-                            device=q.device)  # fmt: skip
-        _launch(_carope_fwd_kernel, (b, hkv), q, k, log_f, qo, ko, carry, *q.stride(),
-                *k.stride(), *log_f.stride(), t, h, hkv, num_warps=num_warps, BLOCK_T=block_t,
-                **half)  # fmt: skip
+        qo, ko, carry = _carope_fwd(q, k, log_f, block_t, num_warps)
         ctx.save_for_backward(q, k, log_f, carry)
         ctx.opts = (block_t, num_warps)
         return qo, ko
@@ -329,16 +370,53 @@ class _CaropeQK(torch.autograd.Function):
         block_t, num_warps = ctx.opts
         b, t, h, d = q.shape
         hkv = k.shape[2]
+        gq = torch.zeros_like(q) if gq is None else gq  # an output unused downstream
+        gk = torch.zeros_like(k) if gk is None else gk
         dq = torch.empty((b, t, h, d), dtype=q.dtype, device=q.device)
         dk = torch.empty((b, t, hkv, d), dtype=k.dtype, device=k.device)
         dlog_f = torch.empty((b, t, hkv), dtype=torch.float32, device=q.device)
         _launch(_carope_bwd_kernel, (b, hkv), gq, gk, q, k, log_f, carry, dq, dk, dlog_f,
-                *gq.stride(), *gk.stride(), *q.stride(), *k.stride(), *log_f.stride(), t, h, hkv, num_warps=num_warps,
-                BLOCK_T=block_t, **_half(d))  # fmt: skip
+                *gq.stride(), *gk.stride(), *q.stride(), *k.stride(), *log_f.stride(), t, h, hkv,
+                num_warps=num_warps, BLOCK_T=block_t, **_half(d))  # fmt: skip
         return dq, dk, dlog_f, None, None
 
 
+class _CaropeQKV(torch.autograd.Function):
+    """CARoPE on a fused qkv projection; like _RopeQKV, the backward writes qkv's gradient in
+    the same launch that computes d log_f (v's gradient copied beside q's and k's)."""
+
+    @staticmethod
+    def forward(ctx, qkv, log_f, n_head, n_kv, block_t, num_warps):
+        q, k, v = _split_qkv(qkv, n_head, n_kv)
+        qo, ko, carry = _carope_fwd(q, k, log_f, block_t, num_warps)
+        ctx.save_for_backward(qkv, log_f, carry)
+        ctx.opts = (n_head, n_kv, block_t, num_warps)
+        return qo, ko, v
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        qkv, log_f, carry = ctx.saved_tensors
+        n_head, n_kv, block_t, num_warps = ctx.opts
+        q, k, v = _split_qkv(qkv, n_head, n_kv)
+        b, t, _, d = q.shape
+        gq = torch.zeros_like(q) if gq is None else gq  # an output unused downstream
+        gk = torch.zeros_like(k) if gk is None else gk
+        gv = torch.zeros_like(v) if gv is None else gv
+        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+        dlog_f = torch.empty((b, t, n_kv), dtype=torch.float32, device=qkv.device)
+        _launch(_carope_qkv_bwd_kernel, (b, n_kv), gq, gk, gv, q, k, log_f, carry, dqkv, dlog_f,
+                *gq.stride(), *gk.stride(), *gv.stride(), *q.stride(), *k.stride(),
+                *dqkv.stride()[:2], *log_f.stride(), t, n_head, n_kv, num_warps=num_warps,
+                BLOCK_T=block_t, **_half(d))  # fmt: skip
+        return dqkv, dlog_f, None, None, None, None
+
+
 # ----------------------------------------------------------------------------- public API
+
+
+def available() -> bool:
+    """Whether the kernels can run on CUDA tensors here (triton importable)."""
+    return triton is not None
 
 
 def _check_qk(name: str, q: torch.Tensor, k: torch.Tensor) -> None:
@@ -403,14 +481,7 @@ def rope_qkv(qkv, cos, sin, n_head: int, n_kv: int, *, block_t=None, num_warps=N
     of qkv. Same numbers as rope_qk on the split views; the difference is the backward, which
     writes qkv's gradient directly (see _RopeQKV). cos, sin as for rope_qk.
     """
-    if qkv.dim() != 3:
-        raise ValueError(f"rope_qkv takes qkv (B, T, (H + 2 Hkv) D); got {tuple(qkv.shape)}")
-    heads = n_head + 2 * n_kv
-    if n_head < 1 or n_kv < 1 or qkv.shape[2] % heads:
-        raise ValueError(f"rope_qkv: width {qkv.shape[2]} is not (n_head + 2 n_kv) * head_dim "
-                         f"with n_head={n_head}, n_kv={n_kv}")  # fmt: skip
-    q, k, _ = _split_qkv(qkv, n_head, n_kv)
-    _check_qk("rope_qkv", q, k)
+    q, _, _ = _check_fused("rope_qkv", qkv, n_head, n_kv)
     cos, sin = _tables("rope_qkv", cos, sin, q.shape[1], q.shape[3] // 2, q.device)
     block_t, num_warps = _opts(block_t, num_warps, 32)
     return _RopeQKV.apply(qkv, cos, sin, n_head, n_kv, block_t, num_warps)
@@ -428,3 +499,28 @@ def carope_qk(q, k, log_f, *, block_t=None, num_warps=None):
     _check_f32("carope_qk", "log_f", log_f, (b, t, k.shape[2]), q.device)
     block_t, num_warps = _opts(block_t, num_warps, 64)
     return _CaropeQK.apply(q, k, log_f, block_t, num_warps)
+
+
+def _check_fused(name: str, qkv: torch.Tensor, n_head: int, n_kv: int):
+    """Views q, k, v of a fused projection after checking its shape (ValueError otherwise)."""
+    if qkv.dim() != 3:
+        raise ValueError(f"{name} takes qkv (B, T, (H + 2 Hkv) D); got {tuple(qkv.shape)}")
+    if n_head < 1 or n_kv < 1 or qkv.shape[2] % (n_head + 2 * n_kv):
+        raise ValueError(f"{name}: width {qkv.shape[2]} is not (n_head + 2 n_kv) * head_dim "
+                         f"with n_head={n_head}, n_kv={n_kv}")  # fmt: skip
+    q, k, v = _split_qkv(qkv, n_head, n_kv)
+    _check_qk(name, q, k)
+    return q, k, v
+
+
+def carope_qkv(qkv, log_f, n_head: int, n_kv: int, *, block_t=None, num_warps=None):
+    """CARoPE on a fused projection qkv (B, T, (H + 2 Hkv) D) laid out [q | k | v heads].
+
+    Returns (q_rot, k_rot) contiguous and v, a view of qkv; log_f as for carope_qk. Same
+    numbers as carope_qk on the split views; the backward writes qkv's gradient directly.
+    """
+    q, _, _ = _check_fused("carope_qkv", qkv, n_head, n_kv)
+    b, t = q.shape[:2]
+    _check_f32("carope_qkv", "log_f", log_f, (b, t, n_kv), q.device)
+    block_t, num_warps = _opts(block_t, num_warps, 64)
+    return _CaropeQKV.apply(qkv, log_f, n_head, n_kv, block_t, num_warps)

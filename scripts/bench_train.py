@@ -189,7 +189,7 @@ def main():
     ap.add_argument("--no-minimal", action="store_true")
     ap.add_argument("--tuning", action="store_true", help="ours: trainer.compile_tuning=true")
     ap.add_argument(
-        "--kernel", default="torch", choices=["torch", "triton"], help="ours: pos.kernel"
+        "--kernel", default="auto", choices=["auto", "torch", "triton"], help="ours: pos.kernel"
     )
     ap.add_argument(
         "--loss",

@@ -45,7 +45,7 @@ def main():
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--top", type=int, default=16)
     ap.add_argument("--flush-every", type=int, default=10)
-    ap.add_argument("--kernel", default="triton", choices=["torch", "triton"])
+    ap.add_argument("--kernel", default="auto", choices=["auto", "torch", "triton"])
     ap.add_argument("--loss", default="auto", choices=["auto", "torch", "fused"])
     ap.add_argument("--tuning", action="store_true")
     ap.add_argument("--trace", default=None, help="write a Chrome trace per variant: DIR/POS.json")

@@ -93,9 +93,11 @@ def test_cpu_autocast_computes_in_the_autocast_dtype():
 
 
 @needs_kernel
-def test_kernel_multi_tile_rows():
+@pytest.mark.parametrize("block_v", [128, 1024])
+def test_kernel_multi_tile_rows(block_v):
     """Vocabulary tiles of 128 over V=1000 (7 full + 1 ragged): the online max/sum carries across
-    tiles; targets in the first, the ragged and the last column; out-of-range targets give nan."""
+    tiles; targets in the first, the ragged and the last column; out-of-range targets give nan.
+    block_v=1024 >= V: the one-pass path (whole row in registers), same results."""
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(6, 1000, generator=g) * 4
     logits[1, 900] = 30.0  # the max sits in the ragged tile
@@ -105,14 +107,14 @@ def test_kernel_multi_tile_rows():
     want_loss = F.cross_entropy(logits[:4], t[:4], reduction="none")
     want_grad = (torch.softmax(logits[:4], 1) - F.one_hot(t[:4], 1000)) / 4
     grad = logits.clone()
-    ce._ce_rows(grad, t, loss_rows, inv_n, -100, True, block_v=128, num_warps=1)
+    ce._ce_rows(grad, t, loss_rows, inv_n, -100, True, block_v=block_v, num_warps=1)
     torch.testing.assert_close(loss_rows[:4], want_loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad[:4], want_grad, rtol=1e-6, atol=1e-8)
     assert loss_rows[4] == 0 and (grad[4] == 0).all()  # ignored row
     assert torch.isnan(loss_rows[5])  # target 1000 with V=1000
     # without write_grad the logits stay as they were; the losses are the same
     kept = logits.clone()
-    ce._ce_rows(kept, t, loss_rows, inv_n, -100, False, block_v=128, num_warps=1)
+    ce._ce_rows(kept, t, loss_rows, inv_n, -100, False, block_v=block_v, num_warps=1)
     assert torch.equal(kept, logits)
     torch.testing.assert_close(loss_rows[:4], want_loss, rtol=1e-6, atol=1e-6)
 

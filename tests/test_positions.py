@@ -159,5 +159,5 @@ def test_triton_rotary_kernels_match_the_torch_path_in_the_model(name):
 
 
 def test_unknown_rotary_kernel():
-    with pytest.raises(ValueError, match="pos.kernel='cuda'; valid: torch, triton"):
+    with pytest.raises(ValueError, match="pos.kernel='cuda'; valid: auto, torch, triton"):
         build_model(tiny_cfg(), ops.build("sdpa"), PosConfig(name="rope", kernel="cuda"))

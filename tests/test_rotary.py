@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from models import PosConfig
 from models.positions import CARoPE, RotaryPositions, apply_rotary
 from ops import rotary
-from ops.rotary import carope_qk, rope_qk, rope_qkv
+from ops.rotary import carope_qk, carope_qkv, rope_qk, rope_qkv
 
 # (T, H, Hkv, D): ragged T (not multiples of the 16-token block), MHA / GQA / MQA, and D=24
 # (pair count 12, padded to 16 lanes in the kernel).
@@ -175,6 +175,42 @@ def test_carope_qk_matches_pytorch_path(t, h, hkv, d, dtype):
     assert err < (1e-5 if dtype == torch.float32 else 1e-3), err
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t,h,hkv,d", CASES[1:4])
+def test_carope_qkv_matches_carope_qk_and_writes_the_fused_gradient(t, h, hkv, d, dtype):
+    qkv, q, k = fused_qk(2, t, h, hkv, d, dtype)
+    v = qkv[..., (h + hkv) * d :].unflatten(-1, (hkv, d))
+    log_f = random_log_f(2, t, hkv)
+    qo, ko, vo = carope_qkv(qkv, log_f, h, hkv)
+    assert vo.data_ptr() == v.data_ptr() and vo.shape == v.shape
+    rq, rk = carope_qk(q, k, log_f)
+    torch.testing.assert_close(qo, rq, rtol=0, atol=0)
+    torch.testing.assert_close(ko, rk, rtol=0, atol=0)
+    # same arithmetic as carope_qk (whose gradients test_carope_qk_matches_pytorch_path checks
+    # against float64): equal to the bit, v's gradient included
+    got = grads((qo, ko, vo), (qkv, log_f))
+    want = grads((rq, rk, v), (qkv, log_f))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_carope_split_rotate_triton_equals_torch():
+    """CARoPE's fused-qkv path (triton) against the PyTorch split + rotate path, W != 0."""
+    cfg = PosConfig(name="carope")
+    qkv, _, _ = fused_qk(2, 12, 4, 2, 16, torch.float32)
+    x = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(5)).requires_grad_()
+    outs = {}
+    for kernel in ("torch", "triton"):
+        torch.manual_seed(0)
+        pos = CARoPE(PosConfig(**{**cfg.__dict__, "kernel": kernel}), d_model=32, n_kv_heads=2,
+                     head_dim=16, n_layers=1)  # fmt: skip
+        torch.nn.init.normal_(pos.proj[0].weight, std=0.3)
+        o = pos.split_rotate(qkv, 4, 2, layer=0, x=x, x0=x)
+        outs[kernel] = (o, grads(o, (qkv, x, pos.proj[0].weight)))
+    for a, b in zip(outs["triton"][0] + outs["triton"][1], outs["torch"][0] + outs["torch"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_carope_qk_block_sizes_agree_and_carry_across_blocks():
     """block_t=4 means many carried prefixes/suffixes; results agree with one big block."""
     qkv, q, k = fused_qk(1, 19, 2, 1, 16, torch.float32)
@@ -233,6 +269,9 @@ def test_one_launch_per_pass(monkeypatch):
     calls.clear()
     grads(carope_qk(q, k, random_log_f(1, 5, 1)), qkv)
     assert calls == [rotary._carope_fwd_kernel, rotary._carope_bwd_kernel]
+    calls.clear()
+    grads(carope_qkv(qkv, random_log_f(1, 5, 1), 2, 1), qkv)
+    assert calls == [rotary._carope_fwd_kernel, rotary._carope_qkv_bwd_kernel]
 
 
 def test_empty_sequence():
@@ -266,6 +305,8 @@ def test_errors(monkeypatch):
         (lambda: rope_qkv(torch.randn(1, 4, 70), cos, sin, 2, 1), "n_head=2, n_kv=1"),
         (lambda: rope_qkv(q, cos, sin, 2, 1), "qkv"),
         (lambda: rope_qkv(torch.randn(1, 4, 64), cos[:3], sin[:3], 2, 1), "fewer than T=4"),
+        (lambda: carope_qkv(torch.randn(1, 4, 64), log_f, 2, 1), "shape"),
+        (lambda: carope_qkv(torch.randn(1, 4, 62), log_f, 2, 2), "n_head=2, n_kv=2"),
     ]
     for fn, msg in bad:
         with pytest.raises(ValueError, match=msg):

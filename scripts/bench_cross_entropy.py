@@ -1,0 +1,97 @@
+"""LM-head loss of GPT-2 124M: fused chunked linear + cross-entropy vs PyTorch, time and memory.
+
+    python scripts/bench_cross_entropy.py [--rows 32768] [--chunks 4096 8192 16384]
+        [--kernel 4096:8 65536:16 65536:32] [--out bench_cross_entropy.json]
+
+Times forward + backward of the loss of h (N, C) fp32 through the tied head weight (V, C) fp32
+under bf16 autocast, as the model runs it: ``torch`` = materialised logits +
+``F.cross_entropy`` (compiled, as the minimal baseline of bench_train.py), ``fused`` =
+``ops.linear_cross_entropy`` for each chunk size and each row-kernel setting
+(BLOCK_V:num_warps; BLOCK_V >= V is the one-pass kernel). Prints a table (ms, peak MiB above
+the inputs) and writes JSON. Needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+
+from ops import cross_entropy as ce  # noqa: E402
+from scripts.bench_attention import _env  # noqa: E402
+
+
+def _torch_loss(h, w, t):
+    logits = F.linear(h, w)
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), t)
+
+
+def measure(fn, h, w, t):
+    """Median ms of forward + backward, and peak memory (MiB) above the inputs."""
+
+    def step():
+        h.grad = w.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn(h, w, t)
+        loss.backward()
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return triton.testing.do_bench(step, warmup=5, rep=200), peak
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=32768)
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--vocab", type=int, default=50304)
+    ap.add_argument("--chunks", type=int, nargs="+", default=[4096, 8192, 16384])
+    ap.add_argument("--kernel", nargs="+", default=["4096:8", "65536:16", "65536:32"])
+    ap.add_argument("--out", default="bench_cross_entropy.json")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    h = torch.randn(args.rows, args.dim, device=dev, generator=g).requires_grad_()
+    w = (0.02 * torch.randn(args.vocab, args.dim, device=dev, generator=g)).requires_grad_()
+    t = torch.randint(0, 50257, (args.rows,), device=dev, generator=g)
+    rows = []
+
+    def record(name, chunk, kernel, fn):
+        ms, peak = measure(fn, h, w, t)
+        rows.append(dict(impl=name, chunk_rows=chunk, kernel=kernel, ms=ms, peak_mib=peak))
+        print(f"done {name} chunk={chunk} kernel={kernel}: {ms:.3f} ms", flush=True)
+
+    record("torch (compiled)", None, None, torch.compile(_torch_loss))
+    defaults = (ce._BLOCK_V, ce._NUM_WARPS)
+    for spec in args.kernel:
+        block_v, warps = (int(x) for x in spec.split(":"))
+        ce._BLOCK_V, ce._NUM_WARPS = block_v, warps
+        for chunk in args.chunks:
+            record("fused", chunk, spec,
+                   lambda h, w, t, c=chunk: ce.linear_cross_entropy(h, w, t, chunk_rows=c))  # fmt: skip
+    ce._BLOCK_V, ce._NUM_WARPS = defaults
+
+    env = _env()
+    print(f"\n{env['gpu']} | torch {env['torch']} | triton {env['triton']} | N={args.rows} "
+          f"C={args.dim} V={args.vocab}, h/weight fp32, bf16 autocast, fwd+bwd")  # fmt: skip
+    print(f"{'impl':18s} {'chunk':>6s} {'kernel':>9s} {'ms':>8s} {'peak MiB':>9s}")
+    for r in rows:
+        print(f"{r['impl']:18s} {str(r['chunk_rows'] or '-'):>6s} {str(r['kernel'] or '-'):>9s} "
+              f"{r['ms']:8.3f} {r['peak_mib']:9.0f}")  # fmt: skip
+    Path(args.out).write_text(json.dumps(dict(env=env, rows=rows), indent=2))
+
+
+if __name__ == "__main__":
+    main()
