@@ -2,7 +2,7 @@
 
 Semantics: ``ops.neighborhood_ref`` (per-axis rule; the window is the product of per-axis
 windows over row-major flattened tokens). The 1-D helpers of ``ops/neighborhood.py``
-(``_window``, ``_in_window``, ``_first_query``) are applied per axis.
+(``_window``, ``_first_query``) are applied per axis.
 
 - One kernel family for 2-D and 3-D: a 2-D layout (X, Y) runs as (X, Y, 1) with kernel 1 on the
   unit axis (the rule then yields the window [0, 1)), so every kernel has three axes.
@@ -38,7 +38,6 @@ import torch
 from .flash import (
     _INTERPRET,
     _LOG2E,
-    _delta_kernel,
     _dkdv_update,
     _dot,
     _dq_update,
@@ -49,7 +48,7 @@ from .flash import (
     tl,
     triton,
 )
-from .neighborhood import _first_query, _in_window, _window
+from .neighborhood import _first_query, _window
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -88,11 +87,25 @@ def _span(p0, size, lg, ksize, stride, CAUSAL: tl.constexpr):
 
 
 @_jit
-def _sees(qx, qy, qz, kx, ky, kz, lgx, lgy, lgz, ksx, ksy, ksz, stx, sty, stz,
-          CX: tl.constexpr, CY: tl.constexpr, CZ: tl.constexpr):  # fmt: skip
-    """Bool (broadcast): query (qx, qy, qz) sees key (kx, ky, kz): product of the axis rules."""
-    ok = _in_window(qx, kx, lgx, ksx, stx, CX) & _in_window(qy, ky, lgy, ksy, sty, CY)
-    return ok & _in_window(qz, kz, lgz, ksz, stz, CZ)
+def _q_windows(px, py, pz, lgx, lgy, lgz, ksx, ksy, ksz, stx, sty, stz, CX: tl.constexpr,
+               CY: tl.constexpr, CZ: tl.constexpr):  # fmt: skip
+    """Per query (vectors): key windows [start, end) per axis, empty for positions outside
+    their axis. Computed once per query tile; the per-pair mask is then _inside's compares."""
+    sx, ex = _window(px, lgx, ksx, stx, CX)
+    sy, ey = _window(py, lgy, ksy, sty, CY)
+    sz, ez = _window(pz, lgz, ksz, stz, CZ)
+    return (sx, tl.where(px < lgx, ex, sx), sy, tl.where(py < lgy, ey, sy), sz,
+            tl.where(pz < lgz, ez, sz))  # fmt: skip
+
+
+@_jit
+def _inside(kx, ky, kz, sx, ex, sy, ey, sz, ez, HAS_Z: tl.constexpr):
+    """Bool (broadcast): key (kx, ky, kz) lies in the window [s, e) on every axis; the z test
+    is skipped when the z axis has one position (2-D layouts), where it always holds."""
+    ok = (kx >= sx) & (kx < ex) & (ky >= sy) & (ky < ey)
+    if HAS_Z:
+        ok = ok & (kz >= sz) & (kz < ez)
+    return ok
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -156,7 +169,7 @@ def _fwd_nd_kernel(Q, K, V, O, LSE, sqb, sqx, sqy, sqz, sqh, sqd, skb, skx, sky,
                    CX: tl.constexpr, CY: tl.constexpr, CZ: tl.constexpr, TY: tl.constexpr,
                    TZ: tl.constexpr, KY: tl.constexpr, KZ: tl.constexpr, FLAT: tl.constexpr,
                    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   IEEE: tl.constexpr):  # fmt: skip
+                   IEEE: tl.constexpr, HAS_Z: tl.constexpr):  # fmt: skip
     """One (query box, dilation groups, batch*head): O and LSE (natural log) of its queries."""
     tx, ty, tz = _split3(tl.program_id(0), nty, ntz)
     gx, gy, gz = _split3(tl.program_id(1), dly, dlz)
@@ -181,6 +194,8 @@ def _fwd_nd_kernel(Q, K, V, O, LSE, sqb, sqx, sqy, sqz, sqh, sqd, skb, skx, sky,
     ay, by = _seen_by_all(ty * TY, TY, lgy, ksy, sty, CY)
     az, bz = _seen_by_all(tz * TZ, TZ, lgz, ksz, stz, CZ)
     sx, sy, sz = hix - lox, hiy - loy, hiz - loz
+    wsx, wex, wsy, wey, wsz, wez = _q_windows(px, py, pz, lgx, lgy, lgz, ksx, ksy, ksz, stx, sty,
+                                              stz, CX, CY, CZ)  # fmt: skip
     acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
@@ -199,9 +214,8 @@ def _fwd_nd_kernel(Q, K, V, O, LSE, sqb, sqx, sqy, sqz, sqh, sqd, skb, skx, sky,
         else:  # a box: masked unless every query of the tile sees all of it
             partial = _box_seen(x0, y0, z0, ax, bx, ay, by, az, bz, KX, KY, KZ) == 0
         if partial:
-            ok = _sees(px[:, None], py[:, None], pz[:, None], kx[None, :], ky[None, :],
-                       kz[None, :], lgx, lgy, lgz, ksx, ksy, ksz, stx, sty, stz, CX, CY,
-                       CZ)  # fmt: skip
+            ok = _inside(kx[None, :], ky[None, :], kz[None, :], wsx[:, None], wex[:, None],
+                         wsy[:, None], wey[:, None], wsz[:, None], wez[:, None], HAS_Z)
             s = tl.where(ok, s, -float("inf"))
         acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, qk_scale, IEEE)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -214,15 +228,17 @@ def _fwd_nd_kernel(Q, K, V, O, LSE, sqb, sqx, sqy, sqz, sqh, sqd, skb, skx, sky,
 
 
 @_jit
-def _dq_nd_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqx, sqy, sqz, sqh, sqd, skb, skx, sky, skz,
+def _dq_nd_kernel(Q, K, V, DO, LSE, DELTA, DQ, O, DLSE, sqb, sqx, sqy, sqz, sqh, sqd, skb, skx, sky, skz,
                   skh, skd, svb, svx, svy, svz, svh, svd, nx, ny, nz, dlx, dly, dlz, ksx, ksy,
                   ksz, stx, sty, stz, ntx, nty, ntz, n_heads, group, qk_scale, scale,
                   CX: tl.constexpr, CY: tl.constexpr, CZ: tl.constexpr, TY: tl.constexpr,
                   TZ: tl.constexpr, KY: tl.constexpr, KZ: tl.constexpr, FLAT: tl.constexpr,
                   HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  IEEE: tl.constexpr):  # fmt: skip
+                  IEEE: tl.constexpr, HAS_Z: tl.constexpr,
+                  HAS_DLSE: tl.constexpr):  # fmt: skip
     """One (query box, dilation groups, batch*head): dQ = scale * dS K over its key span.
-    DO is contiguous (B, N, H, D)."""
+    DO and O are contiguous (B, N, H, D). Also computes and stores DELTA = rowsum(dO * O) -
+    dLSE of its queries (no separate launch); the dK/dV kernel, launched after, reads it."""
     tx, ty, tz = _split3(tl.program_id(0), nty, ntz)
     gx, gy, gz = _split3(tl.program_id(1), dly, dlz)
     bh = tl.program_id(2)
@@ -243,7 +259,11 @@ def _dq_nd_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqx, sqy, sqz, sqh, sqd, skb
     do = tl.load(DO + flat, mask=in_q[:, None], other=0.0)
     row = bh.to(tl.int64) * n + tok
     lse = tl.load(LSE + row, mask=in_q, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + row, mask=in_q, other=0.0)
+    o = tl.load(O + flat, mask=in_q[:, None], other=0.0).to(tl.float32)
+    delta = tl.sum(o * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + row, mask=in_q, other=0.0)
+    tl.store(DELTA + row, delta, mask=in_q)
     k_base = K + b * skb + (h // group) * skh
     v_base = V + b * svb + (h // group) * svh
     lox, hix = _span(tx * TX, TX, lgx, ksx, stx, CX)
@@ -253,6 +273,8 @@ def _dq_nd_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqx, sqy, sqz, sqh, sqd, skb
     ay, by = _seen_by_all(ty * TY, TY, lgy, ksy, sty, CY)
     az, bz = _seen_by_all(tz * TZ, TZ, lgz, ksz, stz, CZ)
     sx, sy, sz = hix - lox, hiy - loy, hiz - loz
+    wsx, wex, wsy, wey, wsz, wez = _q_windows(px, py, pz, lgx, lgy, lgz, ksx, ksy, ksz, stx, sty,
+                                              stz, CX, CY, CZ)  # fmt: skip
     dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
     for t in range(0, _n_tiles(sx, sy, sz, KX, KY, KZ, FLAT, BLOCK_N)):
         kx, ky, kz, in_k, x0, y0, z0 = _tile(t, lox, loy, loz, sx, sy, sz, KX, KY, KZ, FLAT,
@@ -269,9 +291,8 @@ def _dq_nd_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqx, sqy, sqz, sqh, sqd, skb
         else:  # a box: masked unless every query of the tile sees all of it
             partial = _box_seen(x0, y0, z0, ax, bx, ay, by, az, bz, KX, KY, KZ) == 0
         if partial:
-            ok = _sees(px[:, None], py[:, None], pz[:, None], kx[None, :], ky[None, :],
-                       kz[None, :], lgx, lgy, lgz, ksx, ksy, ksz, stx, sty, stz, CX, CY,
-                       CZ)  # fmt: skip
+            ok = _inside(kx[None, :], ky[None, :], kz[None, :], wsx[:, None], wex[:, None],
+                         wsy[:, None], wey[:, None], wsz[:, None], wez[:, None], HAS_Z)
             p = tl.where(ok, p, 0.0)
         dq = _dq_update(dq, p, do, v, k, delta, IEEE)  # delta holds Delta - dLSE
     tl.store(DQ + flat, (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])
@@ -284,7 +305,7 @@ def _dkdv_nd_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqx, sqy, sqz, sqh, sq
                     CX: tl.constexpr, CY: tl.constexpr, CZ: tl.constexpr, TY: tl.constexpr,
                     TZ: tl.constexpr, KY: tl.constexpr, KZ: tl.constexpr, FLAT: tl.constexpr,
                     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    IEEE: tl.constexpr):  # fmt: skip
+                    IEEE: tl.constexpr, HAS_Z: tl.constexpr):  # fmt: skip
     """One (key box, dilation groups, batch*kv head): dK, dV summed over the GQA group's q
     heads, over the query span whose windows can reach these keys (per-axis binary search)."""
     tx, ty, tz = _split3(tl.program_id(0), nty, ntz)
@@ -344,9 +365,10 @@ def _dkdv_nd_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqx, sqy, sqz, sqh, sq
                 az, bz = _seen_by_all(z0, TZ, lgz, ksz, stz, CZ)
                 partial = _box_seen(kx0, ky0, kz0, ax, bx, ay, by, az, bz, KX, KY, KZ) == 0
             if partial:
-                ok = _sees(px[None, :], py[None, :], pz[None, :], kx[:, None], ky[:, None],
-                           kz[:, None], lgx, lgy, lgz, ksx, ksy, ksz, stx, sty, stz, CX, CY,
-                           CZ)  # fmt: skip
+                wsx, wex, wsy, wey, wsz, wez = _q_windows(px, py, pz, lgx, lgy, lgz, ksx, ksy,
+                                                          ksz, stx, sty, stz, CX, CY, CZ)  # fmt: skip
+                ok = _inside(kx[:, None], ky[:, None], kz[:, None], wsx[None, :], wex[None, :],
+                             wsy[None, :], wey[None, :], wsz[None, :], wez[None, :], HAS_Z)
                 pt = tl.where(ok, pt, 0.0)
             dk, dv = _dkdv_update(dk, dv, pt, q, do, v, delta, IEEE)
     tok = ((kx * dlx + gx) * ny + ky * dly + gy) * nz + kz * dlz + gz
@@ -468,7 +490,7 @@ def _forward_nd(q, k, v, win, scale: float, opts: dict):
     _launch(_fwd_nd_kernel, grid, q, k, v, o, lse, *_strides3(q), *_strides3(k), *_strides3(v),
             *args, h // k.shape[-2], scale * _LOG2E, tiles=tiles, CX=cs[0], CY=cs[1], CZ=cs[2],
             TY=bm[1], TZ=bm[2], KY=bn[1], KZ=bn[2], FLAT=bool(opts.get("flat_tiles")),
-            HEAD_D=d, IEEE=q.dtype == torch.float32)  # fmt: skip
+            HEAD_D=d, IEEE=q.dtype == torch.float32, HAS_Z=axes[0][2] > 1)  # fmt: skip
     return o, lse
 
 
@@ -482,24 +504,25 @@ def _backward_nd(do, dlse, q, k, v, o, lse, win, scale: float, opts: dict):
     do = do.reshape(b, n, h, d)  # a view for the usual (mergeable) layouts
     if do.stride() != (n * h * d, h * d, d, 1):
         do = do.contiguous()  # the ND kernels read dO as contiguous (B, N, H, D)
-    delta = torch.empty_like(lse)  # (B, H, N) fp32: rowsum(dO * O) - dLSE
+    delta = torch.empty_like(lse)  # (B, H, N) fp32: rowsum(dO * O) - dLSE, from the dQ kernel
     dlse = None if dlse is None else dlse.contiguous()
-    _launch(_delta_kernel, (triton.cdiv(n, tiles.block_m), b * h), o, do,
-            delta if dlse is None else dlse, delta, *do.stride(), n, h,
-            tiles=tiles, HAS_DLSE=dlse is not None, HEAD_D=d)  # fmt: skip
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     strides = (*_strides3(q), *_strides3(k), *_strides3(v))
-    const = dict(tiles=tiles, HEAD_D=d, IEEE=q.dtype == torch.float32,
-                 FLAT=bool(opts.get("flat_tiles")))  # fmt: skip
     axes = _axes(q.shape[1:-2], win)
+    const = dict(tiles=tiles, HEAD_D=d, IEEE=q.dtype == torch.float32,
+                 FLAT=bool(opts.get("flat_tiles")), HAS_Z=axes[0][2] > 1)  # fmt: skip
     ds, cs = axes[2], axes[4]
-    for kernel, outs, by_keys, heads in ((_dkdv_nd_kernel, (dk, dv), True, hkv),
-                                         (_dq_nd_kernel, (dq,), False, h)):  # fmt: skip
+    # dQ first: it writes DELTA, which dK/dV reads
+    dq_extra = dict(HAS_DLSE=dlse is not None)
+    for kernel, outs, by_keys, heads, extra in (
+        (_dq_nd_kernel, (dq, o, delta if dlse is None else dlse), False, h, dq_extra),
+        (_dkdv_nd_kernel, (dk, dv), True, hkv, {}),
+    ):
         bm, bn, args, nt = _launch_geometry(axes, h, ndim, tiles, by_keys)
         grid = (nt[0] * nt[1] * nt[2], ds[0] * ds[1] * ds[2], b * heads)
         _launch(kernel, grid, q, k, v, do, lse, delta, *outs, *strides, *args, h // hkv,
                 scale * _LOG2E, scale, CX=cs[0], CY=cs[1], CZ=cs[2], TY=bm[1], TZ=bm[2],
-                KY=bn[1], KZ=bn[2], **const)  # fmt: skip
+                KY=bn[1], KZ=bn[2], **const, **extra)  # fmt: skip
     return dq, dk, dv
