@@ -459,19 +459,29 @@ def _nd_opts(opts: dict) -> dict:
     return {**opts, "block_m": opts["block_m"] or 64, "block_n": opts["block_n"] or 64}
 
 
-def _nd_tiles(opts: dict, d: int, dtype: torch.dtype, backward: bool):
-    """Tile sizes: given options, else 16-bit defaults timed on the issue's 2-D/3-D cases
-    (``scripts/bench_attention.py --na 2d|3d|large2d --sweep``, H200: small 8x8 / 4x4x4 query
-    boxes waste the least of the halo), else flash's."""
+# 16-bit defaults (block_m, block_n, warps, stages) per kernel and layout, timed on the issue's
+# cases (H100; scripts/bench_attention.py --na 2d|3d --sweep [--sweep-part dq|dkdv]): small
+# boxes waste the least of the halo. 2-D (B2 H8 128x128 D64 k13): dK/dV with 32-query tiles
+# took the backward from 0.455 to 0.427 ms, dQ with 3 stages from 0.449 to 0.430 ms; 3-D
+# (B1 H8 32^3 D64 k7) keeps 64-query dK/dV tiles (1.100 ms against 1.224 with 32).
+_ND_TILES = {"fwd": (64, 32, 4, 3), "fwd_d128": (64, 64, 4, 3), "dq": (64, 64, 4, 3),
+             "dkdv_2d": (32, 64, 4, 3), "dkdv_3d": (64, 64, 4, 2),
+             "bwd_d128": (64, 64, 4, 2)}  # fmt: skip
+
+
+def _nd_tiles(opts: dict, d: int, dtype: torch.dtype, kernel: str, ndim: int = 2):
+    """Tile sizes of one kernel ("fwd", "dq", "dkdv") of a 2-D or 3-D layout: given options,
+    else the 16-bit defaults above, else flash's."""
     opts = _nd_opts(opts)
     if not _INTERPRET and dtype != torch.float32:
-        if backward:
-            base = (64, 64, 4, 2)
-        else:
-            base = (64, 32, 4, 3) if d <= 64 else (64, 64, 4, 3)
+        if kernel == "fwd":
+            key = "fwd_d128" if d > 64 else "fwd"
+        else:  # D=128 backward (large 2-D k80: 63.0 ms vs 67.1 with the D=64 2-D tiles)
+            key = "bwd_d128" if d > 64 else ("dq" if kernel == "dq" else f"dkdv_{ndim}d")
+        base = _ND_TILES[key]
         names = ("block_m", "block_n", "num_warps", "num_stages")
         opts = {**opts, **{n: base[i] if opts[n] is None else opts[n] for i, n in enumerate(names)}}
-    return _tiles(opts, d, dtype, backward)
+    return _tiles(opts, d, dtype, kernel != "fwd")
 
 
 def _forward_nd(q, k, v, win, scale: float, opts: dict):
@@ -480,7 +490,7 @@ def _forward_nd(q, k, v, win, scale: float, opts: dict):
     ndim = q.dim() - 3
     b, h, d = q.shape[0], q.shape[-2], q.shape[-1]
     n = q[0, ..., 0, 0].numel()
-    tiles = _nd_tiles(opts, d, q.dtype, backward=False)
+    tiles = _nd_tiles(opts, d, q.dtype, "fwd")
     axes = _axes(q.shape[1:-2], win)
     ds, cs = axes[2], axes[4]
     bm, bn, args, nt = _launch_geometry(axes, h, ndim, tiles, by_keys=False)
@@ -500,7 +510,6 @@ def _backward_nd(do, dlse, q, k, v, o, lse, win, scale: float, opts: dict):
     b, h, d = q.shape[0], q.shape[-2], q.shape[-1]
     hkv = k.shape[-2]
     n = lse.shape[-1]
-    tiles = _nd_tiles(opts, d, q.dtype, backward=True)
     do = do.reshape(b, n, h, d)  # a view for the usual (mergeable) layouts
     if do.stride() != (n * h * d, h * d, d, 1):
         do = do.contiguous()  # the ND kernels read dO as contiguous (B, N, H, D)
@@ -511,15 +520,22 @@ def _backward_nd(do, dlse, q, k, v, o, lse, win, scale: float, opts: dict):
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     strides = (*_strides3(q), *_strides3(k), *_strides3(v))
     axes = _axes(q.shape[1:-2], win)
-    const = dict(tiles=tiles, HEAD_D=d, IEEE=q.dtype == torch.float32,
-                 FLAT=bool(opts.get("flat_tiles")), HAS_Z=axes[0][2] > 1)  # fmt: skip
+    const = dict(HEAD_D=d, IEEE=q.dtype == torch.float32, FLAT=bool(opts.get("flat_tiles")),
+                 HAS_Z=axes[0][2] > 1)  # fmt: skip
     ds, cs = axes[2], axes[4]
     # dQ first: it writes DELTA, which dK/dV reads
-    dq_extra = dict(HAS_DLSE=dlse is not None)
+    # opts["dq_tiles"] / opts["dkdv_tiles"] = (block_m, block_n, warps, stages): one kernel's
+    # tiles (sweeps: scripts/bench_attention.py --sweep-part); block_m etc. set both kernels'
+    names = ("block_m", "block_n", "num_warps", "num_stages")
+    per = {key: _nd_tiles({**opts, **dict(zip(names, opts.get(f"{key}_tiles") or ()))}, d,
+                          q.dtype, key, ndim)
+           for key in ("dq", "dkdv")}  # fmt: skip
+    dq_extra = dict(HAS_DLSE=dlse is not None, tiles=per["dq"])
     for kernel, outs, by_keys, heads, extra in (
         (_dq_nd_kernel, (dq, o, delta if dlse is None else dlse), False, h, dq_extra),
-        (_dkdv_nd_kernel, (dk, dv), True, hkv, {}),
+        (_dkdv_nd_kernel, (dk, dv), True, hkv, dict(tiles=per["dkdv"])),
     ):
+        tiles = extra["tiles"]
         bm, bn, args, nt = _launch_geometry(axes, h, ndim, tiles, by_keys)
         grid = (nt[0] * nt[1] * nt[2], ds[0] * ds[1] * ds[2], b * heads)
         _launch(kernel, grid, q, k, v, do, lse, delta, *outs, *strides, *args, h // hkv,

@@ -4,6 +4,7 @@
     python scripts/bench_attention.py --na 2d     # neighborhood: 1d, 2d, 3d, large2d (issue 3)
     python scripts/bench_attention.py --plot --out na_kernel_sizes.json   # + na_kernel_sizes.png
     python scripts/bench_attention.py --na 2d --sweep [--flat both] [--configs "64,32,4,3;..."]
+        [--sweep-part dq|dkdv]
 
 Dense: ``ops.build("flash")`` against SDPA's flash and cuDNN backends. Neighborhood (``--na``):
 ``ops.build("neighborhood")`` against FlexAttention (compiled, block mask from the same NATTEN
@@ -157,9 +158,10 @@ SWEEP = [
 ]
 
 
-def sweep_na(case: str, out: str, flats=(None,), configs=None) -> None:
+def sweep_na(case: str, out: str, flats=(None,), configs=None, part: str = "all") -> None:
     """Time our forward and backward launchers separately for each tile config of SWEEP (the
-    defaults come from the fastest rows; docs/benchmarks.md)."""
+    defaults come from the fastest rows; docs/benchmarks.md). part="dq" / "dkdv" (2-D/3-D):
+    vary only that backward kernel's tiles (the other keeps its default), timing the backward."""
     import triton
 
     from ops import neighborhood as na
@@ -176,6 +178,9 @@ def sweep_na(case: str, out: str, flats=(None,), configs=None) -> None:
     rows = []
     for (bm, bn, w, st), flat in itertools.product(configs or SWEEP, flats):
         opts = dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st, flat_tiles=flat)
+        if part != "all":
+            opts = dict(block_m=None, block_n=None, num_warps=None, num_stages=None,
+                        flat_tiles=flat, **{f"{part}_tiles": (bm, bn, w, st)})  # fmt: skip
         try:
             o, lse = fwd(q, k, v, win, scale, opts)
             do = torch.randn_like(o)
@@ -186,7 +191,8 @@ def sweep_na(case: str, out: str, flats=(None,), configs=None) -> None:
         except Exception as e:  # out of shared memory etc.: report and go on
             print(f"{opts}: {type(e).__name__}: {str(e)[:80]}")
             continue
-        rows.append({**opts, "fwd_ms": f_ms, "bwd_ms": b_ms})
+        rows.append({**opts, "block_m": bm, "block_n": bn, "num_warps": w, "num_stages": st,
+                     "part": part, "fwd_ms": f_ms, "bwd_ms": b_ms})  # fmt: skip
         Path(out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))  # so far
         print(f"bm={bm:<4} bn={bn:<4} warps={w} stages={st} flat={flat}  fwd {f_ms:7.3f} ms  bwd {b_ms:7.3f} ms",
               flush=True)  # fmt: skip
@@ -214,14 +220,16 @@ def main():
                     help="with --sweep: 2-D/3-D flat_tiles auto, or both True and False")  # fmt: skip
     ap.add_argument("--plot", action="store_true", help="2-D latency vs kernel size, ours vs Flex")
     ap.add_argument("--configs", default="", help='with --sweep: "bm,bn,warps,stages;..."')
+    ap.add_argument("--sweep-part", default="all", choices=["all", "dq", "dkdv"],
+                    help="with --sweep (2-D/3-D): tile only this backward kernel")  # fmt: skip
     ap.add_argument("--out", default="bench_attention.json")
     args = ap.parse_args()
     if args.plot:
         return plot_na(args.out)
     if args.na and args.sweep:
         flats = {"auto": (None,), "both": (True, False)}[args.flat]
-        configs = [tuple(map(int, c.split(","))) for c in args.configs.split(";")] or None
-        return sweep_na(args.na, args.out, flats, configs if args.configs else None)
+        configs = [tuple(map(int, c.split(","))) for c in args.configs.split(";") if c.strip()]
+        return sweep_na(args.na, args.out, flats, configs or None, args.sweep_part)
     if args.na:
         return bench_na(args.na, args.out)
     b, h, n, d = map(int, args.shape.split(","))
