@@ -109,6 +109,7 @@ def _fused_kernel(kernel: str, x: torch.Tensor) -> bool:
 
 class NoPositions(nn.Module):
     rotary = False
+    kernel_opts: dict = {}  # block_t / num_warps for the Triton rotary kernels (benchmarks)
 
     def additive(self, t: int, device) -> torch.Tensor | None:
         return None
@@ -205,7 +206,7 @@ class RotaryPositions(NoPositions):
         if _fused_kernel(self.kernel, qkv):
             # one kernel rotates q and k; its backward writes the fused qkv gradient directly
             cos, sin = self.angles(qkv.shape[1], qkv.device)
-            return rotary_ops.rope_qkv(qkv, cos, sin, n_head, n_kv)
+            return rotary_ops.rope_qkv(qkv, cos, sin, n_head, n_kv, **self.kernel_opts)
         return super().split_rotate(qkv, n_head, n_kv, layer=layer, x=x, x0=x0)
 
 
@@ -294,7 +295,7 @@ class CARoPE(NoPositions):
     def split_rotate(self, qkv, n_head, n_kv, *, layer, x, x0):
         if _fused_kernel(self.kernel, qkv):  # backward writes the fused qkv gradient directly
             log_f = self.log_frequencies(layer, x, x0).float()
-            return rotary_ops.carope_qkv(qkv, log_f, n_head, n_kv)
+            return rotary_ops.carope_qkv(qkv, log_f, n_head, n_kv, **self.kernel_opts)
         return super().split_rotate(qkv, n_head, n_kv, layer=layer, x=x, x0=x0)
 
 

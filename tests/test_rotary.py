@@ -255,7 +255,7 @@ def test_carope_at_rope_frequencies_is_rope_from_one():
 # ----------------------------------------------------------------------------- launches, errors
 
 
-def test_one_launch_per_pass(monkeypatch):
+def test_launches_per_pass(monkeypatch):
     calls = []
     real = rotary._launch
     monkeypatch.setattr(rotary, "_launch", lambda kernel, *a, **kw: (calls.append(kernel), real(kernel, *a, **kw))[1])  # fmt: skip
@@ -268,10 +268,12 @@ def test_one_launch_per_pass(monkeypatch):
     assert calls == [rotary._rope_kernel, rotary._rope_qkv_bwd_kernel]
     calls.clear()
     grads(carope_qk(q, k, random_log_f(1, 5, 1)), qkv)
-    assert calls == [rotary._carope_fwd_kernel, rotary._carope_bwd_kernel]
+    # CARoPE: a light carry scan, then every token block in parallel (and a light suffix pass)
+    fwd = [rotary._carope_carry_kernel, rotary._carope_fwd_kernel]
+    assert calls == fwd + [rotary._carope_bwd_kernel, rotary._carope_suffix_kernel]
     calls.clear()
     grads(carope_qkv(qkv, random_log_f(1, 5, 1), 2, 1), qkv)
-    assert calls == [rotary._carope_fwd_kernel, rotary._carope_qkv_bwd_kernel]
+    assert calls == fwd + [rotary._carope_qkv_bwd_kernel, rotary._carope_suffix_kernel]
 
 
 def test_empty_sequence():
