@@ -199,8 +199,8 @@ def test_one_kernel_per_chunk_and_backward_only_scales(monkeypatch):
 
 
 def test_default_chunk_rows():
-    assert ce.default_chunk_rows(50304, torch.bfloat16) == 4096  # 412 MB of logits
-    assert ce.default_chunk_rows(50304, torch.float32) == 2048
+    assert ce.default_chunk_rows(50304, torch.bfloat16) == 8192  # 824 MB of logits
+    assert ce.default_chunk_rows(50304, torch.float32) == 4096
     assert ce.default_chunk_rows(10**9, torch.float32) == 16
 
 

@@ -325,3 +325,18 @@ def test_ema_and_agc_train_and_resume_exactly(tmp_path):
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
     with pytest.raises(ValueError, match="optim.clip_mode='unit'; valid: norm, agc"):
         train(tmp_path / "c", *common, "optim.clip_mode=unit")
+
+
+@pytest.mark.parametrize("pos", ["rope", "carope"])
+def test_fused_rotary_training_follows_the_pytorch_loss_curve(tmp_path, pos):
+    """pos.kernel=triton (the fused kernels, interpreter here) and pos.kernel=torch: the same
+    training run, step by step, within rounding (fp32 on the CPU)."""
+    common = ["trainer.max_steps=6", "trainer.eval_every=100", "trainer.ckpt_every=100",
+              f"pos={pos}", "trainer.log_every=1", "optim.lr=3e-3"]  # fmt: skip
+    train(tmp_path / "torch", *common, "pos.kernel=torch")
+    train(tmp_path / "triton", *common, "pos.kernel=triton")
+    la, lb = losses(tmp_path / "torch"), losses(tmp_path / "triton")
+    assert sorted(la) == sorted(lb) == list(range(1, 7))
+    assert la[6] < la[1] - 0.5  # it trains
+    for step in la:
+        assert math.isclose(lb[step], la[step], rel_tol=1e-5), (step, la[step], lb[step])
