@@ -23,6 +23,16 @@ other; every window of the whole batch goes through the backend in one call per 
 with N = window**2 (Dv != D: backends must accept a value dim different from the key dim, and
 an additive bias: ``sdpa`` and ``reference`` do, ``flash`` refuses at build time).
 
+``attn=neighborhood`` (or ``neighborhood_reference``) selects a variant of the paper's model:
+each head attends over the ``window`` x ``window`` neighbourhood of every token of the whole
+stage map (2-D neighborhood attention, NATTEN semantics: the window shifts at the borders,
+nothing is padded or partitioned) instead of inside fixed windows, and there are no learned
+attention biases (NA kernels take none; the depthwise convolutions around the attention still
+give positions). ``model.window`` sets the neighbourhood (the backend's own ``kernel_size``
+option is replaced per stage by min(window, map side)). Where a stage map is no larger than the
+window, this equals the paper's model with zero biases (tested). Its state dict is timm's
+without ``attention_biases``.
+
 Parameter and buffer layout differ from timm's ``efficientvit_mX`` only by names;
 :func:`from_timm_state_dict` / :func:`to_timm_state_dict` map one to the other, and
 :func:`load_pretrained` (or ``model.pretrained=PATH``) loads a timm checkpoint file.
@@ -98,6 +108,14 @@ def stage_geometry(cfg: EfficientViTConfig) -> list[tuple[int, int]]:
 
 # ---------------------------------------------------------------------------------------------
 # building blocks
+
+NEIGHBORHOOD_BACKENDS = ("neighborhood", "neighborhood_reference")
+
+
+def is_neighborhood(attention) -> bool:
+    """Whether ``attention`` is a neighborhood-attention backend: the model then runs its
+    attn=neighborhood variant (2-D NA over each stage's map, kernel model.window, no biases)."""
+    return getattr(attention, "name", None) in NEIGHBORHOOD_BACKENDS
 
 
 class ConvBN(nn.Module):
@@ -265,6 +283,9 @@ class CascadedGroupAttention(nn.Module):
         self.heads, self.key_dim, self.window = heads, key_dim, window
         self.val_dim = dim // heads  # head i's output is added to split i+1: same width
         self.scale = key_dim**-0.5
+        self.neighborhood = is_neighborhood(attention)
+        if self.neighborhood and window > 1:  # 2-D NA over the whole map, window x window
+            attention = ops.build(attention.name, **{**attention.options, "kernel_size": window})
         self.attention = attention
         self.qkv = nn.ModuleList(
             ConvBN(dim // heads, 2 * key_dim + self.val_dim) for _ in range(heads)
@@ -273,10 +294,15 @@ class CascadedGroupAttention(nn.Module):
             ConvBN(key_dim, key_dim, kernels[i], groups=key_dim) for i in range(heads)
         )
         self.proj = ConvBN(self.val_dim * heads, dim, bn_init=0.0)
-        self.attn_bias = nn.Parameter(torch.zeros(heads, window * window))  # per |dy|, |dx|
-        self.register_buffer("bias_idx", relative_offset_index(window), persistent=False)
+        if self.neighborhood:  # NA backends take no bias: the dw convs carry the positions
+            self.attn_bias = None
+        else:
+            self.attn_bias = nn.Parameter(torch.zeros(heads, window * window))  # |dy|, |dx|
+            self.register_buffer("bias_idx", relative_offset_index(window), persistent=False)
 
     def forward(self, x):
+        if self.neighborhood:
+            return self._forward_neighborhood(x)
         b, c, h, w = x.shape
         ws = self.window
         windowed = (h, w) != (ws, ws)
@@ -302,6 +328,38 @@ class CascadedGroupAttention(nn.Module):
         if windowed:
             y = window_reverse(y, b, nh, nw, h, w)
         return y
+
+    def _forward_neighborhood(self, x):
+        """The attn=neighborhood variant: each head attends over a window x window
+        neighbourhood of every token of the whole (H, W) map (2-D NA, NATTEN semantics: shifted
+        at the borders, no padding), no partition and no attention bias. q, k, v go in as
+        (B, H, W, 1, Dp), zero-padded to one power-of-two width Dp (zeros change no score q.k
+        and give output columns that are cut off), the scale staying key_dim ** -0.5."""
+        b, c, h, w = x.shape
+        kd, vd = self.key_dim, self.val_dim
+        dp = max(16, 1 << (max(kd, vd) - 1).bit_length())
+
+        def tokens(z):  # (B, d, H, W) -> (B, H, W, 1, Dp)
+            return F.pad(z.permute(0, 2, 3, 1), (0, dp - z.shape[1])).unsqueeze(3)
+
+        splits = x.chunk(self.heads, dim=1)
+        outs, feat = [], splits[0]
+        for i in range(self.heads):
+            if i > 0:
+                feat = feat + splits[i]
+            q, k, v = self.qkv[i](feat).split([kd, kd, vd], dim=1)
+            q = self.q_dw[i](q)
+            if self.window > 1:
+                o = self.attention(tokens(q), tokens(k), tokens(v), scale=self.scale)
+                feat = o[..., 0, :vd].permute(0, 3, 1, 2)  # (B, Dv, H, W)
+            else:  # a 1x1 map: one key, the token itself (NA needs kernels >= 2): the
+                # softmax over that single score is 1, computed so that q and k stay in the
+                # graph (zero gradients, as the other backends give, and no unused parameters
+                # under DDP)
+                score = (q * k).sum(1, keepdim=True) * self.scale  # (B, 1, 1, 1)
+                feat = torch.softmax(score.unsqueeze(-1), dim=-1).squeeze(-1) * v
+            outs.append(feat)
+        return self.proj(F.relu(torch.cat(outs, dim=1)))
 
 
 class Block(nn.Module):
@@ -356,7 +414,9 @@ class EfficientViT(nn.Module):
         self.cfg = cfg
         dims, depths, heads, kernels = VARIANTS[cfg.variant]
         check = getattr(attention, "check", None)
-        if check is not None:  # refuse a backend without bias / this head dim before building
+        if is_neighborhood(attention):  # the bias-free 2-D variant (CascadedGroupAttention)
+            check(n_heads=1, n_kv_heads=1, token_ndim=2)
+        elif check is not None:  # refuse a backend without bias / this head dim before building
             check(head_dim=cfg.key_dim, n_heads=1, n_kv_heads=1, bias=True, causal=False)
         self.stem = nn.Sequential(
             OrderedDict(

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 import ops
 from models import VARIANTS, build_model
+from models.efficientvit import is_neighborhood
 from trainer import config as config_lib
 
 from .helpers import CONF, compose_cfg
@@ -115,7 +116,9 @@ def test_model_attn_pos_matrix_builds(model, attn, pos):
         with pytest.raises(ValueError, match="efficientvit uses its own relative-position"):
             build_on_meta(cfg, validate=False)
         return
-    if not ops.build(rc.attn.name, **rc.attn.options).capabilities.bias:
+    backend = ops.build(rc.attn.name, **rc.attn.options)
+    na = is_neighborhood(backend)  # the bias-free 2-D NA variant
+    if not backend.capabilities.bias and not na:
         with pytest.raises(ValueError, match=f"'{attn}' does not support: an additive attention"):
             build_on_meta(cfg, validate=False)
         return
@@ -123,6 +126,7 @@ def test_model_attn_pos_matrix_builds(model, attn, pos):
     depths = VARIANTS[rc.model.variant][1]
     assert [len(stage.blocks) for stage in built.stages] == list(depths)
     assert not any(n.startswith("pos.") for n, _ in built.named_parameters())
+    assert any(n.endswith("attn_bias") for n, _ in built.named_parameters()) == (not na)
 
 
 def test_sizes_match_the_papers():

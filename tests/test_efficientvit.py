@@ -182,6 +182,49 @@ def test_backend_swap_sdpa_reference_same_logits_and_grads():
     assert a.stages[0].blocks[0].attn.attn_bias.grad.abs().sum() > 0
 
 
+def _without_biases(model):
+    return {k: v for k, v in model.state_dict().items() if not k.endswith("attn_bias")}
+
+
+def test_neighborhood_variant_with_whole_map_windows_is_bias_free_global_attention():
+    """attn=neighborhood with every stage map within the window (64 px: maps 4x4, 2x2, 1x1, so
+    each NA kernel covers its whole map) = the windowed model with zero attention biases: the
+    same logits and gradients. The NA kernels get q/k/v padded to one width (Dv 16..48)."""
+    a = randomize(make("m0", "sdpa", img_size=64, num_classes=7), seed=3)
+    with torch.no_grad():
+        for blk in (b for st in a.stages for b in st.blocks):
+            blk.attn.attn_bias.zero_()
+    b = make("m0", "neighborhood", img_size=64, num_classes=7)
+    assert not any(n.endswith("attn_bias") for n, _ in b.named_parameters())
+    b.load_state_dict(_without_biases(a))
+    x = torch.randn(2, 3, 64, 64)
+    a.eval(), b.eval()
+    with torch.no_grad():
+        assert_close(b(x), a(x))
+    a(x).square().mean().backward()
+    b(x).square().mean().backward()
+    ga = {n: p.grad for n, p in a.named_parameters() if not n.endswith("attn_bias")}
+    for name, pb in b.named_parameters():
+        torch.testing.assert_close(pb.grad, ga[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_neighborhood_variant_slides_its_window_like_the_reference():
+    """128 px: stage 0 is an 8x8 map under a 7x7 neighbourhood (shifted at the borders): the
+    fused NA kernels against the materialised NATTEN reference, logits and gradients."""
+    a = randomize(make("m0", "neighborhood", img_size=128, num_classes=5), seed=4)
+    b = make("m0", "neighborhood_reference", img_size=128, num_classes=5)
+    b.load_state_dict(a.state_dict())
+    assert a.stages[0].blocks[0].attn.attention.options["kernel_size"] == 7
+    x = torch.randn(2, 3, 128, 128)
+    a.eval(), b.eval()
+    with torch.no_grad():
+        assert_close(a(x), b(x))
+    a(x).square().mean().backward()
+    b(x).square().mean().backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_flash_backend_is_refused_for_its_missing_bias():
     with pytest.raises(ValueError, match="'flash' does not support: an additive attention bias"):
         make("m0", "flash")
