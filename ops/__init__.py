@@ -12,6 +12,7 @@ Besides attention: ``linear_cross_entropy`` (fused, chunked LM-head loss; ops/cr
 This package imports nothing else of the repository.
 """
 
+from . import hyper as _hyper  # noqa: F401  (registers "hyper")
 from . import neighborhood as _neighborhood  # noqa: F401  (registers "neighborhood")
 from . import neighborhood_ref as _neighborhood_ref  # noqa: F401  (registers "neighborhood_reference")
 from . import reference as _reference  # noqa: F401  (registers "reference")

@@ -1,0 +1,126 @@
+"""HyperAttention (ops/hyper.py) on the CPU: exactness limits, gradients, reproducibility."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ops
+
+REF = ops.build("reference")
+
+
+def qkv(b=2, n=64, h=4, hkv=4, d=16, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, n, h, d, generator=g)
+    k = torch.randn(b, n, hkv, d, generator=g)
+    v = torch.randn(b, n, hkv, d, generator=g)
+    return [x.requires_grad_(requires_grad) for x in (q, k, v)]
+
+
+def hyper(**kw):
+    opts = dict(inner="reference", min_seq_len=16, block_size=8, sample_size=4, lsh_bits=3)
+    return ops.build("hyper", **{**opts, **kw})
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_below_min_seq_len_it_is_exact(causal):
+    q, k, v = qkv(n=32)
+    o, lse = hyper(min_seq_len=32)(q, k, v, causal=causal, return_lse=True)
+    r, rl = REF(q, k, v, causal=causal, return_lse=True)
+    torch.testing.assert_close(o, r, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse, rl, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lsh_bits", [0, 3])
+@pytest.mark.parametrize("n,hkv", [(64, 4), (60, 2)])  # 60: a short last block; GQA
+def test_all_columns_sampled_is_exact_with_gradients(causal, lsh_bits, n, hkv):
+    """sample_size >= the keys outside a block: every outside key is used once, so the block
+    part + the 'sampled' part is the whole row, merged through the LSEs: exact attention, and
+    autograd through the gathers and the merge gives exact attention's gradients."""
+    q, k, v = qkv(n=n, hkv=hkv, requires_grad=True)
+    attn = hyper(sample_size=10**6, lsh_bits=lsh_bits)
+    o, lse = attn(q, k, v, causal=causal, return_lse=True)
+    r, rl = REF(q, k, v, causal=causal, return_lse=True)
+    torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, rl, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(o)
+    got = torch.autograd.grad((o * g).sum() + lse.sum(), (q, k, v))
+    want = torch.autograd.grad((r * g).sum() + rl.sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_sampled_estimate_improves_with_samples_and_is_reproducible_by_seed():
+    """With sampling on, the output estimates exact attention, better with more samples; a
+    backend with the same seed replays the same hyperplanes and samples (bit-equal), another
+    seed does not; state() and set_state() restore the stream."""
+    q, k, v = qkv(n=256, d=16)
+    r = REF(q, k, v)
+
+    def err(samples):
+        outs = [hyper(seed=s, sample_size=samples)(q, k, v) for s in range(4)]
+        return sum(float((o - r).norm()) for o in outs) / len(outs)
+
+    assert err(128) < 0.6 * err(4), (err(128), err(4))
+    a, b, c = hyper(seed=1, sample_size=32), hyper(seed=1, sample_size=32), hyper(seed=2, sample_size=32)
+    oa, ob, oc = a(q, k, v), b(q, k, v), c(q, k, v)
+    assert torch.equal(oa, ob) and not torch.equal(oa, oc)
+    state = a._fn.state()
+    o1 = a(q, k, v)
+    a._fn.set_state(state)
+    assert torch.equal(a(q, k, v), o1)
+
+
+def test_causal_first_half_ignores_the_second():
+    """Causal recursion: the first half's outputs come from the first half alone, however the
+    second half changes (the draws are the same for the same seed and shapes)."""
+    q, k, v = qkv(n=128)
+    q2, k2, v2 = (x.clone() for x in (q, k, v))
+    for x in (q2, k2, v2):
+        x[:, 64:] = torch.randn_like(x[:, 64:]) * 3
+    o1 = hyper(seed=5)(q, k, v, causal=True)
+    o2 = hyper(seed=5)(q2, k2, v2, causal=True)
+    torch.testing.assert_close(o1[:, :64], o2[:, :64], rtol=0, atol=0)
+    assert not torch.equal(o1[:, 64:], o2[:, 64:])
+
+
+def test_gradients_through_the_sampled_path_are_finite_and_reach_everything():
+    q, k, v = qkv(n=128, requires_grad=True)
+    o, lse = hyper(sample_size=8)(q, k, v, causal=True, return_lse=True)
+    (o.square().sum() + lse.sum()).backward()
+    for x in (q, k, v):
+        assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_bad_options_and_inputs():
+    for kw, msg in [
+        (dict(lsh_bits=-1), "lsh_bits=-1"),
+        (dict(block_size=0), "block_size=0"),
+        (dict(sample_size=1.5), "sample_size=1.5"),
+        (dict(inner="hyper"), "inner backend must be exact"),
+        (dict(lsh_bits=31), "at most 30"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            ops.build("hyper", **kw)
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="does not support: an additive attention bias"):
+        ops.build("hyper").check(bias=True)
+    with pytest.raises(ValueError, match="bias"):
+        hyper()(q, k, v, bias=torch.zeros(1, 1, 64, 64))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_inner_matches_the_reference_inner_with_gradients(causal):
+    """The default inner backend (the Triton flash core, interpreter here) against the fp32
+    reference inside the same algorithm with the same draws: outputs, LSE and gradients,
+    which flow through flash's differentiable LSE into the merge."""
+    q, k, v = qkv(b=1, n=64, h=2, hkv=1, requires_grad=True)
+    outs = []
+    for inner in ("flash", "reference"):
+        o, lse = hyper(inner=inner, seed=3)(q, k, v, causal=causal, return_lse=True)
+        g = torch.autograd.grad(o.square().sum() + lse.sum(), (q, k, v))
+        outs.append((o, lse, *g))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
