@@ -1,27 +1,31 @@
 """HyperAttention (Han et al., 2023): near-linear approximate attention, ``ops.build("hyper")``.
 
-Non-causal, for queries and keys of equal length N > ``min_seq_len`` (per batch x head):
+Non-causal, for Nk > ``min_seq_len`` keys (per batch x head):
 
 1. **sortLSH.** q and k are hashed with ``lsh_bits`` random hyperplanes (angular LSH; the code
-   is read as a Gray code, so that buckets adjacent in the order differ in one hyperplane) and
-   sorted by bucket. Sorted query block i (``block_size`` rows) attends exactly to sorted key
-   block i: the large entries of the attention matrix fall into these diagonal blocks.
-2. **Sampling.** Each query block also attends to ``sample_size`` key columns drawn uniformly,
-   with replacement, from the keys *outside* its own block (no double counting); the sampled
-   part estimates the rest of the row sum, so its LSE is raised by log(outside / sample_size).
-   Where ``sample_size`` covers every outside key, all of them are used once, weight 1: the
-   result is then exact attention (tested).
+   is read as a Gray code, so that buckets adjacent in the order differ in one hyperplane).
+   Keys are sorted by bucket and cut into blocks of ``block_size``; each query attends exactly
+   to the key block where its own bucket falls in that order: the large entries of the
+   attention matrix are found there. (The paper sorts the queries too and pairs block i with
+   block i; placing each query by its own hash gives the same blocks for balanced buckets and
+   makes a query's result independent of the other queries, which the causal form needs.)
+2. **Sampling.** Each key block also gets ``sample_size`` key columns drawn uniformly, with
+   replacement, from the keys *outside* it (no double counting); its queries attend to them,
+   and the sampled part's LSE is raised by log(outside / sample_size) to estimate the rest of
+   the row. Where ``sample_size`` covers every outside key, all of them are used once, weight
+   1: the result is then exact attention (tested).
 3. **Merge** through the log-sum-exps: lse = logaddexp(lse_block, lse_sampled), o = the two
    outputs weighted by exp(lse_part - lse).
 
 Causal (the paper's recursion): split the sequence in halves; the first half and the second
-half attend causally to themselves (recursively), the second half attends non-causally (step
-1-3) to the first; the parts merge through their LSEs. Lengths at or below ``min_seq_len`` (and
-cross-attention with unequal lengths) use exact attention.
+half attend causally to themselves (recursively), the second half attends non-causally (steps
+1-3) to the first; the parts merge through their LSEs. Changing a token changes no earlier
+output (tested). Lengths at or below ``min_seq_len``, and causal attention with unequal query
+and key lengths, use exact attention.
 
 Every exact piece runs on an inner backend (``inner``, default ``flash``: the Triton core, whose
-LSE is differentiable) through the ops contract with ``return_lse=True``, batched over blocks,
-so nothing N x N is ever formed. The backward is the true gradient of this forward: autograd
+LSE is differentiable) through the ops contract with ``return_lse=True``, batched over tiles
+of ``block_size`` queries of one key block, so nothing N x N is ever formed. The backward is the true gradient of this forward: autograd
 flows through the gathers, the inner backend and the LSE merge (the public implementation
 detaches the LSE, which biases the gradient).
 
@@ -60,14 +64,14 @@ def _gray_rank(code: torch.Tensor, bits: int) -> torch.Tensor:
     return rank
 
 
-def _lsh_order(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
-    """x (BH, N, D), planes (D, bits) -> permutation (BH, N) sorting x by its bucket."""
+def _ranks(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
+    """x (BH, N, D), planes (D, bits) -> (BH, N) sort key: the Gray rank of x's bucket."""
     bits = planes.shape[1]
     if bits == 0:
-        return torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        return torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)
     signs = (x.float() @ planes) > 0  # (BH, N, bits)
     code = (signs.long() << torch.arange(bits, device=x.device)).sum(-1)
-    return torch.argsort(_gray_rank(code, bits), dim=-1, stable=True)
+    return _gray_rank(code, bits)
 
 
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -114,95 +118,80 @@ class _Hyper:
                             scale=scale, return_lse=True)  # fmt: skip
         return o.squeeze(2), lse.squeeze(1)
 
-    def _blocks(self, q, k, v, scale):
-        """Sorted query block i against sorted key block i, batched; a shorter last block
-        (N not a multiple of block_size) runs as one more call."""
-        bh, n, d = q.shape
-        b = min(self.block, n)
-        nb, rest = divmod(n, b)
-        full = nb * b
-        qs, ks, vs = (x[:, :full].reshape(bh * nb, b, x.shape[-1]) for x in (q, k, v))
-        o, lse = self._exact(qs, ks, vs, scale, False)
-        o, lse = o.reshape(bh, full, -1), lse.reshape(bh, full)
-        if rest:
-            o2, lse2 = self._exact(q[:, full:], k[:, full:], v[:, full:], scale, False)
-            o, lse = torch.cat([o, o2], 1), torch.cat([lse, lse2], 1)
-        return o, lse
-
     # ------------------------------------------------------------------ the algorithm
     def noncausal(self, q, k, v, scale):
-        """q (BH, N, D), k (BH, N, D), v (BH, N, Dv) -> o, lse (approximate)."""
-        bh, n, d = q.shape
-        if n <= self.min_len or k.shape[1] != n:
-            return self._exact(q, k, v, scale, False)
-        gen = self._gen(q.device)
-        planes = torch.randn(d, self.bits, device=q.device, generator=gen)
-        q_order, k_order = _lsh_order(q, planes), _lsh_order(k, planes)
-        qs, ks, vs = _gather(q, q_order), _gather(k, k_order), _gather(v, k_order)
-        o_blk, lse_blk = self._blocks(qs, ks, vs, scale)
-        # sampled columns outside each query block, in sorted key order
-        b = min(self.block, n)
-        starts = torch.arange(0, n, b, device=q.device)  # block starts (the last may be short)
-        sizes = (n - starts).clamp(max=b)
-        outside = n - sizes  # keys outside each block
-        nblk = starts.numel()
-        if self.samples >= int(outside.max()):  # every outside key once: exact
-            m = int(outside.max())
-            cols = torch.arange(m, device=q.device).expand(bh, nblk, m)
-            valid = cols < outside[None, :, None]
-            weight = torch.ones(nblk, device=q.device)
-        else:
-            m = self.samples
-            u = torch.rand(bh, nblk, m, device=q.device, generator=gen)
-            cols = (u * outside[None, :, None]).long()
-            valid = torch.ones_like(cols, dtype=torch.bool)
-            weight = outside.float() / m
-        # position among the outside keys -> sorted key index (skip the block itself)
-        cols = torch.where(cols >= starts[None, :, None], cols + sizes[None, :, None], cols)
-        cols = torch.where(valid, cols, 0)
-        # per query block: its rows against its sampled keys, one batched exact call
-        row_blk = torch.arange(n, device=q.device) // b  # (N,)
-        if n % b:
-            o_s, lse_s = self._sampled_ragged(qs, ks, vs, cols, valid, row_blk, scale)
-        else:
-            kk = _gather(ks, cols.reshape(bh, -1)).reshape(bh * nblk, m, d)
-            vv = _gather(vs, cols.reshape(bh, -1)).reshape(bh * nblk, m, vs.shape[-1])
-            o_s, lse_s = self._sampled(qs.reshape(bh * nblk, b, d), kk, vv, valid, scale)
-            o_s, lse_s = o_s.reshape(bh, n, -1), lse_s.reshape(bh, n)
-        lse_s = lse_s + torch.log(weight)[row_blk][None, :]
-        o, lse = _merge(o_blk, lse_blk, o_s, lse_s)
-        inv = torch.argsort(q_order, dim=-1)  # back to the original query order
-        return _gather(o, inv), torch.gather(lse, 1, inv)
+        """q (BH, Nq, D), k (BH, Nk, D), v (BH, Nk, Dv) -> o, lse (approximate).
 
-    def _sampled(self, q, k, v, valid, scale):
-        """q (G, b, D) against its keys (G, m, D) on the inner backend. ``valid`` marks padding
-        columns only in the all-columns (exact) mode with a short last block, where blocks have
-        different numbers of outside keys: that small case masks them in PyTorch."""
-        if bool(valid.all()):
+        Keys are sorted by bucket and cut into blocks of ``block_size`` (the last one ends at
+        Nk, overlapping its neighbour, so every block has the same size). Each query goes to
+        the key block where its own bucket falls in that order (its computation depends on its
+        own hash, the keys and the draws only: no other query can change it, which keeps the
+        causal recursion causal). Queries are then packed into tiles of ``block_size`` rows of
+        one key block, so the exact parts run as batched calls of fixed shape."""
+        bh, nq, d = q.shape
+        nk, dv = k.shape[1], v.shape[-1]
+        if nk <= self.min_len:
             return self._exact(q, k, v, scale, False)
-        g = q.shape[0]
-        s = (q.float() @ k.float().transpose(1, 2)) * scale
-        s = s.masked_fill(~valid.reshape(g, 1, -1), float("-inf"))
-        lse = torch.logsumexp(s, -1)
-        o = torch.softmax(s, -1) @ v.float()
-        return o.to(q.dtype), lse
-
-    def _sampled_ragged(self, qs, ks, vs, cols, valid, row_blk, scale):
-        """Sampled part when N is not a multiple of the block: block by block."""
-        outs, lses = [], []
-        b = min(self.block, qs.shape[1])
-        for j in range(cols.shape[1]):
-            rows = slice(j * b, min((j + 1) * b, qs.shape[1]))
-            kk, vv = _gather(ks, cols[:, j]), _gather(vs, cols[:, j])
-            o, lse = self._sampled(qs[:, rows], kk, vv, valid[:, j], scale)
-            outs.append(o)
-            lses.append(lse)
-        return torch.cat(outs, 1), torch.cat(lses, 1)
+        dev = q.device
+        gen = self._gen(dev)
+        planes = torch.randn(d, self.bits, device=dev, generator=gen)
+        k_rank, q_rank = _ranks(k, planes), _ranks(q, planes)
+        k_order = torch.argsort(k_rank, dim=-1, stable=True)
+        ks, vs = _gather(k, k_order), _gather(v, k_order)
+        b = min(self.block, nk)
+        nblk = -(-nk // b)
+        starts = (torch.arange(nblk, device=dev) * b).clamp(max=nk - b)  # (nblk,)
+        # every query's key block: where its bucket falls among the sorted keys
+        pos = torch.searchsorted(torch.gather(k_rank, 1, k_order), q_rank.contiguous())
+        qblk = (pos // b).clamp(max=nblk - 1)  # (BH, Nq)
+        # samples: m columns outside each block, drawn per key block (not per query)
+        outside = nk - b
+        if self.samples >= outside:  # every outside key once: exact attention
+            m, weight = outside, 1.0
+            cols = torch.arange(m, device=dev).expand(bh, nblk, m)
+        else:
+            m, weight = self.samples, outside / self.samples
+            cols = (torch.rand(bh, nblk, m, device=dev, generator=gen) * outside).long()
+        cols = torch.where(cols >= starts[None, :, None], cols + b, cols)  # skip the block
+        # pack queries into tiles of b rows of one key block
+        order = torch.argsort(qblk, dim=-1, stable=True)  # queries grouped by block
+        blk_sorted = torch.gather(qblk, 1, order)
+        counts = torch.zeros(bh, nblk, dtype=torch.long, device=dev)
+        counts.scatter_add_(1, qblk, torch.ones_like(qblk))
+        first = torch.cumsum(counts, 1) - counts  # first sorted position of each block
+        tiles_per = -(-counts // b)
+        tile_first = torch.cumsum(tiles_per, 1) - tiles_per
+        n_tiles = int(tiles_per.sum(1).max())
+        rank_in_blk = torch.arange(nq, device=dev) - torch.gather(first, 1, blk_sorted)
+        tile = torch.gather(tile_first, 1, blk_sorted) + rank_in_blk // b  # (BH, Nq)
+        slot = tile * b + rank_in_blk % b
+        q_index = torch.full((bh, n_tiles * b), nq, dtype=torch.long, device=dev)  # nq: empty
+        q_index.scatter_(1, slot, order)
+        tile_blk = torch.zeros(bh, n_tiles, dtype=torch.long, device=dev)
+        tile_blk.scatter_(1, tile, blk_sorted)
+        # the tiles' queries, block keys and sampled keys, as fixed-shape batches
+        q_pad = torch.cat([q, q.new_zeros(bh, 1, d)], 1)
+        qt = _gather(q_pad, q_index).reshape(bh * n_tiles, b, d)
+        key_idx = (starts[tile_blk][..., None] + torch.arange(b, device=dev)).reshape(bh, -1)
+        kt = _gather(ks, key_idx).reshape(bh * n_tiles, b, d)
+        vt = _gather(vs, key_idx).reshape(bh * n_tiles, b, dv)
+        o_blk, lse_blk = self._exact(qt, kt, vt, scale, False)
+        samp = torch.gather(cols, 1, tile_blk[..., None].expand(-1, -1, m)).reshape(bh, -1)
+        ksm = _gather(ks, samp).reshape(bh * n_tiles, m, d)
+        vsm = _gather(vs, samp).reshape(bh * n_tiles, m, dv)
+        o_s, lse_s = self._exact(qt, ksm, vsm, scale, False)
+        o_t, lse_t = _merge(o_blk, lse_blk, o_s, lse_s + math.log(weight))
+        # back to the queries (empty slots land on the dropped row nq)
+        o = q.new_zeros(bh, nq + 1, dv).scatter(
+            1, q_index[..., None].expand(-1, -1, dv), o_t.reshape(bh, -1, dv).to(q.dtype)
+        )
+        lse = lse_t.new_zeros(bh, nq + 1).scatter(1, q_index, lse_t.reshape(bh, -1))
+        return o[:, :nq], lse[:, :nq]
 
     def causal(self, q, k, v, scale):
         """Causal HyperAttention by the recursion on halves (equal lengths)."""
         n = q.shape[1]
-        if n <= self.min_len or k.shape[1] != n:
+        if n <= self.min_len or k.shape[1] != n:  # (unequal lengths: bottom-right, exact)
             return self._exact(q, k, v, scale, True)
         h = n // 2
         o1, lse1 = self.causal(q[:, :h], k[:, :h], v[:, :h], scale)
