@@ -79,6 +79,16 @@ class Attention:
     def __call__(self, q, k, v, *, causal=False, scale=None, bias=None, return_lse=False):
         return self._fn(q, k, v, causal=causal, scale=scale, bias=bias, return_lse=return_lse)
 
+    def state_dict(self) -> dict:
+        """Mutable state of the backend (e.g. the random generators of ``hyper``), for
+        checkpoints; empty for stateless backends."""
+        state = getattr(self._fn, "state", None)
+        return state() if state is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._fn.set_state(state)
+
     def check(
         self,
         *,

@@ -340,3 +340,20 @@ def test_fused_rotary_training_follows_the_pytorch_loss_curve(tmp_path, pos):
     assert la[6] < la[1] - 0.5  # it trains
     for step in la:
         assert math.isclose(lb[step], la[step], rel_tol=1e-5), (step, la[step], lb[step])
+
+
+def test_hyper_attention_run_resumes_with_the_same_random_draws(tmp_path):
+    """attn=hyper with its sampling active (32 tokens > min_seq_len 8): the backend's generator
+    state is checkpointed, so a stopped and resumed run gives the uninterrupted run's losses."""
+    common = ["trainer.max_steps=6", "trainer.eval_every=100", "trainer.ckpt_every=100",
+              "trainer.log_every=1", "attn=hyper", "attn.options.inner=reference",
+              "attn.options.min_seq_len=8", "attn.options.block_size=4",
+              "attn.options.sample_size=2", "attn.options.lsh_bits=2"]  # fmt: skip
+    train(tmp_path / "a", *common)
+    train(tmp_path / "b", *common, "trainer.stop_at=3")
+    ck = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)
+    assert ck["attention"] and all(ck["attention"].values())  # generator states were saved
+    train(tmp_path / "b", *common)
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(la) == sorted(lb) == list(range(1, 7))
+    assert [la[i] for i in range(1, 7)] == [lb[i] for i in range(1, 7)]

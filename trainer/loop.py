@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+import ops
+
 from . import checkpoint as ckpt_lib
 from . import config as config_lib
 from . import distributed as dist_lib
@@ -86,6 +88,8 @@ def _resume(rc, task, opt, manager, info, monitor_say) -> tuple[int, dict]:
             task.ema.load_state_dict(ckpt["model"])
             monitor_say(f"{path} holds no weight EMA: the EMA starts from its weights")
     opt.load_state_dict(ckpt["optimizer"])
+    for name, backend in _attention_backends(task.model).items():
+        backend.load_state_dict(ckpt.get("attention", {}).get(name, {}))
     task.train_loader.load_state_dict(ckpt["data"])
     rngs = ckpt["rng"]
     ckpt_lib.set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
@@ -106,6 +110,18 @@ def _truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def _attention_backends(model) -> dict:
+    """The model's attention backends (``ops.Attention`` attributes named ``attention``) by
+    the first module that holds each (GPT-2 shares one across its blocks)."""
+    found, seen = {}, set()
+    for name, module in model.named_modules():
+        backend = getattr(module, "attention", None)
+        if isinstance(backend, ops.Attention) and id(backend) not in seen:
+            seen.add(id(backend))
+            found[name] = backend
+    return found
+
+
 def _save(manager, task, opt, step, info, config_dict, extras) -> Path | None:
     rngs = dist_lib.gather_objects(ckpt_lib.rng_state(), info)
     path = None
@@ -118,6 +134,8 @@ def _save(manager, task, opt, step, info, config_dict, extras) -> Path | None:
             "rng": rngs,
             "config": config_dict,
             **({"ema": task.ema.state_dict()} if getattr(task, "ema", None) else {}),
+            # random streams of stochastic backends (hyper): a resumed run draws the same
+            "attention": {n: a.state_dict() for n, a in _attention_backends(task.model).items()},
             **extras,
         }
         path = manager.save(state, step)
