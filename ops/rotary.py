@@ -155,6 +155,23 @@ def _carope_phase(LOGF, l_off, slt, offs_t, offs_i, carry, n_t, HALF: tl.constex
 
 
 @_jit
+def _carope_block(LOGF, CARRY, slb, slt, slh, n_t, n_kv, HALF: tl.constexpr,
+                  HALF_P: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+    """A (token block, batch, kv head) program's setup: its coordinates, its slot in the
+    (B, Hkv, n_blocks, HP) carry/sum tables, the powers f_t ** i and the cos/sin of the phase
+    (the block's carry + in-block cumsum)."""
+    blk = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    hk = tl.program_id(2)
+    offs_i = tl.arange(0, HALF_P)
+    slot = ((b * n_kv + hk) * tl.cdiv(n_t, BLOCK_T) + blk) * HALF_P + offs_i
+    offs_t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+    pw, phase, mask = _carope_phase(LOGF, b * slb + hk * slh, slt, offs_t, offs_i,
+                                    tl.load(CARRY + slot), n_t, HALF)  # fmt: skip
+    return b, hk, offs_i, offs_t, slot, pw, mask, tl.cos(phase), tl.sin(phase)
+
+
+@_jit
 def _carope_carry_kernel(LOGF, CARRY, slb, slt, slh, n_t, n_kv, HALF: tl.constexpr,
                          HALF_P: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
     """One (batch, kv head): the phase prefix (sum of f_t ** i over the earlier blocks) at the
@@ -180,18 +197,9 @@ def _carope_fwd_kernel(Q, K, LOGF, QO, KO, CARRY, sqb, sqt, sqh, sqd, skb, skt, 
                        BLOCK_T: tl.constexpr):  # fmt: skip
     """One (token block, batch, kv head): phase = the block's carry + in-block cumsum; rotate
     the group's q heads and the k head."""
-    blk = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    hk = tl.program_id(2)
+    b, hk, offs_i, offs_t, _, _, mask, c, s = _carope_block(LOGF, CARRY, slb, slt, slh, n_t,
+                                                            n_kv, HALF, HALF_P, BLOCK_T)  # fmt: skip
     group = n_h // n_kv
-    n_blocks = tl.cdiv(n_t, BLOCK_T)
-    offs_i = tl.arange(0, HALF_P)
-    carry = tl.load(CARRY + ((b * n_kv + hk) * n_blocks + blk) * HALF_P + offs_i)
-    offs_t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-    pw, phase, mask = _carope_phase(LOGF, b * slb + hk * slh, slt, offs_t, offs_i, carry, n_t,
-                                    HALF)  # fmt: skip
-    c = tl.cos(phase)
-    s = tl.sin(phase)
     t = offs_t.to(tl.int64)[:, None]  # (BT, 1)
     for g in range(group):
         h = hk * group + g
@@ -212,19 +220,10 @@ def _carope_bwd_body(GQ, GK, GV, Q, K, LOGF, CARRY, DQ, DK, DV, DLOGF, DSUM, sgq
     d pow[t] = (reverse cumsum of d phase within the block)[t] + suffix, where suffix (the sum
     over later blocks) is not known here; DLOGF gets the in-block term and DSUM the block's
     total d phase, and _carope_suffix_kernel adds sum_i suffix_i * i * f_t ** i."""
-    blk = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    hk = tl.program_id(2)
+    b, hk, offs_i, offs_t, slot, pw, mask, c, s = _carope_block(LOGF, CARRY, slb, slt, slh,
+                                                                n_t, n_kv, HALF, HALF_P,
+                                                                BLOCK_T)  # fmt: skip
     group = n_h // n_kv
-    n_blocks = tl.cdiv(n_t, BLOCK_T)
-    offs_i = tl.arange(0, HALF_P)
-    slot = ((b * n_kv + hk) * n_blocks + blk) * HALF_P + offs_i
-    carry = tl.load(CARRY + slot)
-    offs_t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-    pw, phase, mask = _carope_phase(LOGF, b * slb + hk * slh, slt, offs_t, offs_i, carry, n_t,
-                                    HALF)  # fmt: skip
-    c = tl.cos(phase)
-    s = tl.sin(phase)
     t = offs_t.to(tl.int64)[:, None]  # (BT, 1)
     dphase = tl.zeros([BLOCK_T, HALF_P], dtype=tl.float32)
     for g in range(group):
