@@ -120,11 +120,9 @@ class NoPositions(nn.Module):
     def split_rotate(self, qkv, n_head: int, n_kv: int, *, layer: int, x, x0):
         """q (B, T, H, D), k, v (B, T, Hkv, D) from a fused projection (B, T, (H + 2 Hkv) D),
         q and k rotated. Encodings with a fused kernel override this (see RotaryPositions)."""
-        b, t, w = qkv.shape
-        d = w // (n_head + 2 * n_kv)
-        q, k, v = qkv.split([n_head * d, n_kv * d, n_kv * d], dim=-1)
-        q, k = self.rotate(q.view(b, t, n_head, d), k.view(b, t, n_kv, d), layer=layer, x=x, x0=x0)
-        return q, k, v.view(b, t, n_kv, d)
+        q, k, v = rotary_ops.split_qkv(qkv, n_head, n_kv)
+        q, k = self.rotate(q, k, layer=layer, x=x, x0=x0)
+        return q, k, v
 
 
 class LearnedPositions(NoPositions):

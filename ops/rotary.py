@@ -3,6 +3,7 @@
     rope_qk(q, k, cos, sin)  -> (q_rot, k_rot)   cos/sin: (T', D/2) fp32 tables, T' >= T
     rope_qkv(qkv, cos, sin, n_head, n_kv) -> (q_rot, k_rot, v)   on a fused qkv projection
     carope_qkv(qkv, log_f, n_head, n_kv)  -> (q_rot, k_rot, v)   likewise
+    split_qkv(qkv, n_head, n_kv)          -> (q, k, v) views of the fused projection
     carope_qk(q, k, log_f)   -> (q_rot, k_rot)   log_f: (B, T, Hkv) fp32 per-token log-frequency
 
 q is (B, T, H, D), k is (B, T, Hkv, D) with H % Hkv == 0, any strides (e.g. views of one fused
@@ -348,7 +349,7 @@ class _RopeQK(torch.autograd.Function):
         return dq, dk, None, None, None, None
 
 
-def _split_qkv(qkv: torch.Tensor, n_head: int, n_kv: int):
+def split_qkv(qkv: torch.Tensor, n_head: int, n_kv: int):
     """Views q (B, T, H, D), k, v (B, T, Hkv, D) of a fused (B, T, (H + 2 Hkv) D) projection."""
     b, t, w = qkv.shape
     d = w // (n_head + 2 * n_kv)
@@ -364,7 +365,7 @@ class _RopeQKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, cos, sin, n_head, n_kv, block_t, num_warps):
-        q, k, v = _split_qkv(qkv, n_head, n_kv)
+        q, k, v = split_qkv(qkv, n_head, n_kv)
         ctx.save_for_backward(cos, sin)
         ctx.opts = (n_head, n_kv, block_t, num_warps)
         qo, ko = _rope(q, k, cos, sin, False, block_t, num_warps)
@@ -451,7 +452,7 @@ class _CaropeQKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, log_f, n_head, n_kv, block_t, num_warps):
-        q, k, v = _split_qkv(qkv, n_head, n_kv)
+        q, k, v = split_qkv(qkv, n_head, n_kv)
         qo, ko, carry = _carope_fwd(q, k, log_f, block_t, num_warps)
         ctx.save_for_backward(qkv, log_f, carry)
         ctx.opts = (n_head, n_kv, block_t, num_warps)
@@ -461,7 +462,7 @@ class _CaropeQKV(torch.autograd.Function):
     def backward(ctx, gq, gk, gv):
         qkv, log_f, carry = ctx.saved_tensors
         n_head, n_kv, block_t, num_warps = ctx.opts
-        q, k, v = _split_qkv(qkv, n_head, n_kv)
+        q, k, v = split_qkv(qkv, n_head, n_kv)
         b, t, _, d = q.shape
         gq = torch.zeros_like(q) if gq is None else gq  # an output unused downstream
         gk = torch.zeros_like(k) if gk is None else gk
@@ -569,7 +570,7 @@ def _check_fused(name: str, qkv: torch.Tensor, n_head: int, n_kv: int):
     if n_head < 1 or n_kv < 1 or qkv.shape[2] % (n_head + 2 * n_kv):
         raise ValueError(f"{name}: width {qkv.shape[2]} is not (n_head + 2 n_kv) * head_dim "
                          f"with n_head={n_head}, n_kv={n_kv}")  # fmt: skip
-    q, k, v = _split_qkv(qkv, n_head, n_kv)
+    q, k, v = split_qkv(qkv, n_head, n_kv)
     _check_qk(name, q, k)
     return q, k, v
 
