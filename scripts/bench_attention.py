@@ -98,10 +98,14 @@ def na_rows(b, h, shape, d, ks) -> list[dict]:
 
 
 def _env(**extra) -> dict:
+    """Card, versions and date for a benchmark's JSON (shared by the scripts/bench_*.py)."""
+    import platform
+
     import triton
 
     return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": triton.__version__, "date": time.strftime("%Y-%m-%d"), **extra}  # fmt: skip
+            "triton": triton.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d"), **extra}  # fmt: skip
 
 
 def bench_na(case: str, out: str) -> None:

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,6 +27,7 @@ from models.efficientvit import (  # noqa: E402
     build_efficientvit,
     from_timm_state_dict,
 )
+from scripts.bench_attention import _env  # noqa: E402
 
 VARIANTS = ("m0", "m1", "m2", "m3", "m4", "m5")
 
@@ -104,16 +103,8 @@ def main():
                           flush=True)  # fmt: skip
         del ref, ours, x
         torch.cuda.empty_cache()
-    env = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "timm": __import__("timm").__version__,
-        "python": platform.python_version(),
-        "batch": args.batch,
-        "img": args.img,
-        "attn": args.attn,
-        "date": time.strftime("%Y-%m-%d"),
-    }
+    env = _env(timm=__import__("timm").__version__, batch=args.batch, img=args.img,
+               attn=args.attn)  # fmt: skip
     Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     print(
         f"\n{env['gpu']} | torch {env['torch']} | timm {env['timm']} | batch {args.batch} "

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import ops  # noqa: E402
 from models import GPT2Config, PosConfig, build_model  # noqa: E402
+from scripts.bench_attention import _env  # noqa: E402
 from trainer.config import OptimConfig  # noqa: E402
 from trainer.distributed import DistInfo  # noqa: E402
 from trainer.loop import _flush, _train_step, autocast_factory, compile_model  # noqa: E402
@@ -241,16 +241,7 @@ def main():
         )
         print(f"done {kind}/{pos}/loss={loss}: {tok_s:,.0f} tok/s", flush=True)
         torch.cuda.empty_cache()
-    env = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "python": platform.python_version(),
-        "batch": args.batch,
-        "seq": args.seq,
-        "steps": args.steps,
-        "date": time.strftime("%Y-%m-%d"),
-    }
+    env = _env(batch=args.batch, seq=args.seq, steps=args.steps)
     Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     base = next((r["tokens_per_s"] for r in rows if r["impl"] == "minimal"), None)
     print(
