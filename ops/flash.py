@@ -379,6 +379,11 @@ def _tiles(opts: dict, head_dim: int, dtype: torch.dtype, backward: bool) -> _Ti
     return _Tiles(*(base[i] if opts[n] is None else opts[n] for i, n in enumerate(names)))
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host ints (``triton.cdiv`` is a JIT function: ~10 us a host call)."""
+    return -(-a // b)
+
+
 def _launch(kernel, grid, *args, tiles: _Tiles, **constexprs):
     if all(grid):  # empty sequences or batches: nothing to do
         kernel[grid](*args, **constexprs, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
@@ -392,7 +397,7 @@ def _forward(q, k, v, causal: bool, scale: float, opts: dict):
     tiles = _tiles(opts, d, q.dtype, backward=False)
     o = torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(nq, tiles.block_m), b * h)
+    grid = (_cdiv(nq, tiles.block_m), b * h)
     _launch(_fwd_kernel, grid, q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(),
             *o.stride(), nq, nk, h, h // hkv, scale * _LOG2E, tiles=tiles, CAUSAL=causal,
             HEAD_D=d, IEEE=q.dtype == torch.float32)  # fmt: skip
@@ -406,7 +411,7 @@ def _backward(do, dlse, q, k, v, o, lse, causal: bool, scale: float, opts: dict)
     tiles = _tiles(opts, d, q.dtype, backward=True)
     delta = torch.empty_like(lse)  # (B, H, Nq) fp32: rowsum(dO * O) - dLSE
     dlse = None if dlse is None else dlse.contiguous()  # (B, H, Nq), tiny
-    _launch(_delta_kernel, (triton.cdiv(nq, tiles.block_m), b * h), o, do,
+    _launch(_delta_kernel, (_cdiv(nq, tiles.block_m), b * h), o, do,
             delta if dlse is None else dlse, delta, *do.stride(), nq, h,
             tiles=tiles, HAS_DLSE=dlse is not None, HEAD_D=d)  # fmt: skip
     dq = torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device)
@@ -415,9 +420,9 @@ def _backward(do, dlse, q, k, v, o, lse, causal: bool, scale: float, opts: dict)
     args = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), nq, nk, h, h // hkv,
             scale * _LOG2E, scale)  # fmt: skip
     const = dict(tiles=tiles, CAUSAL=causal, HEAD_D=d, IEEE=q.dtype == torch.float32)
-    _launch(_dkdv_kernel, (triton.cdiv(nk, tiles.block_n), b * hkv), q, k, v, do, lse, delta,
+    _launch(_dkdv_kernel, (_cdiv(nk, tiles.block_n), b * hkv), q, k, v, do, lse, delta,
             dk, dv, *args, **const)  # fmt: skip
-    _launch(_dq_kernel, (triton.cdiv(nq, tiles.block_m), b * h), q, k, v, do, lse, delta, dq,
+    _launch(_dq_kernel, (_cdiv(nq, tiles.block_m), b * h), q, k, v, do, lse, delta, dq,
             *args, **const)  # fmt: skip
     return dq, dk, dv
 

@@ -37,6 +37,8 @@ import os
 
 import torch
 
+from .flash import _cdiv
+
 try:
     import triton
     import triton.language as tl
@@ -329,7 +331,7 @@ def _rope(q, k, cos, sin, neg: bool, block_t: int, num_warps: int):
     b, t, h, d = q.shape
     qo = torch.empty((b, t, h, d), dtype=q.dtype, device=q.device)
     ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    _launch(_rope_kernel, (triton.cdiv(t, block_t), b), q, k, qo, ko, cos, sin, *q.stride(),
+    _launch(_rope_kernel, (_cdiv(t, block_t), b), q, k, qo, ko, cos, sin, *q.stride(),
             *k.stride(), *qo.stride()[:3], *ko.stride()[:3], *cos.stride(), *sin.stride(), t, h,
             k.shape[2], num_warps=num_warps, NEG=neg, BLOCK_T=block_t, **_half(d))  # fmt: skip
     return qo, ko
@@ -382,7 +384,7 @@ class _RopeQKV(torch.autograd.Function):
         gq = torch.zeros((b, t, n_head, d), dtype=g.dtype, device=g.device) if gq is None else gq
         gk = torch.zeros_like(gv) if gk is None else gk
         dqkv = torch.empty(b, t, (n_head + 2 * n_kv) * d, dtype=g.dtype, device=g.device)
-        _launch(_rope_qkv_bwd_kernel, (triton.cdiv(t, block_t), b), gq, gk, gv, dqkv, cos, sin,
+        _launch(_rope_qkv_bwd_kernel, (_cdiv(t, block_t), b), gq, gk, gv, dqkv, cos, sin,
                 *gq.stride(), *gk.stride(), *gv.stride(), *dqkv.stride()[:2], t, n_head, n_kv,
                 *cos.stride(), *sin.stride(), num_warps=num_warps, BLOCK_T=block_t,
                 **_half(d))  # fmt: skip
@@ -396,7 +398,7 @@ def _carope_fwd(q, k, log_f, block_t, num_warps):
     half = _half(d)
     qo = torch.empty((b, t, h, d), dtype=q.dtype, device=q.device)
     ko = torch.empty((b, t, hkv, d), dtype=k.dtype, device=k.device)
-    n_blocks = triton.cdiv(t, block_t)
+    n_blocks = _cdiv(t, block_t)
     carry = torch.empty((b, hkv, n_blocks, half["HALF_P"]), dtype=torch.float32,
                         device=q.device)  # fmt: skip
     _launch(_carope_carry_kernel, (b, hkv), log_f, carry, *log_f.stride(), t, hkv,

@@ -129,6 +129,23 @@ def test_strided_views_read_in_place():
     assert torch.equal(fused.grad, torch.cat([g.flatten(2) for g in want[2:]], -1))
 
 
+@pytest.mark.parametrize("n,dil,causal", [(48, 3, False), (45, 1, True)])
+def test_tma_path_equals_pointer_path(n, dil, causal):
+    """The tensor-descriptor forward (N % d == 0, aligned strides) and the pointer forward give
+    the same outputs and gradients; the descriptor one really ran (it needs the N % d view)."""
+    from ops import neighborhood as na
+
+    assert na._tma_views(dil, *make_qkv(1, n, 2, 1, 16)) is not None
+    assert na._tma_views(5, *make_qkv(1, 48, 2, 1, 16)) is None  # 48 % 5: pointer loads
+    q, k, v = make_qkv(1, n, 4, 2, 16, seed=n)
+    go, w = upstream(q)
+    win = window(7, dil, 1, False)
+    tma = run(ops.build("neighborhood", **win), q, k, v, causal, go, w)
+    ptr = run(ops.build("neighborhood", **win, tma=False), q, k, v, causal, go, w)
+    for name, x, y in zip(("out", "lse", "dq", "dk", "dv"), tma, ptr):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6, msg=name)
+
+
 def test_far_tiles_are_never_read():
     """NaN in keys/values beyond the key tiles that the first query tile's windows touch leaves
     its outputs finite (the kernel skips those tiles); likewise NaN in far queries leaves dK/dV of
@@ -311,6 +328,27 @@ def test_nd_fp16_within_twice_masked_sdpa_error(tokens, hkv, ks, dil, st, causal
                go.flatten(1, -3), w)  # fmt: skip
     base = [base[0].unflatten(1, tokens), base[1], *(g.unflatten(1, tokens) for g in base[2:])]
     check_against_baseline(got, base, ref)
+
+
+@pytest.mark.parametrize(
+    "tokens,ks,causal,opts",
+    [((9, 10), 5, False, {}), ((4, 5, 6), 3, True, {})],
+)
+def test_nd_tma_path_equals_pointer_path(tokens, ks, causal, opts):
+    """2-D/3-D: the tensor-descriptor kernels (dilation 1, boxes; whole boxes loaded, the
+    span masked) give the pointer kernels' outputs and gradients, and really ran."""
+    from ops import neighborhood_nd as nd
+
+    q, k, v = make_nd(1, tokens, 4, 2, 16, seed=4)
+    win = window(ks, 1, 1, False)
+    axes = nd._axes(tokens, ([ks] * len(tokens), [1] * 3, [1] * 3, [False] * 3))
+    assert nd._tma_ok(axes, {}, q, k, v) and not nd._tma_ok(axes, {"tma": False}, q, k, v)
+    assert not nd._tma_ok(axes, {}, q.transpose(-1, -2), k, v)  # (H, D) not merged
+    go, w = upstream_nd(q)
+    tma = run(ops.build("neighborhood", **win, **opts), q, k, v, causal, go, w)
+    ptr = run(ops.build("neighborhood", **win, **opts, tma=False), q, k, v, causal, go, w)
+    for name, x, y in zip(("out", "lse", "dq", "dk", "dv"), tma, ptr):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6, msg=name)
 
 
 def masked_sdpa_nd(tokens, win, device="cpu"):
