@@ -189,13 +189,21 @@ class _Hyper:
         return o[:, :nq], lse[:, :nq]
 
     def causal(self, q, k, v, scale):
-        """Causal HyperAttention by the recursion on halves (equal lengths)."""
-        n = q.shape[1]
+        """Causal HyperAttention by the recursion on halves (equal lengths). For even lengths
+        the two halves recurse as one batch (BH*2, N/2, D): each level of the recursion is one
+        non-causal call and the leaves one exact call, not 2^level calls of their own."""
+        bh, n, d = q.shape
         if n <= self.min_len or k.shape[1] != n:  # (unequal lengths: bottom-right, exact)
             return self._exact(q, k, v, scale, True)
         h = n // 2
-        o1, lse1 = self.causal(q[:, :h], k[:, :h], v[:, :h], scale)
-        o2, lse2 = self.causal(q[:, h:], k[:, h:], v[:, h:], scale)
+        if n % 2 == 0:
+            o12, lse12 = self.causal(*(x.reshape(bh * 2, h, x.shape[-1]) for x in (q, k, v)),
+                                     scale)  # fmt: skip
+            o12, lse12 = o12.reshape(bh, n, -1), lse12.reshape(bh, n)
+            o1, lse1, o2, lse2 = o12[:, :h], lse12[:, :h], o12[:, h:], lse12[:, h:]
+        else:
+            o1, lse1 = self.causal(q[:, :h], k[:, :h], v[:, :h], scale)
+            o2, lse2 = self.causal(q[:, h:], k[:, h:], v[:, h:], scale)
         o3, lse3 = self.noncausal(q[:, h:], k[:, :h], v[:, :h], scale)
         o2, lse2 = _merge(o2, lse2, o3, lse3)
         return torch.cat([o1, o2], 1), torch.cat([lse1, lse2], 1)

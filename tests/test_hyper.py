@@ -34,7 +34,7 @@ def test_below_min_seq_len_it_is_exact(causal):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("lsh_bits", [0, 3])
-@pytest.mark.parametrize("n,hkv", [(64, 4), (60, 2)])  # 60: a short last block; GQA
+@pytest.mark.parametrize("n,hkv", [(64, 4), (60, 2), (66, 1)])  # short last block; GQA; 33: odd halves
 def test_all_columns_sampled_is_exact_with_gradients(causal, lsh_bits, n, hkv):
     """sample_size >= the keys outside a block: every outside key is used once, so the block
     part + the 'sampled' part is the whole row, merged through the LSEs: exact attention, and
