@@ -16,6 +16,8 @@ from .efficientvit import (
     to_timm_state_dict,
 )
 from .gpt2 import GPT2, SIZES, GPT2Config
+from .hf import HFCausalLM, swap_attention
+from .llm import LLM, LLMConfig
 from .positions import POSITIONS, PosConfig, build_positions
 
 
@@ -23,9 +25,15 @@ def _build_gpt2(cfg: GPT2Config, attention, pos: PosConfig) -> GPT2:
     return GPT2(cfg, attention, pos)
 
 
+def _build_llm(cfg: LLMConfig, attention, pos: PosConfig):
+    """Our Llama-style decoder, or the pretrained transformers model ``model.hf_name`` names."""
+    return (HFCausalLM if cfg.hf_name is not None else LLM)(cfg, attention, pos)
+
+
 FAMILIES = {
     "gpt2": (GPT2Config, _build_gpt2),
     "efficientvit": (EfficientViTConfig, build_efficientvit),  # pos must be none
+    "llm": (LLMConfig, _build_llm),  # pos must be rope (the model's own) or none (NoPE)
 }
 
 
@@ -44,6 +52,9 @@ __all__ = [
     "EfficientViTConfig",
     "GPT2",
     "GPT2Config",
+    "HFCausalLM",
+    "LLM",
+    "LLMConfig",
     "POSITIONS",
     "PosConfig",
     "SIZES",
@@ -52,5 +63,6 @@ __all__ = [
     "build_positions",
     "from_timm_state_dict",
     "load_pretrained",
+    "swap_attention",
     "to_timm_state_dict",
 ]

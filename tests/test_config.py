@@ -87,14 +87,16 @@ def test_experiment_recipes():
 
 def matrix():
     """Every model x attn x pos for GPT-2; EfficientViT (whose own attention biases replace
-    positions) every variant x attn with pos=none, and the first variant x attn x every pos."""
+    positions) every variant x attn with pos=none, and the first variant x attn x every pos;
+    LLMs (their own RoPE) every size x attn with pos=rope, and llm_tiny x attn x every pos."""
     evit = [m for m in names("model") if family(m) == "efficientvit"]
     return [
         (m, a, p)
         for m in names("model")
         for a in names("attn")
         for p in names("pos")
-        if family(m) != "efficientvit" or p == "none" or m == evit[0]
+        if (family(m) != "efficientvit" or p == "none" or m == evit[0])
+        and (family(m) != "llm" or p == "rope" or m == "llm_tiny")
     ]
 
 
@@ -108,6 +110,18 @@ def test_model_attn_pos_matrix_builds(model, attn, pos):
         has_carope = any(n.startswith("pos.proj") for n, _ in built.named_parameters())
         assert has_wpe == (pos == "learned") and has_carope == (pos == "carope")
         assert len(built.blocks) == rc.model.n_layer
+        return
+    if family(model) == "llm":
+        if OmegaConf.load(os.path.join(CONF, "model", f"{model}.yaml")).hf_name == "":
+            with pytest.raises(ValueError, match="model.hf_name is empty"):  # needs a model
+                build_on_meta(cfg)
+        elif pos not in ("rope", "none"):  # its own RoPE is its position encoding
+            with pytest.raises(ValueError, match=f"pos={pos} would be a second encoding"):
+                build_on_meta(cfg)
+        else:
+            built, rc = build_on_meta(cfg)
+            assert [b.attn.attention.name for b in built.blocks] == [attn] * rc.model.n_layer
+            assert (built.rope is None) == (pos == "none")
         return
     assert family(model) == "efficientvit", f"{model}: add its family's expectations here"
     # trainer.validate checks token-model fields (seq_len vs max_seq_len): build directly

@@ -18,7 +18,7 @@ from .distributed import DistInfo, all_reduce_sum
 
 
 class LanguageModelTask:
-    """Causal language modelling on packed GPT-2 token streams (GPT-2 family)."""
+    """Causal language modelling on packed GPT-2 token streams (GPT-2 and LLM families)."""
 
     def __init__(self, rc, info: DistInfo, *, build_data: bool = True):
         self.rc, self.info = rc, info
@@ -229,7 +229,7 @@ def evaluate_classifier(model, loader, info: DistInfo, autocast, channels_last: 
             "val_acc5": 100.0 * top5 / count, "val_images": int(count)}  # fmt: skip
 
 
-TASKS = {"gpt2": LanguageModelTask, "efficientvit": ClassificationTask}
+TASKS = {"gpt2": LanguageModelTask, "llm": LanguageModelTask, "efficientvit": ClassificationTask}
 
 
 def build_task(rc, info: DistInfo, **kw):
