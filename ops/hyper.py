@@ -40,6 +40,7 @@ import math
 
 import torch
 
+from . import hyper_kernels
 from .contract import check_inputs
 from .registry import Capabilities, build, register
 
@@ -69,7 +70,7 @@ def _ranks(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
     bits = planes.shape[1]
     if bits == 0:
         return torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)
-    signs = (x.float() @ planes) > 0  # (BH, N, bits)
+    signs = (x @ planes.to(x.dtype)) > 0  # (BH, N, bits); 16-bit inputs project in 16 bits
     code = (signs.long() << torch.arange(bits, device=x.device)).sum(-1)
     return _gray_rank(code, bits)
 
@@ -94,6 +95,7 @@ class _Hyper:
         self.bits, self.block, self.samples = lsh_bits, block_size, sample_size
         self.min_len, self.seed = min_seq_len, seed
         self.inner = build(inner)
+        self.fused = inner == "flash"  # the Triton core: gathered-attention kernels too
         self._gens: dict[str, torch.Generator] = {}
 
     # ------------------------------------------------------------------ randomness
@@ -137,7 +139,6 @@ class _Hyper:
         planes = torch.randn(d, self.bits, device=dev, generator=gen)
         k_rank, q_rank = _ranks(k, planes), _ranks(q, planes)
         k_order = torch.argsort(k_rank, dim=-1, stable=True)
-        ks, vs = _gather(k, k_order), _gather(v, k_order)
         b = min(self.block, nk)
         nblk = -(-nk // b)
         starts = (torch.arange(nblk, device=dev) * b).clamp(max=nk - b)  # (nblk,)
@@ -169,16 +170,23 @@ class _Hyper:
         q_index.scatter_(1, slot, order)
         tile_blk = torch.zeros(bh, n_tiles, dtype=torch.long, device=dev)
         tile_blk.scatter_(1, tile, blk_sorted)
+        samp = torch.gather(cols, 1, tile_blk[..., None].expand(-1, -1, m))  # (BH, T, m)
+        if self.fused and hyper_kernels.supported(q, v):  # one kernel reads through indices
+            blk = starts[tile_blk][..., None] + torch.arange(b, device=dev)  # (BH, T, b)
+            k_index = torch.gather(k_order, 1, torch.cat([blk, samp], -1).reshape(bh, -1))
+            return hyper_kernels.gathered_attention(
+                q, k, v, q_index, k_index.reshape(bh, n_tiles, b + m), b, weight, scale
+            )
         # the tiles' queries, block keys and sampled keys, as fixed-shape batches
+        ks, vs = _gather(k, k_order), _gather(v, k_order)
         q_pad = torch.cat([q, q.new_zeros(bh, 1, d)], 1)
         qt = _gather(q_pad, q_index).reshape(bh * n_tiles, b, d)
         key_idx = (starts[tile_blk][..., None] + torch.arange(b, device=dev)).reshape(bh, -1)
         kt = _gather(ks, key_idx).reshape(bh * n_tiles, b, d)
         vt = _gather(vs, key_idx).reshape(bh * n_tiles, b, dv)
         o_blk, lse_blk = self._exact(qt, kt, vt, scale, False)
-        samp = torch.gather(cols, 1, tile_blk[..., None].expand(-1, -1, m)).reshape(bh, -1)
-        ksm = _gather(ks, samp).reshape(bh * n_tiles, m, d)
-        vsm = _gather(vs, samp).reshape(bh * n_tiles, m, dv)
+        ksm = _gather(ks, samp.reshape(bh, -1)).reshape(bh * n_tiles, m, d)
+        vsm = _gather(vs, samp.reshape(bh, -1)).reshape(bh * n_tiles, m, dv)
         o_s, lse_s = self._exact(qt, ksm, vsm, scale, False)
         o_t, lse_t = _merge(o_blk, lse_blk, o_s, lse_s + math.log(weight))
         # back to the queries (empty slots land on the dropped row nq)

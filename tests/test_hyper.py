@@ -34,7 +34,9 @@ def test_below_min_seq_len_it_is_exact(causal):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("lsh_bits", [0, 3])
-@pytest.mark.parametrize("n,hkv", [(64, 4), (60, 2), (66, 1)])  # short last block; GQA; 33: odd halves
+@pytest.mark.parametrize(
+    "n,hkv", [(64, 4), (60, 2), (66, 1)]
+)  # short last block; GQA; 33: odd halves
 def test_all_columns_sampled_is_exact_with_gradients(causal, lsh_bits, n, hkv):
     """sample_size >= the keys outside a block: every outside key is used once, so the block
     part + the 'sampled' part is the whole row, merged through the LSEs: exact attention, and
@@ -64,7 +66,11 @@ def test_sampled_estimate_improves_with_samples_and_is_reproducible_by_seed():
         return sum(float((o - r).norm()) for o in outs) / len(outs)
 
     assert err(128) < 0.6 * err(4), (err(128), err(4))
-    a, b, c = hyper(seed=1, sample_size=32), hyper(seed=1, sample_size=32), hyper(seed=2, sample_size=32)
+    a, b, c = (
+        hyper(seed=1, sample_size=32),
+        hyper(seed=1, sample_size=32),
+        hyper(seed=2, sample_size=32),
+    )
     oa, ob, oc = a(q, k, v), b(q, k, v), c(q, k, v)
     assert torch.equal(oa, ob) and not torch.equal(oa, oc)
     state = a._fn.state()
@@ -114,14 +120,25 @@ def test_bad_options_and_inputs():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_triton_inner_matches_the_reference_inner_with_gradients(causal):
-    """The default inner backend (the Triton flash core, interpreter here) against the fp32
-    reference inside the same algorithm with the same draws: outputs, LSE and gradients,
-    which flow through flash's differentiable LSE into the merge."""
+def test_triton_inner_matches_the_reference_inner_with_gradients(causal, monkeypatch):
+    """The default inner backend (the Triton core, interpreter here: flash for the exact parts,
+    the gathered-attention kernels of ops/hyper_kernels.py for the sorted blocks + samples)
+    against the plain PyTorch version of the same algorithm (gathers, reference attention, LSE
+    merge) with the same draws: outputs, LSE and gradients, which flow through the
+    differentiable LSEs into the merges."""
+    from ops import hyper_kernels
+
+    calls = []
+    fused = hyper_kernels.gathered_attention
+    monkeypatch.setattr(
+        hyper_kernels, "gathered_attention", lambda *a: calls.append(1) or fused(*a)
+    )
     q, k, v = qkv(b=1, n=64, h=2, hkv=1, requires_grad=True)
     outs = []
     for inner in ("flash", "reference"):
+        before = len(calls)
         o, lse = hyper(inner=inner, seed=3)(q, k, v, causal=causal, return_lse=True)
+        assert (len(calls) > before) == (inner == "flash")  # the kernels ran, or did not
         g = torch.autograd.grad(o.square().sum() + lse.sum(), (q, k, v))
         outs.append((o, lse, *g))
     for a, b in zip(*outs):

@@ -1,0 +1,252 @@
+"""Gathered attention in Triton: the non-causal step of HyperAttention in one kernel per pass.
+
+HyperAttention's non-causal step gives each tile of queries one list of keys: the key block of
+its bucket (``n_block`` keys, weight 1) followed by the sampled columns (weight w each, i.e.
+log w added to their scores). Done with PyTorch gathers it copies every tile's queries, block
+keys and sampled keys into fixed-shape batches, runs two exact attentions and merges them
+through their LSEs. Here one kernel reads q rows and keys *through the index lists* and runs
+one online softmax over the whole list (the LSE merge of the two parts is exactly a softmax
+over their union with the sampled scores shifted by log w), writing o and the LSE straight to
+the queries' rows. Nothing is copied; the tile layout is only indices.
+
+- Forward: grid (tiles x row chunks of BLOCK_M, BH). Empty slots of a tile hold the index n_q
+  and are masked.
+- Backward: a dQ kernel per (row chunk, BH) (each query belongs to one tile: plain stores) and a
+  dK/dV kernel per (tile, key chunk, BH) that sums over all the tile's rows in registers and
+  adds into fp32 buffers with one atomic add per key element (a key serves several tiles, and a
+  sample can repeat): sums are not bitwise deterministic across runs. (A single kernel adding
+  dK/dV per row chunk did 4x the atomics and took 215 ms of a 465 ms fwd+bwd at 131k.)
+- The LSE is differentiable (Delta - dLSE, as in ``ops/flash.py``), so the causal recursion's
+  merges get the true gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .flash import (
+    _INTERPRET,
+    _LOG2E,
+    KernelAttention,
+    _cdiv,
+    _dot,
+    _jit,
+    _softmax_update,
+    tl,
+    triton,
+)
+
+_HEAD_DIMS = (16, 32, 64, 128)
+
+
+def supported(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the kernels serve these inputs (else HyperAttention gathers in PyTorch)."""
+    return (
+        triton is not None
+        and (q.is_cuda or _INTERPRET)
+        and q.shape[-1] in _HEAD_DIMS
+        and v.shape[-1] in _HEAD_DIMS
+        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    )
+
+
+@_jit
+def _rows(QIDX, bh, pid, n_q, n_tiles, tile_rows, BLOCK_M: tl.constexpr):
+    """Program pid of one BH row: its tile, and the query indices (n_q = empty) of its rows."""
+    subs = (tile_rows + BLOCK_M - 1) // BLOCK_M
+    tile = pid // subs
+    rows = (pid % subs) * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_t = rows < tile_rows
+    qi = tl.load(QIDX + (bh * n_tiles + tile) * tile_rows + rows, mask=in_t, other=n_q)
+    return tile, qi, qi < n_q
+
+
+@_jit
+def _keys(K, V, kbase, bh, j0, n_keys, n_block, bias_s, skb, skn, skd, svb, svn, svd,
+          HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Key chunk [j0, j0 + BLOCK_N) of a tile's list: indices, k (BN, D), v (BN, DV), the
+    validity mask and the per-column score shift (log w / scale on sampled columns)."""
+    cols = j0 + tl.arange(0, BLOCK_N)
+    in_k = cols < n_keys
+    ki = tl.load(kbase + cols, mask=in_k, other=0)
+    offs_d = tl.arange(0, HEAD_D)
+    offs_v = tl.arange(0, HEAD_DV)
+    k = tl.load(K + bh * skb + ki[:, None] * skn + offs_d[None, :] * skd, mask=in_k[:, None],
+                other=0.0)  # fmt: skip
+    v = tl.load(V + bh * svb + ki[:, None] * svn + offs_v[None, :] * svd, mask=in_k[:, None],
+                other=0.0)  # fmt: skip
+    shift = tl.where(cols >= n_block, bias_s, 0.0)
+    return ki, k, v, in_k, shift
+
+
+@_jit
+def _gfwd_kernel(Q, K, V, O, LSE, QIDX, KIDX, sqb, sqn, sqd, skb, skn, skd, svb, svn, svd,
+                 sob, son, sod, n_q, n_tiles, tile_rows, n_keys, n_block, bias_s, qk_scale,
+                 HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """One chunk of BLOCK_M rows of one tile: o and LSE (natural log) over its key list."""
+    bh = tl.program_id(1).to(tl.int64)
+    tile, qi, in_q = _rows(QIDX, bh, tl.program_id(0), n_q, n_tiles, tile_rows, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    offs_v = tl.arange(0, HEAD_DV)
+    q = tl.load(Q + bh * sqb + qi[:, None] * sqn + offs_d[None, :] * sqd, mask=in_q[:, None],
+                other=0.0)  # fmt: skip
+    acc = tl.zeros([BLOCK_M, HEAD_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+    kbase = KIDX + (bh * n_tiles + tile) * n_keys
+    for j0 in range(0, n_keys, BLOCK_N):
+        ki, k, v, in_k, shift = _keys(K, V, kbase, bh, j0, n_keys, n_block, bias_s, skb,
+                                      skn, skd, svb, svn, svd, HEAD_D, HEAD_DV, BLOCK_N)  # fmt: skip
+        s = _dot(q, tl.trans(k), IEEE) + shift[None, :]
+        s = tl.where(in_k[None, :], s, -float("inf"))
+        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, qk_scale, IEEE)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    tl.store(O + bh * sob + qi[:, None] * son + offs_v[None, :] * sod,
+             (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=in_q[:, None])  # fmt: skip
+    tl.store(LSE + bh * n_q + qi, (m_i + tl.log2(l_safe)) / 1.4426950408889634, mask=in_q)
+
+
+@_jit
+def _row_state(Q, DO, LSE, DELTA, QIDX, bh, pid, sqb, sqn, sqd, n_q, n_tiles, tile_rows,
+               HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """Rows of chunk pid: query indices, validity, q (BM, D), dO (BM, DV) (contiguous
+    (BH, Nq, DV)), LSE in log2 units and Delta - dLSE."""
+    tile, qi, in_q = _rows(QIDX, bh, pid, n_q, n_tiles, tile_rows, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    offs_v = tl.arange(0, HEAD_DV)
+    q = tl.load(Q + bh * sqb + qi[:, None] * sqn + offs_d[None, :] * sqd, mask=in_q[:, None],
+                other=0.0)  # fmt: skip
+    do = tl.load(DO + (bh * n_q + qi[:, None]) * HEAD_DV + offs_v[None, :], mask=in_q[:, None],
+                 other=0.0)  # fmt: skip
+    lse = tl.load(LSE + bh * n_q + qi, mask=in_q, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * n_q + qi, mask=in_q, other=0.0)
+    return tile, qi, in_q, q, do, lse, delta
+
+
+@_jit
+def _gdq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QIDX, KIDX, sqb, sqn, sqd, skb, skn, skd, svb, svn,
+                svd, n_q, n_tiles, tile_rows, n_keys, n_block, bias_s, qk_scale, scale,
+                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """One chunk of rows: dQ over its tile's key list (each query is in one tile: no atomics).
+    DQ is contiguous (BH, Nq, D)."""
+    bh = tl.program_id(1).to(tl.int64)
+    tile, qi, in_q, q, do, lse, delta = _row_state(Q, DO, LSE, DELTA, QIDX, bh, tl.program_id(0),
+                                                   sqb, sqn, sqd, n_q, n_tiles, tile_rows,
+                                                   HEAD_D, HEAD_DV, BLOCK_M)  # fmt: skip
+    dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+    kbase = KIDX + (bh * n_tiles + tile) * n_keys
+    for j0 in range(0, n_keys, BLOCK_N):
+        ki, k, v, in_k, shift = _keys(K, V, kbase, bh, j0, n_keys, n_block, bias_s, skb, skn,
+                                      skd, svb, svn, svd, HEAD_D, HEAD_DV, BLOCK_N)  # fmt: skip
+        p = tl.exp2((_dot(q, tl.trans(k), IEEE) + shift[None, :]) * qk_scale - lse[:, None])
+        p = tl.where(in_q[:, None] & in_k[None, :], p, 0.0)
+        ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, IEEE)
+    offs_d = tl.arange(0, HEAD_D)
+    tl.store(DQ + (bh * n_q + qi[:, None]) * HEAD_D + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])  # fmt: skip
+
+
+@_jit
+def _gdkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QIDX, KIDX, sqb, sqn, sqd, skb, skn, skd,
+                  svb, svn, svd, n_q, n_k, n_tiles, tile_rows, n_keys, n_block, bias_s,
+                  qk_scale, scale, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """One (tile, chunk of BLOCK_N of its key list): dK, dV summed over all the tile's rows in
+    registers, then added once into fp32 DK, DV (contiguous (BH, Nk, D*)) with atomics (a key
+    serves several tiles; a sample can repeat)."""
+    bh = tl.program_id(1).to(tl.int64)
+    n_chunks = (n_keys + BLOCK_N - 1) // BLOCK_N
+    tile = tl.program_id(0) // n_chunks
+    kbase = KIDX + (bh * n_tiles + tile) * n_keys
+    ki, k, v, in_k, shift = _keys(K, V, kbase, bh, (tl.program_id(0) % n_chunks) * BLOCK_N,
+                                  n_keys, n_block, bias_s, skb, skn, skd, svb, svn, svd, HEAD_D,
+                                  HEAD_DV, BLOCK_N)  # fmt: skip
+    dk = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DV], dtype=tl.float32)
+    subs = (tile_rows + BLOCK_M - 1) // BLOCK_M
+    for sub in range(0, subs):
+        _, qi, in_q, q, do, lse, delta = _row_state(Q, DO, LSE, DELTA, QIDX, bh,
+                                                    tile * subs + sub, sqb, sqn, sqd, n_q,
+                                                    n_tiles, tile_rows, HEAD_D, HEAD_DV,
+                                                    BLOCK_M)  # fmt: skip
+        st = _dot(k, tl.trans(q), IEEE) + shift[:, None]  # (BN, BM)
+        pt = tl.exp2(st * qk_scale - lse[None, :])
+        pt = tl.where(in_k[:, None] & in_q[None, :], pt, 0.0)
+        dv += _dot(pt.to(do.dtype), do, IEEE)
+        dst = pt * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
+        dk += _dot(dst.to(q.dtype), q, IEEE)
+    rows_k = (bh * n_k + ki[:, None]).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_D)
+    offs_v = tl.arange(0, HEAD_DV)
+    tl.atomic_add(DK + rows_k * HEAD_D + offs_d[None, :], dk * scale, mask=in_k[:, None])
+    tl.atomic_add(DV + rows_k * HEAD_DV + offs_v[None, :], dv, mask=in_k[:, None])
+
+
+def _tiles(q: torch.Tensor) -> tuple[int, int, int, int]:
+    """(block_m, block_n, warps, stages): 16x16 under the interpreter, H100-sized otherwise."""
+    if _INTERPRET:
+        return 16, 16, 4, 1
+    if q.dtype == torch.float32 or q.shape[-1] > 64:
+        return 64, 32, 4, 2
+    return 64, 64, 4, 2
+
+
+def _forward(q, k, v, q_index, k_index, n_block: int, log_w: float, scale: float):
+    bh, nq, d = q.shape
+    dv = v.shape[-1]
+    n_tiles, n_keys = k_index.shape[1], k_index.shape[2]
+    tile_rows = q_index.shape[1] // max(n_tiles, 1)
+    bm, bn, warps, stages = _tiles(q)
+    o = torch.empty((bh, nq, dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((bh, nq), dtype=torch.float32, device=q.device)
+    grid = (n_tiles * _cdiv(tile_rows, bm), bh)
+    if all(grid):
+        _gfwd_kernel[grid](q, k, v, o, lse, q_index, k_index, *q.stride(), *k.stride(),
+                           *v.stride(), *o.stride(), nq, n_tiles, tile_rows, n_keys, n_block,
+                           log_w / scale, scale * _LOG2E, HEAD_D=d, HEAD_DV=dv, BLOCK_M=bm,
+                           BLOCK_N=bn, IEEE=q.dtype == torch.float32, num_warps=warps,
+                           num_stages=stages)  # fmt: skip
+    return o, lse
+
+
+def _backward(do, dlse, q, k, v, o, lse, q_index, k_index, n_block: int, log_w: float,
+              scale: float):  # fmt: skip
+    bh, nq, d = q.shape
+    nk, dv = k.shape[1], v.shape[-1]
+    n_tiles, n_keys = k_index.shape[1], k_index.shape[2]
+    tile_rows = q_index.shape[1] // max(n_tiles, 1)
+    do = do.contiguous()
+    delta = (do.float() * o.float()).sum(-1)  # (BH, Nq): rowsum(dO * O) - dLSE
+    if dlse is not None:
+        delta = delta - dlse
+    dq = torch.empty((bh, nq, d), dtype=q.dtype, device=q.device)
+    dk = torch.zeros((bh, nk, d), dtype=torch.float32, device=q.device)
+    dvv = torch.zeros((bh, nk, dv), dtype=torch.float32, device=q.device)
+    bm, bn, warps, stages = _tiles(q)
+    args = (*q.stride(), *k.stride(), *v.stride())
+    const = dict(HEAD_D=d, HEAD_DV=dv, BLOCK_M=bm, BLOCK_N=bn, IEEE=q.dtype == torch.float32,
+                 num_warps=warps, num_stages=stages)  # fmt: skip
+    delta = delta.contiguous()
+    if n_tiles and bh:
+        _gdq_kernel[(n_tiles * _cdiv(tile_rows, bm), bh)](
+            q, k, v, do, lse, delta, dq, q_index, k_index, *args, nq, n_tiles, tile_rows,
+            n_keys, n_block, log_w / scale, scale * _LOG2E, scale, **const)  # fmt: skip
+        _gdkdv_kernel[(n_tiles * _cdiv(n_keys, bn), bh)](
+            q, k, v, do, lse, delta, dk, dvv, q_index, k_index, *args, nq, nk, n_tiles,
+            tile_rows, n_keys, n_block, log_w / scale, scale * _LOG2E, scale, **const)  # fmt: skip
+    return dq, dk.to(k.dtype), dvv.to(v.dtype)
+
+
+def gathered_attention(q, k, v, q_index, k_index, n_block: int, weight: float, scale: float):
+    """Each tile t of BH row r: queries ``q_index[r, t*R:(t+1)*R]`` (R rows; n_q marks an empty
+    slot; every query in exactly one tile) attend to keys ``k_index[r, t]``, whose first
+    ``n_block`` columns have weight 1 and the rest weight ``weight``. q (BH, Nq, D), k (BH, Nk,
+    D), v (BH, Nk, Dv) any strides -> o (BH, Nq, Dv), lse (BH, Nq) fp32, both differentiable."""
+    q_index, k_index = q_index.contiguous(), k_index.contiguous()
+    args = (q_index, k_index, int(n_block), math.log(weight), float(scale))
+    return KernelAttention.apply(q, k, v, _forward, _backward, args)
