@@ -38,6 +38,11 @@ except ImportError:  # pyproject installs triton on Linux only; keep `import ops
 
     triton = None
 
+try:  # TMA tensor descriptors: Triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except ImportError:
+    _TensorDescriptor = None
+
 # Triton decides interpreter vs compiler when a kernel is defined, i.e. at this import.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _jit = triton.jit if triton is not None else (lambda fn: fn)
@@ -170,12 +175,19 @@ def _dq_update(dq, p, do, v, k, delta, IEEE: tl.constexpr):
 @_jit
 def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, lo, hi,
                n_q, n_k, qk_scale, CAUSAL: tl.constexpr, MASK: tl.constexpr,
-               BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    """Online-softmax update of (acc, l_i, m_i) over key tiles [lo, hi); m_i in log2 units."""
+               BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, IEEE: tl.constexpr,
+               KD=None, VD=None, b=0, hk=0, TMA: tl.constexpr = False):  # fmt: skip
+    """Online-softmax update of (acc, l_i, m_i) over key tiles [lo, hi); m_i in log2 units.
+    TMA: K/V tiles come through the descriptors KD, VD of (B, Nk, Hkv, D) (rows past Nk
+    read 0), else through pointers."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_k = offs_n < n_k
-        kt, v = _load_kv(k_base, v_base, offs_n, in_k, skn, skd, svn, svd, HEAD_D)
+        if TMA:
+            kt = tl.trans(KD.load([b, start_n, hk, 0]).reshape(BLOCK_N, HEAD_D))
+            v = VD.load([b, start_n, hk, 0]).reshape(BLOCK_N, HEAD_D)
+        else:
+            in_k = offs_n < n_k
+            kt, v = _load_kv(k_base, v_base, offs_n, in_k, skn, skd, svn, svd, HEAD_D)
         s = _dot(q, kt, IEEE)  # (BM, BN), unscaled
         if MASK:
             s = _masked(s, offs_m[:, None], offs_n[None, :], n_q, n_k, CAUSAL)
@@ -185,10 +197,11 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, lo,
 
 @_jit
 def _fwd_kernel(Q, K, V, O, LSE, sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
-                sob, son, soh, sod, n_q, n_k, n_heads, group, qk_scale,
+                sob, son, soh, sod, n_q, n_k, n_heads, group, qk_scale, QD, KD, VD, OD,
                 CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    """One (query tile, batch*head): O = softmax(q k^T * scale) v and LSE (natural log)."""
+                BLOCK_N: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+    """One (query tile, batch*head): O = softmax(q k^T * scale) v and LSE (natural log).
+    TMA: q, K/V and O tiles move through the descriptors QD, KD, VD, OD (``_tma_ok``)."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // n_heads).to(tl.int64)
@@ -196,22 +209,31 @@ def _fwd_kernel(Q, K, V, O, LSE, sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, sv
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     in_q = offs_m < n_q
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=in_q[:, None], other=0.0)  # (BM, D)  # fmt: skip
+    if TMA:
+        q = QD.load([b.to(tl.int32), start_m, h, 0]).reshape(BLOCK_M, HEAD_D)
+    else:
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                    mask=in_q[:, None], other=0.0)  # (BM, D)  # fmt: skip
     k_base = K + b * skb + (h // group) * skh
     v_base = V + b * svb + (h // group) * svh
     acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     full, hi = _key_bounds(start_m, n_q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
+    b32, hk = b.to(tl.int32), h // group
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m,
-                               0, full, n_q, n_k, qk_scale, CAUSAL, False, BLOCK_N, HEAD_D, IEEE)  # fmt: skip
+                               0, full, n_q, n_k, qk_scale, CAUSAL, False, BLOCK_N, HEAD_D, IEEE,
+                               KD, VD, b32, hk, TMA)  # fmt: skip
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m,
-                               full, hi, n_q, n_k, qk_scale, CAUSAL, True, BLOCK_N, HEAD_D, IEEE)  # fmt: skip
+                               full, hi, n_q, n_k, qk_scale, CAUSAL, True, BLOCK_N, HEAD_D, IEEE,
+                               KD, VD, b32, hk, TMA)  # fmt: skip
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # rows that see no key: O = 0, LSE = -inf
     out = acc / l_safe[:, None]
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
-             out.to(O.dtype.element_ty), mask=in_q[:, None])  # fmt: skip
+    if TMA:
+        OD.store([b32, start_m, h, 0], out.to(q.dtype).reshape(1, BLOCK_M, 1, HEAD_D))
+    else:
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
+                 out.to(O.dtype.element_ty), mask=in_q[:, None])  # fmt: skip
     tl.store(LSE + bh.to(tl.int64) * n_q + offs_m, (m_i + tl.log2(l_safe)) * _LN2, mask=in_q)
 
 
@@ -390,17 +412,40 @@ def _launch(kernel, grid, *args, tiles: _Tiles, **constexprs):
                      num_warps=tiles.num_warps, num_stages=tiles.num_stages)  # fmt: skip
 
 
+def _tma_ok(*tensors) -> bool:
+    """Tensor descriptors can move these tensors' tiles: unit last stride, 16-byte aligned
+    strides and base address (Triton with TMA support)."""
+    if _TensorDescriptor is None:
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(x * size % 16 for x in t.stride()[:-1]):
+            return False
+    return True
+
+
 def _forward(q, k, v, causal: bool, scale: float, opts: dict):
-    """q (B, Nq, H, D), k/v (B, Nk, Hkv, D) any strides -> o (B, Nq, H, D), lse (B, H, Nq)."""
+    """q (B, Nq, H, D), k/v (B, Nk, Hkv, D) any strides -> o (B, Nq, H, D), lse (B, H, Nq).
+    Tiles move by TMA where ``_tma_ok`` (q/k/v/o as (B, N, H, D) descriptors), else by
+    pointers; same arithmetic."""
     b, nq, h, d = q.shape
     nk, hkv = k.shape[1], k.shape[2]
-    tiles = _tiles(opts, d, q.dtype, backward=False)
     o = torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
+    tma = opts.get("tma", True) and _tma_ok(q, k, v, o)
+    if tma and not _INTERPRET and q.dtype != torch.float32 and d == 128:  # as 1-D NA (H100)
+        base = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3}
+        opts = {**opts, **{n: t for n, t in base.items() if opts.get(n) is None}}
+    tiles = _tiles(opts, d, q.dtype, backward=False)
+    descs = [None] * 4
+    if tma:
+        blocks = (tiles.block_m, tiles.block_n, tiles.block_n, tiles.block_m)
+        descs = [_TensorDescriptor(t, list(t.shape), list(t.stride()), [1, r, 1, d])
+                 for t, r in zip((q, k, v, o), blocks)]  # fmt: skip
     grid = (_cdiv(nq, tiles.block_m), b * h)
     _launch(_fwd_kernel, grid, q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(),
-            *o.stride(), nq, nk, h, h // hkv, scale * _LOG2E, tiles=tiles, CAUSAL=causal,
-            HEAD_D=d, IEEE=q.dtype == torch.float32)  # fmt: skip
+            *o.stride(), nq, nk, h, h // hkv, scale * _LOG2E, *descs, tiles=tiles,
+            CAUSAL=causal, HEAD_D=d, IEEE=q.dtype == torch.float32, TMA=tma)  # fmt: skip
     return o, lse
 
 
@@ -484,7 +529,7 @@ def _attention(q, k, v, causal, scale, bias, return_lse, opts):
     return (o, lse) if return_lse else o
 
 
-_DEFAULTS = {"block_m": None, "block_n": None, "num_warps": None, "num_stages": None}
+_DEFAULTS = {"block_m": None, "block_n": None, "num_warps": None, "num_stages": None, "tma": True}
 
 
 def flash_attention(q, k, v, *, causal=False, scale=None, bias=None, return_lse=False):
@@ -502,14 +547,18 @@ _CAPS = Capabilities(dtypes=_DTYPES, head_dims=_HEAD_DIMS, bias=False, causal=Tr
 
 
 @register("flash", defaults=_DEFAULTS, capabilities=_CAPS)
-def _build_flash(block_m=None, block_n=None, num_warps=None, num_stages=None):
-    """Triton flash attention, fwd + bwd, differentiable LSE (tiles: block_m x block_n)."""
+def _build_flash(block_m=None, block_n=None, num_warps=None, num_stages=None, tma=True):
+    """Triton flash attention, fwd + bwd, differentiable LSE (tiles: block_m x block_n; tma:
+    forward tiles through tensor descriptors where the layout allows)."""
     opts = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
     for name, value in opts.items():
         if value is not None and value not in _ALLOWED[name]:
             raise ValueError(
                 f"flash option {name}={value!r}: use None (auto) or one of {_ALLOWED[name]}"
             )
+    if tma not in (True, False):
+        raise ValueError(f"flash option tma={tma!r}: use True or False")
+    opts["tma"] = tma
 
     def flash(q, k, v, *, causal=False, scale=None, bias=None, return_lse=False):
         return _attention(q, k, v, causal, scale, bias, return_lse, opts)
