@@ -4,12 +4,15 @@ Tokens: the trainer needs one call, ``build_token_data(cfg, ...)``, which turns 
 ``TokenDataConfig`` into a training ``TokenLoader`` and a validation token array.
 Images (``data.images``): ``build_image_loaders(cfg, batch_size, ...)`` turns an
 ``ImageDataConfig`` into train/val loaders, the class count and a mixup callable.
+Long documents (``data.long_docs``, for long-context evaluation): ``load_long_documents`` reads
+PG-19 through ``datasets``, local text or token files, whole and tokenised;
+``validation_documents`` gives a training config's validation split as documents.
 This package imports nothing from models/, ops/ or trainer/.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -40,6 +43,17 @@ from data.images import (
     write_packed,
 )
 from data.loader import TokenLoader, iter_eval_batches, shuffle_documents
+from data.long_docs import (
+    LONG_KINDS,
+    LongDocConfig,
+    LongDocStats,
+    LongDocument,
+    iter_long_documents,
+    load_long_documents,
+    long_windows,
+    select_long_documents,
+    split_documents,
+)
 from data.shards import SHARD_SUFFIXES, list_shards, load_tokens, write_shard
 from data.sources import (
     FINEWEB_EDU_CONFIGS,
@@ -61,6 +75,7 @@ __all__ = [
     "IMAGENET_HF_REVISION",
     "IMAGE_KINDS",
     "KINDS",
+    "LONG_KINDS",
     "SHARD_SUFFIXES",
     "VOCAB_SIZE",
     "BatchMixup",
@@ -68,6 +83,9 @@ __all__ = [
     "HFImageDataset",
     "ImageDataConfig",
     "ImageFolderDataset",
+    "LongDocConfig",
+    "LongDocStats",
+    "LongDocument",
     "PackedImageDataset",
     "RepeatAugSampler",
     "ShardSampler",
@@ -88,13 +106,19 @@ __all__ = [
     "gpt2_encoding",
     "iter_eval_batches",
     "iter_local_documents",
+    "iter_long_documents",
+    "validation_documents",
     "list_shards",
     "load_hf_split",
+    "load_long_documents",
     "load_tokens",
     "local_files",
+    "long_windows",
     "make_image_folder",
     "open_packed",
+    "select_long_documents",
     "shuffle_documents",
+    "split_documents",
     "to_device",
     "write_packed",
     "write_shard",
@@ -244,3 +268,14 @@ def build_token_data(
         shuffle=bool(cfg.shuffle),
     )
     return loader, val
+
+
+def validation_documents(cfg: TokenDataConfig) -> Iterator[LongDocument]:
+    """The validation split of a token-data config as whole documents (split at EOT), for
+    long-context evaluation of a model on the data it was trained on. Shards named by
+    ``data.val`` keep their ``index.json`` names (the Gutenberg books)."""
+    if cfg.kind == "shards" and cfg.val:
+        return iter_long_documents(LongDocConfig(name=cfg.name, kind="tokens", path=cfg.val))
+    _, val = build_token_data(cfg, batch_size=1, seq_len=1)
+    docs = split_documents(val)
+    return (LongDocument(f"{cfg.name} val #{i}", d) for i, d in enumerate(docs))

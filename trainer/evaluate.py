@@ -1,4 +1,5 @@
-"""Evaluation of a checkpoint: perplexity at several context lengths, HellaSwag accuracy."""
+"""Evaluation of a checkpoint: perplexity at several context lengths, HellaSwag accuracy;
+``eval.task=long_ppl`` (long documents, exact vs approximate attention) is in ``long_eval``."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from models import build_model
 from . import checkpoint as ckpt_lib
 from . import config as config_lib
 from .distributed import setup
+from .long_eval import run_long_eval
 from .loop import autocast_factory
 from .tasks import evaluate_classifier
 
@@ -111,9 +113,27 @@ def hellaswag(model, path, *, device, autocast, max_len: int | None, limit=None)
     return {"acc": correct / n, "acc_norm": correct_norm / n, "examples": n}
 
 
+def _check_ppl_config(cfg) -> None:
+    """eval.task=ppl (and image models) score a checkpoint as it was trained."""
+    task = cfg.eval.get("task") or "ppl"
+    if task != "ppl":
+        raise ValueError(f"eval.task={task!r}; valid: ppl (with eval.hellaswag), long_ppl")
+    for key in ("model", "attn"):
+        if cfg.get(key) is not None:
+            raise ValueError(f"{key}= is read by eval.task=long_ppl only; eval.task=ppl scores "
+                             "the checkpoint as it was trained")  # fmt: skip
+    if not cfg.get("ckpt"):
+        raise ValueError(
+            "ckpt=PATH is required: a training checkpoint (runs/<run>/checkpoints/last.pt)"
+        )
+
+
 def run_eval(cfg) -> dict:
     """Entry point of eval.py: returns and writes the results JSON, prints a table."""
     e = cfg.eval
+    if e.get("task") == "long_ppl":
+        return run_long_eval(cfg)
+    _check_ppl_config(cfg)
     info = setup(e.device)
     model, rc, ckpt = load_model(cfg.ckpt, info.device)
     if rc.model.family == "efficientvit":
