@@ -57,9 +57,12 @@ class TrainerConfig:
     keep_last: int = 3  # step checkpoints kept besides last.pt
     resume: str = "auto"  # auto | never | PATH
     stop_at: int | None = None  # end this process after this step (checkpointed), as if preempted
+    init_from: str | None = None  # weights only (continued training) from this checkpoint
     ema_decay: float | None = None  # weight EMA (also evaluated: ema_val_*); None: off
-    compile: bool = False
+    compile: bool = False  # with fsdp or activation_checkpointing: each block compiled alone
     compile_tuning: bool = False  # Inductor coordinate-descent tuning (slower compile)
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2: blocks, then the root; see trainer/parallel.py)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     run_dir: str = "runs/default"
@@ -147,6 +150,25 @@ def load(cfg: DictConfig | dict) -> RunConfig:
     )
 
 
+def _validate_parallel(rc: RunConfig) -> None:
+    """trainer.parallel and what FSDP cannot do (yet)."""
+    t = rc.trainer
+    if t.parallel not in ("ddp", "fsdp"):
+        raise ValueError(f"trainer.parallel={t.parallel!r}; valid: ddp, fsdp")
+    if t.parallel != "fsdp":
+        return
+    if t.ema_decay is not None:
+        raise ValueError(
+            "trainer.ema_decay with trainer.parallel=fsdp: the weight EMA keeps a full unsharded "
+            "copy of the model; use trainer.parallel=ddp or trainer.ema_decay=null"
+        )
+    if rc.optim.clip_mode == "agc":
+        raise ValueError(
+            "optim.clip_mode=agc with trainer.parallel=fsdp: adaptive clipping needs whole rows "
+            "of every weight; use optim.clip_mode=norm or trainer.parallel=ddp"
+        )
+
+
 def validate(rc: RunConfig, world_size: int = 1) -> int:
     """Cross-field checks; return gradient-accumulation steps per optimizer step."""
     t = rc.trainer
@@ -158,6 +180,7 @@ def validate(rc: RunConfig, world_size: int = 1) -> int:
         raise ValueError(f"trainer.precision={t.precision!r}; valid: auto, bf16, fp32")
     if rc.optim.clip_mode not in ("norm", "agc"):
         raise ValueError(f"optim.clip_mode={rc.optim.clip_mode!r}; valid: norm, agc")
+    _validate_parallel(rc)
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         raise ValueError(f"trainer.ema_decay={t.ema_decay}: use null (off) or a value in (0, 1)")
     if rc.logger.name not in ("wandb", "none"):

@@ -21,8 +21,10 @@ import ops
 from . import checkpoint as ckpt_lib
 from . import config as config_lib
 from . import distributed as dist_lib
+from . import parallel as par
 from .monitor import Monitor, Throughput, peak_flops
 from .optim import WeightEMA, adaptive_clip_, build_optimizer, lr_at
+from .parallel import compile_model  # noqa: F401  (scripts/bench_train.py imports it from here)
 from .tasks import build_task
 
 
@@ -53,21 +55,6 @@ def autocast_factory(precision: str, device: torch.device):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def compile_model(model, t):
-    """torch.compile as trainer.compile / trainer.compile_tuning ask (identity when off).
-
-    compile_tuning turns on Inductor's coordinate-descent tuning of its generated kernels
-    (longer first compile, faster pointwise/reduction kernels).
-    """
-    if not t.compile:
-        return model
-    if t.compile_tuning:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.coordinate_descent_tuning = True
-    return torch.compile(model)
-
-
 def _resume(rc, task, opt, manager, info, monitor_say) -> tuple[int, dict]:
     """Load the checkpoint that trainer.resume names; return (start step, checkpoint extras)."""
     mode = rc.trainer.resume
@@ -80,21 +67,51 @@ def _resume(rc, task, opt, manager, info, monitor_say) -> tuple[int, dict]:
         return 0, {}
     ckpt = ckpt_lib.load(path)
     ckpt_lib.check_compatible(task.model, ckpt, path)
-    task.model.load_state_dict(ckpt["model"])
+    par.load_model_state(task.model, ckpt["model"])  # plain or sharded (FSDP)
     if getattr(task, "ema", None) is not None:
         if "ema" in ckpt:
             task.ema.load_state_dict(ckpt["ema"])
         else:
             task.ema.load_state_dict(ckpt["model"])
             monitor_say(f"{path} holds no weight EMA: the EMA starts from its weights")
-    opt.load_state_dict(ckpt["optimizer"])
+    par.load_optimizer_state(task.model, opt, ckpt["optimizer"])
     for name, backend in _attention_backends(task.model).items():
         backend.load_state_dict(ckpt.get("attention", {}).get(name, {}))
-    task.train_loader.load_state_dict(ckpt["data"])
+    task.train_loader.load_state_dict(_data_state(ckpt, task.train_loader, rc, monitor_say))
     rngs = ckpt["rng"]
     ckpt_lib.set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
     monitor_say(f"resumed from {path} at step {ckpt['step']}")
     return int(ckpt["step"]), ckpt
+
+
+def _data_state(ckpt: dict, loader, rc, say) -> dict:
+    """The checkpoint's data position, for this run's loader.
+
+    A token loader's cursor is a position in one stream of tokens, whatever the number of
+    processes: with the same tokens per step and sequence length, a run on another number of
+    processes (a checkpoint written under FSDP on 8 GPUs, resumed on one) reads the same
+    sequences in every step, so the cursor carries over. The loader still refuses anything else
+    (other seeds, shards, sequence lengths), naming what differs."""
+    state = ckpt["data"]
+    mine = loader.state_dict()
+    was = state.get("world_size") if isinstance(state, dict) else None
+    if was is None or was == mine.get("world_size"):
+        return state
+    old_tokens = ckpt.get("config", {}).get("trainer", {}).get("global_batch_tokens")
+    if old_tokens != rc.trainer.global_batch_tokens or state.get("seq_len") != mine["seq_len"]:
+        return state
+    say(f"data position of a {was}-process run continued on {mine['world_size']} (same tokens "
+        "per step)")  # fmt: skip
+    return {**state, "world_size": mine["world_size"], "batch_size": mine["batch_size"]}
+
+
+def _init_from(model, path: str, say) -> None:
+    """Weights only from a checkpoint (trainer.init_from: continued training, e.g. at a longer
+    context); the optimizer, schedule, step and data position start afresh."""
+    ckpt = ckpt_lib.load(path)
+    ckpt_lib.check_compatible(model, ckpt, path)
+    model.load_state_dict(ckpt["model"])
+    say(f"weights from {path} (step {ckpt.get('step')}); optimizer, schedule and data start afresh")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -124,12 +141,15 @@ def _attention_backends(model) -> dict:
 
 def _save(manager, task, opt, step, info, config_dict, extras) -> Path | None:
     rngs = dist_lib.gather_objects(ckpt_lib.rng_state(), info)
+    # full (unsharded) states on rank 0; collectives under FSDP, so every rank takes part
+    model_state = par.model_state(task.model)
+    optimizer_state = par.optimizer_state(task.model, opt)
     path = None
     if info.is_main:
         state = {
             "step": step,
-            "model": task.model.state_dict(),
-            "optimizer": opt.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "data": task.train_loader.state_dict(),
             "rng": rngs,
             "config": config_dict,
@@ -157,20 +177,17 @@ def _train_step(task, train_model, opt, accum, autocast, info, rc, step, max_ste
     for micro in range(accum):
         batch = task.next_batch()
         last = micro == accum - 1
-        sync = train_model.no_sync() if info.enabled and not last else contextlib.nullcontext()
-        with sync:
+        with par.no_sync(train_model, last):
             with autocast():
                 loss = task.loss(train_model, batch)
             (loss / accum).backward()
         loss_acc += loss.detach()
     clip = rc.optim.grad_clip
     if rc.optim.clip_mode == "agc" and clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(task.model.parameters(), math.inf)  # logged only
+        norm = par.clip_grad_norm_(task.model.parameters(), math.inf)  # logged only
         adaptive_clip_(task.model.parameters(), clip)
-    else:
-        norm = torch.nn.utils.clip_grad_norm_(
-            task.model.parameters(), clip if clip > 0 else math.inf
-        )
+    else:  # sharded (DTensor) gradients too: the norm is reduced over ranks
+        norm = par.clip_grad_norm_(task.model.parameters(), clip if clip > 0 else math.inf)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss_acc / accum, norm, lr
@@ -227,17 +244,23 @@ def _run(rc, info) -> dict:
         task.steps_per_epoch = max(1, len(task.train_loader) // accum)
         if t.epochs is not None:
             t.max_steps = t.epochs * task.steps_per_epoch
+    say = print if info.is_main else (lambda *a, **k: None)
+    manager = ckpt_lib.CheckpointManager(run_dir / "checkpoints", t.keep_last)
+    resuming = t.resume not in ("auto", "never") or (t.resume == "auto" and manager.last.exists())
+    if t.init_from and not resuming:
+        _init_from(task.model, t.init_from, say)
     task.model.to(info.device)
     task.ema = WeightEMA(task.model, t.ema_decay) if t.ema_decay else None
+    # checkpointing, compile, FSDP2 / DDP; the optimizer then holds the (sharded) parameters
+    train_model = par.parallelize(task.model, t, info, say)
     opt = build_optimizer(task.model, rc.optim, info.device)
-    manager = ckpt_lib.CheckpointManager(run_dir / "checkpoints", t.keep_last)
-    say = print if info.is_main else (lambda *a, **k: None)
     step, extras = _resume(rc, task, opt, manager, info, say)
     if info.is_main:
         _truncate_metrics(run_dir / "metrics.jsonl", step)
     monitor = Monitor(rc, run_dir, info.is_main, config_dict, wandb_id=extras.get("wandb_id"))
     try:
-        return _loop(rc, info, task, opt, manager, monitor, step, accum, run_dir, config_dict)
+        return _loop(rc, info, task, train_model, opt, manager, monitor, step, accum, run_dir,
+                     config_dict)  # fmt: skip
     finally:
         monitor.close()
 
@@ -275,6 +298,18 @@ def _describe(evals: dict, prefix: str = "") -> str:
     return out
 
 
+def _peak_memory_gib(info) -> float | None:
+    """Peak GPU memory allocated by tensors, the largest over ranks (None on the CPU)."""
+    if info.device.type != "cuda":
+        return None
+    return par.max_over_ranks(torch.cuda.max_memory_allocated(info.device), info) / 2**30
+
+
+def _parallel(t, info) -> str:
+    mode = t.parallel if info.enabled else "1 process"
+    return mode + (", activation checkpointing" if t.activation_checkpointing else "")
+
+
 def _evaluate(task, model, autocast, t, monitor, step) -> dict:
     evals = task.evaluate(model, autocast, t.eval_tokens)
     line = f"step {step} | {_describe(evals)}"
@@ -287,13 +322,10 @@ def _evaluate(task, model, autocast, t, monitor, step) -> dict:
     return evals
 
 
-def _loop(rc, info, task, opt, manager, monitor, step, accum, run_dir, config_dict) -> dict:
+def _loop(rc, info, task, train_model, opt, manager, monitor, step, accum, run_dir,
+          config_dict) -> dict:  # fmt: skip
     t = rc.trainer
     model = task.model
-    train_model = compile_model(model, t)
-    if info.enabled:
-        ids = [info.device.index] if info.device.type == "cuda" else None
-        train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=ids)
     autocast = autocast_factory(t.precision, info.device)
     peak = peak_flops(info.device, t.peak_flops)
     flops_tok = task.flops_per_unit()
@@ -309,7 +341,8 @@ def _loop(rc, info, task, opt, manager, monitor, step, accum, run_dir, config_di
     )
     monitor.say(
         f"run {run_dir} | {rc.model.name} ({n_params / 1e6:.1f}M params) pos={rc.pos.name} "
-        f"attn={rc.attn.name} | {info.world_size} x {info.device.type} | {batch}"
+        f"attn={rc.attn.name} | {info.world_size} x {info.device.type} ({_parallel(t, info)}) | "
+        f"{batch}"
     )
     stop = StopRequest()
     stop.install()
@@ -384,6 +417,7 @@ def _loop(rc, info, task, opt, manager, monitor, step, accum, run_dir, config_di
         f"{unit}_seen": step * per_step,
         "wall_time_s": time.perf_counter() - start,
         "world_size": info.world_size,
+        "peak_memory_gib": _peak_memory_gib(info),
         "finished": step >= t.max_steps,
         "run_dir": str(run_dir),
     }

@@ -15,6 +15,7 @@ from data import build_image_loaders, build_token_data, iter_eval_batches, to_de
 from models import build_model
 
 from .distributed import DistInfo, all_reduce_sum
+from .parallel import is_sharded, max_over_ranks
 
 
 class LanguageModelTask:
@@ -67,12 +68,19 @@ class LanguageModelTask:
             rank=self.info.rank,
             world_size=self.info.world_size,
         )
+        idle = 0  # under FSDP every forward is a collective: as many calls on every rank
+        if is_sharded(model):
+            batches = list(batches)
+            idle = max_over_ranks(len(batches), self.info) - len(batches)
         for x, y in batches:
             x, y = x.to(self.info.device), y.to(self.info.device)
             with autocast():
                 loss = model(x, y)
             loss_sum += float(loss) * y.numel()
             count += y.numel()
+        for _ in range(idle):  # a rank left without windows joins the others' gathers
+            with autocast():
+                model(torch.zeros(1, 1, dtype=torch.long, device=self.info.device))
         loss_sum, count = all_reduce_sum([loss_sum, float(count)], self.info)
         if count == 0:
             raise ValueError(
