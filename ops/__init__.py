@@ -7,7 +7,9 @@ Dv) in q's dtype, plus LSE (B, H, Ntokens) float32 when ``return_lse``. ``causal
 bottom-right when query and key lengths differ; ``bias`` is additive and broadcasts to
 (B, H, Nq, Nk). Algorithm options are bound once with ``ops.build(name, **options)``.
 
-Besides attention: ``linear_cross_entropy`` (fused, chunked LM-head loss; ops/cross_entropy.py).
+Besides attention: ``linear_cross_entropy`` (fused, chunked LM-head loss; ops/cross_entropy.py);
+2-simplicial attention, five inputs (q, k1, k2, v1, v2), its own op: ``build_simplicial``,
+``simplicial_attention``, ``simplicial_reference`` (ops/simplicial.py).
 
 This package imports nothing else of the repository.
 """
@@ -24,12 +26,20 @@ from .neighborhood_ref import neighborhood_mask, neighborhood_reference
 from .reference import reference_attention
 from .registry import Attention, Capabilities, available, build, register
 from .sdpa import sdpa_attention
+from .simplicial import (
+    SimplicialAttention,
+    build_simplicial,
+    simplicial_attention,
+    simplicial_reference,
+)
 
 __all__ = [
     "Attention",
     "Capabilities",
+    "SimplicialAttention",
     "available",
     "build",
+    "build_simplicial",
     "check_inputs",
     "flash_attention",
     "linear_cross_entropy",
@@ -39,4 +49,6 @@ __all__ = [
     "reference_attention",
     "register",
     "sdpa_attention",
+    "simplicial_attention",
+    "simplicial_reference",
 ]

@@ -1,0 +1,344 @@
+"""2-simplicial (Kronecker / tensor) attention: five inputs, its own op.
+
+    o_i = sum_{j,k} exp(s <q_i, k1_j * k2_k>) (v1_j * v2_k) / sum_{j,k} exp(s <q_i, k1_j * k2_k>)
+
+(* elementwise; Alman & Song's Kronecker attention, Roy et al. 2025 "Fast and Simplex"). The
+scale s defaults to 1/sqrt(D), the trilinear logits <q, k1, k2> / sqrt(D) of Fast and Simplex;
+Alman & Song leave s free (any positive ``scale`` may be passed).
+
+Forms: full (every pair (j, k)); causal (j <= i and k <= i); windowed, causal with
+j in (i - w1, i] and k in (i - w2, i] (``w1``/``w2`` bound at build; ``None``: unbounded).
+Causal and windowed forms need Nq = N1 = N2 (one sequence); the full form takes any lengths.
+
+Layout as the attention contract: q (B, Nq, H, D); k1, v1 (B, N1, Hkv, D); k2, v2 (B, N2, Hkv, D)
+with H % Hkv == 0 (GQA: q head h reads kv head h // (H // Hkv)); output (B, Nq, H, D) in q's
+dtype; LSE (B, H, Nq) float32 natural log, differentiable.
+
+Why not ``ops.build``: its ``Attention`` objects are called as (q, k, v), and code that loops
+over ``ops.available()`` relies on that. Five inputs make a separate op:
+``ops.build_simplicial(w1=..., w2=..., impl="triton"|"reference", block_m=...)`` returns a
+:class:`SimplicialAttention` with ``__call__(q, k1, k2, v1, v2, *, causal, scale, return_lse)``
+and ``check(...)``, bound once from config like the q, k, v backends.
+
+Layering: kernels (``ops/simplicial_kernels.py``) -> launchers (``_forward``, ``_backward``) ->
+``flash.KernelAttention``-style autograd Function ``_Simplicial`` -> public functions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import simplicial_kernels as K
+from .flash import _INTERPRET, _LOG2E, _cdiv, _delta_kernel, _launch, _Tiles, triton
+
+_HEAD_DIMS = (16, 32, 64, 128)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _window_mask(nq, n, w, device):
+    """(Nq, N) bool: causal with window w (None: unbounded), j in (i - w, i]."""
+    i = torch.arange(nq, device=device)[:, None]
+    j = torch.arange(n, device=device)[None, :]
+    ok = j <= i
+    return ok if w is None else ok & (j > i - w)
+
+
+def simplicial_reference(q, k1, k2, v1, v2, *, causal=False, w1=None, w2=None, scale=None,
+                         return_lse=False, chunk=None):  # fmt: skip
+    """Plain PyTorch 2-simplicial attention, the definition of correctness (float32, float64
+    for float64 inputs). Forms the (queries, N1, N2) scores a chunk of queries at a time
+    (``chunk`` queries; default keeps a chunk near 2**22 scores), never N^3 at once."""
+    _check(q, k1, k2, v1, v2, causal, w1, w2, "simplicial_reference")
+    b, nq, h, d = q.shape
+    n1, n2, group = k1.shape[1], k2.shape[1], h // k1.shape[2]
+    scale = _check_scale(q, scale)
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    def heads(t):  # (B, N, Hkv, D) -> (B, H, N, D)
+        return t.to(cdt).transpose(1, 2).repeat_interleave(group, dim=1)
+
+    qh = q.to(cdt).transpose(1, 2)
+    k1h, k2h, v1h, v2h = (heads(t) for t in (k1, k2, v1, v2))
+    if causal:
+        ok = _window_mask(nq, n1, w1, q.device)[:, :, None] & _window_mask(nq, n2, w2, q.device)[:, None, :]  # fmt: skip
+    chunk = chunk or max(1, 2**22 // max(1, b * h * n1 * n2))
+    outs, lses = [], []
+    for i0 in range(0, nq, chunk):
+        s = torch.einsum("bhid,bhjd,bhkd->bhijk", qh[:, :, i0 : i0 + chunk], k1h, k2h) * scale
+        if causal:
+            s = s.masked_fill(~ok[i0 : i0 + chunk], float("-inf"))
+        lse = s.flatten(-2).logsumexp(-1)  # (B, H, c)
+        p = torch.exp(s - lse[..., None, None])
+        outs.append(torch.einsum("bhijk,bhjd,bhkd->bhid", p, v1h, v2h))
+        lses.append(lse)
+    out = torch.cat(outs, 2).transpose(1, 2).to(q.dtype)  # (B, Nq, H, D)
+    lse = torch.cat(lses, 2)
+    return (out, lse) if return_lse else out
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_scale(q, scale) -> float:
+    """The softmax scale s (1/sqrt(D) by default); the kernels fold it into exp2: s > 0."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not scale > 0:
+        raise ValueError(f"'simplicial' needs a positive scale; got scale={scale}")
+    return scale
+
+
+def _check_shapes(q, k1, k2, v1, v2) -> None:
+    """Layout and GQA checks; ValueError names the tensors and their shapes."""
+    named = {"q": q, "k1": k1, "k2": k2, "v1": v1, "v2": v2}
+    shapes = ", ".join(f"{n}{tuple(t.shape)}" for n, t in named.items())
+    if any(t.dim() != 4 for t in named.values()):
+        raise ValueError(
+            "'simplicial' expects q (B, Nq, H, D), k1/v1 (B, N1, Hkv, D), k2/v2 (B, N2, Hkv, D);"
+            f" got {shapes}"
+        )
+    if k1.shape != v1.shape or k2.shape != v2.shape:
+        raise ValueError(f"'simplicial' needs k1.shape == v1.shape and k2.shape == v2.shape; got {shapes}")  # fmt: skip
+    bq, _, h, d = q.shape
+    if k1.shape[0] != bq or k2.shape[0] != bq:
+        raise ValueError(f"'simplicial' batch sizes differ: {shapes}")
+    if k1.shape[2] != k2.shape[2] or k1.shape[3] != d or k2.shape[3] != d:
+        raise ValueError(
+            f"'simplicial' needs the same head dim D={d} everywhere and the same kv heads in "
+            f"k1/v1 and k2/v2; got {shapes}"
+        )
+    if h % k1.shape[2]:
+        raise ValueError(
+            f"'simplicial': q has {h} heads, k/v have {k1.shape[2]}: the number of q heads must "
+            "be a multiple of the number of k/v heads (GQA/MQA)"
+        )
+    dtypes = {n: t.dtype for n, t in named.items()}
+    if len(set(dtypes.values())) > 1:
+        raise ValueError(f"'simplicial' inputs must share one dtype; got {dtypes}")
+
+
+def _check_window(name: str, w, n: int) -> None:
+    if w is None:
+        return
+    if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+        raise ValueError(f"'simplicial' window {name}={w!r}: use None or an int >= 1")
+    if w > n:
+        raise ValueError(
+            f"'simplicial' window {name}={w} is larger than the sequence (length {n}); "
+            f"use {name} <= {n} or {name}=None (plain causal)"
+        )
+
+
+def _check(q, k1, k2, v1, v2, causal, w1, w2, who: str) -> None:
+    """All input checks shared by the reference and the kernels."""
+    _check_shapes(q, k1, k2, v1, v2)
+    nq, n1, n2 = q.shape[1], k1.shape[1], k2.shape[1]
+    if (w1 is not None or w2 is not None) and not causal:
+        raise ValueError(
+            f"'{who}': windows (w1={w1}, w2={w2}) are causal, j in (i - w1, i]; call with "
+            "causal=True, or build without windows for the full form"
+        )
+    if causal and not nq == n1 == n2:
+        raise ValueError(
+            f"'{who}' causal needs one sequence length for q, k1/v1 and k2/v2; got Nq={nq}, "
+            f"N1={n1}, N2={n2}"
+        )
+    _check_window("w1", w1, n1)
+    _check_window("w2", w2, n2)
+
+
+def _check_kernel(q) -> None:
+    """What the Triton kernels lack beyond ``_check``."""
+    if q.shape[-1] not in _HEAD_DIMS:
+        raise ValueError(f"'simplicial' head dim must be one of {_HEAD_DIMS}; got {q.shape[-1]}")
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"'simplicial' supports dtypes {_DTYPES}; got {q.dtype}")
+    if triton is None or not (q.is_cuda or _INTERPRET):
+        raise ValueError(
+            "'simplicial' kernels need triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
+            "impl='reference' runs anywhere"
+        )
+
+
+# ----------------------------------------------------------------------------- launchers
+
+_OPTIONS = ("block_m", "block_n1", "block_n2", "num_warps", "num_stages")
+
+
+def _tiles(opts: dict, dtype: torch.dtype, backward: bool) -> tuple[int, ...]:
+    """(block_m, block_n1, block_n2, num_warps, num_stages): build options where given, else
+    16-tiles under the interpreter and untuned H100 guesses (BLOCK_M * BLOCK_N1 rows of
+    q * k1 per product) on the GPU."""
+    if _INTERPRET:
+        base = (16, 16, 16, 4, 1)
+    elif dtype == torch.float32:
+        base = (32, 2, 32, 4, 1)
+    else:
+        base = (32, 2, 64, 8, 1) if backward else (64, 2, 64, 8, 2)
+    return tuple(base[i] if opts.get(n) is None else opts[n] for i, n in enumerate(_OPTIONS))
+
+
+def _windows(w1, w2) -> tuple[int, int]:
+    return (K._NO_WINDOW if w1 is None else w1), (K._NO_WINDOW if w2 is None else w2)
+
+
+def _forward(q, k1, k2, v1, v2, causal, w1, w2, scale, opts):
+    """q (B, Nq, H, D), k1/v1 (B, N1, Hkv, D), k2/v2 (B, N2, Hkv, D), any strides ->
+    o (B, Nq, H, D) contiguous, lse (B, H, Nq) fp32."""
+    b, nq, h, d = q.shape
+    n1, hkv, n2 = k1.shape[1], k1.shape[2], k2.shape[1]
+    o = torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
+    bm, bn1, bn2, warps, stages = _tiles(opts, q.dtype, backward=False)
+    grid = (_cdiv(nq, bm), b * h)
+    if all(grid):
+        K._fwd_kernel[grid](q, k1, k2, v1, v2, o, lse, *q.stride(), *k1.stride(), *k2.stride(),
+                            *v1.stride(), *v2.stride(), nq, n1, n2, h, h // hkv, *_windows(w1, w2),
+                            scale * _LOG2E, CAUSAL=causal, HEAD_D=d, BLOCK_M=bm, BLOCK_N1=bn1,
+                            BLOCK_N2=bn2, IEEE=q.dtype == torch.float32, num_warps=warps,
+                            num_stages=stages)  # fmt: skip
+    return o, lse
+
+
+def _backward(do, dlse, q, k1, k2, v1, v2, o, lse, causal, w1, w2, scale, opts):
+    """Gradients of sum(o * do) + sum(lse * dlse) (dlse may be None); kv grads summed over
+    the GQA group in-kernel."""
+    b, nq, h, d = q.shape
+    n1, hkv, n2 = k1.shape[1], k1.shape[2], k2.shape[1]
+    bm, bn1, bn2, warps, stages = _tiles(opts, q.dtype, backward=True)
+    delta = torch.empty_like(lse)  # (B, H, Nq): rowsum(dO * O) - dLSE
+    dlse = None if dlse is None else dlse.contiguous()
+    _launch(_delta_kernel, (_cdiv(nq, bm), b * h), o, do, delta if dlse is None else dlse, delta,
+            *do.stride(), nq, h, tiles=_Tiles(bm, 16, warps, stages), HAS_DLSE=dlse is not None,
+            HEAD_D=d)  # fmt: skip
+    dq = torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device)
+    dk1, dv1, dk2, dv2 = (torch.empty((b, n, hkv, d), dtype=q.dtype, device=q.device)
+                          for n in (n1, n1, n2, n2))  # fmt: skip
+    args = (*q.stride(), *k1.stride(), *k2.stride(), *v1.stride(), *v2.stride(), *do.stride(),
+            nq, n1, n2, h, h // hkv, *_windows(w1, w2), scale * _LOG2E, scale)  # fmt: skip
+    const = dict(CAUSAL=causal, HEAD_D=d, BLOCK_M=bm, BLOCK_N1=bn1, BLOCK_N2=bn2,
+                 IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)  # fmt: skip
+    grids = ((_cdiv(nq, bm), b * h), (_cdiv(n1, bn1), b * hkv), (_cdiv(n2, bn2), b * hkv))
+    if all(grids[0]):
+        K._dq_kernel[grids[0]](q, k1, k2, v1, v2, do, lse, delta, dq, *args, **const)
+    if all(grids[1]):
+        K._dk1dv1_kernel[grids[1]](q, k1, k2, v1, v2, do, lse, delta, dk1, dv1, *args, **const)
+    if all(grids[2]):
+        K._dk2dv2_kernel[grids[2]](q, k1, k2, v1, v2, do, lse, delta, dk2, dv2, *args, **const)
+    return dq, dk1, dk2, dv1, dv2
+
+
+class _Simplicial(torch.autograd.Function):
+    """(q, k1, k2, v1, v2) -> (o, lse), both differentiable, through the launchers."""
+
+    @staticmethod
+    def forward(ctx, q, k1, k2, v1, v2, args):
+        o, lse = _forward(q, k1, k2, v1, v2, *args)
+        ctx.save_for_backward(q, k1, k2, v1, v2, o, lse)
+        ctx.args = args
+        ctx.set_materialize_grads(False)  # no (B, H, N) zeros when the LSE is not used
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k1, k2, v1, v2, o, lse = ctx.saved_tensors
+        if do is None and dlse is None:
+            return (None,) * 6
+        do = torch.zeros_like(o) if do is None else do
+        return (*_backward(do, dlse, q, k1, k2, v1, v2, o, lse, *ctx.args), None)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _kernel_attention(q, k1, k2, v1, v2, causal, scale, return_lse, w1, w2, opts):
+    _check(q, k1, k2, v1, v2, causal, w1, w2, "simplicial")
+    _check_kernel(q)
+    args = (bool(causal), w1, w2, _check_scale(q, scale), opts)
+    o, lse = _Simplicial.apply(q, k1, k2, v1, v2, args)
+    return (o, lse) if return_lse else o
+
+
+def simplicial_attention(q, k1, k2, v1, v2, *, causal=False, scale=None, return_lse=False):
+    """Triton 2-simplicial attention, full or causal, default tiles (windows: build it with
+    ``build_simplicial(w1=..., w2=...)``). See the module docstring for shapes."""
+    return _kernel_attention(q, k1, k2, v1, v2, causal, scale, return_lse, None, None, {})
+
+
+_DEFAULTS = {"w1": None, "w2": None, "impl": "triton", **dict.fromkeys(_OPTIONS)}
+_ALLOWED = {
+    "block_m": (16, 32, 64, 128),
+    "block_n1": (1, 2, 4, 8, 16, 32),
+    "block_n2": (16, 32, 64, 128),
+    "num_warps": (1, 2, 4, 8, 16),
+    "num_stages": (1, 2, 3, 4, 5),
+}
+
+
+class SimplicialAttention:
+    """A bound 2-simplicial op: ``attn(q, k1, k2, v1, v2, *, causal=False, scale=None,
+    return_lse=False)``, plus ``check`` so that a model can refuse a combination before it
+    is built. Made by :func:`build_simplicial`."""
+
+    name = "simplicial"
+
+    def __init__(self, options: dict):
+        self.options = options
+        self.w1, self.w2 = options["w1"], options["w2"]
+        self._opts = {n: options[n] for n in _OPTIONS}
+
+    def __call__(self, q, k1, k2, v1, v2, *, causal=False, scale=None, return_lse=False):
+        if self.options["impl"] == "reference":
+            return simplicial_reference(q, k1, k2, v1, v2, causal=causal, w1=self.w1,
+                                        w2=self.w2, scale=scale, return_lse=return_lse)  # fmt: skip
+        return _kernel_attention(q, k1, k2, v1, v2, causal, scale, return_lse, self.w1, self.w2,
+                                 self._opts)  # fmt: skip
+
+    def check(self, *, head_dim=None, n_heads=None, n_kv_heads=None, dtype=None, device=None,
+              causal=False, seq_len=None) -> None:  # fmt: skip
+        """Raise ValueError naming every unsupported part of this combination."""
+        problems, kernel = [], self.options["impl"] == "triton"
+        if kernel and head_dim is not None and head_dim not in _HEAD_DIMS:
+            problems.append(f"head_dim {head_dim} (supported: {_HEAD_DIMS})")
+        if kernel and dtype is not None and dtype not in _DTYPES:
+            problems.append(f"dtype {dtype} (supported: {', '.join(map(str, _DTYPES))})")
+        if n_heads is not None and n_kv_heads is not None and (n_kv_heads <= 0 or n_heads % n_kv_heads):  # fmt: skip
+            problems.append(f"n_kv_heads {n_kv_heads} must divide n_heads {n_heads}")
+        if kernel and device is not None and torch.device(device).type != "cuda" and not _INTERPRET:  # fmt: skip
+            problems.append(f"device {torch.device(device).type!r} (the kernels need 'cuda')")
+        windowed = self.w1 is not None or self.w2 is not None
+        if windowed and not causal:
+            problems.append(f"non-causal use of windows w1={self.w1}, w2={self.w2}")
+        for name, w in (("w1", self.w1), ("w2", self.w2)):
+            if w is not None and seq_len is not None and w > seq_len:
+                problems.append(f"window {name}={w} larger than the sequence length {seq_len}")
+        if problems:
+            raise ValueError("'simplicial' does not support: " + "; ".join(problems))
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v is not None)
+        return f"SimplicialAttention({opts})"
+
+
+def build_simplicial(**options) -> SimplicialAttention:
+    """Bind 2-simplicial options once: ``w1``, ``w2`` (windows, None = unbounded), ``impl``
+    ('triton' or 'reference'), tiles ``block_m``, ``block_n1``, ``block_n2``, ``num_warps``,
+    ``num_stages`` (None: defaults). Unknown or invalid options raise ValueError."""
+    unknown = sorted(set(options) - set(_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"'simplicial' got unknown option(s) {', '.join(unknown)}; valid options: "
+            f"{', '.join(sorted(_DEFAULTS))}"
+        )
+    opts = {**_DEFAULTS, **options}
+    for name in ("w1", "w2"):
+        _check_window(name, opts[name], n=2**62)
+    if opts["impl"] not in ("triton", "reference"):
+        raise ValueError(f"'simplicial' option impl={opts['impl']!r}: use 'triton' or 'reference'")
+    for name, allowed in _ALLOWED.items():
+        if opts[name] is not None and opts[name] not in allowed:
+            raise ValueError(
+                f"'simplicial' option {name}={opts[name]!r}: use None (auto) or one of {allowed}"
+            )
+    return SimplicialAttention(opts)

@@ -1,0 +1,291 @@
+"""Triton kernels of 2-simplicial attention (``ops/simplicial.py`` launches them).
+
+Scores of query i against the key pair (j, k): S_ijk = <q_i, k1_j * k2_k> (* elementwise). A
+block of BLOCK_M queries x BLOCK_N1 k1 keys x BLOCK_N2 k2 keys is one matrix product: the rows
+A = q_i * k1_j, a (BLOCK_M * BLOCK_N1, D) matrix, times k2^T (D, BLOCK_N2). The value of a pair
+factorises, v1_j * v2_k, so sum_{j,k} P_ijk v1_j v2_k = sum_j v1_j * (P @ v2)_ij: again one
+matrix product (P as (BLOCK_M * BLOCK_N1, BLOCK_N2) times v2) and a weighted sum over j.
+
+Sequence-tiled: one program per (query tile, batch * head) in the forward and dQ kernels, per
+(k1 tile, batch * kv head) and (k2 tile, batch * kv head) in the dK1/dV1 and dK2/dV2 kernels,
+which loop over the q heads of their GQA group (no atomics, deterministic). Every kernel
+recomputes P from the saved LSE; the backward pass uses dP_ijk = <dO_i, v1_j * v2_k>, the same
+trilinear form as the scores (rows B = dO_i * v1_j), and Delta_i = rowsum(dO * O) - dLSE_i, so
+the LSE is differentiable.
+
+Masks: row i sees j iff j < N1 and, when causal, i - w1 < j <= i (same for k with N2, w2); no
+window is w = 2**30. Causal needs Nq = N1 = N2 (checked by the caller).
+"""
+
+from __future__ import annotations
+
+from .flash import _dot, _jit, tl
+
+_NO_WINDOW = 2**30
+
+
+@_jit
+def _ok(rows, cols, n_q, n_k, w, CAUSAL: tl.constexpr):
+    """(len(rows), len(cols)) bool: query ``rows`` may see keys ``cols``."""
+    ok = (rows[:, None] < n_q) & (cols[None, :] < n_k)
+    if CAUSAL:
+        ok = ok & (cols[None, :] <= rows[:, None]) & (cols[None, :] > rows[:, None] - w)
+    return ok
+
+
+@_jit
+def _key_range(start_m, n_k, w, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):  # fmt: skip
+    """Key tiles [lo, hi) that some query of the tile at start_m may see."""
+    if CAUSAL:
+        lo = tl.maximum(start_m - w + 1, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(start_m + BLOCK_M, n_k)
+    else:
+        lo = start_m * 0
+        hi = n_k
+    return lo, hi
+
+
+@_jit
+def _query_range(start_n, n_q, w, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):  # fmt: skip
+    """Query tiles [lo, hi) of which some row may see a key of the tile at start_n."""
+    if CAUSAL:
+        lo = start_n // BLOCK_M * BLOCK_M
+        hi = tl.minimum(start_n + BLOCK_N + w - 1, n_q)
+    else:
+        lo = start_n * 0
+        hi = n_q
+    return lo, hi
+
+
+@_jit
+def _rows(base, offs, n, sn, sd, HEAD_D: tl.constexpr):
+    """(len(offs), D) rows of one head; rows at or past n read 0."""
+    offs_d = tl.arange(0, HEAD_D)
+    return tl.load(base + offs[:, None] * sn + offs_d[None, :] * sd,
+                   mask=offs[:, None] < n, other=0.0)  # fmt: skip
+
+
+@_jit
+def _outer(x, y, BLOCK_M: tl.constexpr, BLOCK_N1: tl.constexpr, HEAD_D: tl.constexpr):
+    """(BM, D) x (BN1, D) -> (BM * BN1, D) rows x_i * y_j, row i * BN1 + j."""
+    return tl.reshape(x[:, None, :] * y[None, :, :], (BLOCK_M * BLOCK_N1, HEAD_D))
+
+
+@_jit
+def _probs(a, k2, ok1, ok2, qk_scale, lse, BLOCK_M: tl.constexpr, BLOCK_N1: tl.constexpr,
+           BLOCK_N2: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """P (BM, BN1, BN2) = exp2(S * qk_scale - lse) from rows a = q * k1 and k2 (BN2, D);
+    masked pairs give 0. lse in log2 units, 0 for padded rows."""
+    s = tl.reshape(_dot(a, tl.trans(k2), IEEE), (BLOCK_M, BLOCK_N1, BLOCK_N2))
+    ok = ok1[:, :, None] & ok2[:, None, :]
+    s = tl.where(ok, s * qk_scale, -float("inf"))
+    return tl.exp2(s - lse[:, None, None])
+
+
+@_jit
+def _dscores(p, b, v2, delta, BLOCK_M: tl.constexpr, BLOCK_N1: tl.constexpr,
+             BLOCK_N2: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """dS (BM, BN1, BN2) = P * (dP - delta), dP_ijk = <dO_i * v1_j, v2_k> from rows b."""
+    dp = tl.reshape(_dot(b, tl.trans(v2), IEEE), (BLOCK_M, BLOCK_N1, BLOCK_N2))
+    return p * (dp - delta[:, None, None])
+
+
+@_jit
+def _fwd_kernel(Q, K1, K2, V1, V2, O, LSE, sqb, sqn, sqh, sqd, s1b, s1n, s1h, s1d,
+                s2b, s2n, s2h, s2d, t1b, t1n, t1h, t1d, t2b, t2n, t2h, t2d,
+                n_q, n1, n2, n_heads, group, w1, w2, qk_scale,
+                CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """One (query tile, batch*head): O (B, Nq, H, D) contiguous and LSE (natural log), by an
+    online softmax over all (k1 chunk, k2 tile) blocks in the window."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = bh % n_heads
+    hk = h // group
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _rows(Q + b * sqb + h * sqh, offs_m, n_q, sqn, sqd, HEAD_D)  # (BM, D)
+    acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+    lo1, hi1 = _key_range(start_m, n1, w1, CAUSAL, BLOCK_M, BLOCK_N1)
+    lo2, hi2 = _key_range(start_m, n2, w2, CAUSAL, BLOCK_M, BLOCK_N2)
+    for s1 in range(lo1, hi1, BLOCK_N1):
+        offs1 = s1 + tl.arange(0, BLOCK_N1)
+        k1 = _rows(K1 + b * s1b + hk * s1h, offs1, n1, s1n, s1d, HEAD_D)
+        v1 = _rows(V1 + b * t1b + hk * t1h, offs1, n1, t1n, t1d, HEAD_D).to(tl.float32)
+        ok1 = _ok(offs_m, offs1, n_q, n1, w1, CAUSAL)
+        a = _outer(q, k1, BLOCK_M, BLOCK_N1, HEAD_D)  # (BM * BN1, D)
+        for s2 in range(lo2, hi2, BLOCK_N2):
+            offs2 = s2 + tl.arange(0, BLOCK_N2)
+            k2 = _rows(K2 + b * s2b + hk * s2h, offs2, n2, s2n, s2d, HEAD_D)
+            v2 = _rows(V2 + b * t2b + hk * t2h, offs2, n2, t2n, t2d, HEAD_D)
+            ok2 = _ok(offs_m, offs2, n_q, n2, w2, CAUSAL)
+            s = tl.reshape(_dot(a, tl.trans(k2), IEEE), (BLOCK_M, BLOCK_N1, BLOCK_N2))
+            s = tl.where(ok1[:, :, None] & ok2[:, None, :], s * qk_scale, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(tl.max(s, 2), 1))
+            m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
+            p = tl.exp2(s - m_use[:, None, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(tl.sum(p, 2), 1)
+            pv = _dot(tl.reshape(p, (BLOCK_M * BLOCK_N1, BLOCK_N2)).to(v2.dtype), v2, IEEE)
+            pv = tl.reshape(pv, (BLOCK_M, BLOCK_N1, HEAD_D)) * v1[None, :, :]
+            acc = acc * alpha[:, None] + tl.sum(pv, 1)
+            m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    offs_d = tl.arange(0, HEAD_D)
+    in_q = offs_m < n_q
+    out = ((b * n_q + offs_m[:, None]) * n_heads + h) * HEAD_D + offs_d[None, :]
+    tl.store(O + out, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=in_q[:, None])
+    tl.store(LSE + bh.to(tl.int64) * n_q + offs_m,
+             (m_i + tl.log2(l_safe)) * 0.6931471805599453, mask=in_q)  # fmt: skip
+
+
+@_jit
+def _row_stats(LSE, DELTA, row, offs_m, n_q):
+    """LSE in log2 units (0 on padded rows) and Delta of the query rows offs_m."""
+    in_q = offs_m < n_q
+    lse = tl.load(LSE + row + offs_m, mask=in_q, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row + offs_m, mask=in_q, other=0.0)
+    return lse, delta
+
+
+@_jit
+def _dq_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DQ, sqb, sqn, sqh, sqd, s1b, s1n, s1h, s1d,
+               s2b, s2n, s2h, s2d, t1b, t1n, t1h, t1d, t2b, t2n, t2h, t2d, sdb, sdn, sdh, sdd,
+               n_q, n1, n2, n_heads, group, w1, w2, qk_scale, scale,
+               CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """One (query tile, batch*head): dQ_i = scale * sum_j k1_j * (dS @ k2)_ij."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = bh % n_heads
+    hk = h // group
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _rows(Q + b * sqb + h * sqh, offs_m, n_q, sqn, sqd, HEAD_D)
+    do = _rows(DO + b * sdb + h * sdh, offs_m, n_q, sdn, sdd, HEAD_D)
+    lse, delta = _row_stats(LSE, DELTA, bh.to(tl.int64) * n_q, offs_m, n_q)
+    dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+    lo1, hi1 = _key_range(start_m, n1, w1, CAUSAL, BLOCK_M, BLOCK_N1)
+    lo2, hi2 = _key_range(start_m, n2, w2, CAUSAL, BLOCK_M, BLOCK_N2)
+    for s1 in range(lo1, hi1, BLOCK_N1):
+        offs1 = s1 + tl.arange(0, BLOCK_N1)
+        k1 = _rows(K1 + b * s1b + hk * s1h, offs1, n1, s1n, s1d, HEAD_D)
+        v1 = _rows(V1 + b * t1b + hk * t1h, offs1, n1, t1n, t1d, HEAD_D)
+        ok1 = _ok(offs_m, offs1, n_q, n1, w1, CAUSAL)
+        a = _outer(q, k1, BLOCK_M, BLOCK_N1, HEAD_D)
+        bb = _outer(do, v1.to(do.dtype), BLOCK_M, BLOCK_N1, HEAD_D)
+        for s2 in range(lo2, hi2, BLOCK_N2):
+            offs2 = s2 + tl.arange(0, BLOCK_N2)
+            k2 = _rows(K2 + b * s2b + hk * s2h, offs2, n2, s2n, s2d, HEAD_D)
+            v2 = _rows(V2 + b * t2b + hk * t2h, offs2, n2, t2n, t2d, HEAD_D)
+            ok2 = _ok(offs_m, offs2, n_q, n2, w2, CAUSAL)
+            p = _probs(a, k2, ok1, ok2, qk_scale, lse, BLOCK_M, BLOCK_N1, BLOCK_N2, IEEE)
+            ds = _dscores(p, bb, v2.to(bb.dtype), delta, BLOCK_M, BLOCK_N1, BLOCK_N2, IEEE)
+            t = _dot(tl.reshape(ds, (BLOCK_M * BLOCK_N1, BLOCK_N2)).to(k2.dtype), k2, IEEE)
+            t = tl.reshape(t, (BLOCK_M, BLOCK_N1, HEAD_D)) * k1.to(tl.float32)[None, :, :]
+            dq += tl.sum(t, 1)
+    offs_d = tl.arange(0, HEAD_D)
+    out = ((b * n_q + offs_m[:, None]) * n_heads + h) * HEAD_D + offs_d[None, :]
+    tl.store(DQ + out, (dq * scale).to(DQ.dtype.element_ty), mask=offs_m[:, None] < n_q)
+
+
+@_jit
+def _dk1dv1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK1, DV1, sqb, sqn, sqh, sqd,
+                   s1b, s1n, s1h, s1d, s2b, s2n, s2h, s2d, t1b, t1n, t1h, t1d,
+                   t2b, t2n, t2h, t2d, sdb, sdn, sdh, sdd, n_q, n1, n2, n_heads, group, w1, w2,
+                   qk_scale, scale, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr,
+                   IEEE: tl.constexpr):  # fmt: skip
+    """One (k1 tile, batch*kv head): dK1_j = scale * sum_i q_i * (dS @ k2)_ij and
+    dV1_j = sum_i dO_i * (P @ v2)_ij, summed over the q heads of the GQA group."""
+    start_n = tl.program_id(0) * BLOCK_N1
+    bhk = tl.program_id(1)
+    n_kv = n_heads // group
+    b = (bhk // n_kv).to(tl.int64)
+    hk = bhk % n_kv
+    offs1 = start_n + tl.arange(0, BLOCK_N1)
+    k1 = _rows(K1 + b * s1b + hk * s1h, offs1, n1, s1n, s1d, HEAD_D)
+    v1 = _rows(V1 + b * t1b + hk * t1h, offs1, n1, t1n, t1d, HEAD_D)
+    dk = tl.zeros([BLOCK_N1, HEAD_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N1, HEAD_D], dtype=tl.float32)
+    lo, hi = _query_range(start_n, n_q, w1, CAUSAL, BLOCK_M, BLOCK_N1)
+    for g in range(group):
+        h = hk * group + g
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q = _rows(Q + b * sqb + h * sqh, offs_m, n_q, sqn, sqd, HEAD_D)
+            do = _rows(DO + b * sdb + h * sdh, offs_m, n_q, sdn, sdd, HEAD_D)
+            lse, delta = _row_stats(LSE, DELTA, (b * n_heads + h) * n_q, offs_m, n_q)
+            ok1 = _ok(offs_m, offs1, n_q, n1, w1, CAUSAL)
+            a = _outer(q, k1, BLOCK_M, BLOCK_N1, HEAD_D)
+            bb = _outer(do, v1.to(do.dtype), BLOCK_M, BLOCK_N1, HEAD_D)
+            lo2, hi2 = _key_range(start_m, n2, w2, CAUSAL, BLOCK_M, BLOCK_N2)
+            for s2 in range(lo2, hi2, BLOCK_N2):
+                offs2 = s2 + tl.arange(0, BLOCK_N2)
+                k2 = _rows(K2 + b * s2b + hk * s2h, offs2, n2, s2n, s2d, HEAD_D)
+                v2 = _rows(V2 + b * t2b + hk * t2h, offs2, n2, t2n, t2d, HEAD_D)
+                ok2 = _ok(offs_m, offs2, n_q, n2, w2, CAUSAL)
+                p = _probs(a, k2, ok1, ok2, qk_scale, lse, BLOCK_M, BLOCK_N1, BLOCK_N2, IEEE)
+                ds = _dscores(p, bb, v2.to(bb.dtype), delta, BLOCK_M, BLOCK_N1, BLOCK_N2, IEEE)
+                t = _dot(tl.reshape(ds, (BLOCK_M * BLOCK_N1, BLOCK_N2)).to(k2.dtype), k2, IEEE)
+                t = tl.reshape(t, (BLOCK_M, BLOCK_N1, HEAD_D)) * q.to(tl.float32)[:, None, :]
+                dk += tl.sum(t, 0)
+                u = _dot(tl.reshape(p, (BLOCK_M * BLOCK_N1, BLOCK_N2)).to(v2.dtype), v2, IEEE)
+                u = tl.reshape(u, (BLOCK_M, BLOCK_N1, HEAD_D)) * do.to(tl.float32)[:, None, :]
+                dv += tl.sum(u, 0)
+    offs_d = tl.arange(0, HEAD_D)
+    out = ((b * n1 + offs1[:, None]) * n_kv + hk) * HEAD_D + offs_d[None, :]
+    tl.store(DK1 + out, (dk * scale).to(DK1.dtype.element_ty), mask=offs1[:, None] < n1)
+    tl.store(DV1 + out, dv.to(DV1.dtype.element_ty), mask=offs1[:, None] < n1)
+
+
+@_jit
+def _dk2dv2_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK2, DV2, sqb, sqn, sqh, sqd,
+                   s1b, s1n, s1h, s1d, s2b, s2n, s2h, s2d, t1b, t1n, t1h, t1d,
+                   t2b, t2n, t2h, t2d, sdb, sdn, sdh, sdd, n_q, n1, n2, n_heads, group, w1, w2,
+                   qk_scale, scale, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr,
+                   IEEE: tl.constexpr):  # fmt: skip
+    """One (k2 tile, batch*kv head): dK2 = scale * dS^T @ (q * k1) and dV2 = P^T @ (dO * v1),
+    the (i, j) pairs as rows, summed over the q heads of the GQA group."""
+    start_n = tl.program_id(0) * BLOCK_N2
+    bhk = tl.program_id(1)
+    n_kv = n_heads // group
+    b = (bhk // n_kv).to(tl.int64)
+    hk = bhk % n_kv
+    offs2 = start_n + tl.arange(0, BLOCK_N2)
+    k2 = _rows(K2 + b * s2b + hk * s2h, offs2, n2, s2n, s2d, HEAD_D)
+    v2 = _rows(V2 + b * t2b + hk * t2h, offs2, n2, t2n, t2d, HEAD_D)
+    dk = tl.zeros([BLOCK_N2, HEAD_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N2, HEAD_D], dtype=tl.float32)
+    lo, hi = _query_range(start_n, n_q, w2, CAUSAL, BLOCK_M, BLOCK_N2)
+    for g in range(group):
+        h = hk * group + g
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q = _rows(Q + b * sqb + h * sqh, offs_m, n_q, sqn, sqd, HEAD_D)
+            do = _rows(DO + b * sdb + h * sdh, offs_m, n_q, sdn, sdd, HEAD_D)
+            lse, delta = _row_stats(LSE, DELTA, (b * n_heads + h) * n_q, offs_m, n_q)
+            ok2 = _ok(offs_m, offs2, n_q, n2, w2, CAUSAL)
+            lo1, hi1 = _key_range(start_m, n1, w1, CAUSAL, BLOCK_M, BLOCK_N1)
+            for s1 in range(lo1, hi1, BLOCK_N1):
+                offs1 = s1 + tl.arange(0, BLOCK_N1)
+                k1 = _rows(K1 + b * s1b + hk * s1h, offs1, n1, s1n, s1d, HEAD_D)
+                v1 = _rows(V1 + b * t1b + hk * t1h, offs1, n1, t1n, t1d, HEAD_D)
+                ok1 = _ok(offs_m, offs1, n_q, n1, w1, CAUSAL)
+                a = _outer(q, k1, BLOCK_M, BLOCK_N1, HEAD_D)
+                bb = _outer(do, v1.to(do.dtype), BLOCK_M, BLOCK_N1, HEAD_D)
+                p = _probs(a, k2, ok1, ok2, qk_scale, lse, BLOCK_M, BLOCK_N1, BLOCK_N2, IEEE)
+                ds = _dscores(p, bb, v2.to(bb.dtype), delta, BLOCK_M, BLOCK_N1, BLOCK_N2, IEEE)
+                ds = tl.reshape(ds, (BLOCK_M * BLOCK_N1, BLOCK_N2)).to(a.dtype)
+                dk += _dot(tl.trans(ds), a, IEEE)
+                p = tl.reshape(p, (BLOCK_M * BLOCK_N1, BLOCK_N2)).to(bb.dtype)
+                dv += _dot(tl.trans(p), bb, IEEE)
+    offs_d = tl.arange(0, HEAD_D)
+    out = ((b * n2 + offs2[:, None]) * n_kv + hk) * HEAD_D + offs_d[None, :]
+    tl.store(DK2 + out, (dk * scale).to(DK2.dtype.element_ty), mask=offs2[:, None] < n2)
+    tl.store(DV2 + out, dv.to(DV2.dtype.element_ty), mask=offs2[:, None] < n2)

@@ -1,0 +1,214 @@
+"""2-simplicial attention (ops/simplicial.py): the reference against the literal formula, the
+Triton kernels against the float64 reference (output, LSE and all five gradients, every form),
+and the errors.
+
+On CPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1) with 16-tiles,
+so shapes stay tiny (n <= 40, D = 16). Every loss also uses the LSE (sum(lse * w)), so the
+differentiable-LSE backward is checked; the backward is compared with autograd through the
+float64 reference, i.e. with the true gradient of the forward.
+"""
+
+import pytest
+import torch
+
+import ops
+from ops.simplicial import simplicial_reference
+
+NAMES = ("out", "lse", "dq", "dk1", "dk2", "dv1", "dv2")
+
+
+def make(b, nq, n1, n2, h, hkv, d=16, dtype=torch.float32, seed=0, device="cpu", gain=1.5):
+    """q (B, Nq, H, D), k1, k2, v1, v2 (B, N1|N2, Hkv, D); ``gain`` spreads the scores."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = ((b, nq, h, d), (b, n1, hkv, d), (b, n2, hkv, d), (b, n1, hkv, d), (b, n2, hkv, d))
+    return [(gain * torch.randn(s, generator=g)).to(device=device, dtype=dtype) for s in shapes]
+
+
+def run(attn, xs, causal, go, w, **kw):
+    """[out, lse, dq, dk1, dk2, dv1, dv2] for loss = sum(out * go) + sum(lse * w)."""
+    xs = [t.detach().requires_grad_() for t in xs]
+    out, lse = attn(*xs, causal=causal, return_lse=True, **kw)
+    loss = (out.double() * go).sum() + (lse.double() * w).sum()
+    return [out, lse, *torch.autograd.grad(loss, xs)]
+
+
+def targets(xs, causal, w1=None, w2=None, seed=1):
+    """Upstream grads (go, w) and the float64 reference results on the same inputs."""
+    g = torch.Generator().manual_seed(seed)
+    b, nq, h, d = xs[0].shape
+    go = torch.randn((b, nq, h, d), generator=g, dtype=torch.float64).to(xs[0].device)
+    w = torch.randn((b, h, nq), generator=g, dtype=torch.float64).to(xs[0].device)
+    ref = run(simplicial_reference, [t.double() for t in xs], causal, go, w, w1=w1, w2=w2)
+    return go, w, ref
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def test_reference_equals_literal_formula():
+    """n=5, every form: the chunked reference (chunk of 2 queries) against the definition
+    written out with loops over (i, j, k), GQA head mapping h // (H // Hkv) included."""
+    q, k1, k2, v1, v2 = make(1, 5, 5, 5, 4, 2, d=3, dtype=torch.float64, seed=2)
+    s = 0.7
+    for causal, w1, w2 in ((False, None, None), (True, None, None), (True, 2, 4)):
+        want = torch.zeros_like(q)
+        want_lse = torch.zeros(1, 4, 5, dtype=torch.float64)
+        for h in range(4):
+            hk = h // 2
+            for i in range(5):
+                num, den = torch.zeros(3, dtype=torch.float64), 0.0
+                for j in range(5):
+                    for k in range(5):
+                        if causal and not (i - (w1 or 99) < j <= i and i - (w2 or 99) < k <= i):
+                            continue
+                        e = torch.exp(s * (q[0, i, h] * k1[0, j, hk] * k2[0, k, hk]).sum())
+                        num, den = num + e * v1[0, j, hk] * v2[0, k, hk], den + e
+                want[0, i, h], want_lse[0, h, i] = num / den, torch.log(den)
+        out, lse = simplicial_reference(q, k1, k2, v1, v2, causal=causal, w1=w1, w2=w2, scale=s,
+                                        return_lse=True, chunk=2)  # fmt: skip
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lse, want_lse, rtol=1e-12, atol=1e-12)
+
+
+# (id, B, Nq, N1, N2, H, Hkv, causal, w1, w2, build options); 16-tiles unless options say others
+CASES = [
+    ("full-unequal-lengths-mha", 1, 17, 20, 13, 2, 2, False, None, None, {}),
+    ("causal-ragged37-gqa", 1, 37, 37, 37, 2, 1, True, None, None, {}),
+    ("window-w1<w2-ragged33-gqa", 1, 33, 33, 33, 2, 1, True, 5, 19, {}),
+    ("window-w1>w2-24-mha", 2, 24, 24, 24, 1, 1, True, 17, 3, {}),
+    ("window-bn1=2-causal", 1, 12, 12, 12, 2, 2, True, 4, 12, {"block_n1": 2}),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_fp32_kernels_match_float64_reference(case):
+    """fp32 (IEEE dots): out, LSE and all gradients within 1e-5 of the float64 reference; a
+    wrong mask, window bound or gradient term is off by O(1)."""
+    _, b, nq, n1, n2, h, hkv, causal, w1, w2, options = case
+    xs = make(b, nq, n1, n2, h, hkv, seed=nq + n1 + 3 * n2)
+    go, w, ref = targets(xs, causal, w1, w2)
+    attn = ops.build_simplicial(w1=w1, w2=w2, **options)
+    got = run(attn, xs, causal, go, w)
+    assert got[0].shape == (b, nq, h, 16) and got[0].dtype == torch.float32
+    assert got[1].shape == (b, h, nq) and got[1].dtype == torch.float32
+    for name, x, r in zip(NAMES, got, ref):
+        torch.testing.assert_close(x.double(), r, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_fp16_kernels_close_to_float64_reference():
+    """fp16 inputs (fp32 accumulation; q * k1, P and dS rounded to fp16 before the dots):
+    relative errors against the float64 reference of the same fp16 inputs stay at the fp16
+    rounding level, far below the O(1) of a wrong term."""
+    xs = make(1, 29, 29, 29, 2, 1, dtype=torch.float16, seed=4, gain=1.0)
+    go, w, ref = targets(xs, True, 7, 20)
+    got = run(ops.build_simplicial(w1=7, w2=20), xs, True, go, w)
+    assert got[0].dtype == torch.float16 and got[2].dtype == torch.float16
+    for name, x, r in zip(NAMES, got, ref):
+        assert rel_err(x, r) < 4e-3, f"{name}: relative error {rel_err(x, r):.3g}"
+
+
+def test_public_function_lse_only_and_output_only_losses():
+    """simplicial_attention (full form, custom scale): a loss on the LSE alone (no dO; v1, v2
+    get zero gradients) and a call without return_lse both get the true gradients."""
+    xs = [t.requires_grad_() for t in make(1, 11, 14, 9, 2, 1, seed=6)]
+    xd = [t.detach().double().requires_grad_() for t in xs]
+    _, lse = ops.simplicial_attention(*xs, scale=0.3, return_lse=True)
+    _, ref_lse = simplicial_reference(*xd, scale=0.3, return_lse=True)
+    got = torch.autograd.grad(lse.sum(), xs)
+    want = torch.autograd.grad(ref_lse.sum(), xd, allow_unused=True)
+    assert want[3] is None and want[4] is None and (got[3] == 0).all() and (got[4] == 0).all()
+    for x, r in zip(got[:3], want[:3]):
+        torch.testing.assert_close(x.double(), r, rtol=1e-5, atol=1e-5)
+    out = ops.simplicial_attention(*xs, scale=0.3)
+    assert isinstance(out, torch.Tensor) and out.shape == xs[0].shape
+    got = torch.autograd.grad(out.square().sum(), xs)
+    want = torch.autograd.grad(simplicial_reference(*xd, scale=0.3).square().sum(), xd)
+    for x, r in zip(got, want):  # gradients up to ~160 here: fp32 error relative to the max
+        assert rel_err(x, r) < 1e-5
+
+
+def test_strided_views_read_in_place():
+    """Views of one fused (B, N, (H + 4 * Hkv) * D) projection give exactly the results of
+    contiguous copies, and the gradients reach the fused tensor."""
+    b, n, h, hkv, d = 1, 9, 2, 1, 16
+    fused = torch.randn(b, n, (h + 4 * hkv) * d, generator=torch.Generator().manual_seed(8))
+    fused.requires_grad_()
+    xs = [t.unflatten(-1, (-1, d)) for t in fused.split([h * d] + [hkv * d] * 4, -1)]
+    assert not xs[0].is_contiguous()
+    attn = ops.build_simplicial()
+    go, w = torch.randn(b, n, h, d), torch.randn(b, h, n)
+    out, lse = attn(*xs, causal=True, return_lse=True)
+    (out * go).sum().add((lse * w).sum()).backward()
+    want = run(attn, [t.contiguous() for t in xs], True, go.double(), w.double())
+    assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
+    assert torch.equal(fused.grad, torch.cat([g.flatten(2) for g in want[2:]], -1))
+
+
+def test_reference_impl_and_check():
+    """impl='reference' is the reference; check() names every unsupported part."""
+    xs = make(1, 6, 6, 6, 2, 1)
+    got = ops.build_simplicial(w1=2, w2=3, impl="reference")(*xs, causal=True)
+    assert torch.equal(got, simplicial_reference(*xs, causal=True, w1=2, w2=3))
+    attn = ops.build_simplicial(w1=32, w2=512)
+    attn.check(head_dim=128, n_heads=64, n_kv_heads=1, dtype=torch.bfloat16, causal=True,
+               seq_len=16384)  # fmt: skip
+    with pytest.raises(ValueError, match=r"head_dim 96.*n_kv_heads 3 must divide n_heads 8.*"
+                       r"non-causal.*w2=512 larger than the sequence length 100"):  # fmt: skip
+        attn.check(head_dim=96, n_heads=8, n_kv_heads=3, seq_len=100)
+
+
+def test_errors_name_the_problem():
+    xs = make(1, 8, 8, 8, 2, 1)
+    q, k1, k2, v1, v2 = xs
+    with pytest.raises(ValueError, match=r"window w1=9 is larger than the sequence \(length 8\)"):
+        ops.build_simplicial(w1=9)(*xs, causal=True)
+    with pytest.raises(ValueError, match=r"window w2=12 is larger than the sequence \(length 8\)"):
+        simplicial_reference(*xs, causal=True, w2=12)
+    with pytest.raises(ValueError, match="windows .*w1=3.* are causal"):
+        ops.build_simplicial(w1=3)(*xs)
+    with pytest.raises(ValueError, match="window w1=0: use None or an int >= 1"):
+        ops.build_simplicial(w1=0)
+    with pytest.raises(ValueError, match=r"causal needs one sequence length.*Nq=8, N1=8, N2=5"):
+        ops.simplicial_attention(q, k1, k2[:, :5], v1, v2[:, :5], causal=True)
+    with pytest.raises(ValueError, match=r"k2.shape == v2.shape; got .*k2\(1, 8, 1, 16\).*"
+                       r"v2\(1, 7, 1, 16\)"):  # fmt: skip
+        ops.simplicial_attention(q, k1, k2, v1, v2[:, :7])
+    with pytest.raises(ValueError, match="same head dim D=16"):
+        ops.simplicial_attention(q, k1[..., :8], k2, v1[..., :8], v2)
+    with pytest.raises(ValueError, match="q has 2 heads, k/v have 3"):
+        ops.simplicial_attention(q, *(t.expand(1, 8, 3, 16) for t in (k1, k2, v1, v2)))
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        ops.simplicial_attention(q.expand(2, 8, 2, 16), k1, k2, v1, v2)
+    with pytest.raises(ValueError, match="one dtype; got .*'v1': torch.float16"):
+        ops.simplicial_attention(q, k1, k2, v1.half(), v2)
+    with pytest.raises(ValueError, match=r"head dim must be one of \(16, 32, 64, 128\); got 24"):
+        ops.simplicial_attention(*make(1, 8, 8, 8, 2, 1, d=24))
+    with pytest.raises(ValueError, match="float64"):
+        ops.simplicial_attention(*(t.double() for t in xs))
+    with pytest.raises(ValueError, match="expects q \\(B, Nq, H, D\\)"):
+        ops.simplicial_attention(q[0], k1, k2, v1, v2)
+    with pytest.raises(ValueError, match="positive scale; got scale=-1.0"):
+        ops.simplicial_attention(*xs, scale=-1.0)
+    with pytest.raises(ValueError, match="unknown option.*window.*valid options: block_m"):
+        ops.build_simplicial(window=3)
+    with pytest.raises(ValueError, match=r"block_n2=8.*\(16, 32, 64, 128\)"):
+        ops.build_simplicial(block_n2=8)
+    with pytest.raises(ValueError, match="impl='cuda'"):
+        ops.build_simplicial(impl="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_compiled_kernels_close_to_reference(dtype):
+    """Compiled kernels with default tiles, windowed GQA (the issue's head-packing shape, small
+    n) and full MHA, against float64; deterministic backward (no atomics)."""
+    for nq, h, hkv, causal, w1, w2 in ((300, 8, 1, True, 32, 128), (130, 4, 4, False, None, None)):
+        xs = make(2, nq, nq, nq, h, hkv, d=64, dtype=dtype, device="cuda", gain=1.0)
+        go, w, ref = targets(xs, causal, w1, w2)
+        attn = ops.build_simplicial(w1=w1, w2=w2)
+        got = run(attn, xs, causal, go, w)
+        for name, x, r in zip(NAMES, got, ref):
+            assert rel_err(x, r) < 3e-2, f"{name}: relative error {rel_err(x, r):.3g}"
+        again = run(attn, xs, causal, go, w)
+        assert all(torch.equal(x, y) for x, y in zip(got, again))
