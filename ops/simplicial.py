@@ -163,20 +163,29 @@ def _check_kernel(q) -> None:
 
 # ----------------------------------------------------------------------------- launchers
 
-_OPTIONS = ("block_m", "block_n1", "block_n2", "num_warps", "num_stages")
+_OPTIONS = ("block_m", "block_n1", "block_n2", "num_warps", "num_stages", "heads_per_tile")
 
 
-def _tiles(opts: dict, dtype: torch.dtype, backward: bool) -> tuple[int, ...]:
-    """(block_m, block_n1, block_n2, num_warps, num_stages): build options where given, else
-    16-tiles under the interpreter and untuned H100 guesses (BLOCK_M * BLOCK_N1 rows of
-    q * k1 per product) on the GPU."""
+def _tiles(opts: dict, dtype: torch.dtype, group: int, backward: bool) -> tuple[int, ...]:
+    """(block_m, block_n1, block_n2, num_warps, num_stages, heads_per_tile): build options
+    where given, else 16-tiles under the interpreter and untuned H100 guesses (BLOCK_M *
+    BLOCK_N1 rows of q * k1 per product) on the GPU. heads_per_tile (auto): the largest power
+    of two dividing the GQA group, at most block_m (1 without GQA: sequence-tiled)."""
     if _INTERPRET:
-        base = (16, 16, 16, 4, 1)
+        base = [16, 16, 16, 4, 1]
     elif dtype == torch.float32:
-        base = (32, 2, 32, 4, 1)
+        base = [32, 2, 32, 4, 1]
     else:
-        base = (32, 2, 64, 8, 1) if backward else (64, 2, 64, 8, 2)
-    return tuple(base[i] if opts.get(n) is None else opts[n] for i, n in enumerate(_OPTIONS))
+        base = [32, 2, 64, 8, 1] if backward else [64, 2, 64, 8, 2]
+    bm = base[0] if opts.get("block_m") is None else opts["block_m"]
+    base.append(min(group & -group, bm))
+    tiles = tuple(base[i] if opts.get(n) is None else opts[n] for i, n in enumerate(_OPTIONS))
+    if group % tiles[5] or tiles[5] > tiles[0]:
+        raise ValueError(
+            f"'simplicial' heads_per_tile={tiles[5]} must divide the GQA group (H // Hkv = "
+            f"{group}) and be at most block_m={tiles[0]}"
+        )
+    return tiles
 
 
 def _windows(w1, w2) -> tuple[int, int]:
@@ -190,14 +199,14 @@ def _forward(q, k1, k2, v1, v2, causal, w1, w2, scale, opts):
     n1, hkv, n2 = k1.shape[1], k1.shape[2], k2.shape[1]
     o = torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
-    bm, bn1, bn2, warps, stages = _tiles(opts, q.dtype, backward=False)
-    grid = (_cdiv(nq, bm), b * h)
+    bm, bn1, bn2, warps, stages, hp = _tiles(opts, q.dtype, h // hkv, backward=False)
+    grid = (_cdiv(nq, bm // hp), b * h // hp)
     if all(grid):
         K._fwd_kernel[grid](q, k1, k2, v1, v2, o, lse, *q.stride(), *k1.stride(), *k2.stride(),
                             *v1.stride(), *v2.stride(), nq, n1, n2, h, h // hkv, *_windows(w1, w2),
                             scale * _LOG2E, CAUSAL=causal, HEAD_D=d, BLOCK_M=bm, BLOCK_N1=bn1,
-                            BLOCK_N2=bn2, IEEE=q.dtype == torch.float32, num_warps=warps,
-                            num_stages=stages)  # fmt: skip
+                            BLOCK_N2=bn2, HEADS=hp, IEEE=q.dtype == torch.float32,
+                            num_warps=warps, num_stages=stages)  # fmt: skip
     return o, lse
 
 
@@ -206,7 +215,7 @@ def _backward(do, dlse, q, k1, k2, v1, v2, o, lse, causal, w1, w2, scale, opts):
     the GQA group in-kernel."""
     b, nq, h, d = q.shape
     n1, hkv, n2 = k1.shape[1], k1.shape[2], k2.shape[1]
-    bm, bn1, bn2, warps, stages = _tiles(opts, q.dtype, backward=True)
+    bm, bn1, bn2, warps, stages, hp = _tiles(opts, q.dtype, h // hkv, backward=True)
     delta = torch.empty_like(lse)  # (B, H, Nq): rowsum(dO * O) - dLSE
     dlse = None if dlse is None else dlse.contiguous()
     _launch(_delta_kernel, (_cdiv(nq, bm), b * h), o, do, delta if dlse is None else dlse, delta,
@@ -217,9 +226,10 @@ def _backward(do, dlse, q, k1, k2, v1, v2, o, lse, causal, w1, w2, scale, opts):
                           for n in (n1, n1, n2, n2))  # fmt: skip
     args = (*q.stride(), *k1.stride(), *k2.stride(), *v1.stride(), *v2.stride(), *do.stride(),
             nq, n1, n2, h, h // hkv, *_windows(w1, w2), scale * _LOG2E, scale)  # fmt: skip
-    const = dict(CAUSAL=causal, HEAD_D=d, BLOCK_M=bm, BLOCK_N1=bn1, BLOCK_N2=bn2,
+    const = dict(CAUSAL=causal, HEAD_D=d, BLOCK_M=bm, BLOCK_N1=bn1, BLOCK_N2=bn2, HEADS=hp,
                  IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)  # fmt: skip
-    grids = ((_cdiv(nq, bm), b * h), (_cdiv(n1, bn1), b * hkv), (_cdiv(n2, bn2), b * hkv))
+    grids = ((_cdiv(nq, bm // hp), b * h // hp), (_cdiv(n1, bn1), b * hkv),
+             (_cdiv(n2, bn2), b * hkv))  # fmt: skip
     if all(grids[0]):
         K._dq_kernel[grids[0]](q, k1, k2, v1, v2, do, lse, delta, dq, *args, **const)
     if all(grids[1]):
@@ -273,6 +283,7 @@ _ALLOWED = {
     "block_n2": (16, 32, 64, 128),
     "num_warps": (1, 2, 4, 8, 16),
     "num_stages": (1, 2, 3, 4, 5),
+    "heads_per_tile": (1, 2, 4, 8, 16, 32, 64, 128),
 }
 
 
@@ -323,8 +334,9 @@ class SimplicialAttention:
 
 def build_simplicial(**options) -> SimplicialAttention:
     """Bind 2-simplicial options once: ``w1``, ``w2`` (windows, None = unbounded), ``impl``
-    ('triton' or 'reference'), tiles ``block_m``, ``block_n1``, ``block_n2``, ``num_warps``,
-    ``num_stages`` (None: defaults). Unknown or invalid options raise ValueError."""
+    ('triton' or 'reference'), tiles ``block_m`` (rows: positions x heads), ``block_n1``,
+    ``block_n2``, ``num_warps``, ``num_stages``, ``heads_per_tile`` (1: sequence-tiled; > 1:
+    head-packed GQA tiling; None: defaults). Unknown or invalid options raise ValueError."""
     unknown = sorted(set(options) - set(_DEFAULTS))
     if unknown:
         raise ValueError(

@@ -6,9 +6,14 @@ A = q_i * k1_j, a (BLOCK_M * BLOCK_N1, D) matrix, times k2^T (D, BLOCK_N2). The 
 factorises, v1_j * v2_k, so sum_{j,k} P_ijk v1_j v2_k = sum_j v1_j * (P @ v2)_ij: again one
 matrix product (P as (BLOCK_M * BLOCK_N1, BLOCK_N2) times v2) and a weighted sum over j.
 
-Sequence-tiled: one program per (query tile, batch * head) in the forward and dQ kernels, per
-(k1 tile, batch * kv head) and (k2 tile, batch * kv head) in the dK1/dV1 and dK2/dV2 kernels,
-which loop over the q heads of their GQA group (no atomics, deterministic). Every kernel
+Rows of a program are (query position, q head) pairs: BLOCK_M // HEADS positions x HEADS q heads
+of one GQA group. HEADS = 1 is the sequence-tiled form (one head, BLOCK_M positions: models
+without GQA such as GPT-2); HEADS > 1 is the head-packed form for GQA (many q heads share one
+k/v head and, at one position, one window: with 64 heads per k/v head a tile is one position
+and the key loops cover exactly the windows, no causal slack). One program per (position tile,
+batch * head block) in the forward and dQ kernels, per (k1 tile, batch * kv head) and (k2 tile,
+batch * kv head) in the dK1/dV1 and dK2/dV2 kernels, which loop over the q heads of their GQA
+group (no atomics, deterministic). Every kernel
 recomputes P from the saved LSE; the backward pass uses dP_ijk = <dO_i, v1_j * v2_k>, the same
 trilinear form as the scores (rows B = dO_i * v1_j), and Delta_i = rowsum(dO * O) - dLSE_i, so
 the LSE is differentiable.
@@ -68,6 +73,27 @@ def _rows(base, offs, n, sn, sd, HEAD_D: tl.constexpr):
 
 
 @_jit
+def _qrows(base, pos, heads, n_q, sn, sh, sd, HEAD_D: tl.constexpr):
+    """(BLOCK_M, D) query-side rows, row r = (position pos[r], q head heads[r]) of one batch;
+    positions at or past n_q read 0."""
+    offs_d = tl.arange(0, HEAD_D)
+    ptrs = base + pos[:, None] * sn + heads[:, None] * sh + offs_d[None, :] * sd
+    return tl.load(ptrs, mask=pos[:, None] < n_q, other=0.0)
+
+
+@_jit
+def _row_ids(pid_p, pid_h, n_heads, BLOCK_M: tl.constexpr, HEADS: tl.constexpr):
+    """Rows of a (position tile, batch * head block) program: BLOCK_M // HEADS positions x
+    HEADS q heads of one GQA group, row r = (start + r // HEADS, h0 + r % HEADS)."""
+    start_p = pid_p * (BLOCK_M // HEADS)
+    n_hb = n_heads // HEADS
+    b = (pid_h // n_hb).to(tl.int64)
+    h0 = (pid_h % n_hb) * HEADS
+    r = tl.arange(0, BLOCK_M)
+    return start_p, b, h0, start_p + r // HEADS, h0 + r % HEADS
+
+
+@_jit
 def _outer(x, y, BLOCK_M: tl.constexpr, BLOCK_N1: tl.constexpr, HEAD_D: tl.constexpr):
     """(BM, D) x (BN1, D) -> (BM * BN1, D) rows x_i * y_j, row i * BN1 + j."""
     return tl.reshape(x[:, None, :] * y[None, :, :], (BLOCK_M * BLOCK_N1, HEAD_D))
@@ -97,21 +123,19 @@ def _fwd_kernel(Q, K1, K2, V1, V2, O, LSE, sqb, sqn, sqh, sqd, s1b, s1n, s1h, s1
                 s2b, s2n, s2h, s2d, t1b, t1n, t1h, t1d, t2b, t2n, t2h, t2d,
                 n_q, n1, n2, n_heads, group, w1, w2, qk_scale,
                 CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    """One (query tile, batch*head): O (B, Nq, H, D) contiguous and LSE (natural log), by an
-    online softmax over all (k1 chunk, k2 tile) blocks in the window."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = bh % n_heads
-    hk = h // group
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = _rows(Q + b * sqb + h * sqh, offs_m, n_q, sqn, sqd, HEAD_D)  # (BM, D)
+                BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, HEADS: tl.constexpr,
+                IEEE: tl.constexpr):  # fmt: skip
+    """One (position tile, batch * head block): O (B, Nq, H, D) contiguous and LSE (natural
+    log), by an online softmax over all (k1 chunk, k2 tile) blocks in the window."""
+    start_p, b, h0, offs_m, heads = _row_ids(tl.program_id(0), tl.program_id(1), n_heads,
+                                             BLOCK_M, HEADS)  # fmt: skip
+    hk = h0 // group
+    q = _qrows(Q + b * sqb, offs_m, heads, n_q, sqn, sqh, sqd, HEAD_D)  # (BM, D)
     acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
-    lo1, hi1 = _key_range(start_m, n1, w1, CAUSAL, BLOCK_M, BLOCK_N1)
-    lo2, hi2 = _key_range(start_m, n2, w2, CAUSAL, BLOCK_M, BLOCK_N2)
+    lo1, hi1 = _key_range(start_p, n1, w1, CAUSAL, BLOCK_M // HEADS, BLOCK_N1)
+    lo2, hi2 = _key_range(start_p, n2, w2, CAUSAL, BLOCK_M // HEADS, BLOCK_N2)
     for s1 in range(lo1, hi1, BLOCK_N1):
         offs1 = s1 + tl.arange(0, BLOCK_N1)
         k1 = _rows(K1 + b * s1b + hk * s1h, offs1, n1, s1n, s1d, HEAD_D)
@@ -137,18 +161,19 @@ def _fwd_kernel(Q, K1, K2, V1, V2, O, LSE, sqb, sqn, sqh, sqd, s1b, s1n, s1h, s1
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     offs_d = tl.arange(0, HEAD_D)
     in_q = offs_m < n_q
-    out = ((b * n_q + offs_m[:, None]) * n_heads + h) * HEAD_D + offs_d[None, :]
+    out = ((b * n_q + offs_m[:, None]) * n_heads + heads[:, None]) * HEAD_D + offs_d[None, :]
     tl.store(O + out, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=in_q[:, None])
-    tl.store(LSE + bh.to(tl.int64) * n_q + offs_m,
+    tl.store(LSE + (b * n_heads + heads) * n_q + offs_m,
              (m_i + tl.log2(l_safe)) * 0.6931471805599453, mask=in_q)  # fmt: skip
 
 
 @_jit
-def _row_stats(LSE, DELTA, row, offs_m, n_q):
-    """LSE in log2 units (0 on padded rows) and Delta of the query rows offs_m."""
+def _row_stats(LSE, DELTA, b, heads, offs_m, n_q, n_heads):
+    """LSE in log2 units (0 on padded rows) and Delta of the rows (offs_m, heads)."""
     in_q = offs_m < n_q
-    lse = tl.load(LSE + row + offs_m, mask=in_q, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + row + offs_m, mask=in_q, other=0.0)
+    row = (b * n_heads + heads) * n_q + offs_m  # (B, H, Nq)
+    lse = tl.load(LSE + row, mask=in_q, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row, mask=in_q, other=0.0)
     return lse, delta
 
 
@@ -157,20 +182,18 @@ def _dq_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DQ, sqb, sqn, sqh, sqd, s1b, s
                s2b, s2n, s2h, s2d, t1b, t1n, t1h, t1d, t2b, t2n, t2h, t2d, sdb, sdn, sdh, sdd,
                n_q, n1, n2, n_heads, group, w1, w2, qk_scale, scale,
                CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    """One (query tile, batch*head): dQ_i = scale * sum_j k1_j * (dS @ k2)_ij."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = bh % n_heads
-    hk = h // group
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = _rows(Q + b * sqb + h * sqh, offs_m, n_q, sqn, sqd, HEAD_D)
-    do = _rows(DO + b * sdb + h * sdh, offs_m, n_q, sdn, sdd, HEAD_D)
-    lse, delta = _row_stats(LSE, DELTA, bh.to(tl.int64) * n_q, offs_m, n_q)
+               BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, HEADS: tl.constexpr,
+               IEEE: tl.constexpr):  # fmt: skip
+    """One (position tile, batch * head block): dQ_i = scale * sum_j k1_j * (dS @ k2)_ij."""
+    start_p, b, h0, offs_m, heads = _row_ids(tl.program_id(0), tl.program_id(1), n_heads,
+                                             BLOCK_M, HEADS)  # fmt: skip
+    hk = h0 // group
+    q = _qrows(Q + b * sqb, offs_m, heads, n_q, sqn, sqh, sqd, HEAD_D)
+    do = _qrows(DO + b * sdb, offs_m, heads, n_q, sdn, sdh, sdd, HEAD_D)
+    lse, delta = _row_stats(LSE, DELTA, b, heads, offs_m, n_q, n_heads)
     dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
-    lo1, hi1 = _key_range(start_m, n1, w1, CAUSAL, BLOCK_M, BLOCK_N1)
-    lo2, hi2 = _key_range(start_m, n2, w2, CAUSAL, BLOCK_M, BLOCK_N2)
+    lo1, hi1 = _key_range(start_p, n1, w1, CAUSAL, BLOCK_M // HEADS, BLOCK_N1)
+    lo2, hi2 = _key_range(start_p, n2, w2, CAUSAL, BLOCK_M // HEADS, BLOCK_N2)
     for s1 in range(lo1, hi1, BLOCK_N1):
         offs1 = s1 + tl.arange(0, BLOCK_N1)
         k1 = _rows(K1 + b * s1b + hk * s1h, offs1, n1, s1n, s1d, HEAD_D)
@@ -189,7 +212,7 @@ def _dq_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DQ, sqb, sqn, sqh, sqd, s1b, s
             t = tl.reshape(t, (BLOCK_M, BLOCK_N1, HEAD_D)) * k1.to(tl.float32)[None, :, :]
             dq += tl.sum(t, 1)
     offs_d = tl.arange(0, HEAD_D)
-    out = ((b * n_q + offs_m[:, None]) * n_heads + h) * HEAD_D + offs_d[None, :]
+    out = ((b * n_q + offs_m[:, None]) * n_heads + heads[:, None]) * HEAD_D + offs_d[None, :]
     tl.store(DQ + out, (dq * scale).to(DQ.dtype.element_ty), mask=offs_m[:, None] < n_q)
 
 
@@ -199,9 +222,10 @@ def _dk1dv1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK1, DV1, sqb, sqn, sqh, s
                    t2b, t2n, t2h, t2d, sdb, sdn, sdh, sdd, n_q, n1, n2, n_heads, group, w1, w2,
                    qk_scale, scale, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr,
-                   IEEE: tl.constexpr):  # fmt: skip
+                   HEADS: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """One (k1 tile, batch*kv head): dK1_j = scale * sum_i q_i * (dS @ k2)_ij and
-    dV1_j = sum_i dO_i * (P @ v2)_ij, summed over the q heads of the GQA group."""
+    dV1_j = sum_i dO_i * (P @ v2)_ij, summed over the q heads of the GQA group (HEADS of
+    them per row tile)."""
     start_n = tl.program_id(0) * BLOCK_N1
     bhk = tl.program_id(1)
     n_kv = n_heads // group
@@ -212,18 +236,19 @@ def _dk1dv1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK1, DV1, sqb, sqn, sqh, s
     v1 = _rows(V1 + b * t1b + hk * t1h, offs1, n1, t1n, t1d, HEAD_D)
     dk = tl.zeros([BLOCK_N1, HEAD_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N1, HEAD_D], dtype=tl.float32)
-    lo, hi = _query_range(start_n, n_q, w1, CAUSAL, BLOCK_M, BLOCK_N1)
-    for g in range(group):
-        h = hk * group + g
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = _rows(Q + b * sqb + h * sqh, offs_m, n_q, sqn, sqd, HEAD_D)
-            do = _rows(DO + b * sdb + h * sdh, offs_m, n_q, sdn, sdd, HEAD_D)
-            lse, delta = _row_stats(LSE, DELTA, (b * n_heads + h) * n_q, offs_m, n_q)
+    lo, hi = _query_range(start_n, n_q, w1, CAUSAL, BLOCK_M // HEADS, BLOCK_N1)
+    r = tl.arange(0, BLOCK_M)
+    for g in range(group // HEADS):
+        heads = hk * group + g * HEADS + r % HEADS
+        for start_p in range(lo, hi, BLOCK_M // HEADS):
+            offs_m = start_p + r // HEADS
+            q = _qrows(Q + b * sqb, offs_m, heads, n_q, sqn, sqh, sqd, HEAD_D)
+            do = _qrows(DO + b * sdb, offs_m, heads, n_q, sdn, sdh, sdd, HEAD_D)
+            lse, delta = _row_stats(LSE, DELTA, b, heads, offs_m, n_q, n_heads)
             ok1 = _ok(offs_m, offs1, n_q, n1, w1, CAUSAL)
             a = _outer(q, k1, BLOCK_M, BLOCK_N1, HEAD_D)
             bb = _outer(do, v1.to(do.dtype), BLOCK_M, BLOCK_N1, HEAD_D)
-            lo2, hi2 = _key_range(start_m, n2, w2, CAUSAL, BLOCK_M, BLOCK_N2)
+            lo2, hi2 = _key_range(start_p, n2, w2, CAUSAL, BLOCK_M // HEADS, BLOCK_N2)
             for s2 in range(lo2, hi2, BLOCK_N2):
                 offs2 = s2 + tl.arange(0, BLOCK_N2)
                 k2 = _rows(K2 + b * s2b + hk * s2h, offs2, n2, s2n, s2d, HEAD_D)
@@ -249,7 +274,7 @@ def _dk2dv2_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK2, DV2, sqb, sqn, sqh, s
                    t2b, t2n, t2h, t2d, sdb, sdn, sdh, sdd, n_q, n1, n2, n_heads, group, w1, w2,
                    qk_scale, scale, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr,
-                   IEEE: tl.constexpr):  # fmt: skip
+                   HEADS: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """One (k2 tile, batch*kv head): dK2 = scale * dS^T @ (q * k1) and dV2 = P^T @ (dO * v1),
     the (i, j) pairs as rows, summed over the q heads of the GQA group."""
     start_n = tl.program_id(0) * BLOCK_N2
@@ -262,16 +287,17 @@ def _dk2dv2_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK2, DV2, sqb, sqn, sqh, s
     v2 = _rows(V2 + b * t2b + hk * t2h, offs2, n2, t2n, t2d, HEAD_D)
     dk = tl.zeros([BLOCK_N2, HEAD_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N2, HEAD_D], dtype=tl.float32)
-    lo, hi = _query_range(start_n, n_q, w2, CAUSAL, BLOCK_M, BLOCK_N2)
-    for g in range(group):
-        h = hk * group + g
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = _rows(Q + b * sqb + h * sqh, offs_m, n_q, sqn, sqd, HEAD_D)
-            do = _rows(DO + b * sdb + h * sdh, offs_m, n_q, sdn, sdd, HEAD_D)
-            lse, delta = _row_stats(LSE, DELTA, (b * n_heads + h) * n_q, offs_m, n_q)
+    lo, hi = _query_range(start_n, n_q, w2, CAUSAL, BLOCK_M // HEADS, BLOCK_N2)
+    r = tl.arange(0, BLOCK_M)
+    for g in range(group // HEADS):
+        heads = hk * group + g * HEADS + r % HEADS
+        for start_p in range(lo, hi, BLOCK_M // HEADS):
+            offs_m = start_p + r // HEADS
+            q = _qrows(Q + b * sqb, offs_m, heads, n_q, sqn, sqh, sqd, HEAD_D)
+            do = _qrows(DO + b * sdb, offs_m, heads, n_q, sdn, sdh, sdd, HEAD_D)
+            lse, delta = _row_stats(LSE, DELTA, b, heads, offs_m, n_q, n_heads)
             ok2 = _ok(offs_m, offs2, n_q, n2, w2, CAUSAL)
-            lo1, hi1 = _key_range(start_m, n1, w1, CAUSAL, BLOCK_M, BLOCK_N1)
+            lo1, hi1 = _key_range(start_p, n1, w1, CAUSAL, BLOCK_M // HEADS, BLOCK_N1)
             for s1 in range(lo1, hi1, BLOCK_N1):
                 offs1 = s1 + tl.arange(0, BLOCK_N1)
                 k1 = _rows(K1 + b * s1b + hk * s1h, offs1, n1, s1n, s1d, HEAD_D)

@@ -71,13 +71,19 @@ def test_reference_equals_literal_formula():
         torch.testing.assert_close(lse, want_lse, rtol=1e-12, atol=1e-12)
 
 
+SEQ = {"heads_per_tile": 1}  # sequence-tiled even with GQA (auto packs the GQA group's heads)
+
 # (id, B, Nq, N1, N2, H, Hkv, causal, w1, w2, build options); 16-tiles unless options say others
 CASES = [
     ("full-unequal-lengths-mha", 1, 17, 20, 13, 2, 2, False, None, None, {}),
-    ("causal-ragged37-gqa", 1, 37, 37, 37, 2, 1, True, None, None, {}),
-    ("window-w1<w2-ragged33-gqa", 1, 33, 33, 33, 2, 1, True, 5, 19, {}),
+    ("causal-ragged37-gqa-seq", 1, 37, 37, 37, 2, 1, True, None, None, SEQ),
+    ("window-w1<w2-ragged33-gqa-seq", 1, 33, 33, 33, 2, 1, True, 5, 19, SEQ),
     ("window-w1>w2-24-mha", 2, 24, 24, 24, 1, 1, True, 17, 3, {}),
     ("window-bn1=2-causal", 1, 12, 12, 12, 2, 2, True, 4, 12, {"block_n1": 2}),
+    ("packed-4of4-window-ragged21", 1, 21, 21, 21, 4, 1, True, 3, 11, {}),
+    ("packed-2of4-causal-ragged19", 1, 19, 19, 19, 4, 1, True, None, None, {"heads_per_tile": 2}),
+    ("packed-16of16-window", 1, 10, 10, 10, 16, 1, True, 2, 7, {}),
+    ("packed-2of2-full-unequal", 1, 9, 18, 11, 4, 2, False, None, None, {}),
 ]
 
 
@@ -196,6 +202,10 @@ def test_errors_name_the_problem():
         ops.build_simplicial(block_n2=8)
     with pytest.raises(ValueError, match="impl='cuda'"):
         ops.build_simplicial(impl="cuda")
+    with pytest.raises(
+        ValueError, match=r"heads_per_tile=4 must divide the GQA group \(H // Hkv = 2\)"
+    ):
+        ops.build_simplicial(heads_per_tile=4)(*xs)
 
 
 @pytest.mark.gpu
