@@ -1,0 +1,131 @@
+"""2-simplicial attention speed (issue 7): TFLOP/s of our Triton kernels against dense SDPA.
+
+    python scripts/bench_simplicial.py [--out bench_simplicial.json] [--dtype bf16]
+        [--cases window_gqa,gpt2] [--no-bwd]
+
+Cases (causal, heads-last (B, N, H, D)):
+  window_gqa: B=4, 64 q heads on 1 k/v head, D=128, N=16384, w1=32, w2=512 (Fast and Simplex's
+              shape), head-packed tiling (auto) and sequence-tiled (heads_per_tile=1);
+  gpt2:       B=8, H=12 (no GQA), D=64, N=1024, w1=w2=64, sequence-tiled.
+
+FLOPs: the issue's count for the forward, 4 B Hq N D w1 w2 (2 D for the score and 2 D for the
+value product of each (i, j, k) triple in the window; the triangle at the start is counted
+full). Backward: 3.5x the forward (the score recomputed once, dP, and the five gradient
+products dQ, dK1, dK2, dV1, dV2, 2 D each per triple); our kernels recompute more than that.
+Yardstick, in the same run: dense (non-causal) PyTorch SDPA with the same FLOPs, i.e. the same
+B, Hq, D and N queries against w1 * w2 keys (its backward counted 2.5x its forward).
+Median times of ``triton.testing.do_bench``. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import ops  # noqa: E402
+
+# name: (B, Hq, Hkv, D, N, w1, w2, [(label, build options)])
+CASES = {
+    "window_gqa": (4, 64, 1, 128, 16384, 32, 512,
+                   [("head-packed", {}), ("sequence-tiled", {"heads_per_tile": 1})]),
+    "gpt2": (8, 12, 12, 64, 1024, 64, 64, [("sequence-tiled", {})]),
+}  # fmt: skip
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _ms(fn) -> float:
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median")
+
+
+def _fwd_bwd_ms(fwd, inputs, bwd: bool) -> tuple[float, float | None]:
+    """Median ms of the forward, and of the backward alone (graph kept between runs)."""
+    with torch.no_grad():
+        t_fwd = _ms(lambda: fwd(*inputs))
+    if not bwd:
+        return t_fwd, None
+    out = fwd(*inputs)
+    grad = torch.randn_like(out)
+    t_bwd = _ms(lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True))
+    return t_fwd, t_bwd
+
+
+def _sdpa(q, k, v):
+    """Dense non-causal SDPA on heads-last tensors (k/v given per q head: the same FLOPs, and
+    every SDPA backend takes it)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def _rows(name: str, dtype, bwd: bool) -> list[dict]:
+    b, h, hkv, d, n, w1, w2, variants = CASES[name]
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(shape, device="cuda", generator=g).to(dtype).requires_grad_()
+
+    flops = 4 * b * h * n * d * w1 * w2
+    rows = []
+    xs = [rand(b, n, h, d)] + [rand(b, n, hkv, d) for _ in range(4)]
+    for label, options in variants:
+        attn = ops.build_simplicial(w1=w1, w2=w2, **options)
+        t_fwd, t_bwd = _fwd_bwd_ms(lambda *t, attn=attn: attn(*t, causal=True), xs, bwd)
+        rows.append(_row(name, f"simplicial {label}", flops, 3.5, t_fwd, t_bwd))
+    del xs
+    sd = [rand(b, n, h, d), rand(b, w1 * w2, h, d), rand(b, w1 * w2, h, d)]  # k/v per q head
+    t_fwd, t_bwd = _fwd_bwd_ms(_sdpa, sd, bwd)
+    rows.append(_row(name, f"SDPA dense {n}x{w1 * w2}", flops, 2.5, t_fwd, t_bwd))
+    return rows
+
+
+def _row(case, label, flops, bwd_factor, t_fwd, t_bwd) -> dict:
+    row = {"case": case, "kernel": label, "fwd_ms": t_fwd, "fwd_tflops": flops / t_fwd / 1e9}
+    if t_bwd is not None:
+        row.update(bwd_ms=t_bwd, bwd_tflops=bwd_factor * flops / t_bwd / 1e9)
+    return row
+
+
+def _print(rows: list[dict]) -> None:
+    print(
+        f"{'case':<11} {'kernel':<30} {'fwd ms':>9} {'fwd TF/s':>9} {'bwd ms':>9} {'bwd TF/s':>9}"
+    )
+    for r in rows:
+        bwd = (
+            f"{r['bwd_ms']:9.2f} {r['bwd_tflops']:9.1f}" if "bwd_ms" in r else f"{'-':>9} {'-':>9}"
+        )
+        print(f"{r['case']:<11} {r['kernel']:<30} {r['fwd_ms']:9.2f} {r['fwd_tflops']:9.1f} {bwd}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench_simplicial.json")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--no-bwd", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_simplicial needs a CUDA GPU (the CPU tests cover correctness)")
+    from scripts.bench_attention import _env
+
+    rows = []
+    for name in args.cases.split(","):
+        if name not in CASES:
+            sys.exit(f"unknown case {name!r}; valid: {', '.join(CASES)}")
+        rows += _rows(name, DTYPES[args.dtype], not args.no_bwd)
+        torch.cuda.empty_cache()
+    env = _env(dtype=args.dtype, cases={k: CASES[k][:7] for k in args.cases.split(",")})
+    Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+    print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, {args.dtype}, causal")
+    _print(rows)
+
+
+if __name__ == "__main__":
+    main()
