@@ -21,7 +21,13 @@ over ``ops.available()`` relies on that. Five inputs make a separate op:
 and ``check(...)``, bound once from config like the q, k, v backends.
 
 Layering: kernels (``ops/simplicial_kernels.py``) -> launchers (``_forward``, ``_backward``) ->
-``flash.KernelAttention``-style autograd Function ``_Simplicial`` -> public functions.
+autograd Function ``_Simplicial`` (as ``flash.KernelAttention``, five inputs) -> public functions.
+Two tilings (option ``heads_per_tile``): sequence-tiled (1: one head, BLOCK_M positions) and
+head-packed for GQA (BLOCK_M // heads_per_tile positions x heads_per_tile q heads of one k/v
+head); auto picks the largest power of two dividing the GQA group, at most ``block_m``. The
+backward is the true gradient of the forward, LSE included (tests compare with autograd
+through the float64 reference). fp32 uses IEEE dots; fp16/bf16 round q * k1, P and dS to the
+input dtype before the fp32-accumulating dots.
 """
 
 from __future__ import annotations
@@ -37,19 +43,27 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ----------------------------------------------------------------------------- reference
 
 
-def _window_mask(nq, n, w, device):
-    """(Nq, N) bool: causal with window w (None: unbounded), j in (i - w, i]."""
-    i = torch.arange(nq, device=device)[:, None]
-    j = torch.arange(n, device=device)[None, :]
+def _window_mask(rows: range, cols: range, w, device) -> torch.Tensor:
+    """(len(rows), len(cols)) bool: causal with window w (None: unbounded), j in (i - w, i]."""
+    i = torch.arange(rows.start, rows.stop, device=device)[:, None]
+    j = torch.arange(cols.start, cols.stop, device=device)[None, :]
     ok = j <= i
     return ok if w is None else ok & (j > i - w)
+
+
+def _key_span(i0: int, i1: int, n: int, causal: bool, w) -> range:
+    """Keys that queries [i0, i1) may see: all of them, or the causal window's span."""
+    if not causal:
+        return range(0, n)
+    return range(0 if w is None else max(0, i0 - w + 1), i1)
 
 
 def simplicial_reference(q, k1, k2, v1, v2, *, causal=False, w1=None, w2=None, scale=None,
                          return_lse=False, chunk=None):  # fmt: skip
     """Plain PyTorch 2-simplicial attention, the definition of correctness (float32, float64
-    for float64 inputs). Forms the (queries, N1, N2) scores a chunk of queries at a time
-    (``chunk`` queries; default keeps a chunk near 2**22 scores), never N^3 at once."""
+    for float64 inputs). Forms the (queries, N1, N2) scores a chunk of queries at a time, over
+    only the keys the chunk's windows reach (``chunk`` queries; by default a chunk holds about
+    2**22 scores), never N^3 at once."""
     _check(q, k1, k2, v1, v2, causal, w1, w2, "simplicial_reference")
     b, nq, h, d = q.shape
     n1, n2, group = k1.shape[1], k2.shape[1], h // k1.shape[2]
@@ -61,17 +75,25 @@ def simplicial_reference(q, k1, k2, v1, v2, *, causal=False, w1=None, w2=None, s
 
     qh = q.to(cdt).transpose(1, 2)
     k1h, k2h, v1h, v2h = (heads(t) for t in (k1, k2, v1, v2))
-    if causal:
-        ok = _window_mask(nq, n1, w1, q.device)[:, :, None] & _window_mask(nq, n2, w2, q.device)[:, None, :]  # fmt: skip
-    chunk = chunk or max(1, 2**22 // max(1, b * h * n1 * n2))
+    windowed = causal and (w1 is not None or w2 is not None)
+    span1 = min(n1, w1 + 63) if windowed and w1 is not None else n1
+    span2 = min(n2, w2 + 63) if windowed and w2 is not None else n2
+    chunk = chunk or max(1, 2**22 // max(1, b * h * span1 * span2))
+    chunk = min(chunk, 64) if windowed else chunk  # spans above assume chunks of <= 64
     outs, lses = [], []
     for i0 in range(0, nq, chunk):
-        s = torch.einsum("bhid,bhjd,bhkd->bhijk", qh[:, :, i0 : i0 + chunk], k1h, k2h) * scale
+        rows = range(i0, min(i0 + chunk, nq))
+        c1 = _key_span(i0, rows.stop, n1, causal, w1)
+        c2 = _key_span(i0, rows.stop, n2, causal, w2)
+        sl1, sl2 = slice(c1.start, c1.stop), slice(c2.start, c2.stop)
+        s = torch.einsum("bhid,bhjd,bhkd->bhijk", qh[:, :, i0 : rows.stop], k1h[:, :, sl1],
+                         k2h[:, :, sl2]) * scale  # fmt: skip
         if causal:
-            s = s.masked_fill(~ok[i0 : i0 + chunk], float("-inf"))
+            ok = _window_mask(rows, c1, w1, q.device)[:, :, None] & _window_mask(rows, c2, w2, q.device)[:, None, :]  # fmt: skip
+            s = s.masked_fill(~ok, float("-inf"))
         lse = s.flatten(-2).logsumexp(-1)  # (B, H, c)
         p = torch.exp(s - lse[..., None, None])
-        outs.append(torch.einsum("bhijk,bhjd,bhkd->bhid", p, v1h, v2h))
+        outs.append(torch.einsum("bhijk,bhjd,bhkd->bhid", p, v1h[:, :, sl1], v2h[:, :, sl2]))
         lses.append(lse)
     out = torch.cat(outs, 2).transpose(1, 2).to(q.dtype)  # (B, Nq, H, D)
     lse = torch.cat(lses, 2)

@@ -48,7 +48,8 @@ def rel_err(x, ref):
 
 def test_reference_equals_literal_formula():
     """n=5, every form: the chunked reference (chunk of 2 queries) against the definition
-    written out with loops over (i, j, k), GQA head mapping h // (H // Hkv) included."""
+    written out with loops over (i, j, k), GQA head mapping h // (H // Hkv) included; and
+    windowed chunking (keys sliced to the windows) against one chunk."""
     q, k1, k2, v1, v2 = make(1, 5, 5, 5, 4, 2, d=3, dtype=torch.float64, seed=2)
     s = 0.7
     for causal, w1, w2 in ((False, None, None), (True, None, None), (True, 2, 4)):
@@ -69,6 +70,12 @@ def test_reference_equals_literal_formula():
                                         return_lse=True, chunk=2)  # fmt: skip
         torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(lse, want_lse, rtol=1e-12, atol=1e-12)
+    # Chunks that see only their windows' keys (key spans starting past 0) change nothing.
+    xs = make(2, 23, 23, 23, 2, 1, dtype=torch.float64, seed=3)
+    one = simplicial_reference(*xs, causal=True, w1=3, w2=7, return_lse=True, chunk=23)
+    many = simplicial_reference(*xs, causal=True, w1=3, w2=7, return_lse=True, chunk=4)
+    for x, y in zip(one, many):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
 
 
 SEQ = {"heads_per_tile": 1}  # sequence-tiled even with GQA (auto packs the GQA group's heads)
