@@ -188,17 +188,20 @@ def _check_kernel(q) -> None:
 _OPTIONS = ("block_m", "block_n1", "block_n2", "num_warps", "num_stages", "heads_per_tile")
 
 
-def _tiles(opts: dict, dtype: torch.dtype, group: int, backward: bool) -> tuple[int, ...]:
+def _tiles(opts: dict, d: int, dtype: torch.dtype, group: int, backward: bool) -> tuple[int, ...]:
     """(block_m, block_n1, block_n2, num_warps, num_stages, heads_per_tile): build options
-    where given, else 16-tiles under the interpreter and untuned H100 guesses (BLOCK_M *
-    BLOCK_N1 rows of q * k1 per product) on the GPU. heads_per_tile (auto): the largest power
-    of two dividing the GQA group, at most block_m (1 without GQA: sequence-tiled)."""
+    where given, else 16-tiles under the interpreter; on the GPU, configurations that ptxas
+    (sm_90a, Triton 3.8) compiles without register spills, or with the fewest at D=128 in the
+    backward, not yet timed. heads_per_tile (auto): the largest power of two dividing the GQA
+    group, at most block_m (1 without GQA: sequence-tiled)."""
     if _INTERPRET:
         base = [16, 16, 16, 4, 1]
     elif dtype == torch.float32:
         base = [32, 2, 32, 4, 1]
+    elif backward:
+        base = [32, 2, 32 if d == 128 else 64, 8, 1]
     else:
-        base = [32, 2, 64, 8, 1] if backward else [64, 2, 64, 8, 2]
+        base = [64, 2, 32 if d == 128 else 64, 8, 2]
     bm = base[0] if opts.get("block_m") is None else opts["block_m"]
     base.append(min(group & -group, bm))
     tiles = tuple(base[i] if opts.get(n) is None else opts[n] for i, n in enumerate(_OPTIONS))
@@ -221,7 +224,7 @@ def _forward(q, k1, k2, v1, v2, causal, w1, w2, scale, opts):
     n1, hkv, n2 = k1.shape[1], k1.shape[2], k2.shape[1]
     o = torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
-    bm, bn1, bn2, warps, stages, hp = _tiles(opts, q.dtype, h // hkv, backward=False)
+    bm, bn1, bn2, warps, stages, hp = _tiles(opts, d, q.dtype, h // hkv, backward=False)
     grid = (_cdiv(nq, bm // hp), b * h // hp)
     if all(grid):
         K._fwd_kernel[grid](q, k1, k2, v1, v2, o, lse, *q.stride(), *k1.stride(), *k2.stride(),
@@ -237,7 +240,7 @@ def _backward(do, dlse, q, k1, k2, v1, v2, o, lse, causal, w1, w2, scale, opts):
     the GQA group in-kernel."""
     b, nq, h, d = q.shape
     n1, hkv, n2 = k1.shape[1], k1.shape[2], k2.shape[1]
-    bm, bn1, bn2, warps, stages, hp = _tiles(opts, q.dtype, h // hkv, backward=True)
+    bm, bn1, bn2, warps, stages, hp = _tiles(opts, d, q.dtype, h // hkv, backward=True)
     delta = torch.empty_like(lse)  # (B, H, Nq): rowsum(dO * O) - dLSE
     dlse = None if dlse is None else dlse.contiguous()
     _launch(_delta_kernel, (_cdiv(nq, bm), b * h), o, do, delta if dlse is None else dlse, delta,
