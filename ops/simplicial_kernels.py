@@ -68,7 +68,7 @@ def _query_range(start_n, n_q, w, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
 def _rows(base, offs, n, sn, sd, HEAD_D: tl.constexpr):
     """(len(offs), D) rows of one head; rows at or past n read 0."""
     offs_d = tl.arange(0, HEAD_D)
-    return tl.load(base + offs[:, None] * sn + offs_d[None, :] * sd,
+    return tl.load(base + offs[:, None].to(tl.int64) * sn + offs_d[None, :] * sd,
                    mask=offs[:, None] < n, other=0.0)  # fmt: skip
 
 
@@ -77,7 +77,7 @@ def _qrows(base, pos, heads, n_q, sn, sh, sd, HEAD_D: tl.constexpr):
     """(BLOCK_M, D) query-side rows, row r = (position pos[r], q head heads[r]) of one batch;
     positions at or past n_q read 0."""
     offs_d = tl.arange(0, HEAD_D)
-    ptrs = base + pos[:, None] * sn + heads[:, None] * sh + offs_d[None, :] * sd
+    ptrs = base + pos[:, None].to(tl.int64) * sn + heads[:, None] * sh + offs_d[None, :] * sd
     return tl.load(ptrs, mask=pos[:, None] < n_q, other=0.0)
 
 
