@@ -332,7 +332,7 @@ def test_nd_fp16_within_twice_masked_sdpa_error(tokens, hkv, ks, dil, st, causal
 
 @pytest.mark.parametrize(
     "tokens,ks,causal,opts",
-    [((9, 10), 5, False, {}), ((4, 5, 6), 3, True, {})],
+    [((9, 10), 5, False, {})],  # 3-D dilation-1 descriptor runs: ND_CASES vs the reference
 )
 def test_nd_tma_path_equals_pointer_path(tokens, ks, causal, opts):
     """2-D/3-D: the tensor-descriptor kernels (dilation 1, boxes; whole boxes loaded, the
