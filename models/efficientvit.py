@@ -603,4 +603,9 @@ def build_efficientvit(cfg: EfficientViTConfig, attention, pos_cfg=None) -> Effi
             "efficientvit uses its own relative-position attention biases; set pos=none "
             f"(got pos={pos_name})"
         )
+    if ops.simplicial_plan(attention) is not None:
+        raise ValueError(
+            "efficientvit does not take attn=simplicial: 2-simplicial attention is built for "
+            "causal sequence models (model.family gpt2 or llm)"
+        )
     return EfficientViT(cfg, attention)

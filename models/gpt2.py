@@ -17,9 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import ops
 from ops import cross_entropy as ce_ops
 
 from .positions import PosConfig, build_positions
+from .simplicial import SimplicialSelfAttention
 
 LOSSES = ("auto", "torch", "fused")
 
@@ -84,10 +86,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPT2Config, attention):
+    def __init__(self, cfg: GPT2Config, attention, layer: int = 0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg, attention)
+        plan = ops.simplicial_plan(attention)  # attn=simplicial: every k-th layer 2-simplicial
+        if plan is not None and plan.is_simplicial(layer):
+            n_kv = cfg.n_kv_head or cfg.n_head
+            self.attn = SimplicialSelfAttention(cfg.d_model, cfg.n_head, n_kv,
+                                                cfg.d_model // cfg.n_head, attention, plan,
+                                                cfg.bias)  # fmt: skip
+        else:
+            self.attn = CausalSelfAttention(cfg, attention)
         self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
@@ -115,7 +124,11 @@ class GPT2(nn.Module):
             max_seq_len=cfg.max_seq_len,
         )
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, attention) for _ in range(cfg.n_layer))
+        plan = ops.simplicial_plan(attention)
+        if plan is not None:  # the 2-simplicial layers' own limits (head dim, GQA, windows)
+            plan.simplicial.check(head_dim=cfg.d_model // cfg.n_head, n_heads=cfg.n_head,
+                                  n_kv_heads=n_kv, causal=True)  # fmt: skip
+        self.blocks = nn.ModuleList(Block(cfg, attention, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied

@@ -34,6 +34,7 @@ from ops import cross_entropy as ce_ops
 from ops import rotary as rotary_ops
 
 from .positions import KERNELS, PosConfig, apply_rotary
+from .simplicial import SimplicialSelfAttention
 
 LOSSES = ("auto", "torch", "fused")
 ROPE_SCALINGS = ("none", "linear", "llama3")
@@ -268,10 +269,15 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: LLMConfig, attention):
+    def __init__(self, cfg: LLMConfig, attention, simplicial=None):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = SelfAttention(cfg, attention)
+        if simplicial is not None:  # attn=simplicial on this layer: its plan (models/simplicial)
+            self.attn = SimplicialSelfAttention(cfg.d_model, cfg.n_head,
+                                                cfg.n_kv_head or cfg.n_head, _head_dim(cfg),
+                                                attention, simplicial, False)  # fmt: skip
+        else:
+            self.attn = SelfAttention(cfg, attention)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
@@ -296,7 +302,13 @@ class LLM(nn.Module):
         backends = [attention if i in self.swapped else exact for i in range(cfg.n_layer)]
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.rope = Rotary(cfg) if pos_cfg.name == "rope" else None
-        self.blocks = nn.ModuleList(Block(cfg, a) for a in backends)
+        plan = ops.simplicial_plan(attention)  # attn=simplicial: every k-th swapped layer
+        simplicial = [plan if plan is not None and i in self.swapped and plan.is_simplicial(i)
+                      else None for i in range(cfg.n_layer)]  # fmt: skip
+        if any(simplicial):
+            plan.simplicial.check(head_dim=_head_dim(cfg), n_heads=cfg.n_head,
+                                  n_kv_heads=cfg.n_kv_head or cfg.n_head, causal=True)  # fmt: skip
+        self.blocks = nn.ModuleList(Block(cfg, a, s) for a, s in zip(backends, simplicial))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:

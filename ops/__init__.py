@@ -32,11 +32,13 @@ from .simplicial import (
     simplicial_attention,
     simplicial_reference,
 )
+from .simplicial_layers import SimplicialLayers, simplicial_plan  # registers "simplicial"
 
 __all__ = [
     "Attention",
     "Capabilities",
     "SimplicialAttention",
+    "SimplicialLayers",
     "available",
     "build",
     "build_simplicial",
@@ -50,5 +52,6 @@ __all__ = [
     "register",
     "sdpa_attention",
     "simplicial_attention",
+    "simplicial_plan",
     "simplicial_reference",
 ]

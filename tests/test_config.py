@@ -131,6 +131,10 @@ def test_model_attn_pos_matrix_builds(model, attn, pos):
             build_on_meta(cfg, validate=False)
         return
     backend = ops.build(rc.attn.name, **rc.attn.options)
+    if attn == "simplicial":  # five-input attention, for causal sequence models only
+        with pytest.raises(ValueError, match="efficientvit does not take attn=simplicial"):
+            build_on_meta(cfg, validate=False)
+        return
     na = is_neighborhood(backend)  # the bias-free 2-D NA variant
     if not backend.capabilities.bias and not na:
         with pytest.raises(ValueError, match=f"'{attn}' does not support: an additive attention"):
