@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/python train.py $(ARGS)
 
+# two test processes (pytest-xdist): the CPU tests are single-threaded (OMP_NUM_THREADS=1) and
+# CI has two cores; ARGS="-n 8" (or "-n 0" for one process) overrides
 test: $(STAMP)
-	$(TEST_ENV) $(BIN)/python -m pytest -q $(ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n 2 $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -9,7 +9,9 @@ bottom-right when query and key lengths differ; ``bias`` is additive and broadca
 
 Besides attention: ``linear_cross_entropy`` (fused, chunked LM-head loss; ops/cross_entropy.py);
 2-simplicial attention, five inputs (q, k1, k2, v1, v2), its own op: ``build_simplicial``,
-``simplicial_attention``, ``simplicial_reference`` (ops/simplicial.py).
+``simplicial_attention``, ``simplicial_reference`` (ops/simplicial.py); its linear-time
+polynomial approximation ``simplicial_polynomial`` (ops/simplicial_approx.py); ``attn=simplicial``
+for models (ops/simplicial_layers.py).
 
 This package imports nothing else of the repository.
 """
@@ -32,6 +34,7 @@ from .simplicial import (
     simplicial_attention,
     simplicial_reference,
 )
+from .simplicial_approx import simplicial_polynomial
 from .simplicial_layers import SimplicialLayers, simplicial_plan  # registers "simplicial"
 
 __all__ = [
@@ -53,5 +56,6 @@ __all__ = [
     "sdpa_attention",
     "simplicial_attention",
     "simplicial_plan",
+    "simplicial_polynomial",
     "simplicial_reference",
 ]
