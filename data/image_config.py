@@ -1,0 +1,118 @@
+"""Image data configuration: the typed ``data`` group of image tasks (``ImageDataConfig``),
+its checks, and the constants of the formats (layouts, ImageNet statistics, the pinned Hub
+revision). Split out of ``data/images.py``, which re-exports everything here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+IMAGE_KINDS = ("folder", "hf", "packed", "digits")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # = timm.data.IMAGENET_DEFAULT_MEAN
+IMAGENET_STD = (0.229, 0.224, 0.225)  # = timm.data.IMAGENET_DEFAULT_STD
+
+IMAGENET_HF_REPO = "ILSVRC/imagenet-1k"
+IMAGENET_HF_REVISION = "4603483700ee984ea9debe3ddbfdeae86f6489eb"
+"""Hub commit of ImageNet-1k pinned so every run reads the same files (the commit public
+training code pins; not checked from here, these machines have no network). It is a
+loading-script dataset, which ``datasets`` >= 4 no longer runs: there, convert once (with
+``datasets`` < 4, ``save_to_disk``) and point ``root`` at the copy, set ``hf_revision`` to a
+Parquet revision, or use kind=folder."""
+HF_ALIASES = {"imagenet-1k": IMAGENET_HF_REPO, "imagenet": IMAGENET_HF_REPO}
+
+PACKED_KEYS = ("data", "offsets", "labels", "classes")
+_PACKED_CACHE_FORMAT = 1  # bump when the cache layout changes
+
+FOLDER_LAYOUT = """\
+expected layout (ImageNet style, one sub-folder per class, same class names in train/ and val/):
+    <root>/
+        train/
+            <class_a>/  img_0001.jpg  img_0002.jpg ...
+            <class_b>/  ...
+        val/
+            <class_a>/  ...
+            <class_b>/  ...
+set data.root=<root>, or data.train / data.val to the two class-folder directories
+(image files: {exts})""".format(exts=" ".join(IMAGE_EXTENSIONS))
+
+PACKED_FORMAT = """\
+expected a packed image set: an .npz (optionally lzma-compressed, .npz.xz) holding
+    data     uint8 (total bytes,)  all JPEG files concatenated
+    offsets  int64 (n+1,)          image i is data[offsets[i]:offsets[i+1]]; offsets[0] = 0
+    labels   int (n,)              class index of each image, 0 <= label < len(classes)
+    classes  str (num_classes,)    class names"""
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class ImageDataConfig:
+    """Which images to train and validate on and how to augment them (``data:`` section).
+
+    Paths by kind (see the module docstring): folder: ``root`` with ``train/`` and ``val/``, or
+    ``train``/``val`` class-folder directories; hf: ``root`` = Hub name or ``save_to_disk``
+    directory (default ImageNet-1k), ``train``/``val`` = split names or saved-split paths;
+    packed: ``train``/``val`` = ``.npz.xz`` files; digits: nothing. The batch size is not
+    here: the trainer passes it to ``build_image_loaders``.
+    """
+
+    name: str = "digits"
+    kind: str = "digits"
+    root: str | None = None
+    train: str | None = None
+    val: str | None = None
+    hf_revision: str = IMAGENET_HF_REVISION
+    image_key: str = "image"  # hf columns
+    label_key: str = "label"
+    val_fraction: float = 0.2  # digits: held-out share of each class
+    cache_dir: str | None = None  # packed: decompression cache (default $ATTNLAB_CACHE)
+    img_size: int = 224
+    train_interpolation: str = "bicubic"
+    val_interpolation: str = "bicubic"
+    crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, center-crop img_size
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment; null/"" disables
+    re_prob: float = 0.25  # random erasing (pixel mode)
+    mixup: float = 0.8  # mixup alpha (0 disables)
+    cutmix: float = 1.0  # cutmix alpha (0 disables)
+    label_smoothing: float = 0.1
+    repeated_aug: bool = True  # under DDP (world > 1) only
+    aug_repeats: int = 3
+    num_workers: int = 8  # per process; capped at the CPU count
+    pin_memory: bool = True  # when CUDA is available
+    persistent_workers: bool = True
+    channels_last: bool = True
+
+
+def _check_prob(name: str, value: float) -> None:
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"data.{name} must be in [0, 1], got {value!r}")
+
+
+def check_image_config(cfg: ImageDataConfig) -> None:
+    """Raise ValueError naming the field for settings that cannot work."""
+    if cfg.kind not in IMAGE_KINDS:
+        raise ValueError(f"data.kind must be one of {list(IMAGE_KINDS)}, got {cfg.kind!r}")
+    if isinstance(cfg.img_size, bool) or not isinstance(cfg.img_size, int) or cfg.img_size < 1:
+        raise ValueError(f"data.img_size must be a positive integer, got {cfg.img_size!r}")
+    if not 0.0 < float(cfg.crop_pct) <= 1.0:
+        raise ValueError(f"data.crop_pct must be in (0, 1], got {cfg.crop_pct!r}")
+    for name in ("mean", "std"):
+        value = list(getattr(cfg, name))
+        if len(value) != 3:
+            raise ValueError(f"data.{name} needs 3 values (RGB), got {value!r}")
+    if min(cfg.std) <= 0:
+        raise ValueError(f"data.std must be positive, got {list(cfg.std)!r}")
+    for name in ("re_prob", "label_smoothing"):
+        _check_prob(name, getattr(cfg, name))
+    for name in ("mixup", "cutmix"):
+        if float(getattr(cfg, name)) < 0:
+            raise ValueError(f"data.{name} (a Beta alpha) must be >= 0, got {getattr(cfg, name)!r}")
+    if int(cfg.aug_repeats) < 1:
+        raise ValueError(f"data.aug_repeats must be >= 1, got {cfg.aug_repeats!r}")
+    if int(cfg.num_workers) < 0:
+        raise ValueError(f"data.num_workers must be >= 0, got {cfg.num_workers!r}")
+    if cfg.kind == "digits" and not 0.0 < float(cfg.val_fraction) < 1.0:
+        raise ValueError(f"data.val_fraction must be in (0, 1), got {cfg.val_fraction!r}")
