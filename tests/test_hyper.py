@@ -143,3 +143,25 @@ def test_triton_inner_matches_the_reference_inner_with_gradients(causal, monkeyp
         outs.append((o, lse, *g))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_equal_the_gather_path_in_bf16():
+    """On the GPU at a real size (16k tokens, D=128, causal, bf16): the Triton kernels (inner
+    flash) against the PyTorch gather path (inner sdpa) with the same draws. Measured on an
+    H100: relative differences 2.7e-3 (o), 7e-8 (LSE), 4-5e-3 (gradients), bf16 rounding; a
+    wrong index, weight or merge gives O(1)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 16384, 4, 128, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))  # fmt: skip
+    go = torch.randn_like(q)
+    res = {}
+    for inner in ("flash", "sdpa"):
+        o, lse = ops.build("hyper", inner=inner, seed=1)(q, k, v, causal=True, return_lse=True)
+        g = torch.autograd.grad((o.float() * go.float()).sum() + lse.sum(), (q, k, v))
+        res[inner] = (o, lse, *g)
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), res["flash"], res["sdpa"]):
+        rel = float((a.float() - b.float()).norm() / b.float().norm())
+        assert rel < 2e-2, (name, rel)
