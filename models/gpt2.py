@@ -86,14 +86,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPT2Config, attention, layer: int = 0):
+    def __init__(self, cfg: GPT2Config, attention, simplicial=None):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        plan = ops.simplicial_plan(attention)  # attn=simplicial: every k-th layer 2-simplicial
-        if plan is not None and plan.is_simplicial(layer):
+        if simplicial is not None:  # attn=simplicial on this layer: its plan (models/simplicial)
             n_kv = cfg.n_kv_head or cfg.n_head
             self.attn = SimplicialSelfAttention(cfg.d_model, cfg.n_head, n_kv,
-                                                cfg.d_model // cfg.n_head, attention, plan,
+                                                cfg.d_model // cfg.n_head, attention, simplicial,
                                                 cfg.bias)  # fmt: skip
         else:
             self.attn = CausalSelfAttention(cfg, attention)
@@ -124,11 +123,14 @@ class GPT2(nn.Module):
             max_seq_len=cfg.max_seq_len,
         )
         self.drop = nn.Dropout(cfg.dropout)
-        plan = ops.simplicial_plan(attention)
+        plan = ops.simplicial_plan(attention)  # attn=simplicial: every k-th layer 2-simplicial
         if plan is not None:  # the 2-simplicial layers' own limits (head dim, GQA, windows)
             plan.simplicial.check(head_dim=cfg.d_model // cfg.n_head, n_heads=cfg.n_head,
                                   n_kv_heads=n_kv, causal=True)  # fmt: skip
-        self.blocks = nn.ModuleList(Block(cfg, attention, i) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(
+            Block(cfg, attention, plan if plan is not None and plan.is_simplicial(i) else None)
+            for i in range(cfg.n_layer)
+        )
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied

@@ -46,17 +46,14 @@ from .flash import (
     _launch,
     _load_kv,
     _softmax_update,
+    _TensorDescriptor,
     _tiles,
+    _tma_ok,
     tl,
     triton,
 )
 from .neighborhood_ref import check_window
 from .registry import Capabilities, register
-
-try:  # TMA tensor descriptors: Triton >= 3.4
-    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
-except ImportError:
-    _TensorDescriptor = None
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -345,13 +342,10 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqn, sqh, sqd, skb, skn, skh, s
 def _tma_views(dil: int, *tensors):
     """Tensor descriptors need N % d == 0 (the (B, N/d, d, H, D) view), a unit last stride and
     16-byte aligned strides and addresses; None where any of that fails (or Triton has none)."""
-    if _TensorDescriptor is None or tensors[0].shape[1] % dil:
+    if tensors[0].shape[1] % dil or not _tma_ok(*tensors):
         return None
     views = []
     for t in tensors:
-        size = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:-1]):
-            return None
         b, n, h, d = t.shape
         views.append((t, [b, n // dil, dil, h, d], [t.stride(0), t.stride(1) * dil, t.stride(1),
                                                      t.stride(2), 1]))  # fmt: skip

@@ -50,10 +50,12 @@ from .flash import (
     _jit,
     _launch,
     _softmax_update,
+    _TensorDescriptor,
     _tiles,
     tl,
 )
-from .neighborhood import _first_query, _TensorDescriptor, _window
+from .flash import _tma_ok as _aligned_for_tma
+from .neighborhood import _first_query, _window
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -520,17 +522,9 @@ def _nd_tiles(opts: dict, d: int, dtype: torch.dtype, kernel: str, ndim: int = 2
 def _tma_ok(axes, opts: dict, *tensors) -> bool:
     """Tensor descriptors serve a launch when every dilation is 1, tiles are boxes, and each
     tensor has (H, D) merged (stride D, 1) with 16-byte aligned strides and address."""
-    if _TensorDescriptor is None or not opts.get("tma", True) or opts.get("flat_tiles"):
+    if not opts.get("tma", True) or opts.get("flat_tiles") or any(d != 1 for d in axes[2]):
         return False
-    if any(d != 1 for d in axes[2]):
-        return False
-    for t in tensors:
-        size, d = t.element_size(), t.shape[-1]
-        if t.stride(-1) != 1 or t.stride(-2) != d or t.data_ptr() % 16:
-            return False
-        if any(s * size % 16 for s in t.stride()[:-2]) or d * size % 16:
-            return False
-    return True
+    return all(t.stride(-2) == t.shape[-1] for t in tensors) and _aligned_for_tma(*tensors)
 
 
 def _tma_desc(t, box):
