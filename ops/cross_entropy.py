@@ -41,6 +41,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .launch import launch
+
 try:
     import triton
     import triton.language as tl
@@ -127,9 +129,9 @@ def _ce_rows(logits, targets, loss_rows, inv_n, ignore_index: int, write_grad: b
     if n == 0:
         return
     block_v = block_v or min(_BLOCK_V, triton.next_power_of_2(v))
-    _ce_rows_kernel[(n,)](logits, targets, loss_rows, inv_n, logits.stride(0), v, ignore_index,
-                          WRITE_GRAD=write_grad, BLOCK_V=block_v, ONE_PASS=block_v >= v,
-                          num_warps=num_warps or _NUM_WARPS)  # fmt: skip
+    launch(_ce_rows_kernel, (n,), logits, targets, loss_rows, inv_n, logits.stride(0), v,
+           ignore_index, WRITE_GRAD=write_grad, BLOCK_V=block_v, ONE_PASS=block_v >= v,
+           num_warps=num_warps or _NUM_WARPS)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- chunk loop

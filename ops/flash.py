@@ -25,6 +25,7 @@ import os
 import torch
 
 from .contract import check_inputs
+from .launch import launch
 from .registry import Capabilities, register
 
 try:
@@ -408,8 +409,8 @@ def _cdiv(a: int, b: int) -> int:
 
 def _launch(kernel, grid, *args, tiles: _Tiles, **constexprs):
     if all(grid):  # empty sequences or batches: nothing to do
-        kernel[grid](*args, **constexprs, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-                     num_warps=tiles.num_warps, num_stages=tiles.num_stages)  # fmt: skip
+        launch(kernel, grid, *args, **constexprs, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+               num_warps=tiles.num_warps, num_stages=tiles.num_stages)  # fmt: skip
 
 
 def _tma_ok(*tensors) -> bool:

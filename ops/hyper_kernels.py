@@ -37,6 +37,7 @@ from .flash import (
     tl,
     triton,
 )
+from .launch import launch
 
 _HEAD_DIMS = (16, 32, 64, 128)
 
@@ -206,11 +207,10 @@ def _forward(q, k, v, q_index, k_index, n_block: int, log_w: float, scale: float
     lse = torch.empty((bh, nq), dtype=torch.float32, device=q.device)
     grid = (n_tiles * _cdiv(tile_rows, bm), bh)
     if all(grid):
-        _gfwd_kernel[grid](q, k, v, o, lse, q_index, k_index, *q.stride(), *k.stride(),
-                           *v.stride(), *o.stride(), nq, n_tiles, tile_rows, n_keys, n_block,
-                           log_w / scale, scale * _LOG2E, HEAD_D=d, HEAD_DV=dv, BLOCK_M=bm,
-                           BLOCK_N=bn, IEEE=q.dtype == torch.float32, num_warps=warps,
-                           num_stages=stages)  # fmt: skip
+        launch(_gfwd_kernel, grid, q, k, v, o, lse, q_index, k_index, *q.stride(), *k.stride(),
+               *v.stride(), *o.stride(), nq, n_tiles, tile_rows, n_keys, n_block, log_w / scale,
+               scale * _LOG2E, HEAD_D=d, HEAD_DV=dv, BLOCK_M=bm, BLOCK_N=bn,
+               IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)  # fmt: skip
     return o, lse
 
 
@@ -233,12 +233,12 @@ def _backward(do, dlse, q, k, v, o, lse, q_index, k_index, n_block: int, log_w: 
                  num_warps=warps, num_stages=stages)  # fmt: skip
     delta = delta.contiguous()
     if n_tiles and bh:
-        _gdq_kernel[(n_tiles * _cdiv(tile_rows, bm), bh)](
-            q, k, v, do, lse, delta, dq, q_index, k_index, *args, nq, n_tiles, tile_rows,
-            n_keys, n_block, log_w / scale, scale * _LOG2E, scale, **const)  # fmt: skip
-        _gdkdv_kernel[(n_tiles * _cdiv(n_keys, bn), bh)](
-            q, k, v, do, lse, delta, dk, dvv, q_index, k_index, *args, nq, nk, n_tiles,
-            tile_rows, n_keys, n_block, log_w / scale, scale * _LOG2E, scale, **const)  # fmt: skip
+        launch(_gdq_kernel, (n_tiles * _cdiv(tile_rows, bm), bh),
+               q, k, v, do, lse, delta, dq, q_index, k_index, *args, nq, n_tiles, tile_rows,
+               n_keys, n_block, log_w / scale, scale * _LOG2E, scale, **const)  # fmt: skip
+        launch(_gdkdv_kernel, (n_tiles * _cdiv(n_keys, bn), bh),
+               q, k, v, do, lse, delta, dk, dvv, q_index, k_index, *args, nq, nk, n_tiles,
+               tile_rows, n_keys, n_block, log_w / scale, scale * _LOG2E, scale, **const)  # fmt: skip
     return dq, dk.to(k.dtype), dvv.to(v.dtype)
 
 
@@ -326,8 +326,8 @@ class _MergeHalves(torch.autograd.Function):
         lse = torch.empty_like(l12)
         block = 16 if _INTERPRET else 32
         if bh and n:
-            _merge_fwd_kernel[(_cdiv(n, block), bh)](o12, l12, o3, l3, o, lse, n, h, DV=dv,
-                                                     BLOCK=block)  # fmt: skip
+            launch(_merge_fwd_kernel, (_cdiv(n, block), bh), o12, l12, o3, l3, o, lse, n, h,
+                   DV=dv, BLOCK=block)  # fmt: skip
         ctx.save_for_backward(o, lse, o12, l12, o3, l3)
         ctx.set_materialize_grads(False)
         return o, lse
@@ -344,9 +344,9 @@ class _MergeHalves(torch.autograd.Function):
         d3, dl3 = torch.empty_like(o3), torch.empty_like(l3)
         block = 16 if _INTERPRET else 32
         if bh and n:
-            _merge_bwd_kernel[(_cdiv(n, block), bh)](
-                do, dl if dl is not None else lse, o, lse, o12, l12, o3, l3, d12, dl12, d3, dl3,
-                n, n - o3.shape[1], HAS_DL=dl is not None, DV=dv, BLOCK=block)  # fmt: skip
+            launch(_merge_bwd_kernel, (_cdiv(n, block), bh),
+                   do, dl if dl is not None else lse, o, lse, o12, l12, o3, l3, d12, dl12, d3,
+                   dl3, n, n - o3.shape[1], HAS_DL=dl is not None, DV=dv, BLOCK=block)  # fmt: skip
         return d12, dl12, d3, dl3
 
 

@@ -519,10 +519,10 @@ def _nd_tiles(opts: dict, d: int, dtype: torch.dtype, kernel: str, ndim: int = 2
     return _tiles(opts, d, dtype, kernel != "fwd")
 
 
-def _tma_ok(axes, opts: dict, *tensors) -> bool:
+def _tma_ok(win, opts: dict, *tensors) -> bool:
     """Tensor descriptors serve a launch when every dilation is 1, tiles are boxes, and each
     tensor has (H, D) merged (stride D, 1) with 16-byte aligned strides and address."""
-    if not opts.get("tma", True) or opts.get("flat_tiles") or any(d != 1 for d in axes[2]):
+    if not opts.get("tma", True) or opts.get("flat_tiles") or any(d != 1 for d in win[1]):
         return False
     return all(t.stride(-2) == t.shape[-1] for t in tensors) and _aligned_for_tma(*tensors)
 
@@ -537,34 +537,55 @@ def _tma_desc(t, box):
     return _TensorDescriptor(t, [b, *tokens, h * d], [*strides, 1], [1, *box, d])
 
 
+@functools.lru_cache(maxsize=512)
+def _plan(kind: str, shape, h: int, hkv: int, d: int, dtype, win, opts_key):
+    """Everything of a launch that follows from shapes, window and options, once per
+    combination (host time: the eager fwd+bwd step of a small layer is bound by it):
+    kind "fwd" -> ((grid, scalar args, tiles, constexprs),); "bwd" -> dQ's, then dK/dV's."""
+    opts = dict(opts_key)
+    ndim = len(shape)
+    axes = _axes(shape, win)
+    ds, cs = axes[2], axes[4]
+    const = dict(CX=cs[0], CY=cs[1], CZ=cs[2], HEAD_D=d, IEEE=dtype == torch.float32,
+                 FLAT=bool(opts.get("flat_tiles")), HAS_Z=axes[0][2] > 1)  # fmt: skip
+    if kind == "fwd":
+        kernels = (("fwd", False, h),)
+    else:  # opts["dq_tiles"] / opts["dkdv_tiles"] = (block_m, block_n, warps, stages): one
+        # kernel's tiles (sweeps: scripts/bench_attention.py --sweep-part); block_m etc. both's
+        kernels = (("dq", False, h), ("dkdv", True, hkv))
+    names = ("block_m", "block_n", "num_warps", "num_stages")
+    out = []
+    for kernel, by_keys, heads in kernels:
+        given = dict(zip(names, opts.get(f"{kernel}_tiles") or ()))
+        tiles = _nd_tiles({**opts, **given}, d, dtype, kernel, ndim)
+        bm, bn, args, nt = _launch_geometry(axes, h, ndim, tiles, by_keys)
+        grid = (nt[0] * nt[1] * nt[2], ds[0] * ds[1] * ds[2], heads)  # x batch at launch
+        out.append((grid, (*args, h // hkv), tiles,
+                    dict(const, TY=bm[1], TZ=bm[2], KY=bn[1], KZ=bn[2]), bm, bn))  # fmt: skip
+    return tuple(out)
+
+
 def _forward_nd(q, k, v, win, scale: float, opts: dict):
     """q (B, *tokens, H, D), k/v (B, *tokens, Hkv, D), 2 or 3 token axes, any strides ->
     o (B, *tokens, H, D) contiguous, lse (B, H, N) fp32."""
-    ndim = q.dim() - 3
     b, h, d = q.shape[0], q.shape[-2], q.shape[-1]
-    n = q[0, ..., 0, 0].numel()
-    tiles = _nd_tiles(opts, d, q.dtype, "fwd")
-    axes = _axes(q.shape[1:-2], win)
-    ds, cs = axes[2], axes[4]
-    bm, bn, args, nt = _launch_geometry(axes, h, ndim, tiles, by_keys=False)
+    shape = q.shape[1:-2]
+    ((grid, args, tiles, const, bm, bn),) = _plan("fwd", shape, h, k.shape[-2], d, q.dtype, win,
+                                                  tuple(opts.items()))  # fmt: skip
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
-    grid = (nt[0] * nt[1] * nt[2], ds[0] * ds[1] * ds[2], b * h)
-    tma = _tma_ok(axes, opts, q, k, v, o)
+    lse = torch.empty((b, h, math.prod(shape)), dtype=torch.float32, device=q.device)
+    tma = _tma_ok(win, opts, q, k, v, o)
     descs = [_tma_desc(t, box) for t, box in ((q, bm), (k, bn), (v, bn), (o, bm))] if tma \
         else [None] * 4  # fmt: skip
-    _launch(_fwd_nd_kernel, grid, q, k, v, o, lse, *_strides3(q), *_strides3(k), *_strides3(v),
-            *args, h // k.shape[-2], scale * _LOG2E, *descs, tiles=tiles, CX=cs[0], CY=cs[1],
-            CZ=cs[2], TY=bm[1], TZ=bm[2], KY=bn[1], KZ=bn[2], FLAT=bool(opts.get("flat_tiles")),
-            HEAD_D=d, IEEE=q.dtype == torch.float32, HAS_Z=axes[0][2] > 1, TMA=tma)  # fmt: skip
+    _launch(_fwd_nd_kernel, (grid[0], grid[1], b * grid[2]), q, k, v, o, lse, *_strides3(q),
+            *_strides3(k), *_strides3(v), *args, scale * _LOG2E, *descs, tiles=tiles, TMA=tma,
+            **const)  # fmt: skip
     return o, lse
 
 
 def _backward_nd(do, dlse, q, k, v, o, lse, win, scale: float, opts: dict):
     """Gradients of sum(o * do) + sum(lse * dlse) for 2-D/3-D layouts; dk/dv GQA-summed."""
-    ndim = q.dim() - 3
     b, h, d = q.shape[0], q.shape[-2], q.shape[-1]
-    hkv = k.shape[-2]
     n = lse.shape[-1]
     do = do.reshape(b, n, h, d)  # a view for the usual (mergeable) layouts
     if do.stride() != (n * h * d, h * d, d, 1):
@@ -575,26 +596,14 @@ def _backward_nd(do, dlse, q, k, v, o, lse, win, scale: float, opts: dict):
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     strides = (*_strides3(q), *_strides3(k), *_strides3(v))
-    axes = _axes(q.shape[1:-2], win)
-    const = dict(HEAD_D=d, IEEE=q.dtype == torch.float32, FLAT=bool(opts.get("flat_tiles")),
-                 HAS_Z=axes[0][2] > 1)  # fmt: skip
-    ds, cs = axes[2], axes[4]
+    dq_plan, dkdv_plan = _plan("bwd", q.shape[1:-2], h, k.shape[-2], d, q.dtype, win,
+                               tuple(opts.items()))  # fmt: skip
     # dQ first: it writes DELTA, which dK/dV reads
-    # opts["dq_tiles"] / opts["dkdv_tiles"] = (block_m, block_n, warps, stages): one kernel's
-    # tiles (sweeps: scripts/bench_attention.py --sweep-part); block_m etc. set both kernels'
-    names = ("block_m", "block_n", "num_warps", "num_stages")
-    per = {key: _nd_tiles({**opts, **dict(zip(names, opts.get(f"{key}_tiles") or ()))}, d,
-                          q.dtype, key, ndim)
-           for key in ("dq", "dkdv")}  # fmt: skip
-    dq_extra = dict(HAS_DLSE=dlse is not None, tiles=per["dq"])
-    for kernel, outs, by_keys, heads, extra in (
-        (_dq_nd_kernel, (dq, o, delta if dlse is None else dlse), False, h, dq_extra),
-        (_dkdv_nd_kernel, (dk, dv), True, hkv, dict(tiles=per["dkdv"])),
-    ):
-        tiles = extra["tiles"]
-        bm, bn, args, nt = _launch_geometry(axes, h, ndim, tiles, by_keys)
-        grid = (nt[0] * nt[1] * nt[2], ds[0] * ds[1] * ds[2], b * heads)
-        _launch(kernel, grid, q, k, v, do, lse, delta, *outs, *strides, *args, h // hkv,
-                scale * _LOG2E, scale, CX=cs[0], CY=cs[1], CZ=cs[2], TY=bm[1], TZ=bm[2],
-                KY=bn[1], KZ=bn[2], **const, **extra)  # fmt: skip
+    for kernel, outs, (grid, args, tiles, const, _, _), extra in (
+        (_dq_nd_kernel, (dq, o, delta if dlse is None else dlse), dq_plan,
+         dict(HAS_DLSE=dlse is not None)),
+        (_dkdv_nd_kernel, (dk, dv), dkdv_plan, {}),
+    ):  # fmt: skip
+        _launch(kernel, (grid[0], grid[1], b * grid[2]), q, k, v, do, lse, delta, *outs,
+                *strides, *args, scale * _LOG2E, scale, tiles=tiles, **const, **extra)  # fmt: skip
     return dq, dk, dv

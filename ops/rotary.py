@@ -38,6 +38,7 @@ import os
 import torch
 
 from .flash import _cdiv
+from .launch import launch
 
 try:
     import triton
@@ -319,7 +320,7 @@ def _opts(block_t, num_warps, default_block_t: int) -> tuple[int, int]:
 
 def _launch(kernel, grid, *args, num_warps: int, **constexprs):
     if all(grid):  # empty sequences or batches: nothing to do
-        kernel[grid](*args, **constexprs, num_warps=num_warps)
+        launch(kernel, grid, *args, **constexprs, num_warps=num_warps)
 
 
 def _half(d: int) -> dict:

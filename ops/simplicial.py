@@ -36,6 +36,7 @@ import torch
 
 from . import simplicial_kernels as K
 from .flash import _INTERPRET, _LOG2E, _cdiv, _delta_kernel, _launch, _Tiles, triton
+from .launch import launch
 
 _HEAD_DIMS = (16, 32, 64, 128)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -227,11 +228,11 @@ def _forward(q, k1, k2, v1, v2, causal, w1, w2, scale, opts):
     bm, bn1, bn2, warps, stages, hp = _tiles(opts, d, q.dtype, h // hkv, backward=False)
     grid = (_cdiv(nq, bm // hp), b * h // hp)
     if all(grid):
-        K._fwd_kernel[grid](q, k1, k2, v1, v2, o, lse, *q.stride(), *k1.stride(), *k2.stride(),
-                            *v1.stride(), *v2.stride(), nq, n1, n2, h, h // hkv, *_windows(w1, w2),
-                            scale * _LOG2E, CAUSAL=causal, HEAD_D=d, BLOCK_M=bm, BLOCK_N1=bn1,
-                            BLOCK_N2=bn2, HEADS=hp, IEEE=q.dtype == torch.float32,
-                            num_warps=warps, num_stages=stages)  # fmt: skip
+        launch(K._fwd_kernel, grid, q, k1, k2, v1, v2, o, lse, *q.stride(), *k1.stride(),
+               *k2.stride(), *v1.stride(), *v2.stride(), nq, n1, n2, h, h // hkv,
+               *_windows(w1, w2), scale * _LOG2E, CAUSAL=causal, HEAD_D=d, BLOCK_M=bm,
+               BLOCK_N1=bn1, BLOCK_N2=bn2, HEADS=hp, IEEE=q.dtype == torch.float32,
+               num_warps=warps, num_stages=stages)  # fmt: skip
     return o, lse
 
 
@@ -256,11 +257,15 @@ def _backward(do, dlse, q, k1, k2, v1, v2, o, lse, causal, w1, w2, scale, opts):
     grids = ((_cdiv(nq, bm // hp), b * h // hp), (_cdiv(n1, bn1), b * hkv),
              (_cdiv(n2, bn2), b * hkv))  # fmt: skip
     if all(grids[0]):
-        K._dq_kernel[grids[0]](q, k1, k2, v1, v2, do, lse, delta, dq, *args, **const)
+        launch(K._dq_kernel, grids[0], q, k1, k2, v1, v2, do, lse, delta, dq, *args, **const)
     if all(grids[1]):
-        K._dk1dv1_kernel[grids[1]](q, k1, k2, v1, v2, do, lse, delta, dk1, dv1, *args, **const)
+        launch(
+            K._dk1dv1_kernel, grids[1], q, k1, k2, v1, v2, do, lse, delta, dk1, dv1, *args, **const
+        )
     if all(grids[2]):
-        K._dk2dv2_kernel[grids[2]](q, k1, k2, v1, v2, do, lse, delta, dk2, dv2, *args, **const)
+        launch(
+            K._dk2dv2_kernel, grids[2], q, k1, k2, v1, v2, do, lse, delta, dk2, dv2, *args, **const
+        )
     return dq, dk1, dk2, dv1, dv2
 
 

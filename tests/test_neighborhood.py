@@ -341,9 +341,11 @@ def test_nd_tma_path_equals_pointer_path(tokens, ks, causal, opts):
 
     q, k, v = make_nd(1, tokens, 4, 2, 16, seed=4)
     win = window(ks, 1, 1, False)
-    axes = nd._axes(tokens, ([ks] * len(tokens), [1] * 3, [1] * 3, [False] * 3))
-    assert nd._tma_ok(axes, {}, q, k, v) and not nd._tma_ok(axes, {"tma": False}, q, k, v)
-    assert not nd._tma_ok(axes, {}, q.transpose(-1, -2), k, v)  # (H, D) not merged
+    per_axis = ([ks] * len(tokens), [1] * len(tokens), [1] * len(tokens), [False] * len(tokens))
+    assert nd._tma_ok(per_axis, {}, q, k, v) and not nd._tma_ok(per_axis, {"tma": False}, q, k, v)
+    assert not nd._tma_ok(per_axis, {}, q.transpose(-1, -2), k, v)  # (H, D) not merged
+    dilated = (per_axis[0], [2] * len(tokens), *per_axis[2:])
+    assert not nd._tma_ok(dilated, {}, q, k, v)
     go, w = upstream_nd(q)
     tma = run(ops.build("neighborhood", **win, **opts), q, k, v, causal, go, w)
     ptr = run(ops.build("neighborhood", **win, **opts, tma=False), q, k, v, causal, go, w)

@@ -1,0 +1,40 @@
+"""ops.launch: the compiled-kernel cache keys at least what Triton specializes on."""
+
+import pytest
+import torch
+
+import ops
+from ops import launch as L
+
+
+def test_keys_separate_what_triton_specializes_on():
+    ints = [0, 1, 2, 16, 17, 32, 2**31 - 1, 2**31, 2**63]
+    keys = [L._spec(x) for x in ints]
+    assert keys[1] != keys[2]  # == 1 is a constant in Triton
+    assert keys[3] == keys[5] != keys[4]  # divisibility by 16
+    assert keys[6] != keys[7] != keys[8]  # 32-bit, 64-bit, unsigned 64-bit
+    base = torch.zeros(64, dtype=torch.float16)
+    assert L._spec(base) != L._spec(base[1:])  # a 2-byte offset breaks 16-byte alignment
+    assert L._spec(base) == L._spec(base[8:])  # 16 bytes further: same alignment
+    assert L._spec(base) != L._spec(base.float())  # dtype
+    assert L._spec(None) != L._spec(False) != L._spec(True)
+    with pytest.raises(L._Uncached):
+        L._spec(object())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_cached_launches_follow_alignment_and_shapes():
+    """Repeated, misaligned and reshaped calls through the cache equal SDPA (a key too coarse
+    would reuse a kernel compiled for aligned pointers or other shapes)."""
+    attn = ops.build("flash")
+    torch.manual_seed(0)
+    for n, offset in ((256, 0), (256, 0), (256, 1), (256, 8), (200, 0), (256, 0)):
+        buf = torch.randn(3 * 2 * n * 4 * 64 + offset, device="cuda", dtype=torch.float16)
+        q, k, v = buf[offset:].view(3, 2, n, 4, 64).unbind(0)
+        assert (q.data_ptr() % 16 == 0) == (offset % 8 == 0)
+        out = attn(q, k, v, causal=True)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            *(t.transpose(1, 2).float() for t in (q, k, v)), is_causal=True
+        ).transpose(1, 2)
+        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
