@@ -425,6 +425,21 @@ def _tma_ok(*tensors) -> bool:
     return True
 
 
+# Tensor descriptors cost host time on every launch: about 0.12 ms for a forward's four on the
+# H100's host (creating them, and the launcher encoding them), against 3-12% of the forward's
+# GPU time. With tma=None (auto) they serve launches of at least _TMA_MIN_SCORES useful scores
+# (about 0.1 ms of GPU work at D=64): below that the step is bound by the host anyway (2-D NA
+# 13x13, B2 H8 128x128: fwd+bwd host time 0.57 ms with descriptors, 0.53 without, for 0.53 ms
+# of GPU time; docs/benchmarks.md).
+_TMA_MIN_SCORES = 1 << 26
+
+
+def _want_tma(opts: dict, scores: int) -> bool:
+    """The ``tma`` option: True / False, or None (auto) by the launch's useful scores."""
+    tma = opts.get("tma")
+    return scores >= _TMA_MIN_SCORES if tma is None else bool(tma)
+
+
 def _forward(q, k, v, causal: bool, scale: float, opts: dict):
     """q (B, Nq, H, D), k/v (B, Nk, Hkv, D) any strides -> o (B, Nq, H, D), lse (B, H, Nq).
     Tiles move by TMA where ``_tma_ok`` (q/k/v/o as (B, N, H, D) descriptors), else by
@@ -433,7 +448,8 @@ def _forward(q, k, v, causal: bool, scale: float, opts: dict):
     nk, hkv = k.shape[1], k.shape[2]
     o = torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
-    tma = opts.get("tma", True) and _tma_ok(q, k, v, o)
+    scores = b * h * nq * nk // (2 if causal else 1)
+    tma = _want_tma(opts, scores) and _tma_ok(q, k, v, o)
     if tma and not _INTERPRET and q.dtype != torch.float32 and d == 128:  # as 1-D NA (H100)
         base = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3}
         opts = {**opts, **{n: t for n, t in base.items() if opts.get(n) is None}}
@@ -530,7 +546,7 @@ def _attention(q, k, v, causal, scale, bias, return_lse, opts):
     return (o, lse) if return_lse else o
 
 
-_DEFAULTS = {"block_m": None, "block_n": None, "num_warps": None, "num_stages": None, "tma": True}
+_DEFAULTS = {"block_m": None, "block_n": None, "num_warps": None, "num_stages": None, "tma": None}
 
 
 def flash_attention(q, k, v, *, causal=False, scale=None, bias=None, return_lse=False):
@@ -548,17 +564,18 @@ _CAPS = Capabilities(dtypes=_DTYPES, head_dims=_HEAD_DIMS, bias=False, causal=Tr
 
 
 @register("flash", defaults=_DEFAULTS, capabilities=_CAPS)
-def _build_flash(block_m=None, block_n=None, num_warps=None, num_stages=None, tma=True):
+def _build_flash(block_m=None, block_n=None, num_warps=None, num_stages=None, tma=None):
     """Triton flash attention, fwd + bwd, differentiable LSE (tiles: block_m x block_n; tma:
-    forward tiles through tensor descriptors where the layout allows)."""
+    forward tiles through tensor descriptors where the layout allows: True, False, or None for
+    launches large enough to repay their host time)."""
     opts = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
     for name, value in opts.items():
         if value is not None and value not in _ALLOWED[name]:
             raise ValueError(
                 f"flash option {name}={value!r}: use None (auto) or one of {_ALLOWED[name]}"
             )
-    if tma not in (True, False):
-        raise ValueError(f"flash option tma={tma!r}: use True or False")
+    if tma not in (None, True, False):
+        raise ValueError(f"flash option tma={tma!r}: use None (auto), True or False")
     opts["tma"] = tma
 
     def flash(q, k, v, *, causal=False, scale=None, bias=None, return_lse=False):

@@ -7,13 +7,14 @@ work saved by a faster tile loop. A 2-D neighborhood fwd+bwd step (three launche
 0.76 ms of host time for 0.53 ms of GPU time, so the GPU waited.
 
 ``launch(kernel, grid, *args, **kwargs)`` keys the compiled kernel by what Triton specializes on
-(per tensor: dtype and 16-byte alignment; per int: == 1, divisible by 16, 32/64-bit range; per
-tensor descriptor: dtype, block shape, padding and its shape/strides as ints; constexprs and
-options by value), a key at least as fine as Triton's own, so a kernel found here is the one
-Triton would launch. The first call of a key goes through Triton (compiling or finding its own
+or finer (ints, constexprs and options by value; per tensor: dtype, 16-byte alignment and
+device; per tensor descriptor: the same for its base, its block shape, padding, and its shape
+and strides as Triton specializes ints), so a kernel found here is the one Triton would
+launch. The first call of a key goes through Triton (compiling or finding its own
 cache) and keeps the ``CompiledKernel``; later calls launch it directly through
 ``CompiledKernel[grid](...)``, which keeps Triton's launch hooks (profilers). Arguments of a type
-not covered here, the interpreter, and non-JIT kernels (autotuners) take Triton's path.
+not covered here, the interpreter, non-JIT kernels (autotuners) and calls traced by
+``torch.compile`` (Dynamo captures ``kernel[grid](...)`` itself) take Triton's path.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ except ImportError:
     _TensorDescriptor = ()
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")  # launch options, not parameters
+_PLAIN = (int, bool, str, type(None))  # keyed by value
+_MAX_ENTRIES = 4096
 _COMPILED: dict = {}  # key -> CompiledKernel
 _TAILS: dict = {}  # kernel -> ((name, default), ...) of its parameters, in order
 
@@ -78,12 +80,12 @@ def _params(kernel):
 
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` with the compiled kernel cached by specialization."""
-    if _INTERPRET or not isinstance(kernel, _JITFunction):
-        kernel[grid](*args, **kwargs)
+    if _INTERPRET or not isinstance(kernel, _JITFunction) or torch.compiler.is_compiling():
+        kernel[grid](*args, **kwargs)  # (under torch.compile, Dynamo captures this call)
         return
-    try:
-        key = (id(kernel), tuple(map(_spec, args)),
-               tuple((k, v if k in _OPTIONS else _spec(v)) for k, v in kwargs.items()))  # fmt: skip
+    try:  # ints by value (finer than Triton's key, and cheap); the rest by _spec
+        key = (id(kernel), tuple([a if type(a) is int else _spec(a) for a in args]),
+               tuple([(k, v if type(v) in _PLAIN else _spec(v)) for k, v in kwargs.items()]))  # fmt: skip
     except _Uncached:
         kernel[grid](*args, **kwargs)
         return
@@ -91,6 +93,8 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     if compiled is None:
         compiled = kernel[grid](*args, **kwargs)
         if compiled is not None:
+            if len(_COMPILED) >= _MAX_ENTRIES:  # e.g. a new sequence length every call
+                _COMPILED.clear()
             _COMPILED[key] = compiled
         return
     tail = [kwargs[n] if n in kwargs else d for n, d in _params(kernel)[len(args) :]]

@@ -49,6 +49,7 @@ from .flash import (
     _TensorDescriptor,
     _tiles,
     _tma_ok,
+    _want_tma,
     tl,
     triton,
 )
@@ -358,7 +359,7 @@ def _forward(q, k, v, win, scale: float, opts: dict):
     ksize, dil, stride, causal = win
     o = torch.empty((b, n, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
-    views = _tma_views(dil, q, k, v, o) if opts.get("tma", True) else None
+    views = _tma_views(dil, q, k, v, o) if _want_tma(opts, b * h * n * min(ksize, n)) else None
     if not _INTERPRET and q.dtype != torch.float32 and d == 128:  # H100 sweeps, 1-D k=2049
         base = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3} if views else \
             {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}  # fmt: skip
@@ -443,7 +444,7 @@ _DEFAULTS = {
     "num_warps": None,
     "num_stages": None,
     "flat_tiles": None,
-    "tma": True,
+    "tma": None,
 }
 _CAPS = Capabilities(
     dtypes=_DTYPES, head_dims=_HEAD_DIMS, bias=False, causal=True, gqa=True, token_ndims=(1, 2, 3)
@@ -455,8 +456,9 @@ def _build_neighborhood(kernel_size, dilation, stride, is_causal, block_m, block
                         num_stages, flat_tiles, tma):  # fmt: skip
     """Fused Triton 1-D/2-D/3-D neighborhood attention (NATTEN semantics), fwd + bwd, no (N, N)
     mask. 2-D/3-D: ``flat_tiles`` None (auto), True (visit a tile's key span as runs of
-    consecutive positions) or False (as boxes, unmasked where every query sees the box). 1-D:
-    ``tma`` moves tiles by tensor descriptors where the layout allows (False: pointer loads)."""
+    consecutive positions) or False (as boxes, unmasked where every query sees the box).
+    ``tma``: forward tiles through tensor descriptors where the layout allows (True), pointer
+    loads (False), or None: descriptors for launches large enough to repay their host time."""
     opts = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
     for name, value in opts.items():
         if value is not None and value not in _ALLOWED[name]:
@@ -465,8 +467,8 @@ def _build_neighborhood(kernel_size, dilation, stride, is_causal, block_m, block
             )
     if flat_tiles not in (None, True, False):
         raise ValueError(f"neighborhood option flat_tiles={flat_tiles!r}: use None, True or False")
-    if tma not in (True, False):
-        raise ValueError(f"neighborhood option tma={tma!r}: use True or False")
+    if tma not in (None, True, False):
+        raise ValueError(f"neighborhood option tma={tma!r}: use None (auto), True or False")
     opts["flat_tiles"] = flat_tiles
     opts["tma"] = tma
 

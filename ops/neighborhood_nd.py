@@ -52,6 +52,7 @@ from .flash import (
     _softmax_update,
     _TensorDescriptor,
     _tiles,
+    _want_tma,
     tl,
 )
 from .flash import _tma_ok as _aligned_for_tma
@@ -522,7 +523,7 @@ def _nd_tiles(opts: dict, d: int, dtype: torch.dtype, kernel: str, ndim: int = 2
 def _tma_ok(win, opts: dict, *tensors) -> bool:
     """Tensor descriptors serve a launch when every dilation is 1, tiles are boxes, and each
     tensor has (H, D) merged (stride D, 1) with 16-byte aligned strides and address."""
-    if not opts.get("tma", True) or opts.get("flat_tiles") or any(d != 1 for d in win[1]):
+    if opts.get("tma") is False or opts.get("flat_tiles") or any(d != 1 for d in win[1]):
         return False
     return all(t.stride(-2) == t.shape[-1] for t in tensors) and _aligned_for_tma(*tensors)
 
@@ -574,7 +575,8 @@ def _forward_nd(q, k, v, win, scale: float, opts: dict):
                                                   tuple(opts.items()))  # fmt: skip
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, math.prod(shape)), dtype=torch.float32, device=q.device)
-    tma = _tma_ok(win, opts, q, k, v, o)
+    scores = b * h * o[0, ..., 0, 0].numel() * math.prod(win[0])
+    tma = _want_tma(opts, scores) and _tma_ok(win, opts, q, k, v, o)
     descs = [_tma_desc(t, box) for t, box in ((q, bm), (k, bn), (v, bn), (o, bm))] if tma \
         else [None] * 4  # fmt: skip
     _launch(_fwd_nd_kernel, (grid[0], grid[1], b * grid[2]), q, k, v, o, lse, *_strides3(q),

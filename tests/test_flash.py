@@ -136,7 +136,7 @@ def test_tma_forward_equals_pointer_forward(nq, nk, causal):
     q, k, v = make_qkv(1, nq, nk, 4, 2, 16, seed=nq + nk)
     assert flash._tma_ok(q, k, v) and not flash._tma_ok(q[..., ::2])
     go, w, _ = targets(q, k, v, causal)
-    tma = run(ops.build("flash"), q, k, v, causal, go, w)
+    tma = run(ops.build("flash", tma=True), q, k, v, causal, go, w)
     ptr = run(ops.build("flash", tma=False), q, k, v, causal, go, w)
     for name, x, y in zip(("out", "lse", "dq", "dk", "dv"), tma, ptr):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6, msg=name)
@@ -236,3 +236,17 @@ def test_gpt2_with_flash_matches_sdpa():
     gb = torch.autograd.grad(lb, list(ours.parameters()))
     for a, b in zip(ga, gb):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_tma_option_auto_by_launch_size():
+    """tma=None uses descriptors only for launches that repay their host time; True/False force;
+    anything else is refused by the builders."""
+    from ops import flash
+
+    big, small = flash._TMA_MIN_SCORES, flash._TMA_MIN_SCORES - 1
+    assert flash._want_tma({"tma": None}, big) and not flash._want_tma({"tma": None}, small)
+    assert flash._want_tma({"tma": True}, 1) and not flash._want_tma({"tma": False}, big)
+    for name in ("flash", "neighborhood"):
+        ops.build(name, tma=None)
+        with pytest.raises(ValueError, match="tma"):
+            ops.build(name, tma="yes")

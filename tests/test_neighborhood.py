@@ -140,7 +140,7 @@ def test_tma_path_equals_pointer_path(n, dil, causal):
     q, k, v = make_qkv(1, n, 4, 2, 16, seed=n)
     go, w = upstream(q)
     win = window(7, dil, 1, False)
-    tma = run(ops.build("neighborhood", **win), q, k, v, causal, go, w)
+    tma = run(ops.build("neighborhood", **win, tma=True), q, k, v, causal, go, w)
     ptr = run(ops.build("neighborhood", **win, tma=False), q, k, v, causal, go, w)
     for name, x, y in zip(("out", "lse", "dq", "dk", "dv"), tma, ptr):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6, msg=name)
@@ -347,7 +347,7 @@ def test_nd_tma_path_equals_pointer_path(tokens, ks, causal, opts):
     dilated = (per_axis[0], [2] * len(tokens), *per_axis[2:])
     assert not nd._tma_ok(dilated, {}, q, k, v)
     go, w = upstream_nd(q)
-    tma = run(ops.build("neighborhood", **win, **opts), q, k, v, causal, go, w)
+    tma = run(ops.build("neighborhood", **win, **opts, tma=True), q, k, v, causal, go, w)
     ptr = run(ops.build("neighborhood", **win, **opts, tma=False), q, k, v, causal, go, w)
     for name, x, y in zip(("out", "lse", "dq", "dk", "dv"), tma, ptr):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6, msg=name)

@@ -32,6 +32,7 @@ processes loads in one process, in ``eval.py`` and in a sharded run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 
@@ -150,10 +151,15 @@ def apply_fsdp(model: nn.Module, info, precision: str = "auto") -> nn.Module:
 
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     policy = mixed_precision(info.device, precision)
+    # Blocks keep their inputs' dtypes: the activations already arrive in bf16 from the root,
+    # and side inputs such as the RoPE cos/sin tables must stay fp32 (FSDP2's default casts
+    # every floating-point input of a block to param_dtype; the fused RoPE refuses bf16 tables).
+    block_policy = dataclasses.replace(policy, cast_forward_inputs=False)
     blocks = transformer_blocks(model)
     for i, block in enumerate(blocks):
         # the backward starts with the last block: keep it gathered after the forward
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
+        fully_shard(block, mesh=mesh, mp_policy=block_policy,
+                    reshard_after_forward=i < len(blocks) - 1)  # fmt: skip
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
