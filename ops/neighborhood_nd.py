@@ -97,22 +97,25 @@ def _span(p0, size, lg, ksize, stride, CAUSAL: tl.constexpr):
 @_jit
 def _q_windows(px, py, pz, lgx, lgy, lgz, ksx, ksy, ksz, stx, sty, stz, CX: tl.constexpr,
                CY: tl.constexpr, CZ: tl.constexpr):  # fmt: skip
-    """Per query (vectors): key windows [start, end) per axis, empty for positions outside
-    their axis. Computed once per query tile; the per-pair mask is then _inside's compares."""
+    """Per query (vectors): key window start and width per axis (width 0 for positions outside
+    their axis). Computed once per query tile; the per-pair mask is then _inside's compares."""
     sx, ex = _window(px, lgx, ksx, stx, CX)
     sy, ey = _window(py, lgy, ksy, sty, CY)
     sz, ez = _window(pz, lgz, ksz, stz, CZ)
-    return (sx, tl.where(px < lgx, ex, sx), sy, tl.where(py < lgy, ey, sy), sz,
-            tl.where(pz < lgz, ez, sz))  # fmt: skip
+    return (sx, tl.where(px < lgx, ex - sx, 0), sy, tl.where(py < lgy, ey - sy, 0), sz,
+            tl.where(pz < lgz, ez - sz, 0))  # fmt: skip
 
 
 @_jit
-def _inside(kx, ky, kz, sx, ex, sy, ey, sz, ez, HAS_Z: tl.constexpr):
-    """Bool (broadcast): key (kx, ky, kz) lies in the window [s, e) on every axis; the z test
-    is skipped when the z axis has one position (2-D layouts), where it always holds."""
-    ok = (kx >= sx) & (kx < ex) & (ky >= sy) & (ky < ey)
+def _inside(kx, ky, kz, sx, wx, sy, wy, sz, wz, HAS_Z: tl.constexpr):
+    """Bool (broadcast): key (kx, ky, kz) lies in the window [s, s + w) on every axis, as one
+    unsigned compare per axis (0 <= k - s < w); the z test is skipped when the z axis has one
+    position (2-D layouts), where it always holds. The kernels are bound by integer work here
+    (Nsight Compute, 2-D 13x13 dK/dV: ALU the busiest pipe at 57%), and every pair pays it."""
+    ok = ((kx - sx).to(tl.uint32, bitcast=True) < wx.to(tl.uint32, bitcast=True)) & \
+        ((ky - sy).to(tl.uint32, bitcast=True) < wy.to(tl.uint32, bitcast=True))  # fmt: skip
     if HAS_Z:
-        ok = ok & (kz >= sz) & (kz < ez)
+        ok = ok & ((kz - sz).to(tl.uint32, bitcast=True) < wz.to(tl.uint32, bitcast=True))
     return ok
 
 
@@ -159,10 +162,12 @@ def _n_tiles(sx, sy, sz, DX: tl.constexpr, DY: tl.constexpr, DZ: tl.constexpr,
 
 
 @_jit
-def _tile(t, lox, loy, loz, sx, sy, sz, DX: tl.constexpr, DY: tl.constexpr, DZ: tl.constexpr,
-          FLAT: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _tile(t, ix, iy, iz, lox, loy, loz, sx, sy, sz, DX: tl.constexpr, DY: tl.constexpr,
+          DZ: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """Tile t of the span [lo, lo + s) per axis: positions (BLOCK,) per axis, which of them lie
-    in the span, and the box origin (x0, y0, z0) (unused when FLAT)."""
+    in the span, and the box origin (x0, y0, z0) (unused when FLAT). Boxes: (ix, iy, iz) is box
+    t's index per axis, kept by _next_box (runtime divisions cost ~20 integer instructions
+    each, every tile)."""
     if FLAT:  # consecutive row-major positions of the span: no rounding up per axis
         idx = t * BLOCK + tl.arange(0, BLOCK)
         x = lox + idx // (sy * sz)
@@ -170,11 +175,24 @@ def _tile(t, lox, loy, loz, sx, sy, sz, DX: tl.constexpr, DY: tl.constexpr, DZ: 
         z = loz + idx % sz
         x0, y0, z0 = lox, loy, loz
     else:
-        ix, iy, iz = _split3(t, (sy + DY - 1) // DY, (sz + DZ - 1) // DZ)
         x0, y0, z0 = lox + ix * DX, loy + iy * DY, loz + iz * DZ
         x, y, z = _box(x0, y0, z0, DY, DZ, BLOCK)
     ok = (x < lox + sx) & (y < loy + sy) & (z < loz + sz)
     return x, y, z, ok, x0, y0, z0
+
+
+@_jit
+def _next_box(ix, iy, iz, sy, sz, DY: tl.constexpr, DZ: tl.constexpr):
+    """Box index per axis after (ix, iy, iz) in the row-major walk over the boxes covering an
+    (sx, sy, sz) span: z fastest."""
+    iz = iz + 1
+    wrap = iz * DZ >= sz
+    iz = tl.where(wrap, 0, iz)
+    iy = tl.where(wrap, iy + 1, iy)
+    wrap = iy * DY >= sy
+    iy = tl.where(wrap, 0, iy)
+    ix = tl.where(wrap, ix + 1, ix)
+    return ix, iy, iz
 
 
 @_jit
@@ -222,14 +240,16 @@ def _fwd_nd_kernel(Q, K, V, O, LSE, sqb, sqx, sqy, sqz, sqh, sqd, skb, skx, sky,
     ay, by = _seen_by_all(ty * TY, TY, lgy, ksy, sty, CY)
     az, bz = _seen_by_all(tz * TZ, TZ, lgz, ksz, stz, CZ)
     sx, sy, sz = hix - lox, hiy - loy, hiz - loz
-    wsx, wex, wsy, wey, wsz, wez = _q_windows(px, py, pz, lgx, lgy, lgz, ksx, ksy, ksz, stx, sty,
+    wsx, wwx, wsy, wwy, wsz, wwz = _q_windows(px, py, pz, lgx, lgy, lgz, ksx, ksy, ksz, stx, sty,
                                               stz, CX, CY, CZ)  # fmt: skip
     acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+    ix, iy, iz = lox * 0, lox * 0, lox * 0
     for t in range(0, _n_tiles(sx, sy, sz, KX, KY, KZ, FLAT, BLOCK_N)):
-        kx, ky, kz, in_k, x0, y0, z0 = _tile(t, lox, loy, loz, sx, sy, sz, KX, KY, KZ, FLAT,
-                                             BLOCK_N)  # fmt: skip
+        kx, ky, kz, in_k, x0, y0, z0 = _tile(t, ix, iy, iz, lox, loy, loz, sx, sy, sz, KX, KY,
+                                             KZ, FLAT, BLOCK_N)  # fmt: skip
+        ix, iy, iz = _next_box(ix, iy, iz, sy, sz, KY, KZ)
         if TMA:  # the whole box: keys outside the span are masked below (partial boxes)
             kt = tl.trans(_box_load(KD, b, x0, y0, z0, h // group, BLOCK_N, HEAD_D))
             v = _box_load(VD, b, x0, y0, z0, h // group, BLOCK_N, HEAD_D)
@@ -246,8 +266,8 @@ def _fwd_nd_kernel(Q, K, V, O, LSE, sqb, sqx, sqy, sqz, sqh, sqd, skb, skx, sky,
         else:  # a box: masked unless every query of the tile sees all of it
             partial = _box_seen(x0, y0, z0, ax, bx, ay, by, az, bz, KX, KY, KZ) == 0
         if partial:
-            ok = _inside(kx[None, :], ky[None, :], kz[None, :], wsx[:, None], wex[:, None],
-                         wsy[:, None], wey[:, None], wsz[:, None], wez[:, None], HAS_Z)  # fmt: skip
+            ok = _inside(kx[None, :], ky[None, :], kz[None, :], wsx[:, None], wwx[:, None],
+                         wsy[:, None], wwy[:, None], wsz[:, None], wwz[:, None], HAS_Z)  # fmt: skip
             s = tl.where(ok, s, -float("inf"))
         acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, qk_scale, IEEE)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -309,12 +329,14 @@ def _dq_nd_kernel(Q, K, V, DO, LSE, DELTA, DQ, O, DLSE, sqb, sqx, sqy, sqz, sqh,
     ay, by = _seen_by_all(ty * TY, TY, lgy, ksy, sty, CY)
     az, bz = _seen_by_all(tz * TZ, TZ, lgz, ksz, stz, CZ)
     sx, sy, sz = hix - lox, hiy - loy, hiz - loz
-    wsx, wex, wsy, wey, wsz, wez = _q_windows(px, py, pz, lgx, lgy, lgz, ksx, ksy, ksz, stx, sty,
+    wsx, wwx, wsy, wwy, wsz, wwz = _q_windows(px, py, pz, lgx, lgy, lgz, ksx, ksy, ksz, stx, sty,
                                               stz, CX, CY, CZ)  # fmt: skip
     dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+    ix, iy, iz = lox * 0, lox * 0, lox * 0
     for t in range(0, _n_tiles(sx, sy, sz, KX, KY, KZ, FLAT, BLOCK_N)):
-        kx, ky, kz, in_k, x0, y0, z0 = _tile(t, lox, loy, loz, sx, sy, sz, KX, KY, KZ, FLAT,
-                                             BLOCK_N)  # fmt: skip
+        kx, ky, kz, in_k, x0, y0, z0 = _tile(t, ix, iy, iz, lox, loy, loz, sx, sy, sz, KX, KY,
+                                             KZ, FLAT, BLOCK_N)  # fmt: skip
+        ix, iy, iz = _next_box(ix, iy, iz, sy, sz, KY, KZ)
         k_off = _mem(kx, ky, kz, gx, gy, gz, dlx, dly, dlz, skx, sky, skz)
         v_off = _mem(kx, ky, kz, gx, gy, gz, dlx, dly, dlz, svx, svy, svz)
         k = tl.load(k_base + k_off[:, None] + offs_d[None, :] * skd,
@@ -327,8 +349,8 @@ def _dq_nd_kernel(Q, K, V, DO, LSE, DELTA, DQ, O, DLSE, sqb, sqx, sqy, sqz, sqh,
         else:  # a box: masked unless every query of the tile sees all of it
             partial = _box_seen(x0, y0, z0, ax, bx, ay, by, az, bz, KX, KY, KZ) == 0
         if partial:
-            ok = _inside(kx[None, :], ky[None, :], kz[None, :], wsx[:, None], wex[:, None],
-                         wsy[:, None], wey[:, None], wsz[:, None], wez[:, None], HAS_Z)  # fmt: skip
+            ok = _inside(kx[None, :], ky[None, :], kz[None, :], wsx[:, None], wwx[:, None],
+                         wsy[:, None], wwy[:, None], wsz[:, None], wwz[:, None], HAS_Z)  # fmt: skip
             p = tl.where(ok, p, 0.0)
         dq = _dq_update(dq, p, do, v, k, delta, IEEE)  # delta holds Delta - dLSE
     tl.store(DQ + flat, (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])
@@ -378,9 +400,11 @@ def _dkdv_nd_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqx, sqy, sqz, sqh, sq
     for j in range(group):
         h = hk * group + j
         q_base = Q + b * sqb + h * sqh
+        ix, iy, iz = qlox * 0, qlox * 0, qlox * 0
         for t in range(0, n_t):
-            px, py, pz, in_q, x0, y0, z0 = _tile(t, qlox, qloy, qloz, sx, sy, sz, TX, TY, TZ,
-                                                 FLAT, BLOCK_M)  # fmt: skip
+            px, py, pz, in_q, x0, y0, z0 = _tile(t, ix, iy, iz, qlox, qloy, qloz, sx, sy, sz, TX,
+                                                 TY, TZ, FLAT, BLOCK_M)  # fmt: skip
+            ix, iy, iz = _next_box(ix, iy, iz, sy, sz, TY, TZ)
             q_off = _mem(px, py, pz, gx, gy, gz, dlx, dly, dlz, sqx, sqy, sqz)
             q = tl.load(q_base + q_off[:, None] + offs_d[None, :] * sqd,
                         mask=in_q[:, None], other=0.0)  # (BM, D)  # fmt: skip
@@ -401,10 +425,10 @@ def _dkdv_nd_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqx, sqy, sqz, sqh, sq
                 az, bz = _seen_by_all(z0, TZ, lgz, ksz, stz, CZ)
                 partial = _box_seen(kx0, ky0, kz0, ax, bx, ay, by, az, bz, KX, KY, KZ) == 0
             if partial:
-                wsx, wex, wsy, wey, wsz, wez = _q_windows(px, py, pz, lgx, lgy, lgz, ksx, ksy,
+                wsx, wwx, wsy, wwy, wsz, wwz = _q_windows(px, py, pz, lgx, lgy, lgz, ksx, ksy,
                                                           ksz, stx, sty, stz, CX, CY, CZ)  # fmt: skip
-                ok = _inside(kx[:, None], ky[:, None], kz[:, None], wsx[None, :], wex[None, :],
-                             wsy[None, :], wey[None, :], wsz[None, :], wez[None, :], HAS_Z)  # fmt: skip
+                ok = _inside(kx[:, None], ky[:, None], kz[:, None], wsx[None, :], wwx[None, :],
+                             wsy[None, :], wwy[None, :], wsz[None, :], wwz[None, :], HAS_Z)  # fmt: skip
                 pt = tl.where(ok, pt, 0.0)
             dk, dv = _dkdv_update(dk, dv, pt, q, do, v, delta, IEEE)
     tok = ((kx * dlx + gx) * ny + ky * dly + gy) * nz + kz * dlz + gz
