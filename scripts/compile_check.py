@@ -1,0 +1,230 @@
+"""Compile our attention kernels for a GPU target on a machine without a GPU.
+
+    python scripts/compile_check.py [--arch 90] [--cases flash,na1d,na2d,na3d,na2d_large]
+        [--only SUBSTRING] [--sass]
+
+Triton's code generator and ``ptxas`` run on the CPU, so a kernel can be compiled for an H100
+(sm_90) here, with the launch arguments the launchers pass on the GPU (the launchers run on CPU
+tensors with ``ops.launch.launch`` recording instead of launching). This finds what the
+interpreter cannot: a Triton version that fails to compile a kernel, register spills, shared
+memory. ``--sass`` also prints the SASS instruction mix of each kernel's main loop (the longest
+loop with a matrix instruction): how integer work per tile was counted without device time
+(docs/benchmarks.md). Runs without ``TRITON_INTERPRET``; exit status 1 if a kernel fails.
+
+One line per kernel and case: name, registers, spill stack bytes, shared memory, and with
+``--sass`` the loop's instruction count and mix. Another Triton than the installed one: install
+it elsewhere (``pip install --target DIR triton==3.6.0``) and put DIR first on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("compile_check: unset TRITON_INTERPRET (the kernels must be JIT functions)")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from ops import flash, neighborhood, neighborhood_nd  # noqa: E402
+from ops.neighborhood_ref import check_window  # noqa: E402
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = ()
+
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _qkv(shape, h, d, dtype=torch.bfloat16):
+    return [torch.zeros(1, *shape, h, d, dtype=dtype) for _ in range(3)]
+
+
+def _na(shape, ks, d, causal=False, tma=None):
+    """Forward and backward launches of ``neighborhood`` for one layout."""
+    q, k, v = _qkv(shape, 2, d)
+    ks3, ds, ss, cs = check_window(shape, ks, 1, 1, causal)
+    nd = len(shape) > 1
+    win = (ks3, ds, ss, cs) if nd else (ks3[0], ds[0], ss[0], cs[0])
+    opts = dict(block_m=None, block_n=None, num_warps=None, num_stages=None, flat_tiles=None,
+                tma=tma)  # fmt: skip
+    fwd, bwd = (
+        (neighborhood_nd._forward_nd, neighborhood_nd._backward_nd)
+        if nd
+        else (neighborhood._forward, neighborhood._backward)
+    )
+    o, lse = fwd(q, k, v, win, d**-0.5, opts)
+    bwd(torch.zeros_like(o), None, q, k, v, o, lse, win, d**-0.5, opts)
+
+
+def _flash(n, d, causal, tma=None):
+    q, k, v = _qkv((n,), 4, d)
+    opts = dict(block_m=None, block_n=None, num_warps=None, num_stages=None, tma=tma)
+    o, lse = flash._forward(q, k, v, causal, d**-0.5, opts)
+    flash._backward(torch.zeros_like(o), None, q, k, v, o, lse, causal, d**-0.5, opts)
+
+
+# name -> launches of the benchmark cases (scripts/bench_attention.py) at one head / batch
+CASES = {
+    "flash": lambda: (_flash(4096, 64, True, tma=True), _flash(4096, 128, True, tma=False)),
+    "na1d": lambda: _na((32768,), [2049], 128, tma=True),
+    "na2d": lambda: _na((128, 128), [13, 13], 64),
+    "na3d": lambda: _na((32, 32, 32), [7, 7, 7], 64, tma=False),
+    "na2d_large": lambda: _na((256, 256), [80, 80], 128, tma=True),
+}
+
+
+def _signature(kernel, args, kwargs):
+    """ASTSource arguments for one recorded launch, specialized as Triton's launcher does."""
+    values = dict(zip(kernel.arg_names, args))
+    values.update(kwargs)
+    sig, const, attrs = {}, {}, {}
+    for i, p in enumerate(kernel.params):
+        val = values.get(p.name, getattr(p, "default", None))
+        if p.is_constexpr or val is None or (type(val) is int and val == 1):
+            sig[p.name], const[p.name] = "constexpr", val
+        elif isinstance(val, torch.Tensor):
+            sig[p.name] = "*" + _DTYPES[val.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif TensorDescriptor and isinstance(val, TensorDescriptor):
+            sig[p.name] = f"tensordesc<{_DTYPES[val.base.dtype]}{list(val.block_shape)}>"
+        elif type(val) is bool:
+            sig[p.name] = "i1"
+        elif type(val) is int:
+            sig[p.name] = "i32" if -(2**31) <= val < 2**31 else "i64"
+            if val % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif type(val) is float:
+            sig[p.name] = "fp32"
+        else:
+            raise TypeError(f"{kernel.fn.__name__}: argument {p.name} of type {type(val)}")
+    return sig, const, attrs
+
+
+def _loop_mix(sass: str):
+    """Instruction count and mix of the longest loop holding a matrix instruction."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, l in enumerate(lines) if (m := re.match(r"^(\w+):$", l))}
+    best = None
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA (\w+);", line)
+        if m and labels.get(m.group(1), i) < i:
+            body = [re.sub(r"^[^\t]*\t(@!?U?P\w+\s+)?", "", x).split(" ")[0].rstrip(";")
+                    for x in lines[labels[m.group(1)] + 1 : i + 1] if "\t" in x]  # fmt: skip
+            if any(op.startswith(("HGMMA", "HMMA")) for op in body):
+                if best is None or len(body) > len(best):
+                    best = body
+    if best is None:
+        return "no loop with a matrix instruction"
+    mix = collections.Counter(op.split(".")[0] for op in best)
+    return f"loop {len(best)} instr: " + ", ".join(f"{k} {v}" for k, v in mix.most_common(12))
+
+
+class _Quiet:
+    """Send the C++ side's stderr (MLIR reproducers, nvdisasm notes) to a file; keep its tail."""
+
+    def __enter__(self):
+        import tempfile
+
+        self.file = tempfile.TemporaryFile(mode="w+")
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.file.seek(0)
+        self.text = self.file.read()
+        self.file.close()
+
+    def reason(self) -> str:
+        notes = [line for line in self.text.splitlines() if "note:" in line or "error:" in line]
+        return notes[-1].split("note:")[-1].strip() if notes else ""
+
+
+def _resources(cubin: bytes) -> tuple[str, str]:
+    """(registers, spill stack bytes) from cuobjdump, or '?' where it is missing."""
+    tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    path = Path("/tmp") / f"compile_check_{os.getpid()}.cubin"
+    path.write_bytes(cubin)
+    try:
+        out = subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True,
+                             text=True).stdout  # fmt: skip
+    except OSError:
+        out = ""
+    finally:
+        path.unlink(missing_ok=True)
+    regs, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
+    return (regs.group(1) if regs else "?", stack.group(1) if stack else "?")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability (90: H100)")
+    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ",".join(CASES))
+    ap.add_argument("--only", default="", help="kernels whose name contains this")
+    ap.add_argument("--sass", action="store_true", help="print the main loop's SASS mix")
+    args = ap.parse_args()
+    target = GPUTarget("cuda", args.arch, 32)
+    print(f"triton {triton.__version__}, target sm_{args.arch}")
+    failures = 0
+    for case in args.cases.split(","):
+        launches = []
+
+        def record(kernel, grid, *a, _into=launches, **kw):
+            _into.append((kernel, a, kw))
+
+        saved, flash.launch = flash.launch, record
+        try:
+            CASES[case]()
+        finally:
+            flash.launch = saved
+        seen = set()
+        for kernel, a, kw in launches:
+            name = kernel.fn.__name__
+            if args.only not in name:
+                continue
+            sig, const, attrs = _signature(kernel, a, kw)
+            key = (name, repr(sorted(sig.items())), repr(sorted(const.items())), repr(attrs))
+            if key in seen:
+                continue
+            seen.add(key)
+            options = {k: kw[k] for k in ("num_warps", "num_stages") if k in kw}
+            quiet = _Quiet()
+            try:
+                with quiet:
+                    compiled = triton.compile(ASTSource(kernel, sig, const, attrs), target=target,
+                                              options=options)  # fmt: skip
+                    sass = compiled.asm["sass"] if args.sass else ""
+            except Exception as e:  # report every kernel, then fail
+                failures += 1
+                msg = str(e).strip().splitlines()
+                print(f"{case:11s} {name:22s} FAILED: {type(e).__name__}: {msg[-1] if msg else ''}"
+                      f" ({quiet.reason()[:160]})")  # fmt: skip
+                continue
+            regs, stack = _resources(compiled.asm["cubin"])
+            line = (f"{case:11s} {name:22s} regs {regs:>3s} spill {stack:>3s} B "
+                    f"shared {compiled.metadata.shared:>6d} B")  # fmt: skip
+            if args.sass:
+                line += "  " + _loop_mix(sass)
+            print(line, flush=True)
+    print(f"{failures} kernel(s) failed to compile" if failures else "all kernels compiled")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Our attention kernels compile for an H100 (sm_90) with the installed Triton, on the CPU:
+scripts/compile_check.py (Triton's compiler and ptxas need no GPU)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[1]
+PTXAS = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+
+# Known: Triton 3.8's TritonGPUCoalesceAsyncCopy pass fails on the 2-D/3-D neighborhood dK/dV
+# kernel (Triton 3.6, the GPU machine's, compiles it). A rewrite of that kernel that compiles
+# with both is on branch na-dkdv-int-unverified, waiting for its GPU check.
+KNOWN = {("3.8", "_dkdv_nd_kernel")}
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason="this Triton has no CUDA backend / ptxas")
+def test_attention_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "scripts/compile_check.py", "--cases", "flash,na1d,na2d"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    compiled = re.findall(r"^\S+\s+(\w+)\s+regs", run.stdout, re.M)
+    failed = re.findall(r"^\S+\s+(\w+)\s+FAILED", run.stdout, re.M)
+    assert compiled, run.stdout + run.stderr[-2000:]
+    version = ".".join(triton.__version__.split(".")[:2])
+    unexpected = [name for name in failed if (version, name) not in KNOWN]
+    assert not unexpected, run.stdout
+    assert {"_fwd_kernel", "_dkdv_kernel", "_dq_kernel", "_fwd_nd_kernel"} <= set(compiled)
+    if failed:
+        pytest.xfail(f"known Triton {version} failure: {sorted(set(failed))}")
