@@ -1,10 +1,11 @@
 """Compile our attention kernels for a GPU target on a machine without a GPU.
 
-    python scripts/compile_check.py [--arch 90] [--cases flash,na1d,na2d,na3d,na2d_large]
-        [--only SUBSTRING] [--sass]
+    python scripts/compile_check.py [--arch 90] [--cases flash,na1d,na2d,na3d,na2d_large,hyper,
+        simplicial] [--only SUBSTRING] [--sass]
 
 Triton's code generator and ``ptxas`` run on the CPU, so a kernel can be compiled for an H100
-(sm_90) here, with the launch arguments the launchers pass on the GPU (the launchers run on CPU
+(sm_90) here (flash, neighborhood 1-D/2-D/3-D, HyperAttention's gathered kernels and merges,
+2-simplicial), with the launch arguments the launchers pass on the GPU (the launchers run on CPU
 tensors with ``ops.launch.launch`` recording instead of launching). This finds what the
 interpreter cannot: a Triton version that fails to compile a kernel, register spills, shared
 memory. ``--sass`` also prints the SASS instruction mix of each kernel's main loop (the longest
@@ -36,7 +37,15 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from ops import flash, neighborhood, neighborhood_nd  # noqa: E402
+from ops import (  # noqa: E402
+    cross_entropy,
+    flash,
+    hyper_kernels,
+    neighborhood,
+    neighborhood_nd,
+    rotary,
+    simplicial,
+)
 from ops.neighborhood_ref import check_window  # noqa: E402
 
 try:
@@ -44,7 +53,13 @@ try:
 except ImportError:
     TensorDescriptor = ()
 
-_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_DTYPES = {
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float32: "fp32",
+    torch.int64: "i64",
+    torch.int32: "i32",
+}
 
 
 def _qkv(shape, h, d, dtype=torch.bfloat16):
@@ -75,6 +90,34 @@ def _flash(n, d, causal, tma=None):
     flash._backward(torch.zeros_like(o), None, q, k, v, o, lse, causal, d**-0.5, opts)
 
 
+def _hyper(n=16384, d=128, block=256, samples=256):
+    """HyperAttention's gathered kernels and merge, at a causal level's shapes (B*H = 2)."""
+    q, k, v = (torch.zeros(2, n, d, dtype=torch.bfloat16) for _ in range(3))
+    tiles = n // block
+    q_index = torch.zeros(2, tiles * block, dtype=torch.long)
+    k_index = torch.zeros(2, tiles, block + samples, dtype=torch.long)
+    o, lse = hyper_kernels._forward(q, k, v, q_index, k_index, block, 3.0, d**-0.5)
+    hyper_kernels._backward(torch.zeros_like(o), None, q, k, v, o, lse, q_index, k_index, block,
+                            3.0, d**-0.5)  # fmt: skip
+    o12 = torch.zeros(2, n, d, dtype=torch.bfloat16, requires_grad=True)
+    l12 = torch.zeros(2, n, requires_grad=True)
+    o3 = torch.zeros(2, n // 2, d, dtype=torch.bfloat16, requires_grad=True)
+    l3 = torch.zeros(2, n // 2, requires_grad=True)
+    out, lse = hyper_kernels.merge_halves(o12, l12, o3, l3)
+    torch.autograd.grad(
+        (out, lse), (o12, l12, o3, l3), (torch.zeros_like(out), torch.zeros_like(lse))
+    )
+
+
+def _simplicial(n, h, hkv, d, w1, w2):
+    """2-simplicial forward and backward (scripts/bench_simplicial.py's cases, batch 1)."""
+    q = torch.zeros(1, n, h, d, dtype=torch.bfloat16)
+    k1, k2, v1, v2 = (torch.zeros(1, n, hkv, d, dtype=torch.bfloat16) for _ in range(4))
+    o, lse = simplicial._forward(q, k1, k2, v1, v2, True, w1, w2, d**-0.5, {})
+    simplicial._backward(torch.zeros_like(o), None, q, k1, k2, v1, v2, o, lse, True, w1, w2,
+                         d**-0.5, {})  # fmt: skip
+
+
 # name -> launches of the benchmark cases (scripts/bench_attention.py) at one head / batch
 CASES = {
     "flash": lambda: (_flash(4096, 64, True, tma=True), _flash(4096, 128, True, tma=False)),
@@ -82,7 +125,13 @@ CASES = {
     "na2d": lambda: _na((128, 128), [13, 13], 64),
     "na3d": lambda: _na((32, 32, 32), [7, 7, 7], 64, tma=False),
     "na2d_large": lambda: _na((256, 256), [80, 80], 128, tma=True),
+    "hyper": _hyper,
+    "simplicial": lambda: (
+        _simplicial(4096, 64, 1, 128, 32, 512),
+        _simplicial(1024, 12, 12, 64, 64, 64),
+    ),
 }
+_LAUNCHING = (flash, rotary, cross_entropy, hyper_kernels, simplicial)  # modules calling launch
 
 
 def _signature(kernel, args, kwargs):
@@ -188,11 +237,14 @@ def main() -> int:
         def record(kernel, grid, *a, _into=launches, **kw):
             _into.append((kernel, a, kw))
 
-        saved, flash.launch = flash.launch, record
+        saved = [m.launch for m in _LAUNCHING]
+        for m in _LAUNCHING:
+            m.launch = record
         try:
             CASES[case]()
         finally:
-            flash.launch = saved
+            for m, fn in zip(_LAUNCHING, saved):
+                m.launch = fn
         seen = set()
         for kernel, a, kw in launches:
             name = kernel.fn.__name__
