@@ -31,9 +31,12 @@ from .flash import (
     _LOG2E,
     KernelAttention,
     _cdiv,
+    _delta_kernel,
     _dot,
     _jit,
+    _launch,
     _softmax_update,
+    _Tiles,
     tl,
     triton,
 )
@@ -221,17 +224,21 @@ def _backward(do, dlse, q, k, v, o, lse, q_index, k_index, n_block: int, log_w: 
     n_tiles, n_keys = k_index.shape[1], k_index.shape[2]
     tile_rows = q_index.shape[1] // max(n_tiles, 1)
     do = do.contiguous()
-    delta = (do.float() * o.float()).sum(-1)  # (BH, Nq): rowsum(dO * O) - dLSE
-    if dlse is not None:
-        delta = delta - dlse
+    bm, bn, warps, stages = _tiles(q)
+    # (BH, Nq) fp32: rowsum(dO * O) - dLSE in one pass (flash's kernel, o as (BH, Nq, 1, Dv)),
+    # not four (two fp32 copies, a product and a sum: ~5 ms of the 64k causal backward)
+    delta = torch.empty((bh, nq), dtype=torch.float32, device=q.device)
+    dlse = None if dlse is None else dlse.contiguous()
+    if bh and nq:
+        _launch(_delta_kernel, (_cdiv(nq, bm), bh), o, do, delta if dlse is None else dlse,
+                delta, do.stride(0), do.stride(1), 0, do.stride(2), nq, 1,
+                tiles=_Tiles(bm, 16, warps, 1), HAS_DLSE=dlse is not None, HEAD_D=dv)  # fmt: skip
     dq = torch.empty((bh, nq, d), dtype=q.dtype, device=q.device)
     dk = torch.zeros((bh, nk, d), dtype=torch.float32, device=q.device)
     dvv = torch.zeros((bh, nk, dv), dtype=torch.float32, device=q.device)
-    bm, bn, warps, stages = _tiles(q)
     args = (*q.stride(), *k.stride(), *v.stride())
     const = dict(HEAD_D=d, HEAD_DV=dv, BLOCK_M=bm, BLOCK_N=bn, IEEE=q.dtype == torch.float32,
                  num_warps=warps, num_stages=stages)  # fmt: skip
-    delta = delta.contiguous()
     if n_tiles and bh:
         launch(_gdq_kernel, (n_tiles * _cdiv(tile_rows, bm), bh),
                q, k, v, do, lse, delta, dq, q_index, k_index, *args, nq, n_tiles, tile_rows,
