@@ -38,8 +38,8 @@ except ImportError:
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _PLAIN = (int, bool, str, type(None))  # keyed by value
 _MAX_ENTRIES = 4096
-_COMPILED: dict = {}  # key -> CompiledKernel
-_TAILS: dict = {}  # kernel -> ((name, default), ...) of its parameters, in order
+_COMPILED: dict = {}  # key -> (CompiledKernel, ((name, default), ...) of the parameters after
+# the positional arguments: the key fixes how many there are)
 
 
 class _Uncached(Exception):
@@ -71,11 +71,7 @@ def _spec(a):
 
 def _params(kernel):
     """((name, default), ...) of the kernel's parameters (default ``inspect._empty``)."""
-    params = _TAILS.get(kernel)
-    if params is None:
-        sig = inspect.signature(kernel.fn)
-        params = _TAILS[kernel] = tuple((p.name, p.default) for p in sig.parameters.values())
-    return params
+    return tuple((p.name, p.default) for p in inspect.signature(kernel.fn).parameters.values())
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
@@ -89,14 +85,15 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     except _Uncached:
         kernel[grid](*args, **kwargs)
         return
-    compiled = _COMPILED.get(key)
-    if compiled is None:
+    entry = _COMPILED.get(key)
+    if entry is None:
         compiled = kernel[grid](*args, **kwargs)
         if compiled is not None:
             if len(_COMPILED) >= _MAX_ENTRIES:  # e.g. a new sequence length every call
                 _COMPILED.clear()
-            _COMPILED[key] = compiled
+            _COMPILED[key] = (compiled, _params(kernel)[len(args) :])
         return
-    tail = [kwargs[n] if n in kwargs else d for n, d in _params(kernel)[len(args) :]]
+    compiled, rest = entry
+    tail = [kwargs[n] if n in kwargs else d for n, d in rest]
     grid = (*grid, 1, 1)[:3] if len(grid) < 3 else grid
     compiled[grid](*args, *tail)

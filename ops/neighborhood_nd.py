@@ -613,8 +613,9 @@ def _forward_nd(q, k, v, win, scale: float, opts: dict):
     ((grid, args, tiles, const, bm, bn),) = _plan("fwd", shape, h, k.shape[-2], d, q.dtype, win,
                                                   tuple(opts.items()))  # fmt: skip
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, h, math.prod(shape)), dtype=torch.float32, device=q.device)
-    scores = b * h * o[0, ..., 0, 0].numel() * math.prod(win[0])
+    n = math.prod(shape)
+    lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+    scores = b * h * n * math.prod(win[0])
     tma = _want_tma(opts, scores) and _tma_ok(win, opts, q, k, v, o)
     descs = [_tma_desc(t, box) for t, box in ((q, bm), (k, bn), (v, bn), (o, bm))] if tma \
         else [None] * 4  # fmt: skip

@@ -38,3 +38,38 @@ def test_gpu_cached_launches_follow_alignment_and_shapes():
             *(t.transpose(1, 2).float() for t in (q, k, v)), is_causal=True
         ).transpose(1, 2)
         torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_second_launch_of_a_key_goes_to_the_compiled_kernel_with_all_arguments(monkeypatch):
+    """The cache's own path, with stand-ins for Triton's JIT and compiled kernels: the first call
+    of a key goes through kernel[grid](...), later ones call the compiled kernel with every
+    parameter in order (positional, then keywords and defaults); a new key compiles again."""
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *a: calls.append(("direct", grid, a))
+
+    def body(x, n, BLOCK=None, FLAG=7):  # a kernel's signature
+        pass
+
+    class Jit:
+        fn = staticmethod(body)
+
+        def __getitem__(self, grid):
+            def run(*a, **kw):
+                calls.append(("triton", grid, a, kw))
+                return Compiled()
+
+            return run
+
+    monkeypatch.setattr(L, "_INTERPRET", False)
+    monkeypatch.setattr(L, "_JITFunction", Jit)
+    monkeypatch.setattr(L, "_COMPILED", {})
+    kernel, x = Jit(), torch.zeros(4)
+    L.launch(kernel, (2,), x, 5, BLOCK=16, num_warps=4)
+    L.launch(kernel, (3,), x, 5, BLOCK=16, num_warps=4)
+    L.launch(kernel, (3,), x, 6, BLOCK=16, num_warps=4)  # another int: another key
+    assert [c[0] for c in calls] == ["triton", "direct", "triton"]
+    assert calls[1][1] == (3, 1, 1) and calls[1][2][1:] == (5, 16, 7)
+    assert calls[1][2][0] is x
