@@ -221,7 +221,8 @@ def _fwd_nd_kernel(Q, K, V, O, LSE, sqb, sqx, sqy, sqz, sqh, sqd, skb, skx, sky,
                    CX: tl.constexpr, CY: tl.constexpr, CZ: tl.constexpr, TY: tl.constexpr,
                    TZ: tl.constexpr, KY: tl.constexpr, KZ: tl.constexpr, FLAT: tl.constexpr,
                    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   IEEE: tl.constexpr, HAS_Z: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+                   IEEE: tl.constexpr, HAS_Z: tl.constexpr, TMA: tl.constexpr,
+                   MASK_ALL: tl.constexpr):  # fmt: skip
     """One (query box, dilation groups, batch*head): O and LSE (natural log) of its queries.
     TMA: q, K/V boxes and O move through the tensor descriptors QD, KD, VD, OD (see
     ``_tma_ok``, ``_tma_desc``), else through pointers."""
@@ -272,7 +273,7 @@ def _fwd_nd_kernel(Q, K, V, O, LSE, sqb, sqx, sqy, sqz, sqh, sqd, skb, skx, sky,
             v = tl.load(v_base + v_off[:, None] + offs_d[None, :] * svd,
                         mask=in_k[:, None], other=0.0)  # (BN, D)  # fmt: skip
         s = _dot(q, kt, IEEE)  # (BM, BN), unscaled
-        if FLAT:  # a run of the span: always masked
+        if MASK_ALL:  # runs of the span (FLAT), or no box can be seen whole: always masked
             partial = True
         else:  # a box: masked unless every query of the tile sees all of it
             partial = _box_seen(x0, y0, z0, ax, bx, ay, by, az, bz, KX, KY, KZ) == 0
@@ -301,8 +302,8 @@ def _dq_nd_kernel(Q, K, V, DO, LSE, DELTA, DQ, O, DLSE, sqb, sqx, sqy, sqz, sqh,
                   CX: tl.constexpr, CY: tl.constexpr, CZ: tl.constexpr, TY: tl.constexpr,
                   TZ: tl.constexpr, KY: tl.constexpr, KZ: tl.constexpr, FLAT: tl.constexpr,
                   HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  IEEE: tl.constexpr, HAS_Z: tl.constexpr,
-                  HAS_DLSE: tl.constexpr):  # fmt: skip
+                  IEEE: tl.constexpr, HAS_Z: tl.constexpr, HAS_DLSE: tl.constexpr,
+                  MASK_ALL: tl.constexpr):  # fmt: skip
     """One (query box, dilation groups, batch*head): dQ = scale * dS K over its key span.
     DO and O are contiguous (B, N, H, D). Also computes and stores DELTA = rowsum(dO * O) -
     dLSE of its queries (no separate launch); the dK/dV kernel, launched after, reads it."""
@@ -355,7 +356,7 @@ def _dq_nd_kernel(Q, K, V, DO, LSE, DELTA, DQ, O, DLSE, sqb, sqx, sqy, sqz, sqh,
         v = tl.load(v_base + v_off[:, None] + offs_d[None, :] * svd,
                     mask=in_k[:, None], other=0.0)  # (BN, D)  # fmt: skip
         p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
-        if FLAT:  # a run of the span: always masked
+        if MASK_ALL:  # runs of the span (FLAT), or no box can be seen whole: always masked
             partial = True
         else:  # a box: masked unless every query of the tile sees all of it
             partial = _box_seen(x0, y0, z0, ax, bx, ay, by, az, bz, KX, KY, KZ) == 0
@@ -374,7 +375,8 @@ def _dkdv_nd_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqx, sqy, sqz, sqh, sq
                     CX: tl.constexpr, CY: tl.constexpr, CZ: tl.constexpr, TY: tl.constexpr,
                     TZ: tl.constexpr, KY: tl.constexpr, KZ: tl.constexpr, FLAT: tl.constexpr,
                     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    IEEE: tl.constexpr, HAS_Z: tl.constexpr):  # fmt: skip
+                    IEEE: tl.constexpr, HAS_Z: tl.constexpr, MASK_ALL: tl.constexpr,
+                    SIMPLE: tl.constexpr):  # fmt: skip
     """One (key box, dilation groups, batch*kv head): dK, dV summed over the GQA group's q
     heads, over the query span whose windows can reach these keys (per-axis binary search)."""
     tx, ty, tz = _split3(tl.program_id(0), nty, ntz)
@@ -416,7 +418,10 @@ def _dkdv_nd_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqx, sqy, sqz, sqh, sq
         for t in range(0, n_t):  # box index from t (the counters of _next_box measured
             # slower here, 2-D 13x13 dK/dV 0.270 -> 0.304 ms on the H100; and an integer
             # division of t in this loop stops Triton 3.8 compiling the kernel for sm_90)
-            ixy, iz = _divmod(t, nz_t, inv_nz)
+            if HAS_Z:
+                ixy, iz = _divmod(t, nz_t, inv_nz)
+            else:
+                ixy, iz = t, t * 0
             ix, iy = _divmod(ixy, ny_t, inv_ny)
             px, py, pz, in_q, x0, y0, z0 = _tile(t, ix, iy, iz, qlox, qloy, qloz, sx, sy, sz, TX,
                                                  TY, TZ, FLAT, BLOCK_M)  # fmt: skip
@@ -432,7 +437,7 @@ def _dkdv_nd_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqx, sqy, sqz, sqh, sq
             pt = tl.exp2(_dot(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])  # P^T (BN, BM)
             # unmasked when every query of the box sees every key: the key box lies inside the
             # keys seen by all of them (rows outside the span or the axes load zeros q, dO)
-            if FLAT:
+            if MASK_ALL:
                 partial = True
             else:
                 ax, bx = _seen_by_all(x0, TX, lgx, ksx, stx, CX)
@@ -440,10 +445,17 @@ def _dkdv_nd_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqx, sqy, sqz, sqh, sq
                 az, bz = _seen_by_all(z0, TZ, lgz, ksz, stz, CZ)
                 partial = _box_seen(kx0, ky0, kz0, ax, bx, ay, by, az, bz, KX, KY, KZ) == 0
             if partial:
-                wsx, wwx, wsy, wwy, wsz, wwz = _q_windows(px, py, pz, lgx, lgy, lgz, ksx, ksy,
-                                                          ksz, stx, sty, stz, CX, CY, CZ)  # fmt: skip
-                ok = _inside(kx[:, None], ky[:, None], kz[:, None], wsx[None, :], wwx[None, :],
-                             wsy[None, :], wwy[None, :], wsz[None, :], wwz[None, :], HAS_Z)  # fmt: skip
+                if SIMPLE:  # non-causal, stride 1: start clamp(p - k // 2, 0, lg - k), width k
+                    # (rows outside the span or the axes load zeros q, dO: they add nothing)
+                    wsx = tl.minimum(tl.maximum(px - ksx // 2, 0), lgx - ksx)
+                    wsy = tl.minimum(tl.maximum(py - ksy // 2, 0), lgy - ksy)
+                    wsz = tl.minimum(tl.maximum(pz - ksz // 2, 0), lgz - ksz)
+                    wwx, wwy, wwz = ksx, ksy, ksz
+                else:
+                    wsx, wwx, wsy, wwy, wsz, wwz = _q_windows(px, py, pz, lgx, lgy, lgz, ksx, ksy,
+                                                              ksz, stx, sty, stz, CX, CY, CZ)  # fmt: skip
+                ok = _inside(kx[:, None], ky[:, None], kz[:, None], wsx[None, :], wwx, wsy[None, :],
+                             wwy, wsz[None, :], wwz, HAS_Z)  # fmt: skip
                 pt = tl.where(ok, pt, 0.0)
             dk, dv = _dkdv_update(dk, dv, pt, q, do, v, delta, IEEE)
     tok = ((kx * dlx + gx) * ny + ky * dly + gy) * nz + kz * dlz + gz
@@ -600,8 +612,11 @@ def _plan(kind: str, shape, h: int, hkv: int, d: int, dtype, win, opts_key):
         tiles = _nd_tiles({**opts, **given}, d, dtype, kernel, ndim)
         bm, bn, args, nt = _launch_geometry(axes, h, ndim, tiles, by_keys)
         grid = (nt[0] * nt[1] * nt[2], ds[0] * ds[1] * ds[2], heads)  # x batch at launch
-        out.append((grid, (*args, h // hkv), tiles,
-                    dict(const, TY=bm[1], TZ=bm[2], KY=bn[1], KZ=bn[2]), bm, bn))  # fmt: skip
+        # a query box of T sees a key box of K whole on an axis only if the kernel k >= T + K - 1
+        # (away from the borders); where no axis allows it, skip the per-tile test
+        mask_all = const["FLAT"] or any(k < t + kk - 1 for k, t, kk in zip(axes[1], bm, bn))
+        out.append((grid, (*args, h // hkv), tiles, dict(const, TY=bm[1], TZ=bm[2], KY=bn[1],
+                                                          KZ=bn[2], MASK_ALL=mask_all), bm, bn))  # fmt: skip
     return tuple(out)
 
 
@@ -644,7 +659,8 @@ def _backward_nd(do, dlse, q, k, v, o, lse, win, scale: float, opts: dict):
     for kernel, outs, (grid, args, tiles, const, _, _), extra in (
         (_dq_nd_kernel, (dq, o, delta if dlse is None else dlse), dq_plan,
          dict(HAS_DLSE=dlse is not None)),
-        (_dkdv_nd_kernel, (dk, dv), dkdv_plan, {}),
+        (_dkdv_nd_kernel, (dk, dv), dkdv_plan,
+         dict(SIMPLE=not any(win[3]) and all(s == 1 for s in win[2]))),
     ):  # fmt: skip
         _launch(kernel, (grid[0], grid[1], b * grid[2]), q, k, v, do, lse, delta, *outs,
                 *strides, *args, scale * _LOG2E, scale, tiles=tiles, **const, **extra)  # fmt: skip
