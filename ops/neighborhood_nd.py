@@ -305,8 +305,10 @@ def _dq_nd_kernel(Q, K, V, DO, LSE, DELTA, DQ, O, DLSE, sqb, sqx, sqy, sqz, sqh,
                   IEEE: tl.constexpr, HAS_Z: tl.constexpr, HAS_DLSE: tl.constexpr,
                   MASK_ALL: tl.constexpr):  # fmt: skip
     """One (query box, dilation groups, batch*head): dQ = scale * dS K over its key span.
-    DO and O are contiguous (B, N, H, D). Also computes and stores DELTA = rowsum(dO * O) -
-    dLSE of its queries (no separate launch); the dK/dV kernel, launched after, reads it."""
+    DO and O are contiguous (B, N, H, D). Also stores, per query, the pair (LSE in log2 units,
+    Delta = rowsum(dO * O) - dLSE) as DELTA (B, H, N, 2) (no separate launch): the dK/dV
+    kernel, launched after, reads both with one 8-byte load a query instead of two loads and
+    a multiply (its per-tile integer work is what bounds it)."""
     tx, ty, tz = _split3(tl.program_id(0), nty, ntz)
     gx, gy, gz = _split3(tl.program_id(1), dly, dlz)
     bh = tl.program_id(2)
@@ -331,7 +333,8 @@ def _dq_nd_kernel(Q, K, V, DO, LSE, DELTA, DQ, O, DLSE, sqb, sqx, sqy, sqz, sqh,
     delta = tl.sum(o * do.to(tl.float32), 1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + row, mask=in_q, other=0.0)
-    tl.store(DELTA + row, delta, mask=in_q)
+    pair = tl.arange(0, 2)
+    tl.store(DELTA + row[:, None] * 2 + pair[None, :], tl.join(lse, delta), mask=in_q[:, None])
     k_base = K + b * skb + (h // group) * skh
     v_base = V + b * svb + (h // group) * svh
     lox, hix = _span(tx * TX, TX, lgx, ksx, stx, CX)
@@ -411,6 +414,7 @@ def _dkdv_nd_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqx, sqy, sqz, sqh, sq
     dk = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
     ny_t, nz_t = (sy + TY - 1) // TY, (sz + TZ - 1) // TZ  # query boxes per axis of the span
+    pair = tl.arange(0, 2)
     inv_ny, inv_nz = 1.0 / ny_t.to(tl.float32), 1.0 / nz_t.to(tl.float32)
     for j in range(group):
         h = hk * group + j
@@ -432,8 +436,8 @@ def _dkdv_nd_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqx, sqy, sqz, sqh, sq
             flat = ((b * n + tok[:, None]) * n_heads + h) * HEAD_D + offs_d[None, :]
             do = tl.load(DO + flat, mask=in_q[:, None], other=0.0)
             row = (b * n_heads + h) * n + tok
-            lse = tl.load(LSE + row, mask=in_q, other=0.0) * 1.4426950408889634
-            delta = tl.load(DELTA + row, mask=in_q, other=0.0)
+            lse, delta = tl.split(tl.load(DELTA + row[:, None] * 2 + pair[None, :],
+                                          mask=in_q[:, None], other=0.0))  # log2 units, Delta  # fmt: skip
             pt = tl.exp2(_dot(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])  # P^T (BN, BM)
             # unmasked when every query of the box sees every key: the key box lies inside the
             # keys seen by all of them (rows outside the span or the axes load zeros q, dO)
@@ -647,7 +651,8 @@ def _backward_nd(do, dlse, q, k, v, o, lse, win, scale: float, opts: dict):
     do = do.reshape(b, n, h, d)  # a view for the usual (mergeable) layouts
     if do.stride() != (n * h * d, h * d, d, 1):
         do = do.contiguous()  # the ND kernels read dO as contiguous (B, N, H, D)
-    delta = torch.empty_like(lse)  # (B, H, N) fp32: rowsum(dO * O) - dLSE, from the dQ kernel
+    # (B, H, N, 2) fp32: (LSE log2, rowsum(dO * O) - dLSE) a query, written by the dQ kernel
+    delta = torch.empty((*lse.shape, 2), dtype=torch.float32, device=lse.device)
     dlse = None if dlse is None else dlse.contiguous()
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
