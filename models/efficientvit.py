@@ -44,6 +44,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 from collections import OrderedDict
 
 import torch
@@ -149,6 +150,40 @@ class ConvBN(nn.Module):
         fused.weight.copy_(w64 * s[:, None, None, None])
         fused.bias.copy_(bn.bias.double() - bn.running_mean.double() * s)
         return fused
+
+
+class StemConvReLU(nn.Module):
+    """relu(conv(x)) of a folded 3x3 stride-2 stem conv; in inference copies on CUDA, one Triton
+    kernel that reads the images in their own dtype and layout (``ops/conv_stem.py``: fuses
+    autocast's copy of the images, and cuDNN is slow at 3 input channels)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+
+    def _fast(self, x) -> bool:
+        c = self.conv
+        return (
+            (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+            and not (torch.is_grad_enabled() and (x.requires_grad or c.weight.requires_grad))
+            and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and c.kernel_size == (3, 3) and c.stride == (2, 2) and c.padding == (1, 1)
+            and c.groups == 1 and c.bias is not None and c.in_channels <= 4
+        )  # fmt: skip
+
+    def forward(self, x):
+        if not self._fast(x):
+            return F.relu(self.conv(x))
+        from ops.conv_stem import conv3x3_s2
+
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        fmt = (
+            torch.channels_last
+            if self.conv.weight.is_contiguous(memory_format=torch.channels_last)
+            else torch.contiguous_format
+        )
+        return conv3x3_s2(x, self.conv.weight, self.conv.bias, True, dtype, fmt)
 
 
 class BNLinear(nn.Module):
@@ -300,9 +335,56 @@ class CascadedGroupAttention(nn.Module):
             self.attn_bias = nn.Parameter(torch.zeros(heads, window * window))  # |dy|, |dx|
             self.register_buffer("bias_idx", relative_offset_index(window), persistent=False)
 
+    def enable_fused(self) -> bool:
+        """Run this layer through the fused Triton kernel (``ops/cascaded.py``) where it can:
+        an inference copy (BN folded: the 1x1 and depthwise convs carry biases), windowed
+        attention with biases (not the neighborhood variant), a window up to 8 and a
+        power-of-two key_dim >= 16. Returns whether it will."""
+        from ops import cascaded
+
+        ok = (
+            not self.neighborhood
+            and cascaded.triton is not None
+            and isinstance(self.qkv[0], nn.Conv2d)
+            and all(isinstance(m, nn.Conv2d) and m.bias is not None for m in self.q_dw)
+            and self.window <= cascaded.MAX_WINDOW
+            and self.heads <= cascaded.MAX_HEADS
+            and self.key_dim >= 16
+            and not self.key_dim & (self.key_dim - 1)
+            and all(m.kernel_size[0] % 2 for m in self.q_dw)
+        )
+        self._fused = {} if ok else None
+        return ok
+
+    def _fused_ready(self, x) -> bool:
+        fused = getattr(self, "_fused", None)
+        if fused is None or self.training or x.dtype == torch.float64:
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or self.attn_bias.requires_grad):
+            return False  # the kernel has no backward
+        return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+    def _forward_fused(self, x):
+        from ops import cascaded
+
+        key = (x.dtype, x.device)
+        packed = self._fused.get(key)
+        if packed is None:
+            with torch.no_grad():
+                packed = cascaded.pack_weights(
+                    [m.weight for m in self.qkv], [m.bias for m in self.qkv],
+                    [m.weight for m in self.q_dw], [m.bias for m in self.q_dw],
+                    self.attn_bias[:, self.bias_idx], self.key_dim, self.window, x.dtype,
+                    x.device,
+                )  # fmt: skip
+            self._fused[key] = packed
+        return self.proj(cascaded.cascaded_group_attention(x, packed, self.scale))
+
     def forward(self, x):
         if self.neighborhood:
             return self._forward_neighborhood(x)
+        if self._fused_ready(x):
+            return self._forward_fused(x)
         b, c, h, w = x.shape
         ws = self.window
         windowed = (h, w) != (ws, ws)
@@ -496,12 +578,16 @@ class EfficientViT(nn.Module):
         return self._flops
 
     @torch.no_grad()
-    def fuse_bn(self) -> EfficientViT:
+    def fuse_bn(self, fused_attention: bool = True, channels_last: bool = True) -> EfficientViT:
         """An inference copy (eval mode) with every Conv+BN and BN+Linear folded into one layer.
 
         Same eval-mode outputs (folding in float64); the original model is left unchanged.
         Fused models have no BatchNorm left, so they are for inference only (and their state dict
-        is not timm's layout).
+        is not timm's layout). ``fused_attention``: each windowed CGA layer runs as one Triton
+        kernel (``ops/cascaded.py``) on CUDA without autograd, instead of ~10 PyTorch/cuDNN
+        kernels a head, and so does the stem's first conv + ReLU (``ops/conv_stem.py``). ``channels_last``: the weights go channels_last, so convolutions take
+        and give NHWC activations (cuDNN's tensor-core layout; NCHW inputs are converted by the
+        first convolution); outputs are unchanged.
         """
         memo = {id(m.attention): m.attention for m in self.modules() if hasattr(m, "attention")}
         fused = copy.deepcopy(self, memo).eval()
@@ -509,6 +595,13 @@ class EfficientViT(nn.Module):
             for name, child in list(module.named_children()):
                 if isinstance(child, (ConvBN, BNLinear)):
                     setattr(module, name, child.fuse())
+        if fused_attention:
+            fused.stem.conv1, fused.stem.act1 = StemConvReLU(fused.stem.conv1), nn.Identity()
+            for module in fused.modules():
+                if isinstance(module, CascadedGroupAttention):
+                    module.enable_fused()
+        if channels_last:
+            fused = fused.to(memory_format=torch.channels_last)
         return fused
 
 

@@ -1,7 +1,8 @@
 """EfficientViT inference throughput, ours against timm's, in the same process (issue 4).
 
     python scripts/bench_efficientvit.py [--variants m0 m1 ...] [--batch 2048] [--img 224]
-                                         [--attn sdpa] [--no-compile] [--out bench_efficientvit.json]
+                                         [--attn sdpa] [--no-compile] [--impls timm,timm_cl,ours,ours_plain]
+                                         [--out bench_efficientvit.json]
 
 The paper's protocol: eval mode, BatchNorm folded into the convolutions / linears, fp16 autocast,
 224x224 inputs already on the GPU, images/s = batch / median time of a forward. For every variant
@@ -57,7 +58,16 @@ def median_ms(fn, warmup: int, iters: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def models_for(variant: str, attn: str, img: int):
+def models_for(variant: str, attn: str, img: int, impls=("timm", "ours")) -> dict:
+    """The models to time, by name, all holding timm's random init (converted for ours):
+
+    timm        timm's model as created (NCHW), its Conv+BN folded: the paper's protocol
+    timm_cl     the same, channels_last (timm's fastest eager layout here)
+    ours        ``fuse_bn()``: folded, fused CGA kernel, channels_last (our inference copy)
+    ours_plain  ``fuse_bn(fused_attention=False, channels_last=False)``: the per-head path
+    """
+    import copy
+
     import timm
 
     torch.manual_seed(0)
@@ -65,8 +75,14 @@ def models_for(variant: str, attn: str, img: int):
     cfg = EfficientViTConfig(name=f"efficientvit_{variant}", variant=variant, img_size=img)
     ours = build_efficientvit(cfg, ops.build(attn))
     ours.load_state_dict(from_timm_state_dict(ref.state_dict()))
-    ref, ours = ref.eval(), ours.eval()
-    return fold_timm(ref).cuda(), ours.fuse_bn().cuda()
+    ref, ours = fold_timm(ref.eval()).cuda(), ours.eval()
+    make = {
+        "timm": lambda: ref,
+        "timm_cl": lambda: copy.deepcopy(ref).to(memory_format=torch.channels_last),
+        "ours": lambda: ours.fuse_bn().cuda(),
+        "ours_plain": lambda: ours.fuse_bn(fused_attention=False, channels_last=False).cuda(),
+    }
+    return {name: make[name]() for name in impls}
 
 
 def main():
@@ -78,6 +94,8 @@ def main():
     ap.add_argument("--img", type=int, default=224)
     ap.add_argument("--attn", default="sdpa", help="our attention backend")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--impls", default="timm,timm_cl,ours,ours_plain",
+                    help="comma list of timm, timm_cl, ours, ours_plain (models_for)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", default="bench_efficientvit.json")
@@ -85,48 +103,49 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench_efficientvit.py needs a CUDA GPU")
     modes = ["eager"] + ([] if args.no_compile else ["compiled"])
+    impls = [s.strip() for s in args.impls.split(",")]
     rows = []
     for v in args.variants:
-        ref, ours = models_for(v, args.attn, args.img)
+        models = models_for(v, args.attn, args.img, impls)
         x = torch.randn(args.batch, 3, args.img, args.img, device="cuda")
         with torch.no_grad(), torch.autocast("cuda", torch.float16):
-            diff = (ref(x[:8]).float() - ours(x[:8]).float()).abs().max().item()
+            want = models[impls[0]](x[:8]).float()
             for mode in modes:
-                for impl, model in (("timm", ref), ("ours", ours)):
+                for impl, model in models.items():
                     torch._dynamo.reset()
                     fn_model = torch.compile(model) if mode == "compiled" else model
+                    diff = (fn_model(x[:8]).float() - want).abs().max().item()
                     ms = median_ms(lambda m=fn_model, x=x: m(x), args.warmup, args.iters)
                     rows.append({"variant": v, "impl": impl, "mode": mode, "ms": ms,
                                  "images_per_s": args.batch / ms * 1e3,
-                                 "max_abs_logit_diff_fp16": diff})  # fmt: skip
-                    print(f"{v} {impl:4s} {mode:8s} {args.batch / ms * 1e3:10,.0f} img/s",
-                          flush=True)  # fmt: skip
-        del ref, ours, x
+                                 f"max_abs_logit_diff_vs_{impls[0]}_eager_fp16": diff})  # fmt: skip
+                    print(f"{v} {impl:10s} {mode:8s} {args.batch / ms * 1e3:10,.0f} img/s "
+                          f"(max |logit diff| {diff:.2e})", flush=True)  # fmt: skip
+        del models, x
         torch.cuda.empty_cache()
     env = _env(timm=__import__("timm").__version__, batch=args.batch, img=args.img,
                attn=args.attn)  # fmt: skip
     Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     print(
         f"\n{env['gpu']} | torch {env['torch']} | timm {env['timm']} | batch {args.batch} "
-        f"{args.img}x{args.img} fp16 autocast, BN folded"
+        f"{args.img}x{args.img} fp16 autocast, BN folded; images/s"
     )
-    print(f"{'variant':<8} {'mode':<9} {'timm img/s':>11} {'ours img/s':>11} {'ours/timm':>9}")
+    cols = [(i, m) for m in modes for i in impls]
+    print(f"{'variant':<8}" + "".join(f"{i + ' ' + m[:4]:>17}" for i, m in cols))
+    get = {(r["variant"], r["impl"], r["mode"]): r["images_per_s"] for r in rows}
     for v in args.variants:
-        for mode in modes:
-            t, o = (
-                next(r for r in rows if r["variant"] == v and r["mode"] == mode and r["impl"] == i)
-                for i in ("timm", "ours")
-            )
-            ratio = o["images_per_s"] / t["images_per_s"]
-            print(
-                f"{v:<8} {mode:<9} {t['images_per_s']:11,.0f} {o['images_per_s']:11,.0f} {ratio:8.2f}x"
-            )
-    eager_timm = {r["variant"]: r["images_per_s"] for r in rows if r["impl"] == "timm"
-                  and r["mode"] == "eager"}  # fmt: skip
-    print("goal (issue 4): ours >= 1.3x timm eager and >= timm compiled")
-    for v in args.variants:
-        best = max(r["images_per_s"] for r in rows if r["variant"] == v and r["impl"] == "ours")
-        print(f"  {v}: best ours {best:,.0f} = {best / eager_timm[v]:.2f}x timm eager")
+        print(f"{v:<8}" + "".join(f"{get[v, i, m]:17,.0f}" for i, m in cols))
+    if "timm" in impls and "ours" in impls:
+        print("goal (issue 4): ours >= 1.3x timm eager and >= timm compiled")
+        for v in args.variants:
+            line = f"  {v}: ours eager / timm eager {get[v, 'ours', 'eager'] / get[v, 'timm', 'eager']:.2f}x"
+            if "timm_cl" in impls:
+                line += f" (/ timm channels_last eager {get[v, 'ours', 'eager'] / get[v, 'timm_cl', 'eager']:.2f}x)"
+            if "compiled" in modes:
+                best = max(get[v, "ours", m] for m in modes)
+                tc = max(get[v, t, "compiled"] for t in ("timm", "timm_cl") if t in impls)
+                line += f"; best ours / best timm compiled {best / tc:.2f}x"
+            print(line)
 
 
 if __name__ == "__main__":

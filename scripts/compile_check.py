@@ -1,11 +1,11 @@
 """Compile our attention kernels for a GPU target on a machine without a GPU.
 
     python scripts/compile_check.py [--arch 90] [--cases flash,na1d,na2d,na3d,na2d_large,hyper,
-        simplicial] [--only SUBSTRING] [--sass]
+        simplicial,cga] [--only SUBSTRING] [--sass]
 
 Triton's code generator and ``ptxas`` run on the CPU, so a kernel can be compiled for an H100
 (sm_90) here (flash, neighborhood 1-D/2-D/3-D, HyperAttention's gathered kernels and merges,
-2-simplicial), with the launch arguments the launchers pass on the GPU (the launchers run on CPU
+2-simplicial, EfficientViT's fused CGA and stem conv), with the launch arguments the launchers pass on the GPU (the launchers run on CPU
 tensors with ``ops.launch.launch`` recording instead of launching). This finds what the
 interpreter cannot: a Triton version that fails to compile a kernel, register spills, shared
 memory. ``--sass`` also prints the SASS instruction mix of each kernel's main loop (the longest
@@ -38,6 +38,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from ops import (  # noqa: E402
+    cascaded,
+    conv_stem,
     cross_entropy,
     flash,
     hyper_kernels,
@@ -118,6 +120,21 @@ def _simplicial(n, h, hkv, d, w1, w2):
                          d**-0.5, {})  # fmt: skip
 
 
+def _cga(heads, cs, window, kernels, side):
+    """EfficientViT's fused CGA layer (ops/cascaded.py) in fp16, one image of a side x side map."""
+    kd = 16
+    packed = cascaded.pack_weights(
+        [torch.zeros(2 * kd + cs, cs, 1, 1)] * heads, [torch.zeros(2 * kd + cs)] * heads,
+        [torch.zeros(kd, 1, k, k) for k in kernels[:heads]], [torch.zeros(kd)] * heads,
+        torch.zeros(heads, window**2, window**2), kd, window, torch.float16, "cpu",
+    )  # fmt: skip
+    x = torch.zeros(1, heads * cs, side, side, dtype=torch.float16)
+    cascaded.cascaded_group_attention(x.to(memory_format=torch.channels_last), packed, kd**-0.5)
+    if heads == 4 and cs == 16:  # and the stem's first conv (ops/conv_stem.py), fp32 NCHW in
+        conv_stem.conv3x3_s2(torch.zeros(2, 3, 224, 224), torch.zeros(8, 3, 3, 3),
+                             torch.zeros(8), True, torch.float16)  # fmt: skip
+
+
 # name -> launches of the benchmark cases (scripts/bench_attention.py) at one head / batch
 CASES = {
     "flash": lambda: (_flash(4096, 64, True, tma=True), _flash(4096, 128, True, tma=False)),
@@ -130,8 +147,14 @@ CASES = {
         _simplicial(4096, 64, 1, 128, 32, 512),
         _simplicial(1024, 12, 12, 64, 64, 64),
     ),
+    # M0's three stages at 224 (maps 14, 7, 4) and M5's widest (7/5/3/3 kernels, Cs 96)
+    "cga": lambda: (
+        _cga(4, 16, 7, (5, 5, 5, 5), 14),
+        _cga(4, 48, 4, (5, 5, 5, 5), 4),
+        _cga(4, 96, 7, (7, 5, 3, 3), 7),
+    ),
 }
-_LAUNCHING = (flash, rotary, cross_entropy, hyper_kernels, simplicial)  # modules calling launch
+_LAUNCHING = (flash, rotary, cross_entropy, hyper_kernels, simplicial, cascaded, conv_stem)  # modules calling launch
 
 
 def _signature(kernel, args, kwargs):
