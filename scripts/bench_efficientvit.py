@@ -2,6 +2,7 @@
 
     python scripts/bench_efficientvit.py [--variants m0 m1 ...] [--batch 2048] [--img 224]
                                          [--attn sdpa] [--no-compile] [--impls timm,timm_cl,ours,ours_plain]
+                                         [--compile-impls timm,timm_cl]
                                          [--out bench_efficientvit.json]
 
 The paper's protocol: eval mode, BatchNorm folded into the convolutions / linears, fp16 autocast,
@@ -96,6 +97,8 @@ def main():
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--impls", default="timm,timm_cl,ours,ours_plain",
                     help="comma list of timm, timm_cl, ours, ours_plain (models_for)")
+    ap.add_argument("--compile-impls", default=None,
+                    help="compile only these (default: all of --impls)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", default="bench_efficientvit.json")
@@ -104,6 +107,9 @@ def main():
         sys.exit("bench_efficientvit.py needs a CUDA GPU")
     modes = ["eager"] + ([] if args.no_compile else ["compiled"])
     impls = [s.strip() for s in args.impls.split(",")]
+    compile_impls = impls if args.compile_impls is None else args.compile_impls.split(",")
+    env = _env(timm=__import__("timm").__version__, batch=args.batch, img=args.img,
+               attn=args.attn)  # fmt: skip
     rows = []
     for v in args.variants:
         models = models_for(v, args.attn, args.img, impls)
@@ -112,6 +118,8 @@ def main():
             want = models[impls[0]](x[:8]).float()
             for mode in modes:
                 for impl, model in models.items():
+                    if mode == "compiled" and impl not in compile_impls:
+                        continue
                     torch._dynamo.reset()
                     fn_model = torch.compile(model) if mode == "compiled" else model
                     diff = (fn_model(x[:8]).float() - want).abs().max().item()
@@ -123,9 +131,7 @@ def main():
                           f"(max |logit diff| {diff:.2e})", flush=True)  # fmt: skip
         del models, x
         torch.cuda.empty_cache()
-    env = _env(timm=__import__("timm").__version__, batch=args.batch, img=args.img,
-               attn=args.attn)  # fmt: skip
-    Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+        Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))  # so far
     print(
         f"\n{env['gpu']} | torch {env['torch']} | timm {env['timm']} | batch {args.batch} "
         f"{args.img}x{args.img} fp16 autocast, BN folded; images/s"
@@ -134,16 +140,17 @@ def main():
     print(f"{'variant':<8}" + "".join(f"{i + ' ' + m[:4]:>17}" for i, m in cols))
     get = {(r["variant"], r["impl"], r["mode"]): r["images_per_s"] for r in rows}
     for v in args.variants:
-        print(f"{v:<8}" + "".join(f"{get[v, i, m]:17,.0f}" for i, m in cols))
+        print(f"{v:<8}" + "".join(f"{get.get((v, i, m), float('nan')):17,.0f}" for i, m in cols))
     if "timm" in impls and "ours" in impls:
         print("goal (issue 4): ours >= 1.3x timm eager and >= timm compiled")
         for v in args.variants:
             line = f"  {v}: ours eager / timm eager {get[v, 'ours', 'eager'] / get[v, 'timm', 'eager']:.2f}x"
             if "timm_cl" in impls:
                 line += f" (/ timm channels_last eager {get[v, 'ours', 'eager'] / get[v, 'timm_cl', 'eager']:.2f}x)"
-            if "compiled" in modes:
-                best = max(get[v, "ours", m] for m in modes)
-                tc = max(get[v, t, "compiled"] for t in ("timm", "timm_cl") if t in impls)
+            tcs = [get[v, t, "compiled"] for t in ("timm", "timm_cl") if (v, t, "compiled") in get]
+            if tcs:
+                best = max(get[v, "ours", m] for m in modes if (v, "ours", m) in get)
+                tc = max(tcs)
                 line += f"; best ours / best timm compiled {best / tc:.2f}x"
             print(line)
 
