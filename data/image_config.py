@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-IMAGE_KINDS = ("folder", "hf", "packed", "digits")
+IMAGE_KINDS = ("folder", "hf", "packed", "digits", "synthetic")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # = timm.data.IMAGENET_DEFAULT_MEAN
 IMAGENET_STD = (0.229, 0.224, 0.225)  # = timm.data.IMAGENET_DEFAULT_STD
@@ -66,6 +66,8 @@ class ImageDataConfig:
     image_key: str = "image"  # hf columns
     label_key: str = "label"
     val_fraction: float = 0.2  # digits: held-out share of each class
+    num_classes: int = 1000  # synthetic: label range
+    synthetic_batches: int = 100  # synthetic: training batches per epoch (validation: 2)
     cache_dir: str | None = None  # packed: decompression cache (default $ATTNLAB_CACHE)
     img_size: int = 224
     train_interpolation: str = "bicubic"
@@ -114,5 +116,10 @@ def check_image_config(cfg: ImageDataConfig) -> None:
         raise ValueError(f"data.aug_repeats must be >= 1, got {cfg.aug_repeats!r}")
     if int(cfg.num_workers) < 0:
         raise ValueError(f"data.num_workers must be >= 0, got {cfg.num_workers!r}")
+    if cfg.kind == "synthetic" and (int(cfg.num_classes) < 1 or int(cfg.synthetic_batches) < 1):
+        raise ValueError(
+            f"data.num_classes ({cfg.num_classes}) and data.synthetic_batches "
+            f"({cfg.synthetic_batches}) must be >= 1 for kind='synthetic'"
+        )
     if cfg.kind == "digits" and not 0.0 < float(cfg.val_fraction) < 1.0:
         raise ValueError(f"data.val_fraction must be in (0, 1), got {cfg.val_fraction!r}")

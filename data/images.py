@@ -29,6 +29,9 @@ packed   Our ``.npz.xz`` packed JPEG sets (``train``/``val`` are the files): aft
          memory-mapped, so each worker decodes only the JPEGs it reads.
 digits   scikit-learn's ``load_digits`` (1,797 8x8 greyscale digits, bundled with the library):
          no files, no network. A fixed stratified split holds out ``val_fraction`` of each class.
+synthetic one fixed random batch handed out ``synthetic_batches`` times an epoch, already on the
+         GPU (``SyntheticImages``): for measuring a model's training speed without the loader
+         (e.g. ours against ``model.impl=timm``); its accuracy means nothing.
 
 Image size
 ----------
@@ -246,6 +249,12 @@ def build_image_loaders(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     _check_rank(rank, world)
+    if cfg.kind == "synthetic":
+        check_image_config(cfg)
+        classes = int(cfg.num_classes)
+        mk = lambda n, s: SyntheticImages(batch_size, cfg.img_size, classes, n,  # noqa: E731
+                                          seed * 1000 + rank * 10 + s, bool(cfg.channels_last))  # fmt: skip
+        return mk(int(cfg.synthetic_batches), 0), mk(2, 1), classes, build_mixup(cfg, classes)
     train, val = build_image_datasets(cfg, progress=rank == 0)
     if cfg.repeated_aug and world > 1:
         sampler: Sampler[int] = RepeatAugSampler(
@@ -277,6 +286,48 @@ def build_image_loaders(
     return train_loader, val_loader, train.num_classes, build_mixup(cfg, train.num_classes)
 
 
+class _NoSampler:
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
+class SyntheticImages:
+    """``data.kind=synthetic``: ``n`` batches per epoch of one fixed batch of random images
+    (N(0, 1) after normalisation) and labels, made once on the GPU when there is one (else
+    the CPU) and handed out as is: a loader that costs nothing, for measuring a model's
+    training speed apart from decoding, augmentation and host-to-device copies. Accuracy on it
+    means nothing. Interface of the epoch loaders: ``len``, iteration, ``sampler.set_epoch``,
+    ``skip(k)`` for resuming mid-epoch."""
+
+    def __init__(self, batch: int, size: int, classes: int, n: int, seed: int,
+                 channels_last: bool = True, start: int = 0):  # fmt: skip
+        self.batch, self.size, self.classes, self.n, self.seed = batch, size, classes, n, seed
+        self.channels_last, self.start, self.sampler, self._data = channels_last, start, _NoSampler(), None
+
+    def _make(self):
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        g = torch.Generator().manual_seed(self.seed)
+        images = torch.randn(self.batch, 3, self.size, self.size, generator=g)
+        labels = torch.randint(0, self.classes, (self.batch,), generator=g)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return images.to(dev, memory_format=fmt), labels.to(dev)
+
+    def __iter__(self):
+        if self._data is None:
+            self._data = self._make()
+        for _ in range(self.n - self.start):
+            yield self._data
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+    def skip(self, batches: int) -> SyntheticImages:
+        out = SyntheticImages(self.batch, self.size, self.classes, self.n, self.seed,
+                              self.channels_last, start=min(self.n, batches))  # fmt: skip
+        out._data = self._data
+        return out
+
+
 def to_device(
     batch: tuple[torch.Tensor, torch.Tensor],
     device: torch.device | str,
@@ -305,6 +356,7 @@ __all__ = [
     "PackedImageDataset",
     "RepeatAugSampler",
     "ShardSampler",
+    "SyntheticImages",
     "build_image_datasets",
     "build_image_loaders",
     "build_mixup",

@@ -77,6 +77,7 @@ class EfficientViTConfig:
     key_dim: int = 16  # q/k dim per head
     window: int = 7  # attention window side (tokens)
     pretrained: str | None = None  # timm efficientvit_mX checkpoint file, loaded when built
+    impl: str = "ours"  # ours | timm: timm's own efficientvit_mX, the reference to compare with
     # no drop_path: the published model (and timm's) has no stochastic depth
 
 
@@ -92,6 +93,8 @@ def validate_config(cfg: EfficientViTConfig) -> None:
             f"model.img_size={cfg.img_size} must be a positive multiple of {PATCH} "
             "(the stem's four stride-2 convolutions), e.g. 224"
         )
+    if cfg.impl not in ("ours", "timm"):
+        raise ValueError(f"model.impl={cfg.impl!r}: 'ours' or 'timm' (timm's efficientvit_mX)")
     for field in ("num_classes", "in_chans", "key_dim", "window"):
         if getattr(cfg, field) < 1:
             raise ValueError(f"model.{field}={getattr(cfg, field)} must be >= 1")
@@ -532,6 +535,13 @@ class EfficientViT(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, in_chans, H, W), H and W multiples of 16 -> logits (B, num_classes)."""
+        self._check_images(images)
+        x = self.stem(images)  # (B, C0, H/16, W/16)
+        for stage in self.stages:
+            x = stage(x)  # (B, C_i, ., .)
+        return self.head(x.mean((2, 3)))  # (B, num_classes)
+
+    def _check_images(self, images: torch.Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != self.cfg.in_chans:
             raise ValueError(
                 f"EfficientViT expects images (B, {self.cfg.in_chans}, H, W) "
@@ -543,10 +553,6 @@ class EfficientViT(nn.Module):
                 f"image size {h}x{w} is not a multiple of {PATCH} (the stem's four stride-2 "
                 f"convolutions); the model was built for {self.cfg.img_size}x{self.cfg.img_size}"
             )
-        x = self.stem(images)  # (B, C0, H/16, W/16)
-        for stage in self.stages:
-            x = stage(x)  # (B, C_i, ., .)
-        return self.head(x.mean((2, 3)))  # (B, num_classes)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -688,7 +694,49 @@ def load_pretrained(model: EfficientViT, path: str) -> None:
         ) from None
 
 
-def build_efficientvit(cfg: EfficientViTConfig, attention, pos_cfg=None) -> EfficientViT:
+class TimmEfficientViT(nn.Module):
+    """timm's ``efficientvit_mX`` in our trainer (``model.impl=timm``): the published reference
+    implementation, trained and evaluated through the same loop, data and recipe as ours, so
+    that speed or accuracy can be compared with nothing else changed. Same ``forward``, input
+    checks, parameter count, FLOPs and weight-decay exclusions as :class:`EfficientViT`; its
+    attention is timm's own (``attn`` must stay ``sdpa``, the default); a checkpoint in
+    ``model.pretrained`` loads as timm's state dict."""
+
+    def __init__(self, cfg: EfficientViTConfig):
+        super().__init__()
+        import timm
+
+        validate_config(cfg)
+        self.cfg, self._flops = cfg, None
+        w = cfg.window
+        self.net = timm.create_model(
+            f"efficientvit_{cfg.variant}", pretrained=False, num_classes=cfg.num_classes,
+            img_size=cfg.img_size, in_chans=cfg.in_chans, key_dim=(cfg.key_dim,) * 3,
+            window_size=(w, w, w),
+        )  # fmt: skip
+        if cfg.pretrained:
+            state = torch.load(cfg.pretrained, map_location="cpu", weights_only=True)
+            for key in ("model", "state_dict"):
+                if isinstance(state, dict) and isinstance(state.get(key), dict):
+                    state = state[key]
+            self.net.load_state_dict(state)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        EfficientViT._check_images(self, images)
+        return self.net(images)
+
+    def no_weight_decay(self) -> set[str]:
+        return {n for n, _ in self.named_parameters() if n.endswith("attention_biases")}
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_image(self) -> float:
+        """Our count for the same architecture (:meth:`EfficientViT.flops_per_image`)."""
+        return EfficientViT.flops_per_image(self)
+
+
+def build_efficientvit(cfg: EfficientViTConfig, attention, pos_cfg=None) -> nn.Module:
     """The ``models.FAMILIES`` builder: positions must be ``none`` (the model has its own)."""
     pos_name = getattr(pos_cfg, "name", "none")
     if pos_name != "none":
@@ -701,4 +749,11 @@ def build_efficientvit(cfg: EfficientViTConfig, attention, pos_cfg=None) -> Effi
             "efficientvit does not take attn=simplicial: 2-simplicial attention is built for "
             "causal sequence models (model.family gpt2 or llm)"
         )
+    if cfg.impl == "timm":
+        if getattr(attention, "name", "sdpa") != "sdpa":
+            raise ValueError(
+                f"model.impl=timm runs timm's own attention; attn={attention.name} would be "
+                "ignored: use attn=sdpa (the default) or model.impl=ours"
+            )
+        return TimmEfficientViT(cfg)
     return EfficientViT(cfg, attention)

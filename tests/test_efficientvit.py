@@ -10,6 +10,7 @@ from models.efficientvit import (
     VARIANTS,
     EfficientViT,
     EfficientViTConfig,
+    build_efficientvit,
     from_timm_state_dict,
     load_pretrained,
     relative_offset_index,
@@ -278,3 +279,32 @@ def test_train_mode_step_runs_and_updates():
     assert model.no_weight_decay() == {
         f"stages.{i}.blocks.{j}.attn.attn_bias" for i, d in enumerate((1, 2, 3)) for j in range(d)
     }
+
+
+def test_timm_impl_is_timms_model_with_our_interface(tmp_path):
+    """model.impl=timm: timm's efficientvit_mX in our trainer, same parameters, FLOPs, input
+    checks and weight-decay exclusions as ours; a timm checkpoint loads into it."""
+    from models.efficientvit import TimmEfficientViT
+
+    cfg = EfficientViTConfig(variant="m1", img_size=64, window=3, num_classes=7, impl="timm")
+    ref = build_efficientvit(cfg, ops.build("sdpa"))
+    assert isinstance(ref, TimmEfficientViT)
+    ours = make("m1", img_size=64, window=3, num_classes=7)
+    assert ref.num_params() == ours.num_params()
+    assert ref.flops_per_image() == ours.flops_per_image()
+    assert len(ref.no_weight_decay()) == len(ours.no_weight_decay()) > 0
+    randomize(ref.net, seed=9)
+    torch.save(ref.net.state_dict(), tmp_path / "timm.pt")
+    ours.load_state_dict(from_timm_state_dict(ref.net.state_dict()))
+    ref2 = build_efficientvit(
+        EfficientViTConfig(variant="m1", img_size=64, window=3, num_classes=7, impl="timm",
+                           pretrained=str(tmp_path / "timm.pt")), ops.build("sdpa"))  # fmt: skip
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert_close(ref2.eval()(x), ours.eval()(x))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        ref(torch.randn(1, 3, 40, 40))
+    with pytest.raises(ValueError, match="attn=sdpa"):
+        build_efficientvit(cfg, ops.build("reference"))
+    with pytest.raises(ValueError, match="model.impl"):
+        EfficientViT(EfficientViTConfig(impl="keras"), ops.build("sdpa"))

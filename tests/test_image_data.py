@@ -415,3 +415,28 @@ def test_config_errors():
         build_image_datasets(ImageDataConfig(kind="packed", train="x.npz.xz"))
     with pytest.raises(ValueError, match="no full batch"):
         build_image_loaders(ImageDataConfig(img_size=8, num_workers=0), 2000)
+
+
+def test_synthetic_images_kind_hands_out_one_fixed_batch_and_resumes():
+    from data.images import SyntheticImages
+    from trainer.tasks import _Epochs
+
+    cfg = ImageDataConfig(name="syn", kind="synthetic", img_size=32, num_classes=5,
+                          synthetic_batches=3, mixup=0.0, cutmix=0.0)  # fmt: skip
+    train, val, classes, mixup = build_image_loaders(cfg, 4, seed=1)
+    assert isinstance(train, SyntheticImages) and classes == 5 and mixup is None
+    assert len(train) == 3 and len(val) == 2
+    batches = list(train)
+    assert len(batches) == 3
+    images, labels = batches[0]
+    assert images.shape == (4, 3, 32, 32) and images.is_contiguous(memory_format=torch.channels_last)
+    assert labels.dtype == torch.int64 and int(labels.max()) < 5
+    assert all(b[0] is images for b in batches)  # made once, handed out as is
+    ep = _Epochs(train)
+    ep.next_batch()
+    state = ep.state_dict()
+    resumed = _Epochs(train)
+    resumed.load_state_dict(state)
+    assert len(list(resumed._skipping(state["batch"]))) == 2
+    with pytest.raises(ValueError, match="synthetic_batches"):
+        build_image_loaders(ImageDataConfig(kind="synthetic", synthetic_batches=0), 4)

@@ -296,6 +296,31 @@ def test_adaptive_clipping_scales_each_unit_to_its_weight_norm():
     torch.testing.assert_close(b.grad, torch.tensor([0.01]))
 
 
+def test_adaptive_clipping_flat_path_equals_the_per_parameter_rule():
+    """The fixed-kernel-count path (all parameters flattened) against the rule applied one
+    parameter at a time, on a model whose units are partly clipped, partly not; a
+    non-contiguous gradient takes the per-parameter path in the same call."""
+    from trainer.optim import _unitwise_norm, adaptive_clip_
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+                                torch.nn.Linear(5, 7), torch.nn.Embedding(6, 4))  # fmt: skip
+    params = list(model.parameters())
+    for i, p in enumerate(params):
+        p.grad = torch.randn_like(p) * (0.001 if i % 2 else 1.0)
+    params[-1].grad = torch.randn(4, 6).t()  # not contiguous
+    want = []
+    for p in params:
+        limit = _unitwise_norm(p.detach()).clamp(min=1e-3) * 0.02
+        g_norm = _unitwise_norm(p.grad)
+        want.append(p.grad * torch.where(g_norm > limit, limit / g_norm, torch.ones_like(g_norm)))
+    clipped = sum(int((w != p.grad).any()) for w, p in zip(want, params))
+    assert 0 < clipped < len(params)
+    adaptive_clip_(params, clip=0.02)
+    for w, p in zip(want, params):
+        torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-9)
+
+
 def test_weight_ema_is_the_running_average_and_copies_integer_buffers():
     from trainer.optim import WeightEMA
 

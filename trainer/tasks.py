@@ -138,6 +138,8 @@ class _Epochs:
         from torch.utils.data import DataLoader
 
         ld = self.loader
+        if hasattr(ld, "skip"):  # loaders that resume by themselves (data.kind=synthetic)
+            return ld.skip(batches)
         kw = {"prefetch_factor": ld.prefetch_factor} if ld.num_workers else {}
         return DataLoader(ld.dataset, batch_size=ld.batch_size,
                           sampler=_Skip(ld.sampler, batches * ld.batch_size),
