@@ -302,10 +302,19 @@ class SyntheticImages:
     def __init__(self, batch: int, size: int, classes: int, n: int, seed: int,
                  channels_last: bool = True, start: int = 0):  # fmt: skip
         self.batch, self.size, self.classes, self.n, self.seed = batch, size, classes, n, seed
-        self.channels_last, self.start, self.sampler, self._data = channels_last, start, _NoSampler(), None
+        self.channels_last, self.start, self.sampler, self._data = (
+            channels_last,
+            start,
+            _NoSampler(),
+            None,
+        )
 
     def _make(self):
-        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        dev = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else "cpu"
+        )
         g = torch.Generator().manual_seed(self.seed)
         images = torch.randn(self.batch, 3, self.size, self.size, generator=g)
         labels = torch.randint(0, self.classes, (self.batch,), generator=g)

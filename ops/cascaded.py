@@ -160,7 +160,11 @@ def pack_weights(qkv_w, qkv_b, dw_w, dw_b, bias_tables, key_dim: int, window: in
     kw = dict(device=device, dtype=torch.float32)
     wq, wk = torch.zeros(heads, cp, kd, **kw), torch.zeros(heads, cp, kd, **kw)
     wv = torch.zeros(heads, cp, cp, **kw)
-    bq, bk, bv = torch.zeros(heads, kd, **kw), torch.zeros(heads, kd, **kw), torch.zeros(heads, cp, **kw)
+    bq, bk, bv = (
+        torch.zeros(heads, kd, **kw),
+        torch.zeros(heads, kd, **kw),
+        torch.zeros(heads, cp, **kw),
+    )
     ks = [int(w.shape[-1]) for w in dw_w]
     kmax = max(ks)
     wdw = torch.zeros(heads, kmax * kmax, kd, **kw)

@@ -95,10 +95,14 @@ def main():
     ap.add_argument("--img", type=int, default=224)
     ap.add_argument("--attn", default="sdpa", help="our attention backend")
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--impls", default="timm,timm_cl,ours,ours_plain",
-                    help="comma list of timm, timm_cl, ours, ours_plain (models_for)")
-    ap.add_argument("--compile-impls", default=None,
-                    help="compile only these (default: all of --impls)")
+    ap.add_argument(
+        "--impls",
+        default="timm,timm_cl,ours,ours_plain",
+        help="comma list of timm, timm_cl, ours, ours_plain (models_for)",
+    )
+    ap.add_argument(
+        "--compile-impls", default=None, help="compile only these (default: all of --impls)"
+    )
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", default="bench_efficientvit.json")

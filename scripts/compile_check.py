@@ -154,7 +154,15 @@ CASES = {
         _cga(4, 96, 7, (7, 5, 3, 3), 7),
     ),
 }
-_LAUNCHING = (flash, rotary, cross_entropy, hyper_kernels, simplicial, cascaded, conv_stem)  # modules calling launch
+_LAUNCHING = (
+    flash,
+    rotary,
+    cross_entropy,
+    hyper_kernels,
+    simplicial,
+    cascaded,
+    conv_stem,
+)  # modules calling launch
 
 
 def _signature(kernel, args, kwargs):

@@ -37,3 +37,23 @@ def train(run_dir, *overrides):
 
     cfg = compose_cfg([*TINY, f"trainer.run_dir={run_dir}", *overrides])
     return run(cfg)
+
+
+def randomize_bn(model, seed=0):
+    """Non-trivial BN affine/statistics and attention biases (at init many of EfficientViT's
+    branches are zero, so a comparison of outputs would prove little)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bn.weight"):
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
+            elif name.endswith(("bn.bias", "attention_biases", "attn_bias")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+            elif name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
+    return model

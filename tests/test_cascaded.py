@@ -10,33 +10,26 @@ import torch
 import ops
 from models.efficientvit import CascadedGroupAttention, ConvBN, EfficientViT, EfficientViTConfig
 from ops import cascaded
+from tests.helpers import randomize_bn
 
 pytestmark = pytest.mark.skipif(cascaded.triton is None, reason="needs triton")
 
 
 def make(variant="m0", **kw):
-    return EfficientViT(EfficientViTConfig(variant=variant, num_classes=10, **kw), ops.build("sdpa"))
+    return EfficientViT(
+        EfficientViTConfig(variant=variant, num_classes=10, **kw), ops.build("sdpa")
+    )
 
 
-@torch.no_grad()
-def randomize(module, seed=0):
-    """Non-trivial folded weights: random BN statistics/affines and attention biases."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        if name.endswith("bn.weight"):
-            p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-        elif name.endswith(("bn.bias", "attn_bias")):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    for name, b in module.named_buffers():
-        if name.endswith("running_mean"):
-            b.copy_(torch.randn(b.shape, generator=g) * 0.1)
-        elif name.endswith("running_var"):
-            b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-    return module
+randomize = randomize_bn
 
 
 def fused_layers(model):
-    return [m for m in model.modules() if isinstance(m, CascadedGroupAttention) and getattr(m, "_fused", None) is not None]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, CascadedGroupAttention) and getattr(m, "_fused", None) is not None
+    ]
 
 
 # (variant, img): m0 at 128 pads its 8x8 stage-0 map to 14x14 (four 7x7 windows, part padding)
@@ -112,13 +105,17 @@ def test_training_and_autograd_take_the_per_head_path():
 
 
 def test_layers_the_kernel_cannot_run_stay_unfused():
-    na = EfficientViT(EfficientViTConfig(img_size=64, window=3), ops.build("neighborhood_reference"))
+    na = EfficientViT(
+        EfficientViTConfig(img_size=64, window=3), ops.build("neighborhood_reference")
+    )
     assert not fused_layers(na.fuse_bn())
     big = make("m0", img_size=256, window=9).fuse_bn()  # stage windows 9, 8, 4
     assert {m.window for m in fused_layers(big)} == {8, 4}  # 9 > MAX_WINDOW: per-head path
     assert fused_layers(make("m0", img_size=64, window=3).fuse_bn())
     plain = make("m0", img_size=64, window=3).eval()  # not folded: BN after the convs
-    assert not any(m.enable_fused() for m in plain.modules() if isinstance(m, CascadedGroupAttention))
+    assert not any(
+        m.enable_fused() for m in plain.modules() if isinstance(m, CascadedGroupAttention)
+    )
 
 
 def test_pack_weights_rejects_what_the_kernel_cannot_take():

@@ -16,6 +16,7 @@ from models.efficientvit import (
     relative_offset_index,
     to_timm_state_dict,
 )
+from tests.helpers import randomize_bn
 
 timm = pytest.importorskip("timm")
 
@@ -31,21 +32,7 @@ def timm_model(variant, **kw):
     return timm.create_model(f"efficientvit_{variant}", pretrained=False, **kw)
 
 
-@torch.no_grad()
-def randomize(model, seed=0):
-    """Non-trivial BN affine/statistics and attention biases (at init many branches are zero)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith("bn.weight"):
-            p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
-        elif name.endswith(("bn.bias", "attention_biases", "attn_bias")):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    for name, b in model.named_buffers():
-        if name.endswith("running_mean"):
-            b.copy_(torch.randn(b.shape, generator=g) * 0.1)
-        elif name.endswith("running_var"):
-            b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-    return model
+randomize = randomize_bn
 
 
 def assert_close(a, b, rtol=1e-5):

@@ -429,7 +429,9 @@ def test_synthetic_images_kind_hands_out_one_fixed_batch_and_resumes():
     batches = list(train)
     assert len(batches) == 3
     images, labels = batches[0]
-    assert images.shape == (4, 3, 32, 32) and images.is_contiguous(memory_format=torch.channels_last)
+    assert images.shape == (4, 3, 32, 32) and images.is_contiguous(
+        memory_format=torch.channels_last
+    )
     assert labels.dtype == torch.int64 and int(labels.max()) < 5
     assert all(b[0] is images for b in batches)  # made once, handed out as is
     ep = _Epochs(train)
