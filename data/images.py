@@ -294,9 +294,9 @@ class _NoSampler:
 class SyntheticImages:
     """``data.kind=synthetic``: ``n`` batches per epoch of one fixed batch of random images
     (N(0, 1) after normalisation) and labels, made once on the GPU when there is one (else
-    the CPU) and handed out as is: a loader that costs nothing, for measuring a model's
-    training speed apart from decoding, augmentation and host-to-device copies. Accuracy on it
-    means nothing. Interface of the epoch loaders: ``len``, iteration, ``sampler.set_epoch``,
+    the CPU) and handed out as device-side copies (mixing works in place): a loader that
+    costs next to nothing, for measuring a model's training speed apart from decoding,
+    augmentation and host-to-device copies. Accuracy on it means nothing. Interface of the epoch loaders: ``len``, iteration, ``sampler.set_epoch``,
     ``skip(k)`` for resuming mid-epoch."""
 
     def __init__(self, batch: int, size: int, classes: int, n: int, seed: int,
@@ -324,8 +324,11 @@ class SyntheticImages:
     def __iter__(self):
         if self._data is None:
             self._data = self._make()
+        images, labels = self._data
         for _ in range(self.n - self.start):
-            yield self._data
+            # a copy a step (one device-side copy): mixup/cutmix mix the batch in place, and
+            # every step should see the same images
+            yield images.clone(memory_format=torch.preserve_format), labels
 
     def __len__(self) -> int:
         return self.n - self.start

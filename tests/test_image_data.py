@@ -433,7 +433,10 @@ def test_synthetic_images_kind_hands_out_one_fixed_batch_and_resumes():
         memory_format=torch.channels_last
     )
     assert labels.dtype == torch.int64 and int(labels.max()) < 5
-    assert all(b[0] is images for b in batches)  # made once, handed out as is
+    assert all(torch.equal(b[0], images) for b in batches)  # one batch, handed out as copies
+    assert len({b[0].data_ptr() for b in batches}) == 3
+    images.zero_()  # (mixup mixes in place) later steps still get the original batch
+    assert torch.equal(next(iter(train))[0], batches[1][0]) and batches[1][0].abs().sum() > 0
     ep = _Epochs(train)
     ep.next_batch()
     state = ep.state_dict()
