@@ -44,7 +44,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 from collections import OrderedDict
 
 import torch
@@ -167,7 +166,7 @@ class StemConvReLU(nn.Module):
     def _fast(self, x) -> bool:
         c = self.conv
         return (
-            (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+            ops.kernels_run_on(x)
             and not (torch.is_grad_enabled() and (x.requires_grad or c.weight.requires_grad))
             and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and c.kernel_size == (3, 3) and c.stride == (2, 2) and c.padding == (1, 1)
@@ -365,7 +364,7 @@ class CascadedGroupAttention(nn.Module):
             return False
         if torch.is_grad_enabled() and (x.requires_grad or self.attn_bias.requires_grad):
             return False  # the kernel has no backward
-        return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+        return ops.kernels_run_on(x)
 
     def _forward_fused(self, x):
         from ops import cascaded

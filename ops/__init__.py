@@ -21,7 +21,7 @@ from . import neighborhood as _neighborhood  # noqa: F401  (registers "neighborh
 from . import neighborhood_ref as _neighborhood_ref  # noqa: F401  (registers "neighborhood_reference")
 from . import reference as _reference  # noqa: F401  (registers "reference")
 from . import sdpa as _sdpa  # noqa: F401  (registers "sdpa")
-from .contract import check_inputs
+from .contract import check_inputs, kernels_run_on
 from .cross_entropy import linear_cross_entropy, linear_cross_entropy_torch
 from .flash import flash_attention  # registers "flash"
 from .neighborhood_ref import neighborhood_mask, neighborhood_reference
@@ -38,6 +38,7 @@ from .simplicial_approx import simplicial_polynomial
 from .simplicial_layers import SimplicialLayers, simplicial_plan  # registers "simplicial"
 
 __all__ = [
+    "kernels_run_on",
     "Attention",
     "Capabilities",
     "SimplicialAttention",

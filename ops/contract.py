@@ -52,6 +52,27 @@ def check_inputs(q, k, v, bias=None) -> tuple[int, int]:
     return nq, nk
 
 
+def kernels_run_on(t: torch.Tensor) -> bool:
+    """Whether our Triton kernels can take tensor ``t``: triton is importable and ``t`` is on a
+    CUDA device, or any device under Triton's interpreter (``TRITON_INTERPRET=1``)."""
+    from ops.launch import _INTERPRET, triton
+
+    return triton is not None and (t.is_cuda or _INTERPRET)
+
+
+def check_kernel_support(name: str, q: torch.Tensor, head_dims, dtypes, hint: str = "") -> None:
+    """The checks every Triton backend makes: head dim and dtype among those its kernels were
+    built for, and a device they run on; ValueError naming the backend (and ``hint``)."""
+    if q.shape[-1] not in head_dims:
+        raise ValueError(f"'{name}' head dim must be one of {head_dims}; got {q.shape[-1]}")
+    if q.dtype not in dtypes:
+        raise ValueError(f"'{name}' supports dtypes {dtypes}; got {q.dtype}")
+    if not kernels_run_on(q):
+        raise ValueError(
+            f"'{name}' needs triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU){hint}"
+        )
+
+
 def to_bhnd(x: torch.Tensor) -> torch.Tensor:
     """(B, *tokens, H, D) -> (B, H, N, D); a view when the tokens are contiguous."""
     b, h, d = x.shape[0], x.shape[-2], x.shape[-1]

@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from .contract import check_inputs
+from .contract import check_inputs, check_kernel_support
 from .launch import launch
 from .registry import Capabilities, register
 
@@ -529,14 +529,9 @@ def _check(q, k, v, bias) -> None:
         raise ValueError("'flash' does not support an attention bias; use 'sdpa' or 'reference'")
     if q.dim() != 4:
         raise ValueError(f"'flash' takes sequences q (B, N, H, D); got q{tuple(q.shape)}")
-    if q.shape[-1] not in _HEAD_DIMS:
-        raise ValueError(f"'flash' head dim must be one of {_HEAD_DIMS}; got {q.shape[-1]}")
     if v.shape[-1] != q.shape[-1]:
         raise ValueError(f"'flash' needs Dv == D; got Dv={v.shape[-1]}, D={q.shape[-1]}")
-    if q.dtype not in _DTYPES:
-        raise ValueError(f"'flash' supports dtypes {_DTYPES}; got {q.dtype}")
-    if triton is None or not (q.is_cuda or _INTERPRET):
-        raise ValueError("'flash' needs triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    check_kernel_support("flash", q, _HEAD_DIMS, _DTYPES)
 
 
 def _attention(q, k, v, causal, scale, bias, return_lse, opts):

@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from .contract import kernels_run_on
 from .flash import (
     _INTERPRET,
     _LOG2E,
@@ -38,7 +39,6 @@ from .flash import (
     _softmax_update,
     _Tiles,
     tl,
-    triton,
 )
 from .launch import launch
 
@@ -48,8 +48,7 @@ _HEAD_DIMS = (16, 32, 64, 128)
 def supported(q: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the kernels serve these inputs (else HyperAttention gathers in PyTorch)."""
     return (
-        triton is not None
-        and (q.is_cuda or _INTERPRET)
+        kernels_run_on(q)
         and q.shape[-1] in _HEAD_DIMS
         and v.shape[-1] in _HEAD_DIMS
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32)

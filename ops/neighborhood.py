@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .contract import check_inputs
+from .contract import check_inputs, check_kernel_support
 from .flash import (
     _ALLOWED,
     _DTYPES,
@@ -51,7 +51,6 @@ from .flash import (
     _tma_ok,
     _want_tma,
     tl,
-    triton,
 )
 from .neighborhood_ref import check_window
 from .registry import Capabilities, register
@@ -422,16 +421,9 @@ def _check(q, k, v, bias) -> None:
             "'neighborhood' handles 1-D, 2-D and 3-D token layouts (B, *tokens, H, D) with 1 to 3 "
             f"token axes; got q{tuple(q.shape)} with {q.dim() - 3} token axes"
         )
-    if q.shape[-1] not in _HEAD_DIMS:
-        raise ValueError(f"'neighborhood' head dim must be one of {_HEAD_DIMS}; got {q.shape[-1]}")
     if v.shape[-1] != q.shape[-1]:
         raise ValueError(f"'neighborhood' needs Dv == D; got Dv={v.shape[-1]}, D={q.shape[-1]}")
-    if q.dtype not in _DTYPES:
-        raise ValueError(f"'neighborhood' supports dtypes {_DTYPES}; got {q.dtype}")
-    if triton is None or not (q.is_cuda or _INTERPRET):
-        raise ValueError(
-            "'neighborhood' needs triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU)"
-        )
+    check_kernel_support("neighborhood", q, _HEAD_DIMS, _DTYPES)
 
 
 _DEFAULTS = {

@@ -37,6 +37,7 @@ import os
 
 import torch
 
+from .contract import kernels_run_on
 from .flash import _cdiv
 from .launch import launch
 
@@ -501,7 +502,7 @@ def _check_qk(name: str, q: torch.Tensor, k: torch.Tensor) -> None:
                          f"{k.dtype}")  # fmt: skip
     if q.device != k.device:
         raise ValueError(f"{name}: q on {q.device}, k on {k.device}; put them on one device")
-    if triton is None or not (q.is_cuda or _INTERPRET):
+    if not kernels_run_on(q):
         raise ValueError(f"{name} needs triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
 
 

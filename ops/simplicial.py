@@ -35,7 +35,8 @@ from __future__ import annotations
 import torch
 
 from . import simplicial_kernels as K
-from .flash import _INTERPRET, _LOG2E, _cdiv, _delta_kernel, _launch, _Tiles, triton
+from .contract import check_kernel_support
+from .flash import _INTERPRET, _LOG2E, _cdiv, _delta_kernel, _launch, _Tiles
 from .launch import launch
 
 _HEAD_DIMS = (16, 32, 64, 128)
@@ -173,15 +174,7 @@ def _check(q, k1, k2, v1, v2, causal, w1, w2, who: str) -> None:
 
 def _check_kernel(q) -> None:
     """What the Triton kernels lack beyond ``_check``."""
-    if q.shape[-1] not in _HEAD_DIMS:
-        raise ValueError(f"'simplicial' head dim must be one of {_HEAD_DIMS}; got {q.shape[-1]}")
-    if q.dtype not in _DTYPES:
-        raise ValueError(f"'simplicial' supports dtypes {_DTYPES}; got {q.dtype}")
-    if triton is None or not (q.is_cuda or _INTERPRET):
-        raise ValueError(
-            "'simplicial' kernels need triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
-            "impl='reference' runs anywhere"
-        )
+    check_kernel_support("simplicial", q, _HEAD_DIMS, _DTYPES, "; impl='reference' runs anywhere")
 
 
 # ----------------------------------------------------------------------------- launchers

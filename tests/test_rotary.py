@@ -313,7 +313,9 @@ def test_errors(monkeypatch):
     for fn, msg in bad:
         with pytest.raises(ValueError, match=msg):
             fn()
-    monkeypatch.setattr(rotary, "_INTERPRET", False)
+    import ops.launch
+
+    monkeypatch.setattr(ops.launch, "_INTERPRET", False)  # as without the interpreter
     with pytest.raises(ValueError, match="CUDA"):
         carope_qk(q, k, log_f)
 
