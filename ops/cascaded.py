@@ -195,25 +195,43 @@ def pack_weights(qkv_w, qkv_b, dw_w, dw_b, bias_tables, key_dim: int, window: in
 def cascaded_group_attention(x: torch.Tensor, packed: dict, scale: float) -> torch.Tensor:
     """x (B, C, H, W) with C = heads * Cs -> relu(concat_i out_i), same shape, dtype and
     memory format (see the module docstring). ``packed`` from :func:`pack_weights` with the
-    weights in x's dtype."""
+    weights in x's dtype. One opaque op (``torch.ops.attnlab.cga_forward``) under
+    ``torch.compile``: Dynamo does not trace into the launch, Inductor keeps the layouts."""
     if triton is None:
         raise RuntimeError("the fused CGA kernel needs triton")
-    b, c, h, w = x.shape
-    heads, cs, ws = packed["heads"], packed["cs"], packed["window"]
-    if c != heads * cs:
-        raise ValueError(f"fused CGA: input has {c} channels, the layer {heads} x {cs}")
+    c = x.shape[1]
+    heads, cs = packed["heads"], packed["cs"]
+    if x.dim() != 4 or c != heads * cs:
+        raise ValueError(
+            f"fused CGA: input {tuple(x.shape)}, the layer takes {heads} x {cs} channels"
+        )
     if packed["wq"].dtype != (x.dtype if x.dtype != torch.float64 else torch.float32):
         raise ValueError(f"fused CGA: weights packed as {packed['wq'].dtype}, input is {x.dtype}")
+    ks = (list(packed["ks"]) + [1] * MAX_HEADS)[:MAX_HEADS]
+    return _cga_forward(x, packed["wq"], packed["bq"], packed["wk"], packed["bk"], packed["wv"],
+                        packed["bv"], packed["wdw"], packed["bdw"], packed["bias"], float(scale),
+                        heads, cs, packed["window"], ks, packed["kmax"], packed["t"],
+                        packed["cp"], packed["kd"])  # fmt: skip
+
+
+@torch.library.custom_op("attnlab::cga_forward", mutates_args=())
+def _cga_forward(x: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor, wk: torch.Tensor,
+                 bk: torch.Tensor, wv: torch.Tensor, bv: torch.Tensor, wdw: torch.Tensor,
+                 bdw: torch.Tensor, bias: torch.Tensor, scale: float, heads: int, cs: int,
+                 window: int, ks: list[int], kmax: int, t: int, cp: int,
+                 kd: int) -> torch.Tensor:  # fmt: skip
+    b, _, h, w = x.shape
     out = torch.empty_like(x)  # same memory format
-    nwh, nww = -(-h // ws), -(-w // ws)
-    ks = (packed["ks"] + [1] * MAX_HEADS)[:MAX_HEADS]
+    nwh, nww = -(-h // window), -(-w // window)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    cp = packed["cp"]
-    warps = 8 if cp * packed["t"] >= 64 * 64 else 4
-    launch(_cga_fwd_kernel, (b * nwh * nww,), x, out, packed["wq"], packed["bq"], packed["wk"],
-           packed["bk"], packed["wv"], packed["bv"], packed["wdw"], packed["bdw"],
-           packed["bias"], h, w, nww, nwh * nww, *x.stride(), *out.stride(),
-           scale * math.log2(math.e), HEADS=heads, K0=ks[0], K1=ks[1], K2=ks[2], K3=ks[3], KK=packed["kmax"] ** 2,
-           WS=ws, T=packed["t"], CS=cs, CP=cp, KD=packed["kd"], PREC=prec,
-           num_warps=warps, num_stages=1)  # fmt: skip
+    warps = 8 if cp * t >= 64 * 64 else 4
+    launch(_cga_fwd_kernel, (b * nwh * nww,), x, out, wq, bq, wk, bk, wv, bv, wdw, bdw, bias,
+           h, w, nww, nwh * nww, *x.stride(), *out.stride(), scale * math.log2(math.e),
+           HEADS=heads, K0=ks[0], K1=ks[1], K2=ks[2], K3=ks[3], KK=kmax * kmax, WS=window, T=t,
+           CS=cs, CP=cp, KD=kd, PREC=prec, num_warps=warps, num_stages=1)  # fmt: skip
     return out
+
+
+@_cga_forward.register_fake
+def _(x, *args):
+    return torch.empty_like(x)

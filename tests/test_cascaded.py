@@ -185,3 +185,19 @@ def test_fused_model_uses_the_stem_kernel_and_keeps_outputs():
         want = model.fuse_bn(fused_attention=False)(x)
         got = fused(x)
     assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+def test_fused_model_traces_as_one_graph_under_dynamo():
+    """The kernels are opaque custom ops (torch.ops.attnlab.*) with fake implementations, so
+    torch.compile sees the whole inference copy as one graph, without breaks."""
+    import torch._dynamo as dynamo
+
+    fused = make("m0", img_size=64, window=3).eval().fuse_bn()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        report = dynamo.explain(fused)(x)
+    assert (report.graph_count, report.graph_break_count) == (1, 0), report.break_reasons
+    ops_used = {
+        str(n.target) for g in report.graphs for n in g.graph.nodes if n.op == "call_function"
+    }
+    assert {"attnlab.cga_forward.default", "attnlab.conv3x3_s2.default"} <= ops_used, ops_used
