@@ -40,7 +40,11 @@ def sdpa_attention(q, k, v, *, causal=False, scale=None, bias=None, return_lse=F
 
     dead_rows = None  # query rows that see no key (causal with Nq > Nk)
     mask = None  # additive float mask (B|1, H|1, Nq, Nk)
-    if bias is not None or (causal and nq != nk):
+    if bias is not None and not causal:  # the bias is the mask: one cast, no zero tensor
+        mask = bias  # (the LSE below adds it in fp32)
+        attn_mask = bias.to(q.dtype).expand(torch.broadcast_shapes(bias.shape, (nq, nk)))
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, scale=scale, **kwargs)
+    elif bias is not None or (causal and nq != nk):
         mdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         mask = torch.zeros((), dtype=mdt, device=q.device)
         if bias is not None:
