@@ -341,7 +341,8 @@ class CascadedGroupAttention(nn.Module):
         """Run this layer through the fused Triton kernel (``ops/cascaded.py``) where it can:
         an inference copy (BN folded: the 1x1 and depthwise convs carry biases), windowed
         attention with biases (not the neighborhood variant), a window up to 8 and a
-        power-of-two key_dim >= 16. Returns whether it will."""
+        power-of-two key_dim >= 16. Returns whether it will. The weights are packed for the
+        kernel at the first call per dtype and device: call this again after changing them."""
         from ops import cascaded
 
         ok = (
