@@ -111,13 +111,16 @@ def _hyper(n=16384, d=128, block=256, samples=256):
     )
 
 
+_OPTS: dict = {}  # --opts: tile options for the simplicial launchers (simplicial._OPTIONS)
+
+
 def _simplicial(n, h, hkv, d, w1, w2):
     """2-simplicial forward and backward (scripts/bench_simplicial.py's cases, batch 1)."""
     q = torch.zeros(1, n, h, d, dtype=torch.bfloat16)
     k1, k2, v1, v2 = (torch.zeros(1, n, hkv, d, dtype=torch.bfloat16) for _ in range(4))
-    o, lse = simplicial._forward(q, k1, k2, v1, v2, True, w1, w2, d**-0.5, {})
+    o, lse = simplicial._forward(q, k1, k2, v1, v2, True, w1, w2, d**-0.5, _OPTS)
     simplicial._backward(torch.zeros_like(o), None, q, k1, k2, v1, v2, o, lse, True, w1, w2,
-                         d**-0.5, {})  # fmt: skip
+                         d**-0.5, _OPTS)  # fmt: skip
 
 
 def _cga(heads, cs, window, kernels, side):
@@ -258,7 +261,14 @@ def main() -> int:
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ",".join(CASES))
     ap.add_argument("--only", default="", help="kernels whose name contains this")
     ap.add_argument("--sass", action="store_true", help="print the main loop's SASS mix")
+    ap.add_argument(
+        "--opts",
+        default="",
+        help="simplicial tile options, e.g. "
+        "block_m=32,block_n2=32,num_warps=4,num_stages=2 (to find spill-free tiles)",
+    )
     args = ap.parse_args()
+    _OPTS.update({k: int(v) for k, v in (kv.split("=") for kv in args.opts.split(",") if kv)})
     target = GPUTarget("cuda", args.arch, 32)
     print(f"triton {triton.__version__}, target sm_{args.arch}")
     failures = 0
