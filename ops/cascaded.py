@@ -189,6 +189,7 @@ def pack_weights(qkv_w, qkv_b, dw_w, dw_b, bias_tables, key_dim: int, window: in
         "wq": wq.to(wdt), "wk": wk.to(wdt), "wv": wv.to(wdt), "bq": bq, "bk": bk, "bv": bv,
         "wdw": wdw, "bdw": bdw, "bias": bias, "ks": ks, "kmax": kmax, "heads": heads,
         "cs": cs, "cp": cp, "kd": kd, "window": window, "t": t,
+        "num_warps": 8 if cp * t >= 64 * 64 else 4,  # (T, CP) tiles of 64x64 and up: 8 warps
     }  # fmt: skip
 
 
@@ -211,24 +212,23 @@ def cascaded_group_attention(x: torch.Tensor, packed: dict, scale: float) -> tor
     return _cga_forward(x, packed["wq"], packed["bq"], packed["wk"], packed["bk"], packed["wv"],
                         packed["bv"], packed["wdw"], packed["bdw"], packed["bias"], float(scale),
                         heads, cs, packed["window"], ks, packed["kmax"], packed["t"],
-                        packed["cp"], packed["kd"])  # fmt: skip
+                        packed["cp"], packed["kd"], packed["num_warps"])  # fmt: skip
 
 
 @torch.library.custom_op("attnlab::cga_forward", mutates_args=())
 def _cga_forward(x: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor, wk: torch.Tensor,
                  bk: torch.Tensor, wv: torch.Tensor, bv: torch.Tensor, wdw: torch.Tensor,
                  bdw: torch.Tensor, bias: torch.Tensor, scale: float, heads: int, cs: int,
-                 window: int, ks: list[int], kmax: int, t: int, cp: int,
-                 kd: int) -> torch.Tensor:  # fmt: skip
+                 window: int, ks: list[int], kmax: int, t: int, cp: int, kd: int,
+                 num_warps: int) -> torch.Tensor:  # fmt: skip
     b, _, h, w = x.shape
     out = torch.empty_like(x)  # same memory format
     nwh, nww = -(-h // window), -(-w // window)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    warps = 8 if cp * t >= 64 * 64 else 4
     launch(_cga_fwd_kernel, (b * nwh * nww,), x, out, wq, bq, wk, bk, wv, bv, wdw, bdw, bias,
            h, w, nww, nwh * nww, *x.stride(), *out.stride(), scale * math.log2(math.e),
            HEADS=heads, K0=ks[0], K1=ks[1], K2=ks[2], K3=ks[3], KK=kmax * kmax, WS=window, T=t,
-           CS=cs, CP=cp, KD=kd, PREC=prec, num_warps=warps, num_stages=1)  # fmt: skip
+           CS=cs, CP=cp, KD=kd, PREC=prec, num_warps=num_warps, num_stages=1)  # fmt: skip
     return out
 
 
