@@ -36,7 +36,10 @@ without ``attention_biases``.
 Parameter and buffer layout differ from timm's ``efficientvit_mX`` only by names;
 :func:`from_timm_state_dict` / :func:`to_timm_state_dict` map one to the other, and
 :func:`load_pretrained` (or ``model.pretrained=PATH``) loads a timm checkpoint file.
-:meth:`EfficientViT.fuse_bn` folds every Conv+BN and BN+Linear for inference.
+:meth:`EfficientViT.fuse_bn` folds every Conv+BN and BN+Linear for inference, and (by default)
+runs each windowed CGA layer and the stem's first conv as Triton kernels (``ops/cascaded.py``,
+``ops/conv_stem.py``) with channels_last weights. ``model.impl=timm`` builds timm's own model
+instead (:class:`TimmEfficientViT`), for comparisons through the same trainer.
 """
 
 from __future__ import annotations
