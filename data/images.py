@@ -296,18 +296,15 @@ class SyntheticImages:
     (N(0, 1) after normalisation) and labels, made once on the GPU when there is one (else
     the CPU) and handed out as device-side copies (mixing works in place): a loader that
     costs next to nothing, for measuring a model's training speed apart from decoding,
-    augmentation and host-to-device copies. Accuracy on it means nothing. Interface of the epoch loaders: ``len``, iteration, ``sampler.set_epoch``,
-    ``skip(k)`` for resuming mid-epoch."""
+    augmentation and host-to-device copies. Accuracy on it means nothing. Interface of the
+    epoch loaders: ``len``, iteration, ``sampler.set_epoch``, ``skip(k)`` for resuming
+    mid-epoch."""
 
     def __init__(self, batch: int, size: int, classes: int, n: int, seed: int,
                  channels_last: bool = True, start: int = 0):  # fmt: skip
         self.batch, self.size, self.classes, self.n, self.seed = batch, size, classes, n, seed
-        self.channels_last, self.start, self.sampler, self._data = (
-            channels_last,
-            start,
-            _NoSampler(),
-            None,
-        )
+        self.channels_last, self.start = channels_last, start
+        self.sampler, self._data = _NoSampler(), None
 
     def _make(self):
         dev = (

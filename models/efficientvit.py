@@ -160,11 +160,14 @@ class ConvBN(nn.Module):
 class StemConvReLU(nn.Module):
     """relu(conv(x)) of a folded 3x3 stride-2 stem conv; in inference copies on CUDA, one Triton
     kernel that reads the images in their own dtype and layout (``ops/conv_stem.py``: fuses
-    autocast's copy of the images, and cuDNN is slow at 3 input channels)."""
+    autocast's copy of the images, and cuDNN is slow at 3 input channels). The weights are
+    laid out for the kernel at the first call per dtype and device (an inference copy's
+    weights do not change)."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
         self.conv = conv
+        self._packed: dict = {}  # (dtype, device) -> the kernel's weight layout, made once
 
     def _fast(self, x) -> bool:
         c = self.conv
@@ -179,16 +182,25 @@ class StemConvReLU(nn.Module):
     def forward(self, x):
         if not self._fast(x):
             return F.relu(self.conv(x))
-        from ops.conv_stem import conv3x3_s2
+        from ops import conv_stem
 
-        dev = x.device.type
+        c, dev = self.conv, x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        fmt = (
-            torch.channels_last
-            if self.conv.weight.is_contiguous(memory_format=torch.channels_last)
-            else torch.contiguous_format
-        )
-        return conv3x3_s2(x, self.conv.weight, self.conv.bias, True, dtype, fmt)
+        packed = self._packed.get((dtype, x.device))
+        if packed is None:
+            packed = self._packed[dtype, x.device] = conv_stem.pack_weights(c.weight, c.bias, dtype)
+        cl = c.weight.is_contiguous(memory_format=torch.channels_last)
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        return conv_stem.conv3x3_s2(x, c.weight, c.bias, True, dtype, fmt, packed)
+
+
+def fold_bn_(module: nn.Module) -> nn.Module:
+    """Replace every ConvBN and BNLinear inside ``module`` by its folded layer, in place."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (ConvBN, BNLinear)):
+                setattr(parent, name, child.fuse())
+    return module
 
 
 class BNLinear(nn.Module):
@@ -594,16 +606,13 @@ class EfficientViT(nn.Module):
         Fused models have no BatchNorm left, so they are for inference only (and their state dict
         is not timm's layout). ``fused_attention``: each windowed CGA layer runs as one Triton
         kernel (``ops/cascaded.py``) on CUDA without autograd, instead of ~10 PyTorch/cuDNN
-        kernels a head, and so does the stem's first conv + ReLU (``ops/conv_stem.py``). ``channels_last``: the weights go channels_last, so convolutions take
-        and give NHWC activations (cuDNN's tensor-core layout; NCHW inputs are converted by the
+        kernels a head, and so does the stem's first conv + ReLU (``ops/conv_stem.py``).
+        ``channels_last``: the weights go channels_last, so convolutions take and give NHWC
+        activations (cuDNN's tensor-core layout; NCHW inputs are converted by the
         first convolution); outputs are unchanged.
         """
         memo = {id(m.attention): m.attention for m in self.modules() if hasattr(m, "attention")}
-        fused = copy.deepcopy(self, memo).eval()
-        for module in list(fused.modules()):
-            for name, child in list(module.named_children()):
-                if isinstance(child, (ConvBN, BNLinear)):
-                    setattr(module, name, child.fuse())
+        fused = fold_bn_(copy.deepcopy(self, memo).eval())
         if fused_attention:
             fused.stem.conv1, fused.stem.act1 = StemConvReLU(fused.stem.conv1), nn.Identity()
             for module in fused.modules():
@@ -663,13 +672,9 @@ def _resize_bias_table(table: torch.Tensor, window: int) -> torch.Tensor:
     return out.view(heads, window * window).to(table.dtype)
 
 
-def load_pretrained(model: EfficientViT, path: str) -> None:
-    """Load a timm ``efficientvit_mX`` checkpoint file (or one of ours) into ``model``.
-
-    Accepts a plain state dict or ``{"model": sd}`` / ``{"state_dict": sd}``, with or without a
-    DDP ``module.`` prefix. Attention-bias tables of another window size (a checkpoint trained
-    at another image size) are resized bicubically, as timm does. Mismatched keys raise.
-    """
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The state dict in a checkpoint file: a plain one or ``{"model": sd}`` /
+    ``{"state_dict": sd}``, a DDP ``module.`` prefix removed; ValueError if there is none."""
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):
@@ -681,7 +686,17 @@ def load_pretrained(model: EfficientViT, path: str) -> None:
             f"{path}: not a state dict (expected a dict of tensors, or {{'model': ...}} / "
             "{'state_dict': ...})"
         )
-    sd = {k.removeprefix("module."): v for k, v in obj.items()}
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_pretrained(model: EfficientViT, path: str) -> None:
+    """Load a timm ``efficientvit_mX`` checkpoint file (or one of ours) into ``model``.
+
+    Accepts a plain state dict or ``{"model": sd}`` / ``{"state_dict": sd}``, with or without a
+    DDP ``module.`` prefix. Attention-bias tables of another window size (a checkpoint trained
+    at another image size) are resized bicubically, as timm does. Mismatched keys raise.
+    """
+    sd = _read_state_dict(path)
     if any(k.startswith("patch_embed.") for k in sd):
         sd = from_timm_state_dict(sd)
     own = model.state_dict()
@@ -718,11 +733,7 @@ class TimmEfficientViT(nn.Module):
             window_size=(w, w, w),
         )  # fmt: skip
         if cfg.pretrained:
-            state = torch.load(cfg.pretrained, map_location="cpu", weights_only=True)
-            for key in ("model", "state_dict"):
-                if isinstance(state, dict) and isinstance(state.get(key), dict):
-                    state = state[key]
-            self.net.load_state_dict(state)
+            self.net.load_state_dict(_read_state_dict(cfg.pretrained))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         EfficientViT._check_images(self, images)

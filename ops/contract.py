@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from . import launch as _launch
+
 
 def check_inputs(q, k, v, bias=None) -> tuple[int, int]:
     """Validate shapes; return (Nq, Nk). Raises ValueError naming the offending tensor."""
@@ -55,9 +57,7 @@ def check_inputs(q, k, v, bias=None) -> tuple[int, int]:
 def kernels_run_on(t: torch.Tensor) -> bool:
     """Whether our Triton kernels can take tensor ``t``: triton is importable and ``t`` is on a
     CUDA device, or any device under Triton's interpreter (``TRITON_INTERPRET=1``)."""
-    from ops.launch import _INTERPRET, triton
-
-    return triton is not None and (t.is_cuda or _INTERPRET)
+    return _launch.triton is not None and (t.is_cuda or _launch._INTERPRET)
 
 
 def check_kernel_support(name: str, q: torch.Tensor, head_dims, dtypes, hint: str = "") -> None:

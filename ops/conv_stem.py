@@ -55,48 +55,57 @@ if triton is not None:
         tl.store(o_ptr + off, acc.to(dt), mask=pm[:, None] & (co < COUT)[None, :])
 
 
+def pack_weights(weight: torch.Tensor, bias: torch.Tensor, out_dtype: torch.dtype):
+    """(Cin*9, CP) tap-major weights in ``out_dtype`` (zero past Cout) and an fp32 (CP,) bias,
+    as the kernel reads them."""
+    cout, cin = weight.shape[:2]
+    cp = max(8, 1 << (cout - 1).bit_length())
+    wt = torch.zeros(cin * 9, cp, device=weight.device, dtype=out_dtype)
+    wt[:, :cout] = weight.detach().reshape(cout, cin * 9).t().to(out_dtype)
+    bt = torch.zeros(cp, device=weight.device, dtype=torch.float32)
+    bt[:cout] = bias.detach().float()
+    return wt, bt
+
+
 def conv3x3_s2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool,
-               out_dtype: torch.dtype, memory_format=torch.channels_last) -> torch.Tensor:  # fmt: skip
+               out_dtype: torch.dtype, memory_format=torch.channels_last,
+               packed: tuple | None = None) -> torch.Tensor:  # fmt: skip
     """``[relu](conv2d(x, weight, bias, stride=2, padding=1))`` for x (B, Cin, H, W) with
     Cin <= 4 and weight (Cout, Cin, 3, 3); output (B, Cout, ceil(H/2), ceil(W/2)) in
     ``out_dtype`` and ``memory_format``. x and weight are rounded to ``out_dtype`` first.
-    One opaque op (``torch.ops.attnlab.conv3x3_s2``) under ``torch.compile``."""
+    ``packed``: :func:`pack_weights` of these weights for ``out_dtype`` (made here if not
+    given; callers that run the same weights often keep it). One opaque op
+    (``torch.ops.attnlab.conv3x3_s2``) under ``torch.compile``."""
     if triton is None:
         raise RuntimeError("conv3x3_s2 needs triton")
     cin = x.shape[1]
     if x.dim() != 4 or weight.shape[1:] != (cin, 3, 3) or cin > MAX_CIN:
         raise ValueError(f"conv3x3_s2: weight {tuple(weight.shape)} for input {tuple(x.shape)}")
-    return _conv3x3_s2(x, weight, bias, relu, out_dtype, memory_format == torch.channels_last)
+    wt, bt = pack_weights(weight, bias, out_dtype) if packed is None else packed
+    return _conv3x3_s2(x, wt, bt, weight.shape[0], relu, memory_format == torch.channels_last)
 
 
-def _out(x, weight, out_dtype, channels_last):
+def _out(x, wt, cout, channels_last):
     b, _, h, w = x.shape
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(b, weight.shape[0], (h + 1) // 2, (w + 1) // 2, device=x.device,
-                       dtype=out_dtype, memory_format=fmt)  # fmt: skip
+    return torch.empty(b, cout, (h + 1) // 2, (w + 1) // 2, device=x.device, dtype=wt.dtype,
+                       memory_format=fmt)  # fmt: skip
 
 
 @torch.library.custom_op("attnlab::conv3x3_s2", mutates_args=())
-def _conv3x3_s2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool,
-                out_dtype: torch.dtype, channels_last: bool) -> torch.Tensor:  # fmt: skip
-    cin, cout = x.shape[1], weight.shape[0]
-    cp = max(8, 1 << (cout - 1).bit_length())
-    # (Cin*9, CP) tap-major weights in the output dtype, fp32 bias: tiny, made per call
-    wt = torch.zeros(cin * 9, cp, device=x.device, dtype=out_dtype)
-    wt[:, :cout] = weight.reshape(cout, cin * 9).t().to(out_dtype)
-    bt = torch.zeros(cp, device=x.device, dtype=torch.float32)
-    bt[:cout] = bias.float()
-    out = _out(x, weight, out_dtype, channels_last)
-    _, _, h, w = x.shape
+def _conv3x3_s2(x: torch.Tensor, wt: torch.Tensor, bt: torch.Tensor, cout: int, relu: bool,
+                channels_last: bool) -> torch.Tensor:  # fmt: skip
+    out = _out(x, wt, cout, channels_last)
+    _, cin, h, w = x.shape
     ho, wo = out.shape[-2:]
     p = x.shape[0] * ho * wo
     block = 128
     launch(_conv3x3s2_kernel, (triton.cdiv(p, block),), x, wt, bt, out, p, h, w, ho, wo,
-           *x.stride(), *out.stride(), CIN=cin, COUT=cout, CP=cp, RELU=relu, BLOCK=block,
-           num_warps=4)  # fmt: skip
+           *x.stride(), *out.stride(), CIN=cin, COUT=cout, CP=wt.shape[1], RELU=relu,
+           BLOCK=block, num_warps=4)  # fmt: skip
     return out
 
 
 @_conv3x3_s2.register_fake
-def _(x, weight, bias, relu, out_dtype, channels_last):
-    return _out(x, weight, out_dtype, channels_last)
+def _(x, wt, bt, cout, relu, channels_last):
+    return _out(x, wt, cout, channels_last)

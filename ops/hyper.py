@@ -100,11 +100,8 @@ class _LevelInputs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v):
-        bh, n, _ = q.shape
-        h = n // 2
-        ctx.h = h
-        halves = tuple(x.reshape(bh * 2, h, x.shape[-1]) for x in (q, k, v))  # views if they can
-        return (*halves, q[:, h:], k[:, :h], v[:, :h])
+        ctx.h = q.shape[1] // 2
+        return _split_level(q, k, v)
 
     @staticmethod
     def backward(ctx, gq_r, gk_r, gv_r, gq2, gk1, gv1):
@@ -126,15 +123,19 @@ class _LevelInputs(torch.autograd.Function):
         return tuple(out)
 
 
-def _level_inputs(q, k, v):
-    """(q, k, v as two batched halves, q[:, h:], k[:, :h], v[:, :h]); through
-    :class:`_LevelInputs` where autograd records, else plain views."""
+def _split_level(q, k, v):
+    """(q, k, v as two batched halves (BH*2, N/2, D), q[:, h:], k[:, :h], v[:, :h])."""
     bh, n, _ = q.shape
     h = n // 2
+    halves = tuple(x.reshape(bh * 2, h, x.shape[-1]) for x in (q, k, v))  # views if they can
+    return (*halves, q[:, h:], k[:, :h], v[:, :h])
+
+
+def _level_inputs(q, k, v):
+    """:func:`_split_level`, through :class:`_LevelInputs` where autograd records."""
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return _LevelInputs.apply(q, k, v)
-    halves = tuple(x.reshape(bh * 2, h, x.shape[-1]) for x in (q, k, v))
-    return (*halves, q[:, h:], k[:, :h], v[:, :h])
+    return _split_level(q, k, v)
 
 
 class _Hyper:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ops
-from models.efficientvit import CascadedGroupAttention, ConvBN, EfficientViT, EfficientViTConfig
+from models.efficientvit import CascadedGroupAttention, EfficientViT, EfficientViTConfig, fold_bn_
 from ops import cascaded
 from tests.helpers import randomize_bn
 
@@ -54,20 +54,11 @@ def _layer(heads=3, dim=96, window=5, kernels=(5, 3, 3, 3), seed=2):
     return randomize(layer, seed).eval()
 
 
-def _fold(layer):
-    """Fold the layer's Conv+BN pairs in place, as ``EfficientViT.fuse_bn`` does."""
-    for module in list(layer.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, ConvBN):
-                setattr(module, name, child.fuse())
-    return layer
-
-
 @pytest.mark.parametrize("hw", [(10, 7), (5, 5), (3, 4)])
 def test_fused_layer_fp16_error_no_larger_than_the_per_head_paths(hw):
     """fp16 in, fp16 out: the kernel's error against a float64 run of the same layer is at most
     twice the per-head fp16 path's (both round where activations are stored)."""
-    layer = _fold(_layer())
+    layer = fold_bn_(_layer())
     x = torch.randn(2, 96, *hw)
     with torch.no_grad():
         exact = layer.double()(x.double())
@@ -82,7 +73,7 @@ def test_fused_layer_fp16_error_no_larger_than_the_per_head_paths(hw):
 
 
 def test_channels_last_input_gives_channels_last_output():
-    layer = _fold(_layer(heads=2, dim=64, window=4, kernels=(3, 3)))
+    layer = fold_bn_(_layer(heads=2, dim=64, window=4, kernels=(3, 3)))
     x = torch.randn(1, 64, 6, 6).to(memory_format=torch.channels_last)
     with torch.no_grad():
         want = layer(x)
