@@ -61,6 +61,10 @@ class TrainerConfig:
     ema_decay: float | None = None  # weight EMA (also evaluated: ema_val_*); None: off
     compile: bool = False  # with fsdp or activation_checkpointing: each block compiled alone
     compile_tuning: bool = False  # Inductor coordinate-descent tuning (slower compile)
+    # torch.compile mode of the whole-model compile: default | reduce-overhead (CUDA graphs:
+    # removes the per-kernel launch cost that bounds small models such as EfficientViT) |
+    # max-autotune | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
     parallel: str = "ddp"  # ddp | fsdp (FSDP2: blocks, then the root; see trainer/parallel.py)
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     device: str = "auto"  # auto | cpu | cuda
@@ -169,6 +173,9 @@ def _validate_parallel(rc: RunConfig) -> None:
         )
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def validate(rc: RunConfig, world_size: int = 1) -> int:
     """Cross-field checks; return gradient-accumulation steps per optimizer step."""
     t = rc.trainer
@@ -180,6 +187,10 @@ def validate(rc: RunConfig, world_size: int = 1) -> int:
         raise ValueError(f"trainer.precision={t.precision!r}; valid: auto, bf16, fp32")
     if rc.optim.clip_mode not in ("norm", "agc"):
         raise ValueError(f"optim.clip_mode={rc.optim.clip_mode!r}; valid: norm, agc")
+    if t.compile_mode not in COMPILE_MODES:
+        raise ValueError(
+            f"trainer.compile_mode={t.compile_mode!r}; valid: {', '.join(COMPILE_MODES)}"
+        )
     _validate_parallel(rc)
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         raise ValueError(f"trainer.ema_decay={t.ema_decay}: use null (off) or a value in (0, 1)")

@@ -174,8 +174,11 @@ def _train_step(task, train_model, opt, accum, autocast, info, rc, step, max_ste
     for group in opt.param_groups:
         group["lr"] = lr
     loss_acc = torch.zeros((), device=info.device)
+    graphs = rc.trainer.compile and rc.trainer.compile_mode == "reduce-overhead"
     for micro in range(accum):
         batch = task.next_batch()
+        if graphs:  # CUDA graphs: this forward may reuse the previous replay's memory
+            torch.compiler.cudagraph_mark_step_begin()
         last = micro == accum - 1
         with par.no_sync(train_model, last):
             with autocast():

@@ -195,13 +195,15 @@ def compile_model(model, t):
     """torch.compile as trainer.compile / trainer.compile_tuning ask (identity when off).
 
     compile_tuning turns on Inductor's coordinate-descent tuning of its generated kernels
-    (longer first compile, faster pointwise/reduction kernels).
+    (longer first compile, faster pointwise/reduction kernels); compile_mode is torch.compile's
+    ``mode`` ("reduce-overhead" replays the forward and backward as CUDA graphs).
     """
     if not t.compile:
         return model
     if t.compile_tuning:
         _coordinate_descent_tuning()
-    return torch.compile(model)
+    mode = getattr(t, "compile_mode", "default")
+    return torch.compile(model, mode=None if mode == "default" else mode)
 
 
 def no_sync(train_model: nn.Module, last_micro_batch: bool):

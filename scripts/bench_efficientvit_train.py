@@ -1,0 +1,124 @@
+"""EfficientViT training images/s, ours against timm's model in the same trainer (issue 4).
+
+    python scripts/bench_efficientvit_train.py [--variants m0 m4] [--impls ours,timm]
+        [--compile none,default,reduce-overhead] [--batch 256] [--steps 80]
+        [--out bench_efficientvit_train.json] [-- extra train.py overrides]
+
+Each cell is one ``train.py`` run (a fresh process) of ``experiment=efficientvit_mX_imagenet``
+(the paper's recipe: AdamW, AGC 0.02, EMA, mixup/cutmix and label smoothing on the GPU, bf16
+autocast, channels_last) on ``data=synthetic_images`` (one random batch already on the GPU, so
+that no decoding or host copy is timed), with ``model.impl`` ours or timm and ``trainer.compile``
+off or in the given ``torch.compile`` mode. Images/s is the trainer's own steady-state figure
+(summary.json: every step after the first, evaluation and checkpoint time left out). Prints a
+table and writes JSON. Needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts.bench_efficientvit import VARIANTS  # noqa: E402
+
+COMPILE_CHOICES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+def run_cell(variant: str, impl: str, compile_: str, batch: int, steps: int, extra: list[str],
+             run_dir: Path) -> dict:  # fmt: skip
+    overrides = [
+        f"experiment=efficientvit_{variant}_imagenet", "data=synthetic_images",
+        f"data.synthetic_batches={steps}", "trainer.epochs=1", f"trainer.global_batch={batch}",
+        f"trainer.micro_batch={batch}", "trainer.eval_every=1000000",
+        "trainer.ckpt_every=1000000", "trainer.log_every=20", "logger=none",
+        "trainer.progress=false", f"model.impl={impl}", f"trainer.run_dir={run_dir}",
+        "trainer.resume=never", f"trainer.compile={'false' if compile_ == 'none' else 'true'}",
+    ]  # fmt: skip
+    if compile_ != "none":
+        overrides.append(f"trainer.compile_mode={compile_}")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides, *extra],
+                          cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    wall = time.perf_counter() - t0
+    summary_path = run_dir / "summary.json"
+    if proc.returncode != 0 or not summary_path.exists():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": " | ".join(tail), "wall_s": wall}
+    s = json.loads(summary_path.read_text())
+    ips = s["images_per_s"]
+    return {"images_per_s": ips, "ms_per_step": 1e3 * batch / ips if ips else None,
+            "peak_memory_gib": s["peak_memory_gib"], "train_loss": s["train_loss"],
+            "wall_s": wall}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variants", nargs="+", default=["m0"], choices=VARIANTS)
+    ap.add_argument("--impls", default="ours,timm", help="comma list of model.impl values")
+    ap.add_argument("--compile", default="none,default",
+                    help=f"comma list of: {', '.join(COMPILE_CHOICES)}")  # fmt: skip
+    ap.add_argument("--batch", type=int, default=256, help="images per step (one GPU)")
+    ap.add_argument("--steps", type=int, default=80, help="steps per run (the first is not timed)")
+    ap.add_argument("--out", default="bench_efficientvit_train.json")
+    ap.add_argument("extra", nargs="*", help="more train.py overrides (after --)")
+    args = ap.parse_args()
+    impls = [i for i in args.impls.split(",") if i]
+    modes = [m for m in args.compile.split(",") if m]
+    bad = [m for m in modes if m not in COMPILE_CHOICES] + [
+        i for i in impls if i not in ("ours", "timm")
+    ]
+    if bad:
+        ap.error(f"unknown --compile/--impls value(s) {bad}; --compile takes {COMPILE_CHOICES}, "
+                 "--impls takes ours, timm")  # fmt: skip
+    if args.steps < 3:
+        ap.error("--steps must be at least 3 (the first step is compilation and is not timed)")
+
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("bench_efficientvit_train.py times GPU training: no CUDA device here")
+    from scripts.bench_attention import _env
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in args.variants:
+            for mode in modes:
+                for impl in impls:
+                    run_dir = Path(tmp) / f"{variant}_{impl}_{mode}"
+                    cell = run_cell(variant, impl, mode, args.batch, args.steps, args.extra,
+                                    run_dir)  # fmt: skip
+                    row = {"variant": variant, "impl": impl, "compile": mode, **cell}
+                    rows.append(row)
+                    shown = (f"{cell['images_per_s']:>9,.0f} img/s {cell['ms_per_step']:6.1f} ms/step"
+                             if "images_per_s" in cell else f"failed: {cell['error']}")  # fmt: skip
+                    print(f"{variant} {impl:<5} compile={mode:<16} {shown}  ({cell['wall_s']:.0f} s)",
+                          flush=True)  # fmt: skip
+    env = _env(batch=args.batch, steps=args.steps, extra=args.extra)
+    Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+    print(f"\n{env['gpu']} | torch {env['torch']} | batch {args.batch}, 224², bf16 autocast, "
+          "channels_last, paper recipe, synthetic data on the GPU; training images/s")  # fmt: skip
+    by = {(r["variant"], r["impl"], r["compile"]): r for r in rows}
+    head = f"{'variant':<8}{'compile':<28}" + "".join(f"{i:>12}" for i in impls)
+    print(head + ("   ours/timm" if {"ours", "timm"} <= set(impls) else ""))
+    for variant in args.variants:
+        for mode in modes:
+            vals = [by[(variant, i, mode)].get("images_per_s") for i in impls]
+            line = f"{variant:<8}{mode:<28}" + "".join(
+                f"{v:>12,.0f}" if v else f"{'failed':>12}" for v in vals
+            )
+            if {"ours", "timm"} <= set(impls):
+                o = by[(variant, "ours", mode)].get("images_per_s")
+                t = by[(variant, "timm", mode)].get("images_per_s")
+                line += f"{o / t:>11.2f}x" if o and t else f"{'-':>12}"
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
