@@ -210,6 +210,10 @@ def test_sizes_match_the_papers():
         ),
         (["data=digits"], "model.family=gpt2 trains on tokens: data=pycorpus"),
         (["logger.name=tensorboard"], "logger.name='tensorboard'"),
+        (
+            ["trainer.compile_mode=cudagraphs"],
+            "trainer.compile_mode='cudagraphs'; valid: default, reduce",
+        ),
     ],
 )
 def test_bad_inputs_raise_one_clear_error(overrides, match):
