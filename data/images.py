@@ -4,10 +4,11 @@ The trainer needs one call::
 
     train_loader, val_loader, num_classes, mixup_fn = build_image_loaders(
         cfg, batch_size, rank=rank, world=world, seed=seed)
+    prep = build_device_prep(cfg)                   # uint8 -> normalised (+ erasing) on device
     for epoch in range(epochs):
         train_loader.sampler.set_epoch(epoch)       # new shuffle (and augmentation) per epoch
         for batch in train_loader:
-            images, labels = to_device(batch, device, channels_last=cfg.channels_last)
+            images, labels = to_device(batch, device, cfg.channels_last, prep, train=True)
             if mixup_fn is not None:
                 images, targets = mixup_fn(images, labels)   # soft targets, rows sum to one
             ...  # soft-target cross entropy; without mixup use label_smoothing in the loss
@@ -76,12 +77,14 @@ from torch.utils.data import DataLoader, Sampler
 
 from data.image_augment import (  # noqa: F401
     BatchMixup,
+    DevicePrep,
     RepeatAugSampler,
     ShardSampler,
     _check_rank,
     _epoch_order,
     _patch_posterize,
     _posterize,
+    build_device_prep,
     build_mixup,
     build_transforms,
 )
@@ -253,7 +256,8 @@ def build_image_loaders(
         check_image_config(cfg)
         classes = int(cfg.num_classes)
         mk = lambda n, s: SyntheticImages(batch_size, cfg.img_size, classes, n,  # noqa: E731
-                                          seed * 1000 + rank * 10 + s, bool(cfg.channels_last))  # fmt: skip
+                                          seed * 1000 + rank * 10 + s, bool(cfg.channels_last),
+                                          uint8=bool(cfg.device_normalize))  # fmt: skip
         return mk(int(cfg.synthetic_batches), 0), mk(2, 1), classes, build_mixup(cfg, classes)
     train, val = build_image_datasets(cfg, progress=rank == 0)
     if cfg.repeated_aug and world > 1:
@@ -301,9 +305,9 @@ class SyntheticImages:
     mid-epoch."""
 
     def __init__(self, batch: int, size: int, classes: int, n: int, seed: int,
-                 channels_last: bool = True, start: int = 0):  # fmt: skip
+                 channels_last: bool = True, start: int = 0, uint8: bool = False):  # fmt: skip
         self.batch, self.size, self.classes, self.n, self.seed = batch, size, classes, n, seed
-        self.channels_last, self.start = channels_last, start
+        self.channels_last, self.start, self.uint8 = channels_last, start, uint8
         self.sampler, self._data = _NoSampler(), None
 
     def _make(self):
@@ -313,7 +317,11 @@ class SyntheticImages:
             else "cpu"
         )
         g = torch.Generator().manual_seed(self.seed)
-        images = torch.randn(self.batch, 3, self.size, self.size, generator=g)
+        shape = (self.batch, 3, self.size, self.size)
+        if self.uint8:  # as the image loaders hand out with data.device_normalize
+            images = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+        else:
+            images = torch.randn(shape, generator=g)
         labels = torch.randint(0, self.classes, (self.batch,), generator=g)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return images.to(dev, memory_format=fmt), labels.to(dev)
@@ -323,16 +331,19 @@ class SyntheticImages:
             self._data = self._make()
         images, labels = self._data
         for _ in range(self.n - self.start):
-            # a copy a step (one device-side copy): mixup/cutmix mix the batch in place, and
-            # every step should see the same images
-            yield images.clone(memory_format=torch.preserve_format), labels
+            # float: a copy a step (one device-side copy): mixup/cutmix mix the batch in
+            # place, and every step should see the same images; uint8: DevicePrep makes the
+            # float batch anew each step, so the stored one is never modified
+            yield (images if self.uint8 else images.clone(memory_format=torch.preserve_format),
+                   labels)  # fmt: skip
 
     def __len__(self) -> int:
         return self.n - self.start
 
     def skip(self, batches: int) -> SyntheticImages:
         out = SyntheticImages(self.batch, self.size, self.classes, self.n, self.seed,
-                              self.channels_last, start=min(self.n, batches))  # fmt: skip
+                              self.channels_last, start=min(self.n, batches),
+                              uint8=self.uint8)  # fmt: skip
         out._data = self._data
         return out
 
@@ -341,12 +352,23 @@ def to_device(
     batch: tuple[torch.Tensor, torch.Tensor],
     device: torch.device | str,
     channels_last: bool = True,
+    prep: DevicePrep | None = None,
+    train: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Move (images, labels) to ``device`` asynchronously (pinned memory), images in
-    channels_last when asked (a no-op when the loader already made them so)."""
+    channels_last when asked (a no-op when the loader already made them so). uint8 images
+    (``data.device_normalize``) are then normalised, and for ``train`` randomly erased, by
+    ``prep`` (``build_device_prep(cfg)``) on the device."""
     images, labels = batch
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     images = images.to(device, non_blocking=True, memory_format=fmt)
+    if images.dtype == torch.uint8:
+        if prep is None:
+            raise ValueError(
+                "to_device: the loader hands out uint8 images (data.device_normalize=true); "
+                "pass prep=build_device_prep(data_cfg) to normalise them on the device"
+            )
+        images = prep(images, train)
     return images, labels.to(device, non_blocking=True)
 
 
@@ -358,6 +380,7 @@ __all__ = [
     "IMAGE_KINDS",
     "PACKED_FORMAT",
     "BatchMixup",
+    "DevicePrep",
     "DigitsDataset",
     "HFImageDataset",
     "ImageDataConfig",
@@ -366,6 +389,7 @@ __all__ = [
     "RepeatAugSampler",
     "ShardSampler",
     "SyntheticImages",
+    "build_device_prep",
     "build_image_datasets",
     "build_image_loaders",
     "build_mixup",

@@ -16,6 +16,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from data import (  # noqa: E402
     BatchMixup,
+    DevicePrep,
     DigitsDataset,
     HFImageDataset,
     ImageDataConfig,
@@ -23,6 +24,7 @@ from data import (  # noqa: E402
     PackedImageDataset,
     RepeatAugSampler,
     ShardSampler,
+    build_device_prep,
     build_image_datasets,
     build_image_loaders,
     build_transforms,
@@ -223,7 +225,7 @@ def test_hf_local_saved_dataset(tmp_path):
     assert isinstance(train, HFImageDataset) and train.classes == ["red", "green"]
     assert train.labels.tolist() == [0, 1, 0, 1, 0, 1] and val.labels.tolist() == [1, 0, 1]
     x, y = val[1]
-    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and y == 0
+    assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and y == 0  # device_normalize
     raw = HFImageDataset(load_hf_split(str(root), "train"))
     assert raw.image(2).mode == "RGB" and raw.image(2).size == (9, 7)
 
@@ -263,19 +265,71 @@ def test_digits_dataset_split_sizes_and_images():
 # --------------------------------------------------------------------------- transforms, mixup
 
 
-def test_transforms_output_shape_dtype_and_upscaling():
-    cfg = ImageDataConfig(img_size=32)
+@pytest.mark.parametrize("on_device", [False, True])
+def test_transforms_output_shape_dtype_and_upscaling(on_device):
+    cfg = ImageDataConfig(img_size=32, device_normalize=on_device)
     train_tf, val_tf = build_transforms(cfg)
+    prep = build_device_prep(cfg)
+    assert (prep is not None) == on_device
     for size in ((8, 8), (64, 48)):  # smaller images are upscaled, larger cropped down
         img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (*size, 3), np.uint8))
         for tf in (train_tf, val_tf):
             x = tf(img)
-            assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+            assert x.shape == (3, 32, 32)
+            assert x.dtype == (torch.uint8 if on_device else torch.float32)
     # eval normalises with the ImageNet mean/std: a mean-coloured image becomes ~zero
     mean_img = Image.new("RGB", (40, 40), tuple(round(255 * m) for m in cfg.mean))
-    assert val_tf(mean_img).abs().max() < 0.02
+    x = val_tf(mean_img)
+    if on_device:
+        x = prep(x[None], train=False)[0]
+    assert x.dtype == torch.float32 and x.abs().max() < 0.02
     names = " ".join(type(t).__name__ for t in train_tf.transforms)
-    assert "RandomResizedCrop" in names and "RandAugment" in names and "RandomErasing" in names
+    assert "RandomResizedCrop" in names and "RandAugment" in names
+    assert ("RandomErasing" in names) != on_device  # erasing moves to DevicePrep
+
+
+def test_device_prep_matches_worker_normalisation():
+    """Same crop, flip and RandAugment draws: uint8 + DevicePrep equals timm's float path."""
+    import random
+
+    base = dict(img_size=24, re_prob=0.0)
+    float_tf, float_val = build_transforms(ImageDataConfig(device_normalize=False, **base))
+    cfg = ImageDataConfig(device_normalize=True, **base)
+    u8_tf, u8_val = build_transforms(cfg)
+    prep = build_device_prep(cfg)
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 30, 3), np.uint8))
+    for seed in range(4):
+        outs = []
+        for tf in (float_tf, u8_tf):
+            random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+            outs.append(tf(img))
+        got = prep(outs[1][None], train=True)[0]
+        assert torch.allclose(got, outs[0], atol=1e-5)
+    assert torch.allclose(prep(u8_val(img)[None], train=False)[0], float_val(img), atol=1e-5)
+    with pytest.raises(ValueError, match="expected uint8 images"):
+        prep(torch.zeros(2, 3, 4, 4), train=False)
+
+
+@pytest.mark.parametrize("masked", [False, True])  # True: the GPU's sync-free path
+def test_device_random_erasing_rectangles(masked):
+    """One rectangle per erased image, 2%-1/3 of the area, inside the image, filled with
+    noise; the rest of the image and the other images untouched; about re_prob erased."""
+    torch.manual_seed(0)
+    prep = DevicePrep([0.5] * 3, [0.25] * 3, re_prob=0.5)
+    images = torch.randint(0, 256, (400, 3, 20, 24), dtype=torch.uint8)
+    clean = prep(images, train=False)
+    assert torch.equal(prep(images, train=False), clean)  # eval: no erasing
+    out = prep.erase(clean.contiguous(memory_format=torch.channels_last).clone(), masked)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    changed = (out != clean).any(1)  # (B, H, W)
+    erased = changed.flatten(1).any(1)
+    assert 0.4 < erased.float().mean() < 0.6
+    for i in torch.nonzero(erased).flatten().tolist():
+        ys, xs = torch.nonzero(changed[i], as_tuple=True)
+        h, w = int(ys.max() - ys.min()) + 1, int(xs.max() - xs.min()) + 1
+        # noise equal to the clean value is vanishingly rare: the changed set is the rectangle
+        assert changed[i].sum() == h * w
+        assert 0.02 * 480 - 24 <= h * w <= 480 / 3 + 24  # rounding of h and w
 
 
 def test_randaugment_posterize_at_full_strength():
@@ -380,10 +434,13 @@ def test_loader_yields_channels_last_batches(folder):
     batches = list(train)
     assert len(batches) == 2  # 12 images, drop_last
     images, labels = batches[0]
-    assert images.shape == (5, 3, 16, 16) and images.dtype == torch.float32
+    assert images.shape == (5, 3, 16, 16) and images.dtype == torch.uint8  # device_normalize
     assert images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
     assert labels.dtype == torch.int64
-    images, labels = to_device(batches[1], "cpu")
+    with pytest.raises(ValueError, match="pass prep=build_device_prep"):
+        to_device(batches[1], "cpu")
+    images, labels = to_device(batches[1], "cpu", prep=build_device_prep(cfg), train=True)
+    assert images.dtype == torch.float32
     assert images.is_contiguous(memory_format=torch.channels_last)
     assert sum(len(y) for _, y in val) == 6  # every val image once, last batch partial
 
@@ -417,12 +474,26 @@ def test_config_errors():
         build_image_loaders(ImageDataConfig(img_size=8, num_workers=0), 2000)
 
 
+def test_synthetic_images_uint8_go_through_device_prep():
+    cfg = ImageDataConfig(name="syn", kind="synthetic", img_size=8, num_classes=5,
+                          synthetic_batches=2, mixup=0.0, cutmix=0.0)  # fmt: skip
+    train, *_ = build_image_loaders(cfg, 4, seed=1)
+    batches = list(train)
+    assert batches[0][0].dtype == torch.uint8
+    prep = build_device_prep(cfg)
+    a, _ = to_device(batches[0], "cpu", prep=prep, train=True)
+    b, _ = to_device(batches[1], "cpu", prep=prep, train=True)
+    assert a.dtype == torch.float32 and a.data_ptr() != b.data_ptr()  # a fresh batch a step
+    assert torch.equal(batches[0][0], batches[1][0])  # the stored images are never modified
+
+
 def test_synthetic_images_kind_hands_out_one_fixed_batch_and_resumes():
     from data.images import SyntheticImages
     from trainer.tasks import _Epochs
 
     cfg = ImageDataConfig(name="syn", kind="synthetic", img_size=32, num_classes=5,
-                          synthetic_batches=3, mixup=0.0, cutmix=0.0)  # fmt: skip
+                          synthetic_batches=3, mixup=0.0, cutmix=0.0,
+                          device_normalize=False)  # fmt: skip
     train, val, classes, mixup = build_image_loaders(cfg, 4, seed=1)
     assert isinstance(train, SyntheticImages) and classes == 5 and mixup is None
     assert len(train) == 3 and len(val) == 2

@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 
 import ops
-from data import build_image_loaders, build_token_data, iter_eval_batches, to_device
+from data import (
+    build_device_prep,
+    build_image_loaders,
+    build_token_data,
+    iter_eval_batches,
+    to_device,
+)
 from models import build_model
 
 from .distributed import DistInfo, all_reduce_sum
@@ -171,6 +177,7 @@ class ClassificationTask:
         t = rc.trainer
         self.units_per_micro = t.micro_batch
         self.mixup = None
+        self.prep = build_device_prep(rc.data)  # None: batches arrive normalised
         if build_data:
             loader, self.val_loader, n_classes, self.mixup = build_image_loaders(
                 rc.data, t.micro_batch, rank=info.rank, world=info.world_size, seed=rc.seed
@@ -189,8 +196,9 @@ class ClassificationTask:
 
     def next_batch(self):
         images, labels = to_device(
-            self.train_loader.next_batch(), self.info.device, self.rc.data.channels_last
-        )
+            self.train_loader.next_batch(), self.info.device, self.rc.data.channels_last,
+            self.prep, train=True,
+        )  # fmt: skip
         if self.mixup is not None:
             return self.mixup(images, labels)  # soft targets (B, classes), rows sum to one
         return images, labels
@@ -210,20 +218,21 @@ class ClassificationTask:
         """Loss, top-1 and top-5 accuracy (%) over the whole validation set (all ranks)."""
         return evaluate_classifier(
             model, self.val_loader, self.info, autocast, self.rc.data.channels_last,
-            what=f"data '{self.rc.data.name}'",
+            what=f"data '{self.rc.data.name}'", prep=self.prep,
         )  # fmt: skip
 
 
 @torch.no_grad()
 def evaluate_classifier(model, loader, info: DistInfo, autocast, channels_last: bool = True,
-                        what: str = "the data") -> dict:  # fmt: skip
+                        what: str = "the data", prep=None) -> dict:  # fmt: skip
     """Mean loss, top-1 and top-5 accuracy (%) of ``model`` over ``loader``, summed over ranks
-    (each rank holds its own shard of the validation set)."""
+    (each rank holds its own shard of the validation set). ``prep``: the data's
+    ``build_device_prep`` when the loader hands out uint8 images."""
     was_training = model.training
     model.eval()
     loss_sum = top1 = top5 = count = 0.0
     for batch in loader:
-        images, labels = to_device(batch, info.device, channels_last)
+        images, labels = to_device(batch, info.device, channels_last, prep)
         with autocast():
             logits = model(images).float()
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
