@@ -11,11 +11,16 @@ the queries' rows. Nothing is copied; the tile layout is only indices.
 
 - Forward: grid (tiles x row chunks of BLOCK_M, BH). Empty slots of a tile hold the index n_q
   and are masked.
-- Backward: a dQ kernel per (row chunk, BH) (each query belongs to one tile: plain stores) and a
-  dK/dV kernel per (tile, key chunk, BH) that sums over all the tile's rows in registers and
-  adds into fp32 buffers with one atomic add per key element (a key serves several tiles, and a
-  sample can repeat): sums are not bitwise deterministic across runs. (A single kernel adding
-  dK/dV per row chunk did 4x the atomics and took 215 ms of a 465 ms fwd+bwd at 131k.)
+- Backward: a dQ kernel per (row chunk, BH) (each query belongs to one tile: plain stores) and
+  a dK/dV kernel per (tile, key chunk, BH). Adjacent tiles with the same key list (the tiles of
+  one key block: a bucket with many queries fills several) form runs of up to _RUN_TILES; the
+  run's first tile sums dK/dV over all its rows in registers. Sampled columns repeat and
+  serve many runs: they are added with atomics into fp32 sums, once per run. A block key in
+  one run's block only (in HyperAttention all but the few of the last block, which overlaps
+  its neighbour, and of split runs) then gets its final dK/dV with a plain store, starting
+  from its sampled sum; the rest add into the fp32 sums, cast afterwards. Atomic sums are not
+  bitwise deterministic from call to call. (Earlier: one atomic add per (tile, key) into fp32
+  buffers, then a cast, ~80 ms of a 233 ms fwd+bwd at 131k on an H100.)
 - The LSE is differentiable (Delta - dLSE, as in ``ops/flash.py``), so the causal recursion's
   merges get the true gradient.
 """
@@ -155,39 +160,94 @@ def _gdq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QIDX, KIDX, sqb, sqn, sqd, skb, skn
 
 
 @_jit
-def _gdkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QIDX, KIDX, sqb, sqn, sqd, skb, skn, skd,
-                  svb, svn, svd, n_q, n_k, n_tiles, tile_rows, n_keys, n_block, bias_s,
-                  qk_scale, scale, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    """One (tile, chunk of BLOCK_N of its key list): dK, dV summed over all the tile's rows in
-    registers, then added once into fp32 DK, DV (contiguous (BH, Nk, D*)) with atomics (a key
-    serves several tiles; a sample can repeat)."""
-    bh = tl.program_id(1).to(tl.int64)
-    n_chunks = (n_keys + BLOCK_N - 1) // BLOCK_N
-    tile = tl.program_id(0) // n_chunks
-    kbase = KIDX + (bh * n_tiles + tile) * n_keys
-    ki, k, v, in_k, shift = _keys(K, V, kbase, bh, (tl.program_id(0) % n_chunks) * BLOCK_N,
-                                  n_keys, n_block, bias_s, skb, skn, skd, svb, svn, svd, HEAD_D,
-                                  HEAD_DV, BLOCK_N)  # fmt: skip
-    dk = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DV], dtype=tl.float32)
+def _kv_grads(Q, DO, LSE, DELTA, QIDX, bh, tile, run, k, v, shift, in_k, dk, dv, sqb, sqn, sqd,
+              n_q, n_tiles, tile_rows, qk_scale, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """dk + dK (without the scale), dv + dV of one key chunk (fp32 (BN, D*)), summed in
+    registers over every row of tiles [tile, tile + run)."""
     subs = (tile_rows + BLOCK_M - 1) // BLOCK_M
-    for sub in range(0, subs):
-        _, qi, in_q, q, do, lse, delta = _row_state(Q, DO, LSE, DELTA, QIDX, bh,
-                                                    tile * subs + sub, sqb, sqn, sqd, n_q,
-                                                    n_tiles, tile_rows, HEAD_D, HEAD_DV,
-                                                    BLOCK_M)  # fmt: skip
+    for sub in range(tile * subs, (tile + run) * subs):
+        _, qi, in_q, q, do, lse, delta = _row_state(Q, DO, LSE, DELTA, QIDX, bh, sub, sqb, sqn,
+                                                    sqd, n_q, n_tiles, tile_rows, HEAD_D,
+                                                    HEAD_DV, BLOCK_M)  # fmt: skip
         st = _dot(k, tl.trans(q), IEEE) + shift[:, None]  # (BN, BM)
         pt = tl.exp2(st * qk_scale - lse[None, :])
         pt = tl.where(in_k[:, None] & in_q[None, :], pt, 0.0)
         dv += _dot(pt.to(do.dtype), do, IEEE)
         dst = pt * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
         dk += _dot(dst.to(q.dtype), q, IEEE)
+    return dk, dv
+
+
+@_jit
+def _gdkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SK, SV, CNT, RUN, QIDX, KIDX, sqb, sqn, sqd,
+                  skb, skn, skd, svb, svn, svd, n_q, n_k, n_tiles, tile_rows, n_keys, n_block,
+                  bias_s, qk_scale, scale, inv_scale, SAMPLES: tl.constexpr, HEAD_D: tl.constexpr,
+                  HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  IEEE: tl.constexpr):  # fmt: skip
+    """One (tile, chunk of BLOCK_N of the block part, or of the sampled part, of its list).
+    A tile that leads a run (RUN[tile] > 0 tiles with this same list) sums dK, dV over the
+    run's rows; the others do nothing. Sampled part: atomic adds into the fp32 sums SK, SV.
+    Block part, launched after it: a key in one run's block only (CNT == 1) has all of its
+    sampled gradient in SK, SV already; the sums start from it and are stored plainly in DK, DV
+    (which may be SK, SV themselves). Other keys add into SK, SV, copied out by
+    _gfinish_kernel. SK, SV, DK, DV: contiguous (BH, Nk, D*); CNT (BH, Nk) int32."""
+    bh = tl.program_id(1).to(tl.int64)
+    if SAMPLES:
+        j_lo = n_block
+        j_hi = n_keys
+    else:
+        j_lo = 0
+        j_hi = n_block
+    n_chunks = (j_hi - j_lo + BLOCK_N - 1) // BLOCK_N
+    tile = tl.program_id(0) // n_chunks
+    run = tl.load(RUN + bh * n_tiles + tile)
+    j_hi = tl.where(run > 0, j_hi, 0)  # not a run's first tile: nothing loaded or stored
+    kbase = KIDX + (bh * n_tiles + tile) * n_keys
+    j0 = j_lo + (tl.program_id(0) % n_chunks) * BLOCK_N
+    ki, k, v, in_k, shift = _keys(K, V, kbase, bh, j0, j_hi, n_block, bias_s, skb, skn, skd, svb,
+                                  svn, svd, HEAD_D, HEAD_DV, BLOCK_N)  # fmt: skip
     rows_k = (bh * n_k + ki[:, None]).to(tl.int64)
-    offs_d = tl.arange(0, HEAD_D)
-    offs_v = tl.arange(0, HEAD_DV)
-    tl.atomic_add(DK + rows_k * HEAD_D + offs_d[None, :], dk * scale, mask=in_k[:, None])
-    tl.atomic_add(DV + rows_k * HEAD_DV + offs_v[None, :], dv, mask=in_k[:, None])
+    pk = rows_k * HEAD_D + tl.arange(0, HEAD_D)[None, :]
+    pv = rows_k * HEAD_DV + tl.arange(0, HEAD_DV)[None, :]
+    if SAMPLES:
+        dk = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DV], dtype=tl.float32)
+    else:  # start from the sampled sums (loaded after the loop, with dK, dV live, they spill)
+        cnt = tl.load(CNT + bh * n_k + ki, mask=in_k, other=0)
+        own = (in_k & (cnt == 1))[:, None]
+        dk = tl.load(SK + pk, mask=own, other=0.0) * inv_scale  # the scale comes after the loop
+        dv = tl.load(SV + pv, mask=own, other=0.0)
+    dk, dv = _kv_grads(Q, DO, LSE, DELTA, QIDX, bh, tile, run, k, v, shift, in_k, dk, dv, sqb,
+                       sqn, sqd, n_q, n_tiles, tile_rows, qk_scale, HEAD_D, HEAD_DV, BLOCK_M,
+                       BLOCK_N, IEEE)  # fmt: skip
+    dk = dk * scale
+    if SAMPLES:
+        tl.atomic_add(SK + pk, dk, mask=in_k[:, None])
+        tl.atomic_add(SV + pv, dv, mask=in_k[:, None])
+    else:
+        shared = (in_k & (cnt != 1))[:, None]
+        tl.store(DK + pk, dk.to(DK.dtype.element_ty), mask=own)
+        tl.store(DV + pv, dv.to(DV.dtype.element_ty), mask=own)
+        tl.atomic_add(SK + pk, dk, mask=shared)
+        tl.atomic_add(SV + pv, dv, mask=shared)
+
+
+@_jit
+def _gfinish_kernel(SK, SV, DK, DV, CNT, n_k, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+                    BLOCK: tl.constexpr):  # fmt: skip
+    """Keys not stored by _gdkdv_kernel (CNT != 1: in no run's block, or in several): their
+    fp32 sums SK, SV cast into DK, DV. Rows of the other keys are not read."""
+    bh = tl.program_id(1).to(tl.int64)
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = r < n_k
+    cnt = tl.load(CNT + bh * n_k + r, mask=ok, other=1)
+    todo = (ok & (cnt != 1))[:, None]
+    rows = bh * n_k + r[:, None]
+    pk = rows * HEAD_D + tl.arange(0, HEAD_D)[None, :]
+    pv = rows * HEAD_DV + tl.arange(0, HEAD_DV)[None, :]
+    tl.store(DK + pk, tl.load(SK + pk, mask=todo, other=0.0).to(DK.dtype.element_ty), mask=todo)
+    tl.store(DV + pv, tl.load(SV + pv, mask=todo, other=0.0).to(DV.dtype.element_ty), mask=todo)
 
 
 def _tiles(q: torch.Tensor) -> tuple[int, int, int, int]:
@@ -216,6 +276,35 @@ def _forward(q, k, v, q_index, k_index, n_block: int, log_w: float, scale: float
     return o, lse
 
 
+# Longest run of tiles one dK/dV program sums: a bucket with many queries fills many tiles of
+# one key list, and one program for all of them would end long after the others. Runs split
+# there share their keys, which then take the atomic path (CNT > 1).
+_RUN_TILES = 8
+
+
+def _runs(q_index, k_index, n_q: int, n_k: int, n_block: int):
+    """(run (BH, T) int32, cnt (BH, Nk) int32): run[t] > 0 where tile t leads a run of that
+    many adjacent tiles with queries and the same key list (at most _RUN_TILES), else 0;
+    cnt[key]: how often the key occurs in the block parts of the runs (1: one program owns
+    its dK/dV row)."""
+    bh, n_tiles, _ = k_index.shape
+    t = torch.arange(n_tiles, device=k_index.device)
+    full = (q_index.view(bh, n_tiles, -1) < n_q).any(-1)
+    cont = torch.zeros_like(full)  # continues the previous tile's run
+    cont[:, 1:] = full[:, 1:] & full[:, :-1] & (k_index[:, 1:] == k_index[:, :-1]).all(-1)
+    start = torch.where(cont, 0, t).cummax(1).values  # first tile of the group of equal lists
+    stop = torch.where(cont, n_tiles, t)  # next tile outside the group, from each tile
+    end = torch.cat([stop[:, 1:], stop.new_full((bh, 1), n_tiles)], 1).flip(1).cummin(1)
+    end = end.values.flip(1)
+    lead = full & ((t - start) % _RUN_TILES == 0)
+    run = torch.where(lead, (end - t).clamp(max=_RUN_TILES), 0).to(torch.int32)
+    cnt = torch.zeros((bh, n_k), dtype=torch.int32, device=k_index.device)
+    blocks = k_index[:, :, :n_block]
+    cnt.scatter_add_(1, blocks.reshape(bh, -1), lead[..., None].expand_as(blocks).reshape(bh, -1)
+                     .to(torch.int32))  # fmt: skip
+    return run, cnt
+
+
 def _backward(do, dlse, q, k, v, o, lse, q_index, k_index, n_block: int, log_w: float,
               scale: float):  # fmt: skip
     bh, nq, d = q.shape
@@ -233,26 +322,42 @@ def _backward(do, dlse, q, k, v, o, lse, q_index, k_index, n_block: int, log_w: 
                 delta, do.stride(0), do.stride(1), 0, do.stride(2), nq, 1,
                 tiles=_Tiles(bm, 16, warps, 1), HAS_DLSE=dlse is not None, HEAD_D=dv)  # fmt: skip
     dq = torch.empty((bh, nq, d), dtype=q.dtype, device=q.device)
-    dk = torch.zeros((bh, nk, d), dtype=torch.float32, device=q.device)
-    dvv = torch.zeros((bh, nk, dv), dtype=torch.float32, device=q.device)
+    # fp32 sums for the sampled columns and the keys no single program owns; fp32 inputs
+    # take their results in place
+    sk = torch.zeros((bh, nk, d), dtype=torch.float32, device=q.device)
+    sv = torch.zeros((bh, nk, dv), dtype=torch.float32, device=q.device)
+    fp32 = q.dtype == torch.float32
+    dk = sk if fp32 else torch.empty((bh, nk, d), dtype=k.dtype, device=q.device)
+    dvv = sv if fp32 else torch.empty((bh, nk, dv), dtype=v.dtype, device=q.device)
     args = (*q.stride(), *k.stride(), *v.stride())
     const = dict(HEAD_D=d, HEAD_DV=dv, BLOCK_M=bm, BLOCK_N=bn, IEEE=q.dtype == torch.float32,
                  num_warps=warps, num_stages=stages)  # fmt: skip
-    if n_tiles and bh:
-        launch(_gdq_kernel, (n_tiles * _cdiv(tile_rows, bm), bh),
-               q, k, v, do, lse, delta, dq, q_index, k_index, *args, nq, n_tiles, tile_rows,
-               n_keys, n_block, log_w / scale, scale * _LOG2E, scale, **const)  # fmt: skip
-        launch(_gdkdv_kernel, (n_tiles * _cdiv(n_keys, bn), bh),
-               q, k, v, do, lse, delta, dk, dvv, q_index, k_index, *args, nq, nk, n_tiles,
-               tile_rows, n_keys, n_block, log_w / scale, scale * _LOG2E, scale, **const)  # fmt: skip
-    return dq, dk.to(k.dtype), dvv.to(v.dtype)
+    if not (n_tiles and bh):
+        return dq.zero_(), dk.zero_(), dvv.zero_()
+    run, cnt = _runs(q_index, k_index, nq, nk, n_block)
+    launch(_gdq_kernel, (n_tiles * _cdiv(tile_rows, bm), bh),
+           q, k, v, do, lse, delta, dq, q_index, k_index, *args, nq, n_tiles, tile_rows,
+           n_keys, n_block, log_w / scale, scale * _LOG2E, scale, **const)  # fmt: skip
+    for samples, width in ((True, n_keys - n_block), (False, n_block)):  # samples first
+        if width > 0:
+            launch(_gdkdv_kernel, (n_tiles * _cdiv(width, bn), bh),
+                   q, k, v, do, lse, delta, dk, dvv, sk, sv, cnt, run, q_index, k_index, *args,
+                   nq, nk, n_tiles, tile_rows, n_keys, n_block, log_w / scale, scale * _LOG2E,
+                   scale, 1.0 / scale if scale else 0.0, SAMPLES=samples, **const)  # fmt: skip
+    if not fp32 and nk:
+        block = 16 if _INTERPRET else 32
+        launch(_gfinish_kernel, (_cdiv(nk, block), bh), sk, sv, dk, dvv, cnt, nk, HEAD_D=d,
+               HEAD_DV=dv, BLOCK=block)  # fmt: skip
+    return dq, dk, dvv
 
 
 def gathered_attention(q, k, v, q_index, k_index, n_block: int, weight: float, scale: float):
     """Each tile t of BH row r: queries ``q_index[r, t*R:(t+1)*R]`` (R rows; n_q marks an empty
     slot; every query in exactly one tile) attend to keys ``k_index[r, t]``, whose first
     ``n_block`` columns have weight 1 and the rest weight ``weight``. q (BH, Nq, D), k (BH, Nk,
-    D), v (BH, Nk, Dv) any strides -> o (BH, Nq, Dv), lse (BH, Nq) fp32, both differentiable."""
+    D), v (BH, Nk, Dv) any strides -> o (BH, Nq, Dv), lse (BH, Nq) fp32, both differentiable.
+    Any lists are correct; the backward is fastest where tiles sharing a list are adjacent and
+    the block parts of different lists rarely share keys (HyperAttention's layout)."""
     q_index, k_index = q_index.contiguous(), k_index.contiguous()
     args = (q_index, k_index, int(n_block), math.log(weight), float(scale))
     return KernelAttention.apply(q, k, v, _forward, _backward, args)

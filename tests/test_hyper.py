@@ -119,8 +119,9 @@ def test_bad_options_and_inputs():
         hyper()(q, k, v, bias=torch.zeros(1, 1, 64, 64))
 
 
+@pytest.mark.parametrize("n", [64, 60])  # 60: the last key block overlaps its neighbour
 @pytest.mark.parametrize("causal", [False, True])
-def test_triton_inner_matches_the_reference_inner_with_gradients(causal, monkeypatch):
+def test_triton_inner_matches_the_reference_inner_with_gradients(causal, n, monkeypatch):
     """The default inner backend (the Triton core, interpreter here: flash for the exact parts,
     the gathered-attention kernels of ops/hyper_kernels.py for the sorted blocks + samples)
     against the plain PyTorch version of the same algorithm (gathers, reference attention, LSE
@@ -133,7 +134,7 @@ def test_triton_inner_matches_the_reference_inner_with_gradients(causal, monkeyp
     monkeypatch.setattr(
         hyper_kernels, "gathered_attention", lambda *a: calls.append(1) or fused(*a)
     )
-    q, k, v = qkv(b=1, n=64, h=2, hkv=1, requires_grad=True)
+    q, k, v = qkv(b=1, n=n, h=2, hkv=1, requires_grad=True)
     outs = []
     for inner in ("flash", "reference"):
         before = len(calls)
@@ -201,3 +202,74 @@ def test_causal_level_inputs_give_the_gradients_of_plain_slicing(b, grad_kv, mon
     old = grads()
     for a, c in zip(new, old):
         assert torch.equal(a, c)
+
+
+def _gathered_reference(q, k, v, q_index, k_index, n_block, weight, scale):
+    """Plain PyTorch for hyper_kernels.gathered_attention: per tile, a softmax over its key
+    list (log weight added to the sampled columns' scores), rows written back to the queries."""
+    bh, nq, _ = q.shape
+    n_tiles = k_index.shape[1]
+    rows = q_index.view(bh, n_tiles, -1)
+    o = q.new_zeros(bh, nq + 1, v.shape[-1])
+    lse = q.new_zeros(bh, nq + 1)
+    shift = torch.zeros(k_index.shape[-1], dtype=q.dtype)
+    shift[n_block:] = torch.log(torch.tensor(weight, dtype=q.dtype))
+    for r in range(bh):
+        for t in range(n_tiles):
+            qi, ki = rows[r, t], k_index[r, t]
+            q_pad = torch.cat([q[r], q.new_zeros(1, q.shape[-1])])
+            s = q_pad[qi] @ k[r, ki].T * scale + shift
+            lse_t = torch.logsumexp(s, -1)
+            o = o.index_put((torch.full_like(qi, r), qi), torch.softmax(s, -1) @ v[r, ki])
+            lse = lse.index_put((torch.full_like(qi, r), qi), lse_t)
+    return o[:, :nq], lse[:, :nq]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("run_tiles", [8, 2])
+def test_gathered_kernels_dk_dv_block_and_sampled_parts(dtype, run_tiles, monkeypatch):
+    """The gathered kernels' o, LSE, dQ, dK, dV against autograd through the plain version, on
+    a layout with everything the dK/dV split must get right: runs of tiles sharing one key
+    list (summed in one program; split when longer than _RUN_TILES), the same list again
+    later, a block overlapping another (keys in two blocks, as HyperAttention's last block),
+    adjacent tiles with one block but other samples, repeated samples, samples that lie in
+    blocks, keys only sampled, keys in nothing (zero gradient), partly and fully empty tiles.
+    fp16 takes the cast path (fp32 sums -> dK, dV), fp32 the in-place one."""
+    from ops import hyper_kernels
+
+    monkeypatch.setattr(hyper_kernels, "_RUN_TILES", run_tiles)
+    g = torch.Generator().manual_seed(0)
+    bh, nk, d, rows, n_block = 2, 64, 16, 20, 20
+    a, b, c = torch.arange(0, 20), torch.arange(12, 32), torch.arange(32, 52)  # b overlaps a
+    # samples repeat, lie in blocks of one run (35, 22, 25: c, b; 35 in c's own list too), of
+    # several (0, 5, 13), or in none (55, 56, 57: only sampled); 52-54 and 58-63: in no list
+    s1 = torch.tensor([35, 35, 5, 55, 55, 55, 22])
+    s2 = torch.tensor([56, 0, 0, 25, 57, 13, 13])
+    lists = [(a, s1), (a, s1), (a, s1), (a, s2), (b, s2), (c, s1), (a, s1), (a, s1)]
+    base = torch.stack([torch.cat(x) for x in lists])  # (8 tiles, 27 keys)
+    perm, perm2 = (torch.randperm(nk, generator=g) for _ in range(2))  # keys in any order
+    k_index = torch.stack([perm[base], perm2[base]])
+    filled = [20, 20, 13, 20, 9, 17, 0, 5]  # rows with a query per tile; tile 6 is empty
+    nq = sum(filled)
+    q_index = torch.full((bh, len(lists) * rows), nq)
+    for r in range(bh):
+        order = torch.randperm(nq, generator=g)  # every query in exactly one tile
+        at = 0
+        for t, f in enumerate(filled):
+            q_index[r, t * rows : t * rows + f] = order[at : at + f]
+            at += f
+    q = torch.randn(bh, nq, d, generator=g)
+    k, v = (torch.randn(bh, nk, d, generator=g) for _ in range(2))
+    q, k, v = (x.to(dtype).requires_grad_() for x in (q, k, v))
+    go, gl = torch.randn(bh, nq, d, generator=g), torch.randn(bh, nq, generator=g)
+    o, lse = hyper_kernels.gathered_attention(q, k, v, q_index, k_index, n_block, 2.5, 0.3)
+    got = torch.autograd.grad((o.float() * go).sum() + (lse * gl).sum(), (q, k, v))
+    x64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ro, rl = _gathered_reference(*x64, q_index, k_index, n_block, 2.5, 0.3)
+    want = torch.autograd.grad((ro * go).sum() + (rl * gl).sum(), x64)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for name, x, y in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, *got), (ro, rl, *want)):
+        torch.testing.assert_close(x.double(), y, **tol, msg=lambda e, name=name: f"{name}: {e}")
+    unused = perm[torch.tensor([52, 53, 54, *range(58, 64)])]
+    for x in got[1:]:  # keys in no list get exactly zero; keys only sampled do not
+        assert x.dtype == dtype and (x[0, unused] == 0).all() and x[0, perm[55]].any()
