@@ -24,10 +24,12 @@ Layering: kernels (``ops/simplicial_kernels.py``) -> launchers (``_forward``, ``
 autograd Function ``_Simplicial`` (as ``flash.KernelAttention``, five inputs) -> public functions.
 Two tilings (option ``heads_per_tile``): sequence-tiled (1: one head, BLOCK_M positions) and
 head-packed for GQA (BLOCK_M // heads_per_tile positions x heads_per_tile q heads of one k/v
-head); auto picks the largest power of two dividing the GQA group, at most ``block_m``. The
-backward is the true gradient of the forward, LSE included (tests compare with autograd
-through the float64 reference). fp32 uses IEEE dots; fp16/bf16 round q * k1, P and dS to the
-input dtype before the fp32-accumulating dots.
+head); auto picks the largest power of two dividing the GQA group, at most ``block_m``. A
+forward tile of one position (heads_per_tile == block_m) runs its own kernel (option
+``fwd_kernel``: 'auto' picks it there, 'tiled' keeps the general one). The backward is the
+true gradient of the forward, LSE included (tests compare with autograd through the float64
+reference). fp32 uses IEEE dots; fp16/bf16 round q * k1, P and dS to the input dtype before the
+fp32-accumulating dots (the one-position forward also rounds v1 * v2).
 """
 
 from __future__ import annotations
@@ -180,6 +182,7 @@ def _check_kernel(q) -> None:
 # ----------------------------------------------------------------------------- launchers
 
 _OPTIONS = ("block_m", "block_n1", "block_n2", "num_warps", "num_stages", "heads_per_tile")
+_FWD_KERNELS = ("auto", "packed1", "tiled")  # option fwd_kernel (None: auto)
 
 
 def _tiles(opts: dict, d: int, dtype: torch.dtype, group: int, backward: bool) -> tuple[int, ...]:
@@ -207,6 +210,37 @@ def _tiles(opts: dict, d: int, dtype: torch.dtype, group: int, backward: bool) -
     return tiles
 
 
+def _fwd_tiles(opts: dict, d: int, dtype: torch.dtype, group: int) -> tuple[str, tuple[int, ...]]:
+    """(kernel, tiles) of the forward: 'packed1' (``_fwd_packed1_kernel``) where a tile is one
+    position (heads_per_tile == block_m) unless fwd_kernel='tiled', else 'tiled'
+    (``_fwd_kernel``). packed1 GPU defaults (block_n2, num_warps, num_stages), where not given:
+    fp16/bf16 (64, 4, 1): one warpgroup for the 64 rows (8 warps compute S twice) and no
+    spills at D=128 (Triton 3.6 and 3.8, sm_90); fp32 (32, 8, 1), spill-free too. Not yet
+    timed. Stages change nothing there: the kernel prefetches k1/v1 itself, Triton does not
+    pipeline the loop. Under the interpreter the 16-tiles of ``_tiles``."""
+    tiles = _tiles(opts, d, dtype, group, backward=False)
+    choice = opts.get("fwd_kernel") or "auto"
+    if choice not in _FWD_KERNELS:
+        raise ValueError(f"'simplicial' option fwd_kernel={choice!r}: use one of {_FWD_KERNELS}")
+    one_position = tiles[5] == tiles[0]
+    if choice == "packed1" and not one_position:
+        raise ValueError(
+            f"'simplicial' fwd_kernel='packed1' needs tiles of one position, heads_per_tile == "
+            f"block_m; got heads_per_tile={tiles[5]}, block_m={tiles[0]} (GQA group H // Hkv = "
+            f"{group}): use a block_m that divides the group (heads_per_tile follows it), or "
+            "fwd_kernel='auto'"
+        )
+    if choice == "tiled" or not one_position:
+        return "tiled", tiles
+    if _INTERPRET:
+        base = tiles[2:5]
+    else:
+        base = (32, 8, 1) if dtype == torch.float32 else (64, 4, 1)
+    names = ("block_n2", "num_warps", "num_stages")
+    picked = tuple(v if opts.get(n) is None else opts[n] for n, v in zip(names, base))
+    return "packed1", (tiles[0], tiles[1], *picked, tiles[5])
+
+
 def _windows(w1, w2) -> tuple[int, int]:
     return (K._NO_WINDOW if w1 is None else w1), (K._NO_WINDOW if w2 is None else w2)
 
@@ -218,9 +252,15 @@ def _forward(q, k1, k2, v1, v2, causal, w1, w2, scale, opts):
     n1, hkv, n2 = k1.shape[1], k1.shape[2], k2.shape[1]
     o = torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
-    bm, bn1, bn2, warps, stages, hp = _tiles(opts, d, q.dtype, h // hkv, backward=False)
+    kernel, (bm, bn1, bn2, warps, stages, hp) = _fwd_tiles(opts, d, q.dtype, h // hkv)
     grid = (_cdiv(nq, bm // hp), b * h // hp)
-    if all(grid):
+    if all(grid) and kernel == "packed1":
+        launch(K._fwd_packed1_kernel, grid, q, k1, k2, v1, v2, o, lse, *q.stride(), *k1.stride(),
+               *k2.stride(), *v1.stride(), *v2.stride(), nq, n1, n2, h, h // hkv,
+               *_windows(w1, w2), scale * _LOG2E, CAUSAL=causal, HEAD_D=d, BLOCK_M=bm,
+               BLOCK_N2=bn2, IEEE=q.dtype == torch.float32, num_warps=warps,
+               num_stages=stages)  # fmt: skip
+    elif all(grid):
         launch(K._fwd_kernel, grid, q, k1, k2, v1, v2, o, lse, *q.stride(), *k1.stride(),
                *k2.stride(), *v1.stride(), *v2.stride(), nq, n1, n2, h, h // hkv,
                *_windows(w1, w2), scale * _LOG2E, CAUSAL=causal, HEAD_D=d, BLOCK_M=bm,
@@ -299,7 +339,8 @@ def simplicial_attention(q, k1, k2, v1, v2, *, causal=False, scale=None, return_
     return _kernel_attention(q, k1, k2, v1, v2, causal, scale, return_lse, None, None, {})
 
 
-_DEFAULTS = {"w1": None, "w2": None, "impl": "triton", **dict.fromkeys(_OPTIONS)}
+_DEFAULTS = {"w1": None, "w2": None, "impl": "triton", "fwd_kernel": None,
+             **dict.fromkeys(_OPTIONS)}  # fmt: skip
 _ALLOWED = {
     "block_m": (16, 32, 64, 128),
     "block_n1": (1, 2, 4, 8, 16, 32),
@@ -307,6 +348,7 @@ _ALLOWED = {
     "num_warps": (1, 2, 4, 8, 16),
     "num_stages": (1, 2, 3, 4, 5),
     "heads_per_tile": (1, 2, 4, 8, 16, 32, 64, 128),
+    "fwd_kernel": _FWD_KERNELS,
 }
 
 
@@ -320,7 +362,7 @@ class SimplicialAttention:
     def __init__(self, options: dict):
         self.options = options
         self.w1, self.w2 = options["w1"], options["w2"]
-        self._opts = {n: options[n] for n in _OPTIONS}
+        self._opts = {n: options[n] for n in (*_OPTIONS, "fwd_kernel")}
 
     def __call__(self, q, k1, k2, v1, v2, *, causal=False, scale=None, return_lse=False):
         if self.options["impl"] == "reference":
@@ -359,7 +401,10 @@ def build_simplicial(**options) -> SimplicialAttention:
     """Bind 2-simplicial options once: ``w1``, ``w2`` (windows, None = unbounded), ``impl``
     ('triton' or 'reference'), tiles ``block_m`` (rows: positions x heads), ``block_n1``,
     ``block_n2``, ``num_warps``, ``num_stages``, ``heads_per_tile`` (1: sequence-tiled; > 1:
-    head-packed GQA tiling; None: defaults). Unknown or invalid options raise ValueError."""
+    head-packed GQA tiling; None: defaults), ``fwd_kernel`` ('auto'/None: the one-position
+    kernel where heads_per_tile == block_m, else the general one; 'packed1': the one-position
+    kernel, an error where tiles hold several positions; 'tiled': always the general one).
+    Unknown or invalid options raise ValueError."""
     unknown = sorted(set(options) - set(_DEFAULTS))
     if unknown:
         raise ValueError(

@@ -13,8 +13,10 @@ k/v head and, at one position, one window: with 64 heads per k/v head a tile is 
 and the key loops cover exactly the windows, no causal slack). One program per (position tile,
 batch * head block) in the forward and dQ kernels, per (k1 tile, batch * kv head) and (k2 tile,
 batch * kv head) in the dK1/dV1 and dK2/dV2 kernels, which loop over the q heads of their GQA
-group (no atomics, deterministic). Every kernel
-recomputes P from the saved LSE; the backward pass uses dP_ijk = <dO_i, v1_j * v2_k>, the same
+group (no atomics, deterministic). When a tile is one position (HEADS == BLOCK_M) the forward
+has its own kernel, ``_fwd_packed1_kernel``: k1_j and v1_j are then single vectors, so each key
+j is two plain dots, (q * k1_j) @ k2^T and P @ (v2 * v1_j), into one (BLOCK_M, D) accumulator,
+without the (BLOCK_M, BLOCK_N1, D) temporary of ``_fwd_kernel``. Every kernel recomputes P from the saved LSE; the backward pass uses dP_ijk = <dO_i, v1_j * v2_k>, the same
 trilinear form as the scores (rows B = dO_i * v1_j), and Delta_i = rowsum(dO * O) - dLSE_i, so
 the LSE is differentiable.
 
@@ -24,7 +26,7 @@ window is w = 2**30. Causal needs Nq = N1 = N2 (checked by the caller).
 
 from __future__ import annotations
 
-from .flash import _dot, _jit, tl
+from .flash import _dot, _dot_acc, _jit, tl
 
 _NO_WINDOW = 2**30
 
@@ -165,6 +167,80 @@ def _fwd_kernel(Q, K1, K2, V1, V2, O, LSE, sqb, sqn, sqh, sqd, s1b, s1n, s1h, s1
     tl.store(O + out, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=in_q[:, None])
     tl.store(LSE + (b * n_heads + heads) * n_q + offs_m,
              (m_i + tl.log2(l_safe)) * 0.6931471805599453, mask=in_q)  # fmt: skip
+
+
+@_jit
+def _packed1_keys(q, k2, v2, bias, acc, l_i, m_i, k1_ptr, v1_ptr, s1n, t1n, lo1, hi1, qk_scale,
+                  MASKED: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """One k2 tile of ``_fwd_packed1_kernel``: the online softmax over the k1 keys [lo1, hi1),
+    each a vector shared by the tile; ``bias`` (0 or -inf per k2 key) only where MASKED."""
+    k1 = tl.load(k1_ptr, mask=lo1 < hi1, other=0.0)
+    v1 = tl.load(v1_ptr, mask=lo1 < hi1, other=0.0)
+    for j in range(lo1, hi1):
+        k1_ptr += s1n  # the next key, read while this one computes
+        v1_ptr += t1n
+        k1_next = tl.load(k1_ptr, mask=j + 1 < hi1, other=0.0)
+        v1_next = tl.load(v1_ptr, mask=j + 1 < hi1, other=0.0)
+        s = _dot(q * k1[None, :], tl.trans(k2), IEEE)
+        if MASKED:
+            s = s * qk_scale + bias
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
+            p = tl.exp2(s - m_use[:, None])
+        else:  # every key visible: scale and shift in one multiply-add
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            m_use = m_new
+            p = tl.exp2(s * qk_scale - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _dot_acc(p.to(v2.dtype), v2 * v1[None, :], acc * alpha[:, None], IEEE)
+        m_i = m_new
+        k1, v1 = k1_next, v1_next
+    return acc, l_i, m_i
+
+
+@_jit
+def _fwd_packed1_kernel(Q, K1, K2, V1, V2, O, LSE, sqb, sqn, sqh, sqd, s1b, s1n, s1h, s1d,
+                        s2b, s2n, s2h, s2d, t1b, t1n, t1h, t1d, t2b, t2n, t2h, t2d,
+                        n_q, n1, n2, n_heads, group, w1, w2, qk_scale,
+                        CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N2: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """The forward of a tile of one position i and BLOCK_M q heads of one GQA group (HEADS ==
+    BLOCK_M); O and LSE as ``_fwd_kernel``. Outer loop over k2 tiles (k2, v2 loaded once),
+    inner over the k1 keys j of i's window: S = (q * k1_j) @ k2^T and acc = acc * alpha +
+    P @ (v2 * v1_j), one online softmax over all (j, k). Tiles wholly inside i's k2 window
+    skip the mask."""
+    i, b, h0, offs_m, heads = _row_ids(tl.program_id(0), tl.program_id(1), n_heads,
+                                       BLOCK_M, BLOCK_M)  # fmt: skip
+    hk = h0 // group
+    q = _qrows(Q + b * sqb, offs_m, heads, n_q, sqn, sqh, sqd, HEAD_D)  # (BM, D), all at i
+    offs_d = tl.arange(0, HEAD_D)
+    acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+    row = i + tl.zeros([1], dtype=tl.int32)
+    lo1, hi1 = _key_range(i, n1, w1, CAUSAL, 1, 1)  # every j in it is visible to i
+    lo2, hi2 = _key_range(i, n2, w2, CAUSAL, 1, BLOCK_N2)
+    k1_0 = K1 + b * s1b + hk * s1h + lo1.to(tl.int64) * s1n + offs_d * s1d
+    v1_0 = V1 + b * t1b + hk * t1h + lo1.to(tl.int64) * t1n + offs_d * t1d
+    for s2 in range(lo2, hi2, BLOCK_N2):
+        offs2 = s2 + tl.arange(0, BLOCK_N2)
+        k2 = _rows(K2 + b * s2b + hk * s2h, offs2, n2, s2n, s2d, HEAD_D)
+        v2 = _rows(V2 + b * t2b + hk * t2h, offs2, n2, t2n, t2d, HEAD_D)
+        full = s2 + BLOCK_N2 <= n2
+        if CAUSAL:
+            full = full & (s2 > i - w2) & (s2 + BLOCK_N2 <= i + 1)
+        if full:
+            acc, l_i, m_i = _packed1_keys(q, k2, v2, 0.0, acc, l_i, m_i, k1_0, v1_0, s1n, t1n,
+                                          lo1, hi1, qk_scale, False, IEEE)  # fmt: skip
+        else:
+            bias = tl.where(_ok(row, offs2, n_q, n2, w2, CAUSAL), 0.0, -float("inf"))
+            acc, l_i, m_i = _packed1_keys(q, k2, v2, bias, acc, l_i, m_i, k1_0, v1_0, s1n, t1n,
+                                          lo1, hi1, qk_scale, True, IEEE)  # fmt: skip
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = ((b * n_q + i) * n_heads + heads[:, None]) * HEAD_D + offs_d[None, :]
+    tl.store(O + out, (acc / l_safe[:, None]).to(O.dtype.element_ty))
+    tl.store(LSE + (b * n_heads + heads) * n_q + i, (m_i + tl.log2(l_safe)) * 0.6931471805599453)
 
 
 @_jit

@@ -265,10 +265,12 @@ def main() -> int:
         "--opts",
         default="",
         help="simplicial tile options, e.g. "
-        "block_m=32,block_n2=32,num_warps=4,num_stages=2 (to find spill-free tiles)",
+        "block_m=32,block_n2=32,num_warps=4,num_stages=2,fwd_kernel=tiled (to find "
+        "spill-free tiles)",
     )
     args = ap.parse_args()
-    _OPTS.update({k: int(v) for k, v in (kv.split("=") for kv in args.opts.split(",") if kv)})
+    _OPTS.update({k: int(v) if v.isdigit() else v
+                  for k, v in (kv.split("=") for kv in args.opts.split(",") if kv)})  # fmt: skip
     target = GPUTarget("cuda", args.arch, 32)
     print(f"triton {triton.__version__}, target sm_{args.arch}")
     failures = 0

@@ -79,6 +79,7 @@ def test_reference_equals_literal_formula():
 
 
 SEQ = {"heads_per_tile": 1}  # sequence-tiled even with GQA (auto packs the GQA group's heads)
+P1 = {"fwd_kernel": "packed1"}  # the one-position forward (errors if a tile has more positions)
 
 # (id, B, Nq, N1, N2, H, Hkv, causal, w1, w2, build options); 16-tiles unless options say others
 CASES = [
@@ -91,6 +92,19 @@ CASES = [
     ("packed-2of4-causal-ragged19", 1, 19, 19, 19, 4, 1, True, None, None, {"heads_per_tile": 2}),
     ("packed-16of16-window", 1, 10, 10, 10, 16, 1, True, 2, 7, {}),
     ("packed-2of2-full-unequal", 1, 9, 18, 11, 4, 2, False, None, None, {}),
+    ("tiled-fwd-16of16-window", 1, 10, 10, 10, 16, 1, True, 2, 7, {"fwd_kernel": "tiled"}),
+]
+
+# One position per tile (heads_per_tile == block_m): the forward's packed1 kernel. 16-32 q heads
+# per kv head sum into dK/dV, so gain 1.0 keeps the backward's fp32 noise under the 1e-5 bound.
+PACKED1_CASES = [
+    ("window-16of16-b2-hkv2", 2, 11, 11, 11, 32, 2, True, 3, 6, P1),
+    ("window-w1>w2-16of16", 1, 12, 12, 12, 16, 1, True, 9, 2, P1),
+    ("causal-2-blocks-of-16", 1, 9, 9, 9, 32, 1, True, None, None, P1),
+    ("full-unequal-2-k2-tiles", 1, 7, 12, 21, 16, 1, False, None, None, P1),
+    ("window-unmasked-k2-tiles-ragged37", 1, 37, 37, 37, 16, 1, True, 3, 20, P1),
+    ("bm32-window-ragged19", 1, 19, 19, 19, 32, 1, True, 4, 9, {**P1, "block_m": 32}),
+    ("bm32-bn32-window-auto", 1, 21, 21, 21, 32, 1, True, 5, 12, {"block_m": 32, "block_n2": 32}),
 ]
 
 
@@ -109,6 +123,23 @@ def test_fp32_kernels_match_float64_reference(case):
         torch.testing.assert_close(x.double(), r, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("case", PACKED1_CASES, ids=[c[0] for c in PACKED1_CASES])
+def test_fp32_packed1_forward_matches_float64_reference(case, monkeypatch):
+    """fp32: the one-position forward's out and LSE, and the unchanged backward run on them,
+    within 1e-5 of the float64 reference; the packed1 kernel is the one launched."""
+    import ops.simplicial as S
+
+    _, b, nq, n1, n2, h, hkv, causal, w1, w2, options = case
+    names, real = [], S.launch
+    monkeypatch.setattr(S, "launch", lambda k, *a, **kw: (names.append(k.fn.__name__), real(k, *a, **kw)))  # fmt: skip
+    xs = make(b, nq, n1, n2, h, hkv, seed=nq + n1 + 3 * n2, gain=1.0)
+    go, w, ref = targets(xs, causal, w1, w2)
+    got = run(ops.build_simplicial(w1=w1, w2=w2, **options), xs, causal, go, w)
+    assert names[0] == "_fwd_packed1_kernel", names
+    for name, x, r in zip(NAMES, got, ref):
+        torch.testing.assert_close(x.double(), r, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_fp16_kernels_close_to_float64_reference():
     """fp16 inputs (fp32 accumulation; q * k1, P and dS rounded to fp16 before the dots):
     relative errors against the float64 reference of the same fp16 inputs stay at the fp16
@@ -119,6 +150,35 @@ def test_fp16_kernels_close_to_float64_reference():
     assert got[0].dtype == torch.float16 and got[2].dtype == torch.float16
     for name, x, r in zip(NAMES, got, ref):
         assert rel_err(x, r) < 4e-3, f"{name}: relative error {rel_err(x, r):.3g}"
+
+
+def test_fp16_packed1_forward_close_to_float64_reference():
+    """fp16, 16 q heads on 1 kv head (one position per tile): the packed1 forward (v1 * v2 also
+    rounded to fp16) and the unchanged backward on its LSE, within the fp16 bound above."""
+    xs = make(1, 21, 21, 21, 16, 1, dtype=torch.float16, seed=5, gain=1.0)
+    go, w, ref = targets(xs, True, 5, 12)
+    got = run(ops.build_simplicial(w1=5, w2=12, fwd_kernel="packed1"), xs, True, go, w)
+    for name, x, r in zip(NAMES, got, ref):
+        assert rel_err(x, r) < 4e-3, f"{name}: relative error {rel_err(x, r):.3g}"
+
+
+def test_fwd_kernel_dispatch(monkeypatch):
+    """auto runs packed1 exactly where a tile is one position; 'tiled' keeps the general
+    kernel; both give the same forward up to fp32 rounding."""
+    import ops.simplicial as S
+
+    names = []
+    real = S.launch
+    monkeypatch.setattr(S, "launch", lambda k, *a, **kw: (names.append(k.fn.__name__), real(k, *a, **kw)))  # fmt: skip
+    xs = make(1, 6, 6, 6, 16, 1, seed=9)
+    outs = {}
+    for fwd, hp in (("auto", None), ("auto", 8), ("tiled", None), (None, None)):
+        names.clear()
+        attn = ops.build_simplicial(w1=2, w2=4, fwd_kernel=fwd, heads_per_tile=hp)
+        outs[fwd, hp] = attn(*xs, causal=True)
+        want = "_fwd_packed1_kernel" if fwd != "tiled" and hp is None else "_fwd_kernel"
+        assert names == [want], (fwd, hp, names)
+    torch.testing.assert_close(outs["auto", None], outs["tiled", None], rtol=1e-6, atol=1e-6)
 
 
 def test_public_function_lse_only_and_output_only_losses():
@@ -213,6 +273,11 @@ def test_errors_name_the_problem():
         ValueError, match=r"heads_per_tile=4 must divide the GQA group \(H // Hkv = 2\)"
     ):
         ops.build_simplicial(heads_per_tile=4)(*xs)
+    with pytest.raises(ValueError, match=r"fwd_kernel='fast'.*\('auto', 'packed1', 'tiled'\)"):
+        ops.build_simplicial(fwd_kernel="fast")
+    with pytest.raises(ValueError, match=r"fwd_kernel='packed1' needs tiles of one position.*"
+                       r"heads_per_tile=2, block_m=16"):  # fmt: skip
+        ops.build_simplicial(fwd_kernel="packed1")(*xs)
 
 
 _COMPILE = """
@@ -224,9 +289,14 @@ from triton.compiler import ASTSource
 from ops import simplicial as S, simplicial_kernels as K
 
 def compile_(fn, d, dtype, group, backward):
-    bm, bn1, bn2, warps, stages, hp = S._tiles({}, d, dtype, group, backward)
+    if backward:
+        bm, bn1, bn2, warps, stages, hp = S._tiles({}, d, dtype, group, backward)
+    else:
+        kind = "tiled" if fn is K._fwd_kernel else "packed1"
+        _, (bm, bn1, bn2, warps, stages, hp) = S._fwd_tiles({"fwd_kernel": kind}, d, dtype, group)
     consts = dict(CAUSAL=True, HEAD_D=d, BLOCK_M=bm, BLOCK_N1=bn1, BLOCK_N2=bn2, HEADS=hp,
                   IEEE=dtype == torch.float32)
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
     sig = {n: "constexpr" if n in consts else ("*fp32" if n in ("LSE", "DELTA") else ptr)
            if n[0].isupper() else "fp32" if "scale" in n else "i32" for n in fn.arg_names}
@@ -234,6 +304,7 @@ def compile_(fn, d, dtype, group, backward):
                    options={"num_warps": warps, "num_stages": stages})
 
 compile_(K._fwd_kernel, 128, torch.bfloat16, 64, False)
+compile_(K._fwd_packed1_kernel, 128, torch.bfloat16, 64, False)
 for fn in (K._dq_kernel, K._dk1dv1_kernel, K._dk2dv2_kernel):
     compile_(fn, 64, torch.float16, 1, True)
 print("compiled")
@@ -242,7 +313,7 @@ print("compiled")
 
 def test_kernels_compile_for_h100_without_a_gpu():
     """The interpreter accepts programs the compiler rejects: compile every kernel for sm_90
-    (default tiles: forward head-packed D=128 bf16, backward sequence-tiled D=64 fp16) in a
+    (default tiles: both forwards head-packed D=128 bf16, backward sequence-tiled D=64 fp16) in a
     process without TRITON_INTERPRET; ptxas ships with Triton, no GPU needed."""
     import os
     import subprocess
@@ -260,9 +331,12 @@ def test_kernels_compile_for_h100_without_a_gpu():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_compiled_kernels_close_to_reference(dtype):
     """Compiled kernels with default tiles, windowed GQA (the issue's head-packing shape, small
-    n) and full MHA, against float64; deterministic backward (no atomics)."""
-    for nq, h, hkv, causal, w1, w2 in ((300, 8, 1, True, 32, 128), (130, 4, 4, False, None, None)):
-        xs = make(2, nq, nq, nq, h, hkv, d=64, dtype=dtype, device="cuda", gain=1.0)
+    n; 64 q heads per kv head: the one-position forward) and full MHA, against float64;
+    deterministic backward (no atomics)."""
+    for nq, h, hkv, causal, w1, w2, d in ((300, 8, 1, True, 32, 128, 64),
+                                          (200, 64, 1, True, 32, 128, 128),
+                                          (130, 4, 4, False, None, None, 64)):  # fmt: skip
+        xs = make(2, nq, nq, nq, h, hkv, d=d, dtype=dtype, device="cuda", gain=1.0)
         go, w, ref = targets(xs, causal, w1, w2)
         attn = ops.build_simplicial(w1=w1, w2=w2)
         got = run(attn, xs, causal, go, w)
