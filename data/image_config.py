@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 IMAGE_KINDS = ("folder", "hf", "packed", "digits", "synthetic")
+DECODE_MODES = ("cpu", "gpu")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # = timm.data.IMAGENET_DEFAULT_MEAN
 IMAGENET_STD = (0.229, 0.224, 0.225)  # = timm.data.IMAGENET_DEFAULT_STD
@@ -89,6 +90,9 @@ class ImageDataConfig:
     # workers hand out uint8 crops; normalisation and random erasing run on the training device
     # over the batch (data.images.DevicePrep): 4x less data through shared and pinned memory
     device_normalize: bool = True
+    # cpu: workers decode and augment (PIL, timm); gpu: workers read the JPEG bytes, the device
+    # decodes (nvJPEG) and crops/flips/RandAugments the batch (data.gpu_augment)
+    decode: str = "cpu"
 
 
 def _check_prob(name: str, value: float) -> None:
@@ -126,3 +130,29 @@ def check_image_config(cfg: ImageDataConfig) -> None:
         )
     if cfg.kind == "digits" and not 0.0 < float(cfg.val_fraction) < 1.0:
         raise ValueError(f"data.val_fraction must be in (0, 1), got {cfg.val_fraction!r}")
+    _check_decode(cfg)
+
+
+def _check_decode(cfg: ImageDataConfig) -> None:
+    if cfg.decode not in DECODE_MODES:
+        raise ValueError(f"data.decode must be one of {list(DECODE_MODES)}, got {cfg.decode!r}")
+    if cfg.decode != "gpu":
+        return
+    if cfg.kind not in ("folder", "packed", "hf"):
+        raise ValueError(
+            f"data.decode=gpu decodes JPEG files on the device, but data.kind={cfg.kind!r} has "
+            "no encoded images; use data.kind folder, packed or hf, or data.decode=cpu"
+        )
+    if not cfg.device_normalize:
+        raise ValueError(
+            "data.decode=gpu needs data.device_normalize=true (the device builds uint8 batches "
+            "that DevicePrep normalises)"
+        )
+    for name in ("train_interpolation", "val_interpolation"):
+        if getattr(cfg, name) != "bicubic":
+            raise ValueError(
+                f"data.{name}={getattr(cfg, name)!r}: data.decode=gpu implements bicubic only"
+            )
+    from data.gpu_augment import parse_rand_augment
+
+    parse_rand_augment(cfg.auto_augment)  # raises for policies the GPU path lacks

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -42,14 +43,17 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 class _ImageDataset(Dataset):
-    """Shared item logic: ``dataset[i] = (transform(RGB PIL image i), label i)``.
+    """Shared item logic: ``dataset[i] = (transform(RGB PIL image i), label i)``, or after
+    ``use_encoded()`` (data.decode=gpu) ``(stored file bytes as a uint8 1-D tensor, label i)``.
 
-    Subclasses set ``classes`` (names, index = label), ``labels`` (int array) and ``image(i)``.
+    Subclasses set ``classes`` (names, index = label), ``labels`` (int array) and ``image(i)``,
+    and ``encoded(i)`` where images are stored encoded.
     """
 
     classes: list[str]
     labels: np.ndarray
     transform: Callable | None
+    encoded_only: bool = False
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -57,13 +61,34 @@ class _ImageDataset(Dataset):
     def image(self, index: int) -> Image.Image:
         raise NotImplementedError
 
+    def encoded(self, index: int) -> bytes | np.ndarray:
+        raise NotImplementedError(
+            f"{type(self).__name__} holds no encoded images: data.decode=gpu needs JPEG files "
+            "(data.kind folder, packed or hf)"
+        )
+
+    def use_encoded(self) -> None:
+        """Hand out the images' stored bytes, undecoded (the device decodes them)."""
+        self.encoded_only = True
+
     def __getitem__(self, index: int) -> tuple[Any, int]:
+        if self.encoded_only:
+            return _byte_tensor(self.encoded(int(index)), index), int(self.labels[index])
         img = self.image(int(index))
         return (self.transform(img) if self.transform else img), int(self.labels[index])
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+
+def _byte_tensor(data: bytes | np.ndarray, index: int) -> torch.Tensor:
+    """Encoded image bytes as a (writable, owned) uint8 1-D tensor."""
+    if len(data) == 0:
+        raise ValueError(f"image {index}: the stored file is empty")
+    if isinstance(data, np.ndarray):
+        return torch.from_numpy(np.array(data, dtype=np.uint8, copy=True).reshape(-1))
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def _is_image_file(entry: os.DirEntry) -> bool:
@@ -124,6 +149,13 @@ class ImageFolderDataset(_ImageDataset):
 
     def path(self, index: int) -> Path:
         return self.root / self.files[index]
+
+    def encoded(self, index: int) -> np.ndarray:
+        path = self.path(index)
+        try:
+            return np.fromfile(path, dtype=np.uint8)
+        except OSError as err:
+            raise OSError(f"cannot read image {str(path)!r}: {err}") from err
 
     def image(self, index: int) -> Image.Image:
         path = self.path(index)
@@ -209,6 +241,32 @@ class HFImageDataset(_ImageDataset):
                 f"{where}: labels must be in [0, {len(self.classes)}), found "
                 f"{self.labels.min()}..{self.labels.max()} (an unlabelled test split?)"
             )
+
+    def use_encoded(self) -> None:
+        """Read the image column undecoded (``datasets.Image(decode=False)``): its stored
+        bytes, or the bytes of the file it names. Other column types raise (no re-encoding)."""
+        import datasets
+
+        feature = self.ds.features[self.image_key]
+        if not isinstance(feature, datasets.Image):
+            raise ValueError(
+                f"data.decode=gpu needs encoded images, but column {self.image_key!r} is "
+                f"{type(feature).__name__}, not a datasets.Image; use data.decode=cpu"
+            )
+        self._raw = self.ds.cast_column(self.image_key, datasets.Image(decode=False))
+        super().use_encoded()
+
+    def encoded(self, index: int) -> bytes:
+        value = self._raw[index][self.image_key]
+        if value.get("bytes"):
+            return value["bytes"]
+        if value.get("path") and os.path.isfile(value["path"]):
+            with open(value["path"], "rb") as f:
+                return f.read()
+        raise ValueError(
+            f"column {self.image_key!r} item {index} holds no stored bytes (path "
+            f"{value.get('path')!r}); data.decode=gpu cannot read it, use data.decode=cpu"
+        )
 
     def image(self, index: int) -> Image.Image:
         value = self.ds[index][self.image_key]

@@ -57,6 +57,14 @@ rank still reads about len(dataset)/world samples per epoch). Validation: every 
 once over all ranks (no padding), so ranks may get unequal counts: sum correct/total locally
 and all-reduce once.
 
+GPU decoding
+------------
+``data.decode=gpu`` (folder, packed, hf): the workers only read each image's stored bytes and
+hand out (list of uint8 1-D tensors, labels); ``to_device(..., decode=build_gpu_pipeline(cfg,
+seed, rank))`` decodes them on the device (nvJPEG) and applies the same random-resized crop,
+flip and RandAugment (train) or resize and center crop (eval) there, then ``prep`` as above.
+See ``data/gpu_augment.py`` for what it reproduces and where it differs.
+
 Code: ``data/image_config.py`` (the config and format constants), ``data/image_sets.py`` (the
 datasets), ``data/image_augment.py`` (transforms, mixing, samplers); this module builds the
 loaders and re-exports all of their names, so ``from data.images import ...`` serves everything.
@@ -75,6 +83,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from data.gpu_augment import GpuImagePipeline, build_gpu_pipeline  # noqa: F401
 from data.image_augment import (  # noqa: F401
     BatchMixup,
     DevicePrep,
@@ -90,6 +99,7 @@ from data.image_augment import (  # noqa: F401
 )
 from data.image_config import (  # noqa: F401
     _PACKED_CACHE_FORMAT,
+    DECODE_MODES,
     FOLDER_LAYOUT,
     HF_ALIASES,
     IMAGE_EXTENSIONS,
@@ -175,7 +185,8 @@ def build_image_datasets(
 ) -> tuple[_ImageDataset, _ImageDataset]:
     """(train, val) datasets with their transforms; train and val classes must agree."""
     check_image_config(cfg)
-    train_tf, val_tf = build_transforms(cfg)
+    gpu = cfg.decode == "gpu"  # workers hand out the stored bytes: no transforms
+    train_tf, val_tf = (None, None) if gpu else build_transforms(cfg)
     if cfg.kind == "folder":
         train_dir, val_dir = _folder_paths(cfg)
         train, val = ImageFolderDataset(train_dir, train_tf), ImageFolderDataset(val_dir, val_tf)
@@ -209,6 +220,8 @@ def build_image_datasets(
     for split, ds in (("train", train), ("val", val)):
         if len(ds) == 0:
             raise ValueError(f"data.{split}: the {cfg.kind} {split} split has no images")
+        if gpu:
+            ds.use_encoded()
     return train, val
 
 
@@ -223,6 +236,16 @@ class _Collate:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, torch.tensor([label for _, label in batch], dtype=torch.int64)
+
+
+class _BytesCollate:
+    """(encoded bytes, label) pairs -> (list of uint8 1-D tensors, labels): the byte tensors
+    are views of one buffer, so a worker shares one block of memory per batch."""
+
+    def __call__(self, batch: list[tuple[torch.Tensor, int]]) -> tuple[list, torch.Tensor]:
+        data = [b for b, _ in batch]
+        views = list(torch.cat(data).split([d.numel() for d in data]))
+        return views, torch.tensor([label for _, label in batch], dtype=torch.int64)
 
 
 def _loader_seed(seed: int, rank: int) -> int:
@@ -247,7 +270,9 @@ def build_image_loaders(
     augmentation timm's rule): smaller for quick runs, larger to make an epoch of a tiny
     dataset span several passes. Val: every image once over all ranks, in order. Worker
     augmentation RNGs are seeded from (seed, rank). Batches are (images float32 (B, 3, S, S),
-    channels_last if cfg.channels_last, labels int64 (B,)) on CPU: see ``to_device``.
+    channels_last if cfg.channels_last, labels int64 (B,)) on CPU: see ``to_device``; with
+    ``cfg.decode="gpu"`` (list of encoded uint8 1-D tensors, labels), for ``to_device``'s
+    ``decode``.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -273,10 +298,11 @@ def build_image_loaders(
             "lower the batch size or raise epoch_len"
         )
     workers = min(int(cfg.num_workers), os.cpu_count() or 1)
+    gpu = cfg.decode == "gpu"  # byte batches: the decoders read host memory, no pinning
     common: dict[str, Any] = {
         "num_workers": workers,
-        "pin_memory": bool(cfg.pin_memory) and torch.cuda.is_available(),
-        "collate_fn": _Collate(bool(cfg.channels_last)),
+        "pin_memory": bool(cfg.pin_memory) and torch.cuda.is_available() and not gpu,
+        "collate_fn": _BytesCollate() if gpu else _Collate(bool(cfg.channels_last)),
     }
     if workers > 0:
         common["persistent_workers"] = bool(cfg.persistent_workers)
@@ -349,19 +375,32 @@ class SyntheticImages:
 
 
 def to_device(
-    batch: tuple[torch.Tensor, torch.Tensor],
+    batch: tuple[torch.Tensor | list[torch.Tensor], torch.Tensor],
     device: torch.device | str,
     channels_last: bool = True,
     prep: DevicePrep | None = None,
     train: bool = False,
+    decode: GpuImagePipeline | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Move (images, labels) to ``device`` asynchronously (pinned memory), images in
     channels_last when asked (a no-op when the loader already made them so). uint8 images
     (``data.device_normalize``) are then normalised, and for ``train`` randomly erased, by
-    ``prep`` (``build_device_prep(cfg)``) on the device."""
+    ``prep`` (``build_device_prep(cfg)``) on the device. Encoded images (a list, from
+    ``data.decode=gpu``) are first decoded and transformed on the device by ``decode``
+    (``build_gpu_pipeline(cfg, seed, rank)``)."""
     images, labels = batch
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    images = images.to(device, non_blocking=True, memory_format=fmt)
+    if isinstance(images, (list, tuple)):
+        if decode is None:
+            raise ValueError(
+                "to_device: the loader hands out encoded images (data.decode=gpu); pass "
+                "decode=build_gpu_pipeline(data_cfg, seed, rank) to decode them on the device"
+            )
+        images = decode(images, device, train).to(memory_format=fmt)
+        if torch.device(device).type == "cuda":
+            labels = labels.pin_memory()
+    else:
+        images = images.to(device, non_blocking=True, memory_format=fmt)
     if images.dtype == torch.uint8:
         if prep is None:
             raise ValueError(
@@ -382,6 +421,7 @@ __all__ = [
     "BatchMixup",
     "DevicePrep",
     "DigitsDataset",
+    "GpuImagePipeline",
     "HFImageDataset",
     "ImageDataConfig",
     "ImageFolderDataset",
@@ -390,6 +430,7 @@ __all__ = [
     "ShardSampler",
     "SyntheticImages",
     "build_device_prep",
+    "build_gpu_pipeline",
     "build_image_datasets",
     "build_image_loaders",
     "build_mixup",

@@ -6,7 +6,9 @@
 Times ``build_image_loaders`` (the trainer's loader: JPEG decode, bicubic random-resized crop,
 flip, RandAugment rand-m9-mstd0.5-inc1, collate to channels_last, pinned memory) and, on a
 GPU, the copy to the device and :class:`data.DevicePrep` (normalisation and random erasing
-0.25), with ``data.device_normalize`` off (workers hand out normalised float32) and on (uint8).
+0.25), with ``data.device_normalize`` off (workers hand out normalised float32) and on (uint8),
+and ``--modes ...,gpu`` for ``data.decode=gpu`` (workers read the JPEG bytes; decode with
+nvJPEG, crop, flip and RandAugment on the device: the timed work then includes that GPU work).
 Each cell reads ``--batches`` batches after a warm-up of two batches per worker (worker start-up
 and the prefetched queue left out; keep ``--batches`` well above it). Without an ImageNet folder, ``--generate N`` writes an ImageNet-like folder: N JPEGs
 of ``--size`` (default 500x375, ImageNet's median) at quality 90, upscaled from the images of a
@@ -31,7 +33,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from data import ImageDataConfig, build_device_prep, build_image_loaders, to_device  # noqa: E402
+from data import (  # noqa: E402
+    ImageDataConfig,
+    build_device_prep,
+    build_gpu_pipeline,
+    build_image_loaders,
+    to_device,
+)
 
 
 def _write_images(args) -> None:
@@ -83,7 +91,7 @@ def time_cell(cfg: ImageDataConfig, batch: int, batches: int, device: torch.devi
     warm = 2 * max(1, cfg.num_workers)  # every worker has delivered its prefetched batches
     # one epoch covers the whole cell (a tiny folder is read several times over)
     train, *_ = build_image_loaders(cfg, batch, seed=0, epoch_len=(warm + batches + 1) * batch)
-    prep = build_device_prep(cfg)
+    prep, decode = build_device_prep(cfg), build_gpu_pipeline(cfg)
     it = iter(train)
     t0 = None
     n = 0
@@ -93,13 +101,15 @@ def time_cell(cfg: ImageDataConfig, batch: int, batches: int, device: torch.devi
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
         b = next(it)
-        images, _ = to_device(b, device, cfg.channels_last, prep, train=True)
+        images, _ = to_device(b, device, cfg.channels_last, prep, train=True, decode=decode)
         if i >= warm:
             n += images.shape[0]
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    return {"images_per_s": n / dt, "batch_mb": b[0].numel() * b[0].element_size() / 2**20}
+    data = b[0] if isinstance(b[0], list) else [b[0]]  # gpu mode: the encoded bytes
+    mb = sum(t.numel() * t.element_size() for t in data) / 2**20
+    return {"images_per_s": n / dt, "batch_mb": mb}
 
 
 def main() -> None:
@@ -113,15 +123,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--batches", type=int, default=100, help="timed batches per cell")
     ap.add_argument("--img-size", type=int, default=224)
-    ap.add_argument("--modes", default="float,uint8", help="float (workers normalise), uint8")
+    ap.add_argument("--modes", default="float,uint8",
+                    help="float (workers normalise), uint8 (device normalises), gpu (device "
+                    "decodes and augments)")  # fmt: skip
     ap.add_argument("--out", default="bench_image_loader.json")
     args = ap.parse_args()
     if not args.root and not args.generate:
         ap.error("give --root DIR (ImageNet-style folder) or --generate N")
     workers = [int(w) for w in args.workers.split(",")]
     modes = [m for m in args.modes.split(",") if m]
-    if set(modes) - {"float", "uint8"}:
-        ap.error("--modes takes float and/or uint8")
+    if set(modes) - {"float", "uint8", "gpu"}:
+        ap.error("--modes takes float, uint8 and/or gpu")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tmp = tempfile.TemporaryDirectory()
     root = args.root
@@ -135,7 +147,8 @@ def main() -> None:
     for mode in modes:
         for nw in workers:
             cfg = ImageDataConfig(name="bench", kind="folder", root=root, img_size=args.img_size,
-                                  num_workers=nw, device_normalize=mode == "uint8",
+                                  num_workers=nw, device_normalize=mode != "float",
+                                  decode="gpu" if mode == "gpu" else "cpu",
                                   persistent_workers=False)  # fmt: skip
             cell = time_cell(cfg, args.batch, args.batches, device)
             rows.append({"mode": mode, "workers": nw, **cell})

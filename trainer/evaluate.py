@@ -17,6 +17,7 @@ from data import (
     ImageDataConfig,
     TokenDataConfig,
     build_device_prep,
+    build_gpu_pipeline,
     build_image_loaders,
     build_token_data,
     gpt2_encoding,
@@ -216,14 +217,15 @@ def _run_image_eval(cfg, info, model, rc, ckpt) -> dict:
         "param_count": sum(p.numel() for p in model.parameters()),
         "weights": {},
     }
-    prep = build_device_prep(rc.data)
+    prep, decode = build_device_prep(rc.data), build_gpu_pipeline(rc.data)
     results["weights"]["raw"] = evaluate_classifier(model, val, info, autocast, what=rc.data.name,
-                                                    prep=prep)  # fmt: skip
+                                                    prep=prep, decode=decode)  # fmt: skip
     if "ema" in ckpt:
         ema = copy.deepcopy(model)
         ema.load_state_dict(ckpt["ema"])
         results["weights"]["ema"] = evaluate_classifier(ema, val, info, autocast,
-                                                        what=rc.data.name, prep=prep)  # fmt: skip
+                                                        what=rc.data.name, prep=prep,
+                                                        decode=decode)  # fmt: skip
     out = Path(e.out) if e.out else Path(cfg.ckpt).resolve().parent.parent / "eval.json"
     out.write_text(json.dumps(results, indent=2))
     print(format_image_table(results))

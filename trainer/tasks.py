@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import ops
 from data import (
     build_device_prep,
+    build_gpu_pipeline,
     build_image_loaders,
     build_token_data,
     iter_eval_batches,
@@ -118,10 +119,13 @@ class _Epochs:
     each epoch reshuffles through ``sampler.set_epoch``; resuming skips the batches already
     consumed in the current epoch, so a resumed run sees the same samples in the same order
     (and, with ``data.num_workers=0``, the same augmentations; worker processes draw theirs
-    from seeds taken when an epoch's iterator starts)."""
+    from seeds taken when an epoch's iterator starts). ``augment``: a device-side pipeline
+    with its own ``state_dict`` (data.decode=gpu), saved and restored with the position, so
+    its augmentations resume exactly whatever the workers."""
 
-    def __init__(self, loader):
+    def __init__(self, loader, augment=None):
         self.loader, self.epoch, self.batch, self._it = loader, 0, 0, None
+        self.augment = augment
 
     def next_batch(self):
         while True:
@@ -158,10 +162,15 @@ class _Epochs:
         return len(self.loader)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch}
+        state = {"epoch": self.epoch, "batch": self.batch}
+        if self.augment is not None:
+            state["augment"] = self.augment.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.batch, self._it = int(state["epoch"]), int(state["batch"]), None
+        if self.augment is not None and "augment" in state:
+            self.augment.load_state_dict(state["augment"])
 
 
 class ClassificationTask:
@@ -178,6 +187,8 @@ class ClassificationTask:
         self.units_per_micro = t.micro_batch
         self.mixup = None
         self.prep = build_device_prep(rc.data)  # None: batches arrive normalised
+        # data.decode=gpu: decode + crop/flip/RandAugment on the device (else None)
+        self.decode = build_gpu_pipeline(rc.data, seed=rc.seed, rank=info.rank)
         if build_data:
             loader, self.val_loader, n_classes, self.mixup = build_image_loaders(
                 rc.data, t.micro_batch, rank=info.rank, world=info.world_size, seed=rc.seed
@@ -192,12 +203,12 @@ class ClassificationTask:
                     f"data.img_size={rc.data.img_size} differs from model.img_size="
                     f"{rc.model.img_size}; set both to the same size"
                 )
-            self.train_loader = _Epochs(loader)
+            self.train_loader = _Epochs(loader, augment=self.decode)
 
     def next_batch(self):
         images, labels = to_device(
             self.train_loader.next_batch(), self.info.device, self.rc.data.channels_last,
-            self.prep, train=True,
+            self.prep, train=True, decode=self.decode,
         )  # fmt: skip
         if self.mixup is not None:
             return self.mixup(images, labels)  # soft targets (B, classes), rows sum to one
@@ -218,21 +229,22 @@ class ClassificationTask:
         """Loss, top-1 and top-5 accuracy (%) over the whole validation set (all ranks)."""
         return evaluate_classifier(
             model, self.val_loader, self.info, autocast, self.rc.data.channels_last,
-            what=f"data '{self.rc.data.name}'", prep=self.prep,
+            what=f"data '{self.rc.data.name}'", prep=self.prep, decode=self.decode,
         )  # fmt: skip
 
 
 @torch.no_grad()
 def evaluate_classifier(model, loader, info: DistInfo, autocast, channels_last: bool = True,
-                        what: str = "the data", prep=None) -> dict:  # fmt: skip
+                        what: str = "the data", prep=None, decode=None) -> dict:  # fmt: skip
     """Mean loss, top-1 and top-5 accuracy (%) of ``model`` over ``loader``, summed over ranks
     (each rank holds its own shard of the validation set). ``prep``: the data's
-    ``build_device_prep`` when the loader hands out uint8 images."""
+    ``build_device_prep`` when the loader hands out uint8 images; ``decode``: its
+    ``build_gpu_pipeline`` when it hands out encoded ones (data.decode=gpu)."""
     was_training = model.training
     model.eval()
     loss_sum = top1 = top5 = count = 0.0
     for batch in loader:
-        images, labels = to_device(batch, info.device, channels_last, prep)
+        images, labels = to_device(batch, info.device, channels_last, prep, decode=decode)
         with autocast():
             logits = model(images).float()
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))

@@ -1,0 +1,432 @@
+"""Tests for data/gpu_augment.py (data.decode=gpu): each piece against timm's PIL pipeline,
+then the whole path through build_image_loaders. CPU only (torchvision's CPU JPEG decoder
+stands in for nvJPEG), tiny images."""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+
+import numpy as np
+import pytest
+import timm.data.auto_augment as timm_aa
+import timm.data.transforms as timm_tf
+import torch
+from PIL import Image
+
+from data import (
+    HFImageDataset,
+    ImageDataConfig,
+    PackedImageDataset,
+    build_device_prep,
+    build_gpu_pipeline,
+    build_image_loaders,
+    build_transforms,
+    make_image_folder,
+    to_device,
+    write_packed,
+)
+from data.gpu_augment import (
+    CROP_TRIES,
+    FAMILIES,
+    RA_OPS,
+    GpuImagePipeline,
+    RandAugmentSpec,
+    _plan_entry,
+    _resize,
+    apply_op,
+    apply_plan,
+    crop_params,
+    decode_batch,
+    draw_rand_augment,
+    parse_rand_augment,
+)
+
+S = 16  # output size of the pipeline tests
+# torchvision 0.29 deprecates its image decoders (in favour of TorchCodec); they still work
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+
+
+def _jpeg(a: np.ndarray, mode: str = "RGB", fmt: str = "JPEG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).convert(mode).save(buf, fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def _tensor(raw: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def _test_images(h: int = 18, w: int = 26) -> list[np.ndarray]:
+    """Noise, low contrast, two-valued and a smooth gradient: the histogram ops' edge cases."""
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    low = (noise // 4 + 60).astype(np.uint8)
+    two = np.full((h, w, 3), 77, np.uint8)
+    two[:3] = 200
+    yy, xx = np.mgrid[0:h, 0:w]
+    grad = np.stack([xx * 7 % 256, yy * 9 % 256, (xx + yy) * 5 % 256], -1).astype(np.uint8)
+    return [noise, low, two, grad]
+
+
+class _FixedRandom:
+    """Stands in for the ``random`` module in timm's level maps: a fixed draw decides the sign."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+@pytest.fixture(scope="module")
+def timm_ops():
+    """timm's RandAugment ops as build_transforms configures them (fill = mean, bicubic,
+    our posterize patch)."""
+    train, _ = build_transforms(ImageDataConfig(kind="folder", img_size=24))
+    ra = next(t for t in train.transforms if type(t).__name__ == "RandAugment")
+    return {op.name: op for op in ra.ops}
+
+
+@pytest.mark.parametrize("name", RA_OPS)
+def test_each_op_matches_timm(name, timm_ops, monkeypatch):
+    """Every op at several magnitudes and both signs, on non-square images, against timm's
+    PIL op. The GPU ops reproduce Pillow's integer arithmetic (LUTs, float32 blends that
+    truncate, the SMOOTH filter, Image.transform's a=-1 bicubic with edge clamping and fill)
+    and are bit-exact here; the bound leaves room for a last-ulp truncation flip on other
+    platforms, while any semantic slip (wrong degenerate image, rounding, sign, centre,
+    fill or kernel) moves many pixels by several levels."""
+    op = timm_ops[name]
+    images = _test_images()
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    fill = op.kwargs["fillcolor"]
+    for mag in (9.0, 7.3, 10.0):
+        for sign in (1.0, -1.0):
+            monkeypatch.setattr(timm_aa, "random", _FixedRandom(0.7 if sign < 0 else 0.3))
+            args = op.level_fn(mag, op.hparams) if op.level_fn else ()
+            ref = np.stack([np.asarray(op.aug_fn(Image.fromarray(a), *args, **op.kwargs))
+                            for a in images]).astype(np.float32)  # fmt: skip
+            ours = apply_op(name, x, mag, sign, fill).permute(0, 2, 3, 1).numpy()
+            diff = np.abs(ours - ref)
+            assert diff.max() <= 1 and diff.mean() <= 0.02, (name, mag, sign, diff.mean())
+            assert np.array_equal(ours, np.round(ours)) and ours.min() >= 0 and ours.max() <= 255
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_mixed_ops_of_a_family_in_one_pass(family, timm_ops, monkeypatch):
+    """A layer applies each family once to all images that drew one of its ops: with
+    different ops, magnitudes and signs per image, each image must still get its own op."""
+    names = FAMILIES[family]
+    images = _test_images() * 2
+    n = len(images)
+    ops = np.array([RA_OPS.index(names[i % len(names)]) for i in range(n)])
+    mag = np.linspace(6.0, 10.0, n)
+    sign = np.where(np.arange(n) % 3 == 0, -1.0, 1.0)
+    entry = _plan_entry(family, ops, np.arange(n), mag, sign, 18, 26)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    fill = timm_ops["Rotate"].kwargs["fillcolor"]
+    ours = apply_plan(x, [entry], torch.tensor(fill, dtype=torch.float32))
+    for i, a in enumerate(images):
+        op = timm_ops[RA_OPS[ops[i]]]
+        monkeypatch.setattr(timm_aa, "random", _FixedRandom(0.7 if sign[i] < 0 else 0.3))
+        args = op.level_fn(mag[i], op.hparams) if op.level_fn else ()
+        ref = np.asarray(op.aug_fn(Image.fromarray(a), *args, **op.kwargs)).astype(np.float32)
+        diff = np.abs(ours[i].permute(1, 2, 0).numpy() - ref)
+        assert diff.max() <= 1 and diff.mean() <= 0.02, (RA_OPS[ops[i]], diff.mean())
+
+
+def test_rand_augment_spec_and_draws():
+    spec = parse_rand_augment("rand-m9-mstd0.5-inc1")
+    assert spec == RandAugmentSpec(magnitude=9, layers=2, prob=0.5, mstd=0.5, mmax=10)
+    assert parse_rand_augment("rand-m7-n3-p1.0-mstd101-mmax20-inc1").mstd == math.inf
+    assert parse_rand_augment("") is None
+    for bad, match in (("augmix-m5", "only RandAugment"), ("rand-m9", "inc1"),
+                       ("rand-m9-inc1-tweights", "unsupported section")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            parse_rand_augment(bad)
+
+    b = 6000
+    plan = draw_rand_augment(spec, np.random.default_rng(0), b, 24, 24)
+    assert [e[0] for e in plan] == list(FAMILIES) * 2  # per layer, one entry per family
+    for layer in (plan[:3], plan[3:]):
+        counts = np.concatenate([np.bincount(kinds, minlength=len(FAMILIES[fam]))
+                                 for fam, _, kinds, _ in layer])  # fmt: skip
+        assert abs(counts.sum() / b - 0.5) < 0.03  # each layer applied with p = 0.5
+        assert np.all(np.abs(counts / counts.sum() - 1 / 15) < 0.015)  # ops uniform
+        seen = np.concatenate([idx for _, idx, _, _ in layer])
+        assert len(np.unique(seen)) == len(seen)  # one op per image and layer
+    _, _, kinds, matrices = plan[2]
+    rot = matrices[kinds == FAMILIES["affine"].index("Rotate")]
+    degrees = -np.degrees(np.arctan2(rot[:, 1], rot[:, 0]))  # matrix -> timm's angle
+    assert np.all(np.abs(degrees) <= 30 + 1e-9) and abs(np.abs(degrees).mean() - 27) < 0.5
+    assert 0.4 < np.mean(degrees > 0) < 0.6  # random sign
+    _, _, kinds, luts = plan[0]
+    top = luts[kinds == FAMILIES["lut"].index("PosterizeIncreasing"), 255]
+    bits = np.select([top == 0, top == 128, top == 192], [0, 1, 2], -1)
+    # bits = 4 - int(0.4 m): 1 for m in [7.5, 10), 0 only where N(9, .5) is clipped to 10
+    assert set(bits) <= {0, 1, 2} and np.mean(bits == 1) > 0.9
+    assert 0 < np.mean(bits == 0) < 0.06
+
+
+def test_crop_params_match_timm_get_params(monkeypatch):
+    """Same uniform draws into timm's get_params (a stand-in ``random`` serves them in
+    its call order) and into crop_params give the same crops, fallbacks included."""
+    rng = np.random.default_rng(1)
+    sizes = [(int(h), int(w)) for h, w in rng.integers(2, 70, (300, 2))]
+    sizes += [(3, 60), (60, 3), (2, 2), (40, 1)] * 5  # extreme ratios: all tries fail
+    b = len(sizes)
+    u = rng.random((b, 2 * CROP_TRIES + 2))
+    u[-20:, 0 : 2 * CROP_TRIES : 2] = 0.99  # large areas make the extreme cases fail
+    hs, ws = np.array(sizes).T
+    ours = np.stack(crop_params(hs, ws, u), 1)
+
+    class Draws:
+        def __init__(self, row):
+            self.u, self.pos = list(row[:-2]), list(row[-2:])
+
+        def uniform(self, a, b):
+            return a + (b - a) * self.u.pop(0)
+
+        def randint(self, a, b):
+            return a + int(math.floor(self.pos.pop(0) * (b - a + 1)))
+
+    fallbacks = 0
+    for i, (h, w) in enumerate(sizes):
+        draws = Draws(u[i])
+        monkeypatch.setattr(timm_tf, "random", draws)
+        ref = timm_tf.RandomResizedCropAndInterpolation.get_params(
+            Image.new("RGB", (w, h)), (0.08, 1.0), (3 / 4, 4 / 3)
+        )
+        fallbacks += len(draws.u) == 0
+        assert tuple(ours[i]) == ref, (h, w, ours[i], ref)
+        t, l_, ch, cw = ours[i]
+        assert 0 <= t and t + ch <= h and 0 <= l_ and l_ + cw <= w and ch >= 1 and cw >= 1
+    assert fallbacks >= 20
+    monkeypatch.setattr(timm_tf, "random", random)
+
+
+def test_crop_resize_close_to_pil():
+    """Crop + antialiased bicubic resize vs PIL's crop().resize(BICUBIC). Not bit-exact:
+    PIL rounds to 8 bits between its horizontal and vertical passes and uses fixed-point
+    weights; on smooth content that moves a few pixels by one level."""
+    h, w = 37, 29
+    yy, xx = np.mgrid[0:h, 0:w]
+    a = np.stack([128 + 100 * np.sin(xx / 3.0), 128 + 90 * np.cos(yy / 2.0),
+                  (xx * 5 + yy * 3) % 256], -1).astype(np.uint8)  # fmt: skip
+    img = torch.from_numpy(a).permute(2, 0, 1)
+    for t, l_, ch, cw in ((2, 3, 30, 20), (0, 0, h, w), (5, 7, 6, 9)):
+        ref = np.asarray(Image.fromarray(a).crop((l_, t, l_ + cw, t + ch)).resize((S, S), 3))
+        ours = _resize(img[:, t : t + ch, l_ : l_ + cw], (S, S)).round().clamp(0, 255)
+        diff = np.abs(ours.permute(1, 2, 0).numpy() - ref)
+        assert diff.max() <= 2 and diff.mean() <= 0.4, (t, l_, ch, cw, diff.mean())
+
+
+def test_eval_matches_timm_eval_transform():
+    """Short side to floor(S / crop_pct), center crop S: same geometry as timm (exactly
+    equal on the content-free fallback), values within PIL's 8-bit resize rounding."""
+    cfg = ImageDataConfig(kind="folder", img_size=S, crop_pct=0.875, decode="gpu")
+    _, timm_eval = build_transforms(cfg)
+    pipe = build_gpu_pipeline(cfg)
+    for h, w in ((23, 31), (40, 17), (18, 18), (100, 70), (12, 9)):
+        yy, xx = np.mgrid[0:h, 0:w]
+        a = np.stack([128 + 100 * np.sin(xx / 3.0), 128 + 90 * np.cos(yy / 2.0),
+                      (xx * 7 + yy * 2) % 256], -1).astype(np.uint8)  # fmt: skip
+        raw = _jpeg(a)
+        ref = timm_eval(Image.open(io.BytesIO(raw)).convert("RGB")).numpy().astype(np.float32)
+        ours = pipe([_tensor(raw)], "cpu", train=False)[0].numpy().astype(np.float32)
+        diff = np.abs(ours - ref)
+        assert ours.shape == (3, S, S) and diff.max() <= 2 and diff.mean() <= 0.4, (h, w)
+
+
+def test_decode_grey_cmyk_and_png_come_out_rgb():
+    """One batch with RGB, greyscale and CMYK JPEGs and a PNG (the batched decoder refuses
+    it; each image is then decoded alone, the PNG by the CPU fallback)."""
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 256, (10, 14, 3), dtype=np.uint8)
+    raws = [_jpeg(a), _jpeg(a, "L"), _jpeg(a, "CMYK"), _jpeg(a, fmt="PNG")]
+    out = decode_batch([_tensor(r) for r in raws], "cpu")
+    for raw, img in zip(raws, out):
+        ref = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+        assert img.shape == (3, 10, 14) and img.dtype == torch.uint8
+        assert np.abs(img.permute(1, 2, 0).numpy().astype(int) - ref).max() <= 1
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("gpu_folder"), num_classes=3,
+                             train_per_class=4, val_per_class=2, size=24)  # fmt: skip
+
+
+def _gpu_cfg(root, **kw) -> ImageDataConfig:
+    kw = {"num_workers": 0, "decode": "gpu", **kw}
+    return ImageDataConfig(kind="folder", root=str(root), img_size=S, **kw)
+
+
+def test_pipeline_through_loaders_is_deterministic(folder):
+    cfg = _gpu_cfg(folder)
+    train, val, n_classes, _ = build_image_loaders(cfg, 4, seed=0)
+    batch = next(iter(train))
+    data, labels = batch
+    assert isinstance(data, list) and len(data) == 4 and labels.dtype == torch.int64
+    first = data[0]
+    raw = (folder / "train" / "class_00" / "0000.jpg").read_bytes()
+    assert first.dtype == torch.uint8 and first.ndim == 1 and bytes(first.numpy()[:2]) == raw[:2]
+    prep = build_device_prep(cfg)
+
+    def run(seed):
+        pipe = build_gpu_pipeline(cfg, seed=seed)
+        torch.manual_seed(0)  # DevicePrep's random erasing draws from torch
+        return [to_device(batch, "cpu", True, prep, train=True, decode=pipe)[0]
+                for _ in range(2)], pipe  # fmt: skip
+
+    (a0, a1), pipe = run(5)
+    assert a0.shape == (4, 3, S, S) and a0.dtype == torch.float32
+    assert a0.is_contiguous(memory_format=torch.channels_last) and torch.isfinite(a0).all()
+    assert pipe.state_dict() == {"batches": 2}
+    (b0, b1), _ = run(5)
+    assert torch.equal(a0, b0) and torch.equal(a1, b1)  # same seed: same batches
+    assert not torch.equal(a0, a1)  # the counter moves the draws on
+    (c0, _), _ = run(6)
+    assert not torch.equal(a0, c0)
+    # eval: no randomness, same geometry as timm's eval transform
+    vb = next(iter(val))
+    v0 = to_device(vb, "cpu", True, prep, decode=build_gpu_pipeline(cfg, seed=1))[0]
+    v1 = to_device(vb, "cpu", True, prep, decode=build_gpu_pipeline(cfg, seed=2))[0]
+    assert torch.equal(v0, v1) and v0.shape == (4, 3, S, S)
+    with pytest.raises(ValueError, match="decode=build_gpu_pipeline"):
+        to_device(batch, "cpu", True, prep, train=True)
+
+    # through a worker process: the collated byte views cross as one buffer
+    train_w, *_ = build_image_loaders(_gpu_cfg(folder, num_workers=1), 4, seed=0)
+    data_w, labels_w = next(iter(train_w))
+    assert torch.equal(labels_w, labels) and all(torch.equal(x, y) for x, y in zip(data_w, data))
+
+
+def _resumed(cfg, seed, batches) -> GpuImagePipeline:
+    pipe = build_gpu_pipeline(cfg, seed=seed)
+    pipe.load_state_dict({"batches": batches})
+    return pipe
+
+
+def test_resumed_pipeline_continues_the_same_draws(folder):
+    cfg = _gpu_cfg(folder, auto_augment="rand-m9-mstd0.5-inc1")
+    train, *_ = build_image_loaders(cfg, 4, seed=0)
+    data, _ = next(iter(train))
+    pipe = build_gpu_pipeline(cfg, seed=3)
+    outs = [pipe(data, "cpu", train=True) for _ in range(3)]
+    resumed = _resumed(cfg, 3, 2)
+    assert torch.equal(resumed(data, "cpu", train=True), outs[2])
+    assert outs[0].dtype == torch.uint8 and outs[0].shape == (4, 3, S, S)
+    from trainer.tasks import _Epochs
+
+    epochs = _Epochs(train, augment=pipe)
+    state = epochs.state_dict()
+    assert state["augment"] == {"batches": 3}
+    other = _Epochs(train, augment=build_gpu_pipeline(cfg, seed=3))
+    other.load_state_dict(state)
+    assert other.augment.batches == 3
+
+
+def test_packed_and_hf_sources_hand_out_stored_bytes(tmp_path):
+    import datasets
+
+    rng = np.random.default_rng(3)
+    raws = [_jpeg(rng.integers(0, 256, (8 + i, 9, 3), dtype=np.uint8)) for i in range(3)]
+    write_packed(tmp_path / "p.npz.xz", raws, [0, 1, 0], ["a", "b"])
+    ds = PackedImageDataset(tmp_path / "p.npz.xz", cache_dir=tmp_path / "cache", progress=False)
+    ds.use_encoded()
+    assert [bytes(ds[i][0].numpy()) for i in range(3)] == raws and ds[1][1] == 1
+
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(
+        names=["a", "b"])})  # fmt: skip
+    rows = {"image": [{"bytes": r, "path": None} for r in raws], "label": [0, 1, 1]}
+    hf = HFImageDataset(datasets.Dataset.from_dict(rows, features=feats))
+    hf.use_encoded()
+    assert bytes(hf[2][0].numpy()) == raws[2] and hf[2][1] == 1
+    arrays = datasets.Dataset.from_dict({"image": [[1, 2]], "label": [0]})
+    with pytest.raises(ValueError, match="column 'image' is .*not a datasets.Image"):
+        HFImageDataset(arrays).use_encoded()
+
+
+def test_config_errors(folder):
+    with pytest.raises(ValueError, match=r"data.decode must be one of \['cpu', 'gpu'\]"):
+        build_image_loaders(_gpu_cfg(folder, decode="nvjpeg"), 2)
+    for kind in ("digits", "synthetic"):
+        cfg = ImageDataConfig(kind=kind, img_size=S, decode="gpu", num_workers=0)
+        with pytest.raises(ValueError, match=f"data.decode=gpu .*data.kind='{kind}'"):
+            build_image_loaders(cfg, 2)
+    with pytest.raises(ValueError, match="needs data.device_normalize=true"):
+        build_image_loaders(_gpu_cfg(folder, device_normalize=False), 2)
+    with pytest.raises(ValueError, match="data.train_interpolation='bilinear'"):
+        build_image_loaders(_gpu_cfg(folder, train_interpolation="bilinear"), 2)
+    with pytest.raises(ValueError, match="only RandAugment"):
+        build_image_loaders(_gpu_cfg(folder, auto_augment="augmix-m5-w4-d2"), 2)
+    assert build_gpu_pipeline(ImageDataConfig(kind="folder")) is None  # decode=cpu
+
+
+def test_trainer_with_gpu_decode_resumes_exactly(tmp_path, folder):
+    """The trainer end to end with data.decode=gpu (CPU here): the pipeline's batch counter
+    is checkpointed with the data position, so a stopped and resumed run matches an
+    uninterrupted one."""
+    from trainer import run as run_training
+
+    from .helpers import compose_cfg
+
+    common = ["experiment=efficientvit_m0_digits", "logger=none", "trainer.progress=false",
+              "data=imagenet", f"data.root={folder}", "data.img_size=32", "data.decode=gpu",
+              "data.num_workers=0", "data.repeated_aug=false", "model.num_classes=3",
+              "trainer.micro_batch=4", "trainer.max_steps=5", "trainer.eval_every=5",
+              "trainer.ckpt_every=100", "trainer.epochs=null", "optim.schedule_unit=step",
+              "optim.warmup_steps=1"]  # fmt: skip
+
+    def run(name, *extra):
+        return run_training(compose_cfg([*common, f"trainer.run_dir={tmp_path / name}", *extra]))
+
+    a = run("a")
+    assert a["finished"] and a["images_seen"] == 20
+    run("b", "trainer.stop_at=2")
+    ckpt = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["data"] == {"epoch": 0, "batch": 2, "augment": {"batches": 2}}
+    b = run("b")
+    assert (b["val_loss"], b["ema_val_loss"]) == (a["val_loss"], a["ema_val_loss"])
+
+
+@pytest.mark.gpu
+def test_cuda_pipeline_agrees_with_cpu(folder):
+    """The same seed on CUDA (nvJPEG, CUDA kernels) and on the CPU: eval batches differ only
+    by the decoders' rounding; train batches by that, amplified where an op thresholds
+    (solarize, posterize, histogram ops), so the bound is on the mean."""
+    cfg = _gpu_cfg(folder, auto_augment="rand-m9-mstd0.5-inc1")
+    train, val, *_ = build_image_loaders(cfg, 12, seed=0)
+    data, _ = next(iter(train))
+    outs = {dev: build_gpu_pipeline(cfg, seed=4)(data, dev, train=True) for dev in ("cpu", "cuda")}
+    assert outs["cuda"].is_cuda and outs["cuda"].is_contiguous(memory_format=torch.channels_last)
+    diff = (outs["cuda"].cpu().float() - outs["cpu"].float()).abs()
+    assert diff.mean() < 4.0, diff.mean()
+    vdata, _ = next(iter(val))
+    ev = {dev: build_gpu_pipeline(cfg)(vdata, dev) for dev in ("cpu", "cuda")}
+    vdiff = (ev["cuda"].cpu().float() - ev["cpu"].float()).abs()
+    assert vdiff.mean() < 1.5 and vdiff.max() <= 16, (vdiff.mean(), vdiff.max())
+
+
+@pytest.mark.gpu
+def test_cuda_decode_leaves_queued_reads_alone():
+    """pytorch/vision#9606: nvJPEG writes on a private stream that does not wait for the
+    caller's. Tensors freed while reductions over them are still queued must not be
+    overwritten by the decoded images (decode_batch decodes with a side stream current)."""
+    rng = np.random.default_rng(5)
+    raws = [_tensor(_jpeg(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)))] * 8
+    corrupted = 0
+    for _ in range(20):
+        victims = [torch.full((3, 64, 64), 7, dtype=torch.uint8, device="cuda") for _ in raws]
+        torch.cuda.synchronize()
+        big = torch.randn(4096, 4096, device="cuda")
+        for _ in range(20):  # keep the stream busy so the sums below are still queued
+            big = big @ big / 64.0
+        sums = [v.sum(dtype=torch.int64) for v in victims]
+        del victims  # freed on the caller's stream while the sums are queued
+        decode_batch(raws, "cuda")
+        torch.cuda.synchronize()
+        corrupted += sum(int(s) != 7 * 3 * 64 * 64 for s in sums)
+    assert corrupted == 0
