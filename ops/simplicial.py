@@ -183,6 +183,7 @@ def _check_kernel(q) -> None:
 
 _OPTIONS = ("block_m", "block_n1", "block_n2", "num_warps", "num_stages", "heads_per_tile")
 _FWD_KERNELS = ("auto", "packed1", "tiled")  # option fwd_kernel (None: auto)
+_BWD_KERNELS = ("auto", "packed1", "tiled")  # option bwd_kernel (None: auto)
 
 
 def _tiles(opts: dict, d: int, dtype: torch.dtype, group: int, backward: bool) -> tuple[int, ...]:
@@ -241,6 +242,47 @@ def _fwd_tiles(opts: dict, d: int, dtype: torch.dtype, group: int) -> tuple[str,
     return "packed1", (tiles[0], tiles[1], *picked, tiles[5])
 
 
+def _bwd_tiles(opts: dict, d: int, dtype: torch.dtype, group: int) -> tuple[str, list[tuple]]:
+    """(kernel, [tiles of dQ, dK1/dV1, dK2/dV2]) of the backward, tiles as ``_tiles``:
+    'packed1' (the three ``*_packed1_kernel``) where the forward ran packed1 (bwd_kernel=
+    'auto') or where asked and the forward's tiles are one position (heads_per_tile ==
+    block_m, both from the forward's tiles), else 'tiled' (one set of tiles for all three).
+    packed1 (block_n2, num_warps, num_stages) per kernel: the options where given, else
+    ``_BWD_PACKED1`` on the GPU, the 16-tiles of ``_tiles`` under the interpreter."""
+    choice = opts.get("bwd_kernel") or "auto"
+    if choice not in _BWD_KERNELS:
+        raise ValueError(f"'simplicial' option bwd_kernel={choice!r}: use one of {_BWD_KERNELS}")
+    fwd, ftiles = _fwd_tiles(opts, d, dtype, group)
+    if choice == "packed1" and ftiles[5] != ftiles[0]:
+        raise ValueError(
+            f"'simplicial' bwd_kernel='packed1' needs tiles of one position, heads_per_tile == "
+            f"block_m; got heads_per_tile={ftiles[5]}, block_m={ftiles[0]} (GQA group H // Hkv "
+            f"= {group}): use a block_m that divides the group, or bwd_kernel='auto'"
+        )
+    if choice == "tiled" or (choice == "auto" and fwd != "packed1"):
+        return "tiled", [_tiles(opts, d, dtype, group, backward=True)] * 3
+    if _INTERPRET:
+        bases = [_tiles(opts, d, dtype, group, backward=True)[2:5]] * 3
+    else:
+        bases = _BWD_PACKED1[dtype == torch.float32]
+    names = ("block_n2", "num_warps", "num_stages")
+    return "packed1", [
+        (ftiles[0], 1, *(v if opts.get(n) is None else opts[n] for n, v in zip(names, base)),
+         ftiles[5])
+        for base in bases
+    ]  # fmt: skip
+
+
+# packed1 backward GPU defaults (block_n2, num_warps, num_stages) of dQ, dK1/dV1, dK2/dV2 by
+# [fp32]. ptxas for sm_90 via Triton 3.6 at D=128: bf16 (BLOCK_M=64) 244, 254, 180 registers,
+# no spills; fp32 (BLOCK_M=32, IEEE dots) dQ spills 312 B (the least found), the others none.
+# Not yet timed.
+_BWD_PACKED1 = {
+    False: ((64, 8, 1), (32, 8, 2), (32, 8, 1)),
+    True: ((16, 8, 1), (32, 8, 1), (32, 8, 1)),
+}
+
+
 def _windows(w1, w2) -> tuple[int, int]:
     return (K._NO_WINDOW if w1 is None else w1), (K._NO_WINDOW if w2 is None else w2)
 
@@ -274,7 +316,8 @@ def _backward(do, dlse, q, k1, k2, v1, v2, o, lse, causal, w1, w2, scale, opts):
     the GQA group in-kernel."""
     b, nq, h, d = q.shape
     n1, hkv, n2 = k1.shape[1], k1.shape[2], k2.shape[1]
-    bm, bn1, bn2, warps, stages, hp = _tiles(opts, d, q.dtype, h // hkv, backward=True)
+    kernel, tiles = _bwd_tiles(opts, d, q.dtype, h // hkv)
+    bm, _, _, warps, stages, hp = tiles[0]
     delta = torch.empty_like(lse)  # (B, H, Nq): rowsum(dO * O) - dLSE
     dlse = None if dlse is None else dlse.contiguous()
     _launch(_delta_kernel, (_cdiv(nq, bm), b * h), o, do, delta if dlse is None else dlse, delta,
@@ -285,20 +328,19 @@ def _backward(do, dlse, q, k1, k2, v1, v2, o, lse, causal, w1, w2, scale, opts):
                           for n in (n1, n1, n2, n2))  # fmt: skip
     args = (*q.stride(), *k1.stride(), *k2.stride(), *v1.stride(), *v2.stride(), *do.stride(),
             nq, n1, n2, h, h // hkv, *_windows(w1, w2), scale * _LOG2E, scale)  # fmt: skip
-    const = dict(CAUSAL=causal, HEAD_D=d, BLOCK_M=bm, BLOCK_N1=bn1, BLOCK_N2=bn2, HEADS=hp,
-                 IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)  # fmt: skip
-    grids = ((_cdiv(nq, bm // hp), b * h // hp), (_cdiv(n1, bn1), b * hkv),
-             (_cdiv(n2, bn2), b * hkv))  # fmt: skip
-    if all(grids[0]):
-        launch(K._dq_kernel, grids[0], q, k1, k2, v1, v2, do, lse, delta, dq, *args, **const)
-    if all(grids[1]):
-        launch(
-            K._dk1dv1_kernel, grids[1], q, k1, k2, v1, v2, do, lse, delta, dk1, dv1, *args, **const
-        )
-    if all(grids[2]):
-        launch(
-            K._dk2dv2_kernel, grids[2], q, k1, k2, v1, v2, do, lse, delta, dk2, dv2, *args, **const
-        )
+    if kernel == "packed1":  # one position x bm heads; one k1 key per dK1/dV1 program
+        kernels = (K._dq_packed1_kernel, K._dk1dv1_packed1_kernel, K._dk2dv2_packed1_kernel)
+    else:
+        kernels = (K._dq_kernel, K._dk1dv1_kernel, K._dk2dv2_kernel)
+    outs = ((dq,), (dk1, dv1), (dk2, dv2))
+    for x, (kern, out, (bm, bn1, bn2, warps, stages, hp)) in enumerate(zip(kernels, outs, tiles)):
+        grid = (_cdiv((nq, n1, n2)[x], (bm // hp, bn1, bn2)[x]), b * (h // hp if x == 0 else hkv))
+        const = dict(CAUSAL=causal, HEAD_D=d, BLOCK_M=bm, BLOCK_N1=bn1, BLOCK_N2=bn2, HEADS=hp,
+                     IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)  # fmt: skip
+        if kernel == "packed1":
+            del const["BLOCK_N1"], const["HEADS"]
+        if all(grid):
+            launch(kern, grid, q, k1, k2, v1, v2, do, lse, delta, *out, *args, **const)
     return dq, dk1, dk2, dv1, dv2
 
 
@@ -339,7 +381,7 @@ def simplicial_attention(q, k1, k2, v1, v2, *, causal=False, scale=None, return_
     return _kernel_attention(q, k1, k2, v1, v2, causal, scale, return_lse, None, None, {})
 
 
-_DEFAULTS = {"w1": None, "w2": None, "impl": "triton", "fwd_kernel": None,
+_DEFAULTS = {"w1": None, "w2": None, "impl": "triton", "fwd_kernel": None, "bwd_kernel": None,
              **dict.fromkeys(_OPTIONS)}  # fmt: skip
 _ALLOWED = {
     "block_m": (16, 32, 64, 128),
@@ -349,6 +391,7 @@ _ALLOWED = {
     "num_stages": (1, 2, 3, 4, 5),
     "heads_per_tile": (1, 2, 4, 8, 16, 32, 64, 128),
     "fwd_kernel": _FWD_KERNELS,
+    "bwd_kernel": _BWD_KERNELS,
 }
 
 
@@ -362,7 +405,7 @@ class SimplicialAttention:
     def __init__(self, options: dict):
         self.options = options
         self.w1, self.w2 = options["w1"], options["w2"]
-        self._opts = {n: options[n] for n in (*_OPTIONS, "fwd_kernel")}
+        self._opts = {n: options[n] for n in (*_OPTIONS, "fwd_kernel", "bwd_kernel")}
 
     def __call__(self, q, k1, k2, v1, v2, *, causal=False, scale=None, return_lse=False):
         if self.options["impl"] == "reference":
@@ -403,8 +446,10 @@ def build_simplicial(**options) -> SimplicialAttention:
     ``block_n2``, ``num_warps``, ``num_stages``, ``heads_per_tile`` (1: sequence-tiled; > 1:
     head-packed GQA tiling; None: defaults), ``fwd_kernel`` ('auto'/None: the one-position
     kernel where heads_per_tile == block_m, else the general one; 'packed1': the one-position
-    kernel, an error where tiles hold several positions; 'tiled': always the general one).
-    Unknown or invalid options raise ValueError."""
+    kernel, an error where tiles hold several positions; 'tiled': always the general one),
+    ``bwd_kernel`` (the same choice for the backward: 'auto'/None follows the forward, i.e.
+    the one-position kernels where the forward ran packed1; 'packed1' errors where the
+    forward's tiles hold several positions; 'tiled': the general kernels). Unknown or invalid options raise ValueError."""
     unknown = sorted(set(options) - set(_DEFAULTS))
     if unknown:
         raise ValueError(

@@ -391,3 +391,157 @@ def _dk2dv2_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK2, DV2, sqb, sqn, sqh, s
     out = ((b * n2 + offs2[:, None]) * n_kv + hk) * HEAD_D + offs_d[None, :]
     tl.store(DK2 + out, (dk * scale).to(DK2.dtype.element_ty), mask=offs2[:, None] < n2)
     tl.store(DV2 + out, dv.to(DV2.dtype.element_ty), mask=offs2[:, None] < n2)
+
+
+# ----------------------------------------------------------------------------- packed1 backward
+# Tiles of one position i and BLOCK_M q heads of one GQA group (the forward's packed1 case):
+# k1_j, v1_j are single vectors, so every (i, j, k2 tile) step is a few plain dots.
+
+
+@_jit
+def _kv_ids(pid, n_heads, group):
+    """(b, kv head) of a batch * kv head program id."""
+    n_kv = n_heads // group
+    return (pid // n_kv).to(tl.int64), pid % n_kv
+
+
+@_jit
+def _k2_bias(i, offs2, n2, w2, CAUSAL: tl.constexpr):
+    """(BN2,) 0 where position i sees k2 key offs2, else -inf."""
+    ok = offs2 < n2
+    if CAUSAL:
+        ok = ok & (offs2 <= i) & (offs2 > i - w2)
+    return tl.where(ok, 0.0, -float("inf"))
+
+
+@_jit
+def _dq_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DQ, sqb, sqn, sqh, sqd,
+                       s1b, s1n, s1h, s1d, s2b, s2n, s2h, s2d, t1b, t1n, t1h, t1d,
+                       t2b, t2n, t2h, t2d, sdb, sdn, sdh, sdd, n_q, n1, n2, n_heads, group,
+                       w1, w2, qk_scale, scale, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N2: tl.constexpr,
+                       IEEE: tl.constexpr):  # fmt: skip
+    """dQ of one position i x BLOCK_M heads. Per k2 tile and k1 key j, with kk = k2 * k1_j and
+    vv = v2 * v1_j: S = q @ kk^T, dP = dO @ vv^T, dS = P * (dP - Delta), dq += dS @ kk."""
+    i, b, h0, offs_m, heads = _row_ids(tl.program_id(0), tl.program_id(1), n_heads,
+                                       BLOCK_M, BLOCK_M)  # fmt: skip
+    hk = h0 // group
+    q = _qrows(Q + b * sqb, offs_m, heads, n_q, sqn, sqh, sqd, HEAD_D)
+    do = _qrows(DO + b * sdb, offs_m, heads, n_q, sdn, sdh, sdd, HEAD_D)
+    lse, delta = _row_stats(LSE, DELTA, b, heads, offs_m, n_q, n_heads)
+    offs_d = tl.arange(0, HEAD_D)
+    dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+    lo1, hi1 = _key_range(i, n1, w1, CAUSAL, 1, 1)
+    lo2, hi2 = _key_range(i, n2, w2, CAUSAL, 1, BLOCK_N2)
+    k1_0 = K1 + b * s1b + hk * s1h + offs_d * s1d
+    v1_0 = V1 + b * t1b + hk * t1h + offs_d * t1d
+    for s2 in range(lo2, hi2, BLOCK_N2):
+        offs2 = s2 + tl.arange(0, BLOCK_N2)
+        k2 = _rows(K2 + b * s2b + hk * s2h, offs2, n2, s2n, s2d, HEAD_D)
+        v2 = _rows(V2 + b * t2b + hk * t2h, offs2, n2, t2n, t2d, HEAD_D)
+        bias = _k2_bias(i, offs2, n2, w2, CAUSAL)
+        for j in range(lo1, hi1):
+            k1 = tl.load(k1_0 + (j + b * 0) * s1n)
+            v1 = tl.load(v1_0 + (j + b * 0) * t1n)
+            kk = k2 * k1[None, :]
+            s = _dot(q, tl.trans(kk), IEEE) * qk_scale + bias[None, :]
+            p = tl.exp2(s - lse[:, None])
+            dp = _dot(do, tl.trans(v2 * v1[None, :]), IEEE)
+            ds = p * (dp - delta[:, None])
+            dq = _dot_acc(ds.to(kk.dtype), kk, dq, IEEE)
+    out = ((b * n_q + i) * n_heads + heads[:, None]) * HEAD_D + offs_d[None, :]
+    tl.store(DQ + out, (dq * scale).to(DQ.dtype.element_ty))
+
+
+@_jit
+def _dk2dv2_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK2, DV2, sqb, sqn, sqh, sqd,
+                           s1b, s1n, s1h, s1d, s2b, s2n, s2h, s2d, t1b, t1n, t1h, t1d,
+                           t2b, t2n, t2h, t2d, sdb, sdn, sdh, sdd, n_q, n1, n2, n_heads, group,
+                           w1, w2, qk_scale, scale, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N2: tl.constexpr,
+                           IEEE: tl.constexpr):  # fmt: skip
+    """dK2, dV2 of one (k2 tile, batch * kv head): over the positions i that see a key of the
+    tile, the head blocks of the group and the k1 keys j of i's window, with a = q_i * k1_j and
+    c = dO_i * v1_j as (BLOCK_M, D) rows: P^T from k2 @ a^T, dV2 += P^T @ c, dK2 += dS^T @ a."""
+    start_n = tl.program_id(0) * BLOCK_N2
+    b, hk = _kv_ids(tl.program_id(1), n_heads, group)
+    offs2 = start_n + tl.arange(0, BLOCK_N2)
+    offs_d = tl.arange(0, HEAD_D)
+    r = tl.arange(0, BLOCK_M)
+    k2 = _rows(K2 + b * s2b + hk * s2h, offs2, n2, s2n, s2d, HEAD_D)
+    v2 = _rows(V2 + b * t2b + hk * t2h, offs2, n2, t2n, t2d, HEAD_D)
+    dk = tl.zeros([BLOCK_N2, HEAD_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N2, HEAD_D], dtype=tl.float32)
+    k1_0 = K1 + b * s1b + hk * s1h + offs_d * s1d
+    v1_0 = V1 + b * t1b + hk * t1h + offs_d * t1d
+    lo, hi = _query_range(start_n, n_q, w2, CAUSAL, 1, BLOCK_N2)
+    for i in range(lo, hi):
+        bias = _k2_bias(i, offs2, n2, w2, CAUSAL)
+        lo1, hi1 = _key_range(i, n1, w1, CAUSAL, 1, 1)
+        pos = i + r * 0
+        for g in range(group // BLOCK_M):
+            heads = hk * group + g * BLOCK_M + r
+            q = _qrows(Q + b * sqb, pos, heads, n_q, sqn, sqh, sqd, HEAD_D)
+            do = _qrows(DO + b * sdb, pos, heads, n_q, sdn, sdh, sdd, HEAD_D)
+            lse, delta = _row_stats(LSE, DELTA, b, heads, pos, n_q, n_heads)
+            for j in range(lo1, hi1):
+                k1 = tl.load(k1_0 + (j + b * 0) * s1n)
+                v1 = tl.load(v1_0 + (j + b * 0) * t1n)
+                a = q * k1[None, :]
+                c = do * v1[None, :]
+                st = _dot(k2, tl.trans(a), IEEE) * qk_scale + bias[:, None]
+                pt = tl.exp2(st - lse[None, :])  # (BN2, BM) = P^T
+                dst = pt * (_dot(v2, tl.trans(c), IEEE) - delta[None, :])
+                dv = _dot_acc(pt.to(c.dtype), c, dv, IEEE)
+                dk = _dot_acc(dst.to(a.dtype), a, dk, IEEE)
+    out = ((b * n2 + offs2[:, None]) * (n_heads // group) + hk) * HEAD_D + offs_d[None, :]
+    tl.store(DK2 + out, (dk * scale).to(DK2.dtype.element_ty), mask=offs2[:, None] < n2)
+    tl.store(DV2 + out, dv.to(DV2.dtype.element_ty), mask=offs2[:, None] < n2)
+
+
+@_jit
+def _dk1dv1_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK1, DV1, sqb, sqn, sqh, sqd,
+                           s1b, s1n, s1h, s1d, s2b, s2n, s2h, s2d, t1b, t1n, t1h, t1d,
+                           t2b, t2n, t2h, t2d, sdb, sdn, sdh, sdd, n_q, n1, n2, n_heads, group,
+                           w1, w2, qk_scale, scale, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N2: tl.constexpr,
+                           IEEE: tl.constexpr):  # fmt: skip
+    """dK1, dV1 of one (k1 key j, batch * kv head): over the positions i that see j and the
+    head blocks of the group, u = P @ v2 and w = dS @ k2 summed over i's k2 tiles, then
+    dV1_j += sum_h dO * u and dK1_j += sum_h q * w. Each (i, j, k) score is computed once."""
+    j = tl.program_id(0)
+    b, hk = _kv_ids(tl.program_id(1), n_heads, group)
+    offs_d = tl.arange(0, HEAD_D)
+    r = tl.arange(0, BLOCK_M)
+    k1 = tl.load(K1 + b * s1b + hk * s1h + (j + b * 0) * s1n + offs_d * s1d)
+    v1 = tl.load(V1 + b * t1b + hk * t1h + (j + b * 0) * t1n + offs_d * t1d)
+    dk = tl.zeros([HEAD_D], dtype=tl.float32)
+    dv = tl.zeros([HEAD_D], dtype=tl.float32)
+    lo, hi = _query_range(j, n_q, w1, CAUSAL, 1, 1)
+    for i in range(lo, hi):
+        lo2, hi2 = _key_range(i, n2, w2, CAUSAL, 1, BLOCK_N2)
+        pos = i + r * 0
+        for g in range(group // BLOCK_M):
+            heads = hk * group + g * BLOCK_M + r
+            q = _qrows(Q + b * sqb, pos, heads, n_q, sqn, sqh, sqd, HEAD_D)
+            do = _qrows(DO + b * sdb, pos, heads, n_q, sdn, sdh, sdd, HEAD_D)
+            lse, delta = _row_stats(LSE, DELTA, b, heads, pos, n_q, n_heads)
+            a = q * k1[None, :]
+            c = do * v1[None, :]
+            u = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+            w = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+            for s2 in range(lo2, hi2, BLOCK_N2):
+                offs2 = s2 + tl.arange(0, BLOCK_N2)
+                k2 = _rows(K2 + b * s2b + hk * s2h, offs2, n2, s2n, s2d, HEAD_D)
+                v2 = _rows(V2 + b * t2b + hk * t2h, offs2, n2, t2n, t2d, HEAD_D)
+                bias = _k2_bias(i, offs2, n2, w2, CAUSAL)
+                s = _dot(a, tl.trans(k2), IEEE) * qk_scale + bias[None, :]
+                p = tl.exp2(s - lse[:, None])
+                ds = p * (_dot(c, tl.trans(v2), IEEE) - delta[:, None])
+                u = _dot_acc(p.to(v2.dtype), v2, u, IEEE)
+                w = _dot_acc(ds.to(k2.dtype), k2, w, IEEE)
+            dv += tl.sum(do.to(tl.float32) * u, 0)
+            dk += tl.sum(q.to(tl.float32) * w, 0)
+    out = ((b * n1 + j) * (n_heads // group) + hk) * HEAD_D + offs_d
+    tl.store(DK1 + out, (dk * scale).to(DK1.dtype.element_ty))
+    tl.store(DV1 + out, dv.to(DV1.dtype.element_ty))

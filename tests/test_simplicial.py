@@ -123,10 +123,19 @@ def test_fp32_kernels_match_float64_reference(case):
         torch.testing.assert_close(x.double(), r, rtol=1e-5, atol=1e-5, msg=name)
 
 
+# backward kernels launched: [packed1 backward?]
+P1_BWD = {
+    True: ["_dq_packed1_kernel", "_dk1dv1_packed1_kernel", "_dk2dv2_packed1_kernel"],
+    False: ["_dq_kernel", "_dk1dv1_kernel", "_dk2dv2_kernel"],
+}
+
+
 @pytest.mark.parametrize("case", PACKED1_CASES, ids=[c[0] for c in PACKED1_CASES])
-def test_fp32_packed1_forward_matches_float64_reference(case, monkeypatch):
-    """fp32: the one-position forward's out and LSE, and the unchanged backward run on them,
-    within 1e-5 of the float64 reference; the packed1 kernel is the one launched."""
+@pytest.mark.parametrize("bwd", [None, "tiled"])
+def test_fp32_packed1_matches_float64_reference(case, bwd, monkeypatch):
+    """fp32: the one-position forward's out and LSE and the backward on them (auto: the
+    one-position backward kernels; 'tiled': the general ones) within 1e-5 of the float64
+    reference, LSE gradient included; the expected kernels are the ones launched."""
     import ops.simplicial as S
 
     _, b, nq, n1, n2, h, hkv, causal, w1, w2, options = case
@@ -134,8 +143,8 @@ def test_fp32_packed1_forward_matches_float64_reference(case, monkeypatch):
     monkeypatch.setattr(S, "launch", lambda k, *a, **kw: (names.append(k.fn.__name__), real(k, *a, **kw)))  # fmt: skip
     xs = make(b, nq, n1, n2, h, hkv, seed=nq + n1 + 3 * n2, gain=1.0)
     go, w, ref = targets(xs, causal, w1, w2)
-    got = run(ops.build_simplicial(w1=w1, w2=w2, **options), xs, causal, go, w)
-    assert names[0] == "_fwd_packed1_kernel", names
+    got = run(ops.build_simplicial(w1=w1, w2=w2, bwd_kernel=bwd, **options), xs, causal, go, w)
+    assert names == ["_fwd_packed1_kernel", *P1_BWD[bwd is None]], names
     for name, x, r in zip(NAMES, got, ref):
         torch.testing.assert_close(x.double(), r, rtol=1e-5, atol=1e-5, msg=name)
 
@@ -152,12 +161,18 @@ def test_fp16_kernels_close_to_float64_reference():
         assert rel_err(x, r) < 4e-3, f"{name}: relative error {rel_err(x, r):.3g}"
 
 
-def test_fp16_packed1_forward_close_to_float64_reference():
-    """fp16, 16 q heads on 1 kv head (one position per tile): the packed1 forward (v1 * v2 also
-    rounded to fp16) and the unchanged backward on its LSE, within the fp16 bound above."""
+def test_fp16_packed1_close_to_float64_reference(monkeypatch):
+    """fp16, 16 q heads on 1 kv head (one position per tile): the packed1 forward and backward
+    (v1 * v2, k2 * k1 also rounded to fp16), within the fp16 bound above."""
+    import ops.simplicial as S
+
+    names, real = [], S.launch
+    monkeypatch.setattr(S, "launch", lambda k, *a, **kw: (names.append(k.fn.__name__), real(k, *a, **kw)))  # fmt: skip
     xs = make(1, 21, 21, 21, 16, 1, dtype=torch.float16, seed=5, gain=1.0)
     go, w, ref = targets(xs, True, 5, 12)
-    got = run(ops.build_simplicial(w1=5, w2=12, fwd_kernel="packed1"), xs, True, go, w)
+    attn = ops.build_simplicial(w1=5, w2=12, fwd_kernel="packed1", bwd_kernel="packed1")
+    got = run(attn, xs, True, go, w)
+    assert names == ["_fwd_packed1_kernel", *P1_BWD[True]], names
     for name, x, r in zip(NAMES, got, ref):
         assert rel_err(x, r) < 4e-3, f"{name}: relative error {rel_err(x, r):.3g}"
 
@@ -179,6 +194,16 @@ def test_fwd_kernel_dispatch(monkeypatch):
         want = "_fwd_packed1_kernel" if fwd != "tiled" and hp is None else "_fwd_kernel"
         assert names == [want], (fwd, hp, names)
     torch.testing.assert_close(outs["auto", None], outs["tiled", None], rtol=1e-6, atol=1e-6)
+    # The backward: auto follows the forward; 'packed1' also behind a tiled one-position forward.
+    xs = [t.requires_grad_() for t in xs]
+    for fwd, bwd, hp, packed in (("auto", "auto", None, True), ("auto", None, 8, False),
+                                 ("tiled", None, None, False), ("tiled", "packed1", None, True),
+                                 ("auto", "tiled", None, False)):  # fmt: skip
+        attn = ops.build_simplicial(w1=2, w2=4, fwd_kernel=fwd, bwd_kernel=bwd, heads_per_tile=hp)
+        out = attn(*xs, causal=True)
+        names.clear()
+        torch.autograd.grad(out.sum(), xs)
+        assert names == P1_BWD[packed], (fwd, bwd, hp, names)
 
 
 def test_public_function_lse_only_and_output_only_losses():
@@ -278,6 +303,12 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"fwd_kernel='packed1' needs tiles of one position.*"
                        r"heads_per_tile=2, block_m=16"):  # fmt: skip
         ops.build_simplicial(fwd_kernel="packed1")(*xs)
+    with pytest.raises(ValueError, match=r"bwd_kernel='fast'.*\('auto', 'packed1', 'tiled'\)"):
+        ops.build_simplicial(bwd_kernel="fast")
+    xs = [t.requires_grad_() for t in xs]
+    with pytest.raises(ValueError, match=r"bwd_kernel='packed1' needs tiles of one position.*"
+                       r"heads_per_tile=2, block_m=16"):  # fmt: skip
+        torch.autograd.grad(ops.build_simplicial(bwd_kernel="packed1")(*xs).sum(), xs)
 
 
 _COMPILE = """
@@ -290,7 +321,10 @@ from ops import simplicial as S, simplicial_kernels as K
 
 def compile_(fn, d, dtype, group, backward):
     if backward:
-        bm, bn1, bn2, warps, stages, hp = S._tiles({}, d, dtype, group, backward)
+        kind, tiles = S._bwd_tiles({}, d, dtype, group)
+        which = [k for k in ("_dq", "_dk1", "_dk2") if fn.fn.__name__.startswith(k)][0]
+        bm, bn1, bn2, warps, stages, hp = tiles[("_dq", "_dk1", "_dk2").index(which)]
+        assert kind == ("packed1" if "packed1" in fn.fn.__name__ else "tiled"), kind
     else:
         kind = "tiled" if fn is K._fwd_kernel else "packed1"
         _, (bm, bn1, bn2, warps, stages, hp) = S._fwd_tiles({"fwd_kernel": kind}, d, dtype, group)
@@ -307,13 +341,16 @@ compile_(K._fwd_kernel, 128, torch.bfloat16, 64, False)
 compile_(K._fwd_packed1_kernel, 128, torch.bfloat16, 64, False)
 for fn in (K._dq_kernel, K._dk1dv1_kernel, K._dk2dv2_kernel):
     compile_(fn, 64, torch.float16, 1, True)
+for fn in (K._dq_packed1_kernel, K._dk1dv1_packed1_kernel, K._dk2dv2_packed1_kernel):
+    compile_(fn, 128, torch.bfloat16, 64, True)
 print("compiled")
 """
 
 
 def test_kernels_compile_for_h100_without_a_gpu():
     """The interpreter accepts programs the compiler rejects: compile every kernel for sm_90
-    (default tiles: both forwards head-packed D=128 bf16, backward sequence-tiled D=64 fp16) in a
+    (default tiles: both forwards and the packed1 backward head-packed D=128 bf16, the tiled
+    backward sequence-tiled D=64 fp16) in a
     process without TRITON_INTERPRET; ptxas ships with Triton, no GPU needed."""
     import os
     import subprocess
