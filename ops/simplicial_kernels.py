@@ -16,9 +16,11 @@ batch * kv head) in the dK1/dV1 and dK2/dV2 kernels, which loop over the q heads
 group (no atomics, deterministic). When a tile is one position (HEADS == BLOCK_M) the forward
 has its own kernel, ``_fwd_packed1_kernel``: k1_j and v1_j are then single vectors, so each key
 j is two plain dots, (q * k1_j) @ k2^T and P @ (v2 * v1_j), into one (BLOCK_M, D) accumulator,
-without the (BLOCK_M, BLOCK_N1, D) temporary of ``_fwd_kernel``. Every kernel recomputes P from the saved LSE; the backward pass uses dP_ijk = <dO_i, v1_j * v2_k>, the same
-trilinear form as the scores (rows B = dO_i * v1_j), and Delta_i = rowsum(dO * O) - dLSE_i, so
-the LSE is differentiable.
+without the (BLOCK_M, BLOCK_N1, D) temporary of ``_fwd_kernel``; so has the backward
+(``*_packed1_kernel``: dQ per position, dK2/dV2 per k2 tile, dK1/dV1 per k1 key, each looping
+over what its block meets). Every kernel recomputes P from the saved LSE; the backward pass
+uses dP_ijk = <dO_i, v1_j * v2_k>, the same trilinear form as the scores (rows B = dO_i * v1_j),
+and Delta_i = rowsum(dO * O) - dLSE_i, so the LSE is differentiable.
 
 Masks: row i sees j iff j < N1 and, when causal, i - w1 < j <= i (same for k with N2, w2); no
 window is w = 2**30. Causal needs Nq = N1 = N2 (checked by the caller).
@@ -415,6 +417,30 @@ def _k2_bias(i, offs2, n2, w2, CAUSAL: tl.constexpr):
 
 
 @_jit
+def _dq_packed1_keys(q, do, lse, delta, k2, v2, bias, dq, k1_ptr, v1_ptr, s1n, t1n, lo1, hi1,
+                     qk_scale, MASKED: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """One k2 tile of ``_dq_packed1_kernel`` over the k1 keys [lo1, hi1), k1_j/v1_j read one
+    key ahead; ``bias`` (0 or -inf per k2 key) only where MASKED."""
+    k1 = tl.load(k1_ptr, mask=lo1 < hi1, other=0.0)
+    v1 = tl.load(v1_ptr, mask=lo1 < hi1, other=0.0)
+    for j in range(lo1, hi1):
+        k1_ptr += s1n
+        v1_ptr += t1n
+        k1_next = tl.load(k1_ptr, mask=j + 1 < hi1, other=0.0)
+        v1_next = tl.load(v1_ptr, mask=j + 1 < hi1, other=0.0)
+        kk = k2 * k1[None, :]
+        s = _dot(q, tl.trans(kk), IEEE) * qk_scale
+        if MASKED:
+            s = s + bias[None, :]
+        p = tl.exp2(s - lse[:, None])
+        dp = _dot(do, tl.trans(v2 * v1[None, :]), IEEE)
+        ds = p * (dp - delta[:, None])
+        dq = _dot_acc(ds.to(kk.dtype), kk, dq, IEEE)
+        k1, v1 = k1_next, v1_next
+    return dq
+
+
+@_jit
 def _dq_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DQ, sqb, sqn, sqh, sqd,
                        s1b, s1n, s1h, s1d, s2b, s2n, s2h, s2d, t1b, t1n, t1h, t1d,
                        t2b, t2n, t2h, t2d, sdb, sdn, sdh, sdd, n_q, n1, n2, n_heads, group,
@@ -433,24 +459,49 @@ def _dq_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DQ, sqb, sqn, sqh, sqd
     dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
     lo1, hi1 = _key_range(i, n1, w1, CAUSAL, 1, 1)
     lo2, hi2 = _key_range(i, n2, w2, CAUSAL, 1, BLOCK_N2)
-    k1_0 = K1 + b * s1b + hk * s1h + offs_d * s1d
-    v1_0 = V1 + b * t1b + hk * t1h + offs_d * t1d
+    k1_0 = K1 + b * s1b + hk * s1h + lo1.to(tl.int64) * s1n + offs_d * s1d
+    v1_0 = V1 + b * t1b + hk * t1h + lo1.to(tl.int64) * t1n + offs_d * t1d
     for s2 in range(lo2, hi2, BLOCK_N2):
         offs2 = s2 + tl.arange(0, BLOCK_N2)
         k2 = _rows(K2 + b * s2b + hk * s2h, offs2, n2, s2n, s2d, HEAD_D)
         v2 = _rows(V2 + b * t2b + hk * t2h, offs2, n2, t2n, t2d, HEAD_D)
-        bias = _k2_bias(i, offs2, n2, w2, CAUSAL)
-        for j in range(lo1, hi1):
-            k1 = tl.load(k1_0 + (j + b * 0) * s1n)
-            v1 = tl.load(v1_0 + (j + b * 0) * t1n)
-            kk = k2 * k1[None, :]
-            s = _dot(q, tl.trans(kk), IEEE) * qk_scale + bias[None, :]
-            p = tl.exp2(s - lse[:, None])
-            dp = _dot(do, tl.trans(v2 * v1[None, :]), IEEE)
-            ds = p * (dp - delta[:, None])
-            dq = _dot_acc(ds.to(kk.dtype), kk, dq, IEEE)
+        full = s2 + BLOCK_N2 <= n2
+        if CAUSAL:
+            full = full & (s2 > i - w2) & (s2 + BLOCK_N2 <= i + 1)
+        if full:
+            dq = _dq_packed1_keys(q, do, lse, delta, k2, v2, 0.0, dq, k1_0, v1_0, s1n, t1n, lo1,
+                                  hi1, qk_scale, False, IEEE)  # fmt: skip
+        else:
+            bias = _k2_bias(i, offs2, n2, w2, CAUSAL)
+            dq = _dq_packed1_keys(q, do, lse, delta, k2, v2, bias, dq, k1_0, v1_0, s1n, t1n, lo1,
+                                  hi1, qk_scale, True, IEEE)  # fmt: skip
     out = ((b * n_q + i) * n_heads + heads[:, None]) * HEAD_D + offs_d[None, :]
     tl.store(DQ + out, (dq * scale).to(DQ.dtype.element_ty))
+
+
+@_jit
+def _dk2_packed1_keys(q, do, lse, delta, k2, v2, bias, dk, dv, k1_ptr, v1_ptr, s1n, t1n, lo1,
+                      hi1, qk_scale, MASKED: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """One (position, head block) of ``_dk2dv2_packed1_kernel`` over the k1 keys [lo1, hi1),
+    k1_j/v1_j read one key ahead; ``bias`` (0 or -inf per k2 key) only where MASKED."""
+    k1 = tl.load(k1_ptr, mask=lo1 < hi1, other=0.0)
+    v1 = tl.load(v1_ptr, mask=lo1 < hi1, other=0.0)
+    for j in range(lo1, hi1):
+        k1_ptr += s1n
+        v1_ptr += t1n
+        k1_next = tl.load(k1_ptr, mask=j + 1 < hi1, other=0.0)
+        v1_next = tl.load(v1_ptr, mask=j + 1 < hi1, other=0.0)
+        a = q * k1[None, :]
+        c = do * v1[None, :]
+        st = _dot(k2, tl.trans(a), IEEE) * qk_scale
+        if MASKED:
+            st = st + bias[:, None]
+        pt = tl.exp2(st - lse[None, :])  # (BN2, BM) = P^T
+        dst = pt * (_dot(v2, tl.trans(c), IEEE) - delta[None, :])
+        dv = _dot_acc(pt.to(c.dtype), c, dv, IEEE)
+        dk = _dot_acc(dst.to(a.dtype), a, dk, IEEE)
+        k1, v1 = k1_next, v1_next
+    return dk, dv
 
 
 @_jit
@@ -476,24 +527,25 @@ def _dk2dv2_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK2, DV2, sqb, sqn
     v1_0 = V1 + b * t1b + hk * t1h + offs_d * t1d
     lo, hi = _query_range(start_n, n_q, w2, CAUSAL, 1, BLOCK_N2)
     for i in range(lo, hi):
-        bias = _k2_bias(i, offs2, n2, w2, CAUSAL)
         lo1, hi1 = _key_range(i, n1, w1, CAUSAL, 1, 1)
+        k1_i = k1_0 + (lo1 + b * 0) * s1n
+        v1_i = v1_0 + (lo1 + b * 0) * t1n
         pos = i + r * 0
+        full = start_n + BLOCK_N2 <= n2
+        if CAUSAL:
+            full = full & (start_n > i - w2) & (start_n + BLOCK_N2 <= i + 1)
         for g in range(group // BLOCK_M):
             heads = hk * group + g * BLOCK_M + r
             q = _qrows(Q + b * sqb, pos, heads, n_q, sqn, sqh, sqd, HEAD_D)
             do = _qrows(DO + b * sdb, pos, heads, n_q, sdn, sdh, sdd, HEAD_D)
             lse, delta = _row_stats(LSE, DELTA, b, heads, pos, n_q, n_heads)
-            for j in range(lo1, hi1):
-                k1 = tl.load(k1_0 + (j + b * 0) * s1n)
-                v1 = tl.load(v1_0 + (j + b * 0) * t1n)
-                a = q * k1[None, :]
-                c = do * v1[None, :]
-                st = _dot(k2, tl.trans(a), IEEE) * qk_scale + bias[:, None]
-                pt = tl.exp2(st - lse[None, :])  # (BN2, BM) = P^T
-                dst = pt * (_dot(v2, tl.trans(c), IEEE) - delta[None, :])
-                dv = _dot_acc(pt.to(c.dtype), c, dv, IEEE)
-                dk = _dot_acc(dst.to(a.dtype), a, dk, IEEE)
+            if full:
+                dk, dv = _dk2_packed1_keys(q, do, lse, delta, k2, v2, 0.0, dk, dv, k1_i, v1_i,
+                                           s1n, t1n, lo1, hi1, qk_scale, False, IEEE)  # fmt: skip
+            else:
+                bias = _k2_bias(i, offs2, n2, w2, CAUSAL)
+                dk, dv = _dk2_packed1_keys(q, do, lse, delta, k2, v2, bias, dk, dv, k1_i, v1_i,
+                                           s1n, t1n, lo1, hi1, qk_scale, True, IEEE)  # fmt: skip
     out = ((b * n2 + offs2[:, None]) * (n_heads // group) + hk) * HEAD_D + offs_d[None, :]
     tl.store(DK2 + out, (dk * scale).to(DK2.dtype.element_ty), mask=offs2[:, None] < n2)
     tl.store(DV2 + out, dv.to(DV2.dtype.element_ty), mask=offs2[:, None] < n2)
