@@ -26,8 +26,9 @@ Two tilings (option ``heads_per_tile``): sequence-tiled (1: one head, BLOCK_M po
 head-packed for GQA (BLOCK_M // heads_per_tile positions x heads_per_tile q heads of one k/v
 head); auto picks the largest power of two dividing the GQA group, at most ``block_m``. A
 forward tile of one position (heads_per_tile == block_m) runs its own kernel (option
-``fwd_kernel``: 'auto' picks it there, 'tiled' keeps the general one), and so does the
-backward (option ``bwd_kernel``: 'auto' follows the forward). The backward is the
+``fwd_kernel``: 'auto' picks it there, 'tiled' keeps the general one). The backward has
+one-position kernels too (option ``bwd_kernel='packed1'``), opt-in until they are timed on a
+GPU: 'auto' runs the general backward kernels. The backward is the
 true gradient of the forward, LSE included (tests compare with autograd through the float64
 reference). fp32 uses IEEE dots; fp16/bf16 round q * k1, P and dS to the input dtype before the
 fp32-accumulating dots (the one-position forward also rounds v1 * v2, its backward k2 * k1,
@@ -246,22 +247,22 @@ def _fwd_tiles(opts: dict, d: int, dtype: torch.dtype, group: int) -> tuple[str,
 
 def _bwd_tiles(opts: dict, d: int, dtype: torch.dtype, group: int) -> tuple[str, list[tuple]]:
     """(kernel, [tiles of dQ, dK1/dV1, dK2/dV2]) of the backward, tiles as ``_tiles``:
-    'packed1' (the three ``*_packed1_kernel``) where the forward ran packed1 (bwd_kernel=
-    'auto') or where asked and the forward's tiles are one position (heads_per_tile ==
-    block_m, both from the forward's tiles), else 'tiled' (one set of tiles for all three).
+    'packed1' (the three ``*_packed1_kernel``) where asked (bwd_kernel='packed1'; the
+    forward's tiles must be one position, heads_per_tile == block_m), else 'tiled' (one set of
+    tiles for all three; 'auto' too: the packed1 backward is not yet timed on a GPU).
     packed1 (block_n2, num_warps, num_stages) per kernel: the options where given, else
     ``_BWD_PACKED1`` on the GPU, the 16-tiles of ``_tiles`` under the interpreter."""
     choice = opts.get("bwd_kernel") or "auto"
     if choice not in _BWD_KERNELS:
         raise ValueError(f"'simplicial' option bwd_kernel={choice!r}: use one of {_BWD_KERNELS}")
-    fwd, ftiles = _fwd_tiles(opts, d, dtype, group)
+    _, ftiles = _fwd_tiles(opts, d, dtype, group)
     if choice == "packed1" and ftiles[5] != ftiles[0]:
         raise ValueError(
             f"'simplicial' bwd_kernel='packed1' needs tiles of one position, heads_per_tile == "
             f"block_m; got heads_per_tile={ftiles[5]}, block_m={ftiles[0]} (GQA group H // Hkv "
             f"= {group}): use a block_m that divides the group, or bwd_kernel='auto'"
         )
-    if choice == "tiled" or (choice == "auto" and fwd != "packed1"):
+    if choice in ("tiled", "auto"):
         return "tiled", [_tiles(opts, d, dtype, group, backward=True)] * 3
     if _INTERPRET:
         bases = [_tiles(opts, d, dtype, group, backward=True)[2:5]] * 3
@@ -448,9 +449,9 @@ def build_simplicial(**options) -> SimplicialAttention:
     head-packed GQA tiling; None: defaults), ``fwd_kernel`` ('auto'/None: the one-position
     kernel where heads_per_tile == block_m, else the general one; 'packed1': the one-position
     kernel, an error where tiles hold several positions; 'tiled': always the general one),
-    ``bwd_kernel`` (the same choice for the backward: 'auto'/None follows the forward, i.e.
-    the one-position kernels where the forward ran packed1; 'packed1' errors where the
-    forward's tiles hold several positions; 'tiled': the general kernels). Unknown or invalid options raise ValueError."""
+    ``bwd_kernel`` (the backward's kernels: 'auto'/None and 'tiled' the general ones, as the
+    one-position backward is not yet timed on a GPU; 'packed1' the one-position ones, an
+    error where the forward's tiles hold several positions). Unknown or invalid options raise ValueError."""
     unknown = sorted(set(options) - set(_DEFAULTS))
     if unknown:
         raise ValueError(
