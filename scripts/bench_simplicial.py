@@ -1,7 +1,7 @@
 """2-simplicial attention speed (issue 7): TFLOP/s of our Triton kernels against dense SDPA.
 
     python scripts/bench_simplicial.py [--out bench_simplicial.json] [--dtype bf16]
-        [--cases window_gqa,gpt2] [--no-bwd]
+        [--cases window_gqa,gpt2] [--no-bwd] [--bwd-kernels auto,packed1]
 
 Cases (causal, heads-last (B, N, H, D)):
   window_gqa: B=4, 64 q heads on 1 k/v head, D=128, N=16384, w1=32, w2=512 (Fast and Simplex's
@@ -65,8 +65,14 @@ def _sdpa(q, k, v):
     return out.transpose(1, 2)
 
 
-def _rows(name: str, dtype, bwd: bool) -> list[dict]:
+def _rows(name: str, dtype, bwd: bool, bwd_kernels=("auto",)) -> list[dict]:
     b, h, hkv, d, n, w1, w2, variants = CASES[name]
+    if h > hkv:  # head-packed rows once per backward kernel choice
+        variants = [
+            (label if k == "auto" else f"{label} bwd {k}", {**o, "bwd_kernel": k})
+            for label, o in variants
+            for k in (bwd_kernels if not o.get("heads_per_tile") else ["auto"])
+        ]
     g = torch.Generator(device="cuda").manual_seed(0)
 
     def rand(*shape):
@@ -110,6 +116,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--no-bwd", action="store_true")
+    ap.add_argument("--bwd-kernels", default="auto",
+                    help="comma list of bwd_kernel values for the head-packed rows, e.g. "
+                    "auto,packed1 (each a row)")  # fmt: skip
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_simplicial needs a CUDA GPU (the CPU tests cover correctness)")
@@ -119,7 +128,7 @@ def main() -> None:
     for name in args.cases.split(","):
         if name not in CASES:
             sys.exit(f"unknown case {name!r}; valid: {', '.join(CASES)}")
-        rows += _rows(name, DTYPES[args.dtype], not args.no_bwd)
+        rows += _rows(name, DTYPES[args.dtype], not args.no_bwd, args.bwd_kernels.split(","))
         torch.cuda.empty_cache()
     env = _env(dtype=args.dtype, cases={k: CASES[k][:7] for k in args.cases.split(",")})
     Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
