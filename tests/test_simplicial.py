@@ -371,14 +371,16 @@ def test_kernels_compile_for_h100_without_a_gpu():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_compiled_kernels_close_to_reference(dtype):
     """Compiled kernels with default tiles, windowed GQA (the issue's head-packing shape, small
-    n; 64 q heads per kv head: the one-position forward) and full MHA, against float64;
-    deterministic backward (no atomics)."""
-    for nq, h, hkv, causal, w1, w2, d in ((300, 8, 1, True, 32, 128, 64),
-                                          (200, 64, 1, True, 32, 128, 128),
-                                          (130, 4, 4, False, None, None, 64)):  # fmt: skip
+    n; 64 q heads per kv head: the one-position forward, with the general and the
+    one-position backward) and full MHA, against float64; deterministic backward (no
+    atomics)."""
+    for nq, h, hkv, causal, w1, w2, d, bwd in ((300, 8, 1, True, 32, 128, 64, None),
+                                               (200, 64, 1, True, 32, 128, 128, None),
+                                               (200, 64, 1, True, 32, 128, 128, "packed1"),
+                                               (130, 4, 4, False, None, None, 64, None)):  # fmt: skip
         xs = make(2, nq, nq, nq, h, hkv, d=d, dtype=dtype, device="cuda", gain=1.0)
         go, w, ref = targets(xs, causal, w1, w2)
-        attn = ops.build_simplicial(w1=w1, w2=w2)
+        attn = ops.build_simplicial(w1=w1, w2=w2, bwd_kernel=bwd)
         got = run(attn, xs, causal, go, w)
         for name, x, r in zip(NAMES, got, ref):
             assert rel_err(x, r) < 3e-2, f"{name}: relative error {rel_err(x, r):.3g}"
