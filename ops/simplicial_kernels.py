@@ -202,6 +202,32 @@ def _packed1_keys(q, k2, v2, bias, acc, l_i, m_i, k1_ptr, v1_ptr, s1n, t1n, lo1,
 
 
 @_jit
+def _packed1_ranges(K1, V1, i, b, hk, n1, n2, w1, w2, s1b, s1n, s1h, s1d, t1b, t1n, t1h, t1d,
+                    CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N2: tl.constexpr):  # fmt: skip
+    """Position i's k1 keys [lo1, hi1) (all visible to i), its k2 tile range [lo2, hi2) and
+    pointers to the (D,) rows k1_lo1, v1_lo1 (one-position kernels)."""
+    lo1, hi1 = _key_range(i, n1, w1, CAUSAL, 1, 1)
+    lo2, hi2 = _key_range(i, n2, w2, CAUSAL, 1, BLOCK_N2)
+    offs_d = tl.arange(0, HEAD_D)
+    k1_0 = K1 + b * s1b + hk * s1h + lo1.to(tl.int64) * s1n + offs_d * s1d
+    v1_0 = V1 + b * t1b + hk * t1h + lo1.to(tl.int64) * t1n + offs_d * t1d
+    return lo1, hi1, lo2, hi2, k1_0, v1_0
+
+
+@_jit
+def _k2_tile(K2, V2, i, b, hk, s2, n2, w2, s2b, s2n, s2h, s2d, t2b, t2n, t2h, t2d,
+             CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N2: tl.constexpr):  # fmt: skip
+    """The k2, v2 rows of the tile at s2 and whether position i sees all of it (no mask)."""
+    offs2 = s2 + tl.arange(0, BLOCK_N2)
+    k2 = _rows(K2 + b * s2b + hk * s2h, offs2, n2, s2n, s2d, HEAD_D)
+    v2 = _rows(V2 + b * t2b + hk * t2h, offs2, n2, t2n, t2d, HEAD_D)
+    full = s2 + BLOCK_N2 <= n2
+    if CAUSAL:
+        full = full & (s2 > i - w2) & (s2 + BLOCK_N2 <= i + 1)
+    return offs2, k2, v2, full
+
+
+@_jit
 def _fwd_packed1_kernel(Q, K1, K2, V1, V2, O, LSE, sqb, sqn, sqh, sqd, s1b, s1n, s1h, s1d,
                         s2b, s2n, s2h, s2d, t1b, t1n, t1h, t1d, t2b, t2n, t2h, t2d,
                         n_q, n1, n2, n_heads, group, w1, w2, qk_scale,
@@ -221,17 +247,12 @@ def _fwd_packed1_kernel(Q, K1, K2, V1, V2, O, LSE, sqb, sqn, sqh, sqd, s1b, s1n,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     row = i + tl.zeros([1], dtype=tl.int32)
-    lo1, hi1 = _key_range(i, n1, w1, CAUSAL, 1, 1)  # every j in it is visible to i
-    lo2, hi2 = _key_range(i, n2, w2, CAUSAL, 1, BLOCK_N2)
-    k1_0 = K1 + b * s1b + hk * s1h + lo1.to(tl.int64) * s1n + offs_d * s1d
-    v1_0 = V1 + b * t1b + hk * t1h + lo1.to(tl.int64) * t1n + offs_d * t1d
+    lo1, hi1, lo2, hi2, k1_0, v1_0 = _packed1_ranges(K1, V1, i, b, hk, n1, n2, w1, w2, s1b, s1n,
+                                                     s1h, s1d, t1b, t1n, t1h, t1d, CAUSAL,
+                                                     HEAD_D, BLOCK_N2)  # fmt: skip
     for s2 in range(lo2, hi2, BLOCK_N2):
-        offs2 = s2 + tl.arange(0, BLOCK_N2)
-        k2 = _rows(K2 + b * s2b + hk * s2h, offs2, n2, s2n, s2d, HEAD_D)
-        v2 = _rows(V2 + b * t2b + hk * t2h, offs2, n2, t2n, t2d, HEAD_D)
-        full = s2 + BLOCK_N2 <= n2
-        if CAUSAL:
-            full = full & (s2 > i - w2) & (s2 + BLOCK_N2 <= i + 1)
+        offs2, k2, v2, full = _k2_tile(K2, V2, i, b, hk, s2, n2, w2, s2b, s2n, s2h, s2d, t2b,
+                                       t2n, t2h, t2d, CAUSAL, HEAD_D, BLOCK_N2)  # fmt: skip
         if full:
             acc, l_i, m_i = _packed1_keys(q, k2, v2, 0.0, acc, l_i, m_i, k1_0, v1_0, s1n, t1n,
                                           lo1, hi1, qk_scale, False, IEEE)  # fmt: skip
@@ -457,17 +478,12 @@ def _dq_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DQ, sqb, sqn, sqh, sqd
     lse, delta = _row_stats(LSE, DELTA, b, heads, offs_m, n_q, n_heads)
     offs_d = tl.arange(0, HEAD_D)
     dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
-    lo1, hi1 = _key_range(i, n1, w1, CAUSAL, 1, 1)
-    lo2, hi2 = _key_range(i, n2, w2, CAUSAL, 1, BLOCK_N2)
-    k1_0 = K1 + b * s1b + hk * s1h + lo1.to(tl.int64) * s1n + offs_d * s1d
-    v1_0 = V1 + b * t1b + hk * t1h + lo1.to(tl.int64) * t1n + offs_d * t1d
+    lo1, hi1, lo2, hi2, k1_0, v1_0 = _packed1_ranges(K1, V1, i, b, hk, n1, n2, w1, w2, s1b, s1n,
+                                                     s1h, s1d, t1b, t1n, t1h, t1d, CAUSAL,
+                                                     HEAD_D, BLOCK_N2)  # fmt: skip
     for s2 in range(lo2, hi2, BLOCK_N2):
-        offs2 = s2 + tl.arange(0, BLOCK_N2)
-        k2 = _rows(K2 + b * s2b + hk * s2h, offs2, n2, s2n, s2d, HEAD_D)
-        v2 = _rows(V2 + b * t2b + hk * t2h, offs2, n2, t2n, t2d, HEAD_D)
-        full = s2 + BLOCK_N2 <= n2
-        if CAUSAL:
-            full = full & (s2 > i - w2) & (s2 + BLOCK_N2 <= i + 1)
+        offs2, k2, v2, full = _k2_tile(K2, V2, i, b, hk, s2, n2, w2, s2b, s2n, s2h, s2d, t2b,
+                                       t2n, t2h, t2d, CAUSAL, HEAD_D, BLOCK_N2)  # fmt: skip
         if full:
             dq = _dq_packed1_keys(q, do, lse, delta, k2, v2, 0.0, dq, k1_0, v1_0, s1n, t1n, lo1,
                                   hi1, qk_scale, False, IEEE)  # fmt: skip
