@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 import ops  # noqa: E402
 from models import GPT2Config, PosConfig, build_model  # noqa: E402
 from scripts.bench_attention import _env  # noqa: E402
-from trainer.config import OptimConfig  # noqa: E402
+from trainer.config import OptimConfig, TrainerConfig  # noqa: E402
 from trainer.distributed import DistInfo  # noqa: E402
 from trainer.loop import _flush, _train_step, autocast_factory, compile_model  # noqa: E402
 from trainer.monitor import peak_flops  # noqa: E402
@@ -126,8 +126,9 @@ def make_ours_step(pos, loss, args, dev):
     opt = build_optimizer(model, optim_cfg, dev)
     task = RandomTokens(model, args.batch, args.seq, dev)
     task.model = model
-    compiled = compile_model(model, SimpleNamespace(compile=True, compile_tuning=args.tuning))
-    rc = SimpleNamespace(optim=optim_cfg)
+    trainer_cfg = TrainerConfig(compile=True, compile_tuning=args.tuning)
+    compiled = compile_model(model, trainer_cfg)
+    rc = SimpleNamespace(optim=optim_cfg, trainer=trainer_cfg)
     info = DistInfo(device=dev)
     autocast = autocast_factory("auto", dev)
     counter, pending = [0], []

@@ -202,8 +202,7 @@ def compile_model(model, t):
         return model
     if t.compile_tuning:
         _coordinate_descent_tuning()
-    mode = getattr(t, "compile_mode", "default")
-    return torch.compile(model, mode=None if mode == "default" else mode)
+    return torch.compile(model, mode=None if t.compile_mode == "default" else t.compile_mode)
 
 
 def no_sync(train_model: nn.Module, last_micro_batch: bool):
