@@ -187,6 +187,12 @@ def _check_kernel(q) -> None:
 _OPTIONS = ("block_m", "block_n1", "block_n2", "num_warps", "num_stages", "heads_per_tile")
 _FWD_KERNELS = ("auto", "packed1", "tiled")  # option fwd_kernel (None: auto)
 _BWD_KERNELS = ("auto", "packed1", "tiled")  # option bwd_kernel (None: auto)
+_PACKED1_OPTIONS = ("block_n2", "num_warps", "num_stages")  # what one-position tiles take
+
+
+def _given(opts: dict, names, defaults) -> tuple:
+    """The options ``names`` where given (not None), else ``defaults``."""
+    return tuple(v if opts.get(n) is None else opts[n] for n, v in zip(names, defaults))
 
 
 def _tiles(opts: dict, d: int, dtype: torch.dtype, group: int, backward: bool) -> tuple[int, ...]:
@@ -205,7 +211,7 @@ def _tiles(opts: dict, d: int, dtype: torch.dtype, group: int, backward: bool) -
         base = [64, 2, 32 if d == 128 else 64, 8, 2]
     bm = base[0] if opts.get("block_m") is None else opts["block_m"]
     base.append(min(group & -group, bm))
-    tiles = tuple(base[i] if opts.get(n) is None else opts[n] for i, n in enumerate(_OPTIONS))
+    tiles = _given(opts, _OPTIONS, base)
     if group % tiles[5] or tiles[5] > tiles[0]:
         raise ValueError(
             f"'simplicial' heads_per_tile={tiles[5]} must divide the GQA group (H // Hkv = "
@@ -240,9 +246,7 @@ def _fwd_tiles(opts: dict, d: int, dtype: torch.dtype, group: int) -> tuple[str,
         base = tiles[2:5]
     else:
         base = (32, 8, 1) if dtype == torch.float32 else (64, 4, 1)
-    names = ("block_n2", "num_warps", "num_stages")
-    picked = tuple(v if opts.get(n) is None else opts[n] for n, v in zip(names, base))
-    return "packed1", (tiles[0], tiles[1], *picked, tiles[5])
+    return "packed1", (tiles[0], tiles[1], *_given(opts, _PACKED1_OPTIONS, base), tiles[5])
 
 
 def _bwd_tiles(opts: dict, d: int, dtype: torch.dtype, group: int) -> tuple[str, list[tuple]]:
@@ -268,12 +272,8 @@ def _bwd_tiles(opts: dict, d: int, dtype: torch.dtype, group: int) -> tuple[str,
         bases = [_tiles(opts, d, dtype, group, backward=True)[2:5]] * 3
     else:
         bases = _BWD_PACKED1[dtype == torch.float32]
-    names = ("block_n2", "num_warps", "num_stages")
-    return "packed1", [
-        (ftiles[0], 1, *(v if opts.get(n) is None else opts[n] for n, v in zip(names, base)),
-         ftiles[5])
-        for base in bases
-    ]  # fmt: skip
+    return "packed1", [(ftiles[0], 1, *_given(opts, _PACKED1_OPTIONS, base), ftiles[5])
+                       for base in bases]  # fmt: skip
 
 
 # packed1 backward GPU defaults (block_n2, num_warps, num_stages) of dQ, dK1/dV1, dK2/dV2 by
@@ -298,18 +298,16 @@ def _forward(q, k1, k2, v1, v2, causal, w1, w2, scale, opts):
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
     kernel, (bm, bn1, bn2, warps, stages, hp) = _fwd_tiles(opts, d, q.dtype, h // hkv)
     grid = (_cdiv(nq, bm // hp), b * h // hp)
-    if all(grid) and kernel == "packed1":
-        launch(K._fwd_packed1_kernel, grid, q, k1, k2, v1, v2, o, lse, *q.stride(), *k1.stride(),
-               *k2.stride(), *v1.stride(), *v2.stride(), nq, n1, n2, h, h // hkv,
-               *_windows(w1, w2), scale * _LOG2E, CAUSAL=causal, HEAD_D=d, BLOCK_M=bm,
-               BLOCK_N2=bn2, IEEE=q.dtype == torch.float32, num_warps=warps,
-               num_stages=stages)  # fmt: skip
-    elif all(grid):
-        launch(K._fwd_kernel, grid, q, k1, k2, v1, v2, o, lse, *q.stride(), *k1.stride(),
-               *k2.stride(), *v1.stride(), *v2.stride(), nq, n1, n2, h, h // hkv,
-               *_windows(w1, w2), scale * _LOG2E, CAUSAL=causal, HEAD_D=d, BLOCK_M=bm,
-               BLOCK_N1=bn1, BLOCK_N2=bn2, HEADS=hp, IEEE=q.dtype == torch.float32,
-               num_warps=warps, num_stages=stages)  # fmt: skip
+    const = dict(CAUSAL=causal, HEAD_D=d, BLOCK_M=bm, BLOCK_N1=bn1, BLOCK_N2=bn2, HEADS=hp,
+                 IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)  # fmt: skip
+    kern = K._fwd_kernel
+    if kernel == "packed1":  # one position x bm heads: no k1 block, no head packing constant
+        kern = K._fwd_packed1_kernel
+        del const["BLOCK_N1"], const["HEADS"]
+    if all(grid):
+        launch(kern, grid, q, k1, k2, v1, v2, o, lse, *q.stride(), *k1.stride(), *k2.stride(),
+               *v1.stride(), *v2.stride(), nq, n1, n2, h, h // hkv, *_windows(w1, w2),
+               scale * _LOG2E, **const)  # fmt: skip
     return o, lse
 
 
