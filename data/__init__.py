@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from data.background import Ahead
 from data.images import (
     IMAGE_KINDS,
     IMAGENET_HF_REPO,
@@ -72,6 +73,7 @@ from data.sources import (
 from data.tokenizer import EOT, VOCAB_SIZE, encode_document, encode_documents, gpt2_encoding
 
 __all__ = [
+    "Ahead",
     "EOT",
     "FINEWEB_EDU_CONFIGS",
     "FINEWEB_EDU_REVISION",

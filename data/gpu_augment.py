@@ -11,8 +11,10 @@ eval   resize the short side to ``floor(S / crop_pct)`` (bicubic), center crop S
 
 Random parameters are drawn on the host from a numpy generator made per batch from
 (seed, rank, batch counter): distinct per rank, no device sync, and resumable from the
-counter alone (``state_dict``). Crops are resized one image at a time
-(``interpolate(bicubic, antialias=True)``, the filter PIL's resize uses); RandAugment runs
+counter alone (``state_dict``). Crops are resized with PIL's filter (antialiased bicubic):
+on CUDA the whole batch in one Triton launch (``resize_kernel.resize_batch``), elsewhere one
+``interpolate(bicubic, antialias=True)`` call an image (the two agree to float rounding, so
+to a grey level after rounding where a value sits on .5); RandAugment runs
 vectorised: per layer, the images that drew an op of one family (lookup tables, blends,
 affine warps) are gathered, transformed with per-image parameters and written back. The ops
 follow Pillow's 8-bit arithmetic (LUTs, float32 blends truncated, the 3x3 smoothing filter,
@@ -30,11 +32,14 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .resize_kernel import resize_batch
 
 RA_OPS = (
     "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
@@ -51,7 +56,10 @@ CROP_TRIES = 10
 
 
 def decode_batch(
-    data: list[torch.Tensor], device: torch.device | str, stream: torch.cuda.Stream | None = None
+    data: list[torch.Tensor],
+    device: torch.device | str,
+    stream: torch.cuda.Stream | None = None,
+    record: bool = True,
 ) -> list[torch.Tensor]:
     """Encoded images (uint8 1-D CPU tensors) -> RGB uint8 (3, H, W) tensors on ``device``.
 
@@ -63,7 +71,9 @@ def decode_batch(
     for the stream the outputs were allocated on (pytorch/vision#9606), so outputs allocated
     on the training stream could land in blocks that queued kernels still read. Blocks of a
     side stream only ever hold earlier outputs, which ``record_stream`` keeps until the
-    training stream is done with them."""
+    training stream is done with them; ``record=False`` leaves that to the caller (who must
+    then keep the outputs until the caller's stream is done with them, as
+    :class:`GpuImagePipeline` does with one event a batch rather than a call an image)."""
     device = torch.device(device)
     if device.type != "cuda":
         return _decode_all(data, device)
@@ -72,8 +82,9 @@ def decode_batch(
     with torch.cuda.stream(stream):
         images = _decode_all(data, device)
     caller.wait_stream(stream)
-    for img in images:
-        img.record_stream(caller)
+    if record:
+        for img in images:
+            img.record_stream(caller)
     return images
 
 
@@ -468,6 +479,15 @@ _FAMILY_FNS = {"lut": _lut_family, "blend": _blend_family, "affine": _affine}
 # --------------------------------------------------------------------------- the pipeline
 
 
+@dataclass
+class Decoded:
+    """A decoded batch between the pipeline's two stages: the images (uint8 (3, H, W), sizes
+    differ) and, for a train batch, its index (the seed of its draws); None for eval."""
+
+    images: list[torch.Tensor]
+    index: int | None
+
+
 class GpuImagePipeline:
     """Encoded batch (list of uint8 1-D tensors) -> uint8 (B, 3, S, S) on ``device``.
 
@@ -488,7 +508,16 @@ class GpuImagePipeline:
         self.channels_last = bool(channels_last)
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), float(hflip)
         self.batches = 0
+        self.batched_resize: bool | None = None  # None: on CUDA devices (see ``_batched``)
         self._streams: dict[torch.device, torch.cuda.Stream] = {}  # decoding side streams
+        self._held: list = []  # (event, decoded images) of CUDA batches being transformed
+        self._lock = threading.Lock()
+
+    def _batched(self, images: list[torch.Tensor]) -> bool:
+        """Resize with :func:`resize_batch` (one Triton launch) rather than image by image."""
+        if self.batched_resize is None:
+            return bool(images) and images[0].is_cuda
+        return self.batched_resize
 
     def state_dict(self) -> dict:
         return {"batches": self.batches}
@@ -497,30 +526,62 @@ class GpuImagePipeline:
         self.batches = int(state["batches"])
 
     def __call__(self, data, device, train: bool = False) -> torch.Tensor:
+        return self.augment(self.decode(data, device, train))
+
+    def decode(self, data, device, train: bool = False) -> Decoded:
+        """Stage one: decode the batch (nvJPEG on CUDA). A train batch takes the next batch
+        index (which fixes its random draws), so stage two may run in another thread."""
         device = torch.device(device)
-        if device.type == "cuda" and device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device)
-        images = decode_batch(data, device, self._streams.get(device))
-        x = self.train_batch(images) if train else self.eval_batch(images)
+        with self._lock:  # stages in threads of their own, eval batches from the loop
+            index = None
+            if train:
+                index, self.batches = self.batches, self.batches + 1
+            if device.type != "cuda":
+                return Decoded(decode_batch(data, device), index)
+            if device not in self._streams:
+                self._streams[device] = torch.cuda.Stream(device)
+            held, self._held = self._held, []
+        for done, _ in held:  # earlier batches' images, read by now? Then their blocks
+            done.synchronize()  # may take nvJPEG's writes (see decode_batch)
+        del held
+        return Decoded(decode_batch(data, device, self._streams[device], record=False), index)
+
+    def augment(self, batch: Decoded) -> torch.Tensor:
+        """Stage two: crop, flip and RandAugment (train) or the eval resize and crop."""
+        images = batch.images
+        if batch.index is None:
+            x = self.eval_batch(images)
+        else:
+            x = self.train_batch(images, batch.index)
+        if images and images[0].is_cuda:  # keep the images until this stream has read them
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(images[0].device))
+            with self._lock:
+                self._held.append((done, images))
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return x.to(torch.uint8, memory_format=fmt)
 
-    def train_batch(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Decoded images -> float (B, 3, S, S): random-resized crop, flip, RandAugment."""
-        rng = np.random.default_rng([self.seed, self.rank, self.batches, 0x475055])
-        self.batches += 1
+    def train_batch(self, images: list[torch.Tensor], index: int) -> torch.Tensor:
+        """Decoded images -> float (B, 3, S, S): random-resized crop, flip, RandAugment, with
+        the draws of batch ``index``."""
+        rng = np.random.default_rng([self.seed, self.rank, int(index), 0x475055])
         b, s = len(images), self.img_size
         hw = np.array([img.shape[-2:] for img in images], dtype=np.int64)
         u = rng.random((b, 2 * CROP_TRIES + 2))
         top, left, ch, cw = crop_params(hw[:, 0], hw[:, 1], u, self.scale, self.ratio)
         flip = rng.random(b) < self.hflip
-        crops = [_resize(img[:, t : t + hh, l_ : l_ + ww], (s, s))
-                 for img, t, l_, hh, ww in zip(images, top.tolist(), left.tolist(),
-                                               ch.tolist(), cw.tolist())]  # fmt: skip
-        x = torch.stack(crops).round_().clamp_(0, 255)
-        if flip.any():
-            mask = _host_to(flip, x.device).view(b, 1, 1, 1)
-            x = torch.where(mask, x.flip(-1), x)
+        if self._batched(images):  # one launch for the batch, the flip included
+            boxes = np.stack([top, left, ch, cw], 1)
+            x = resize_batch(images, boxes, np.full((b, 2), s), np.zeros((b, 2)), flip, s)
+            x = x.round_().clamp_(0, 255)
+        else:
+            crops = [_resize(img[:, t : t + hh, l_ : l_ + ww], (s, s))
+                     for img, t, l_, hh, ww in zip(images, top.tolist(), left.tolist(),
+                                                   ch.tolist(), cw.tolist())]  # fmt: skip
+            x = torch.stack(crops).round_().clamp_(0, 255)
+            if flip.any():
+                mask = _host_to(flip, x.device).view(b, 1, 1, 1)
+                x = torch.where(mask, x.flip(-1), x)
         if self.spec is not None:
             plan = draw_rand_augment(self.spec, rng, b, s, s)
             if x.device not in self._fills:  # copied once: a pageable copy would sync
@@ -531,6 +592,11 @@ class GpuImagePipeline:
     def eval_batch(self, images: list[torch.Tensor]) -> torch.Tensor:
         """Decoded images -> float (B, 3, S, S): timm's eval resize and center crop."""
         s = self.img_size
+        if self._batched(images):
+            geo = np.array([eval_geometry(*img.shape[-2:], s, self.crop_pct) for img in images])
+            boxes = [(0, 0, *img.shape[-2:]) for img in images]
+            x = resize_batch(images, boxes, geo[:, :2], geo[:, 2:], np.zeros(len(images)), s)
+            return x.round_().clamp_(0, 255)
         out = []
         for img in images:
             nh, nw, top, left = eval_geometry(img.shape[-2], img.shape[-1], s, self.crop_pct)

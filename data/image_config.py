@@ -93,6 +93,9 @@ class ImageDataConfig:
     # cpu: workers decode and augment (PIL, timm); gpu: workers read the JPEG bytes, the device
     # decodes (nvJPEG) and crops/flips/RandAugments the batch (data.gpu_augment)
     decode: str = "cpu"
+    # data.decode=gpu: batches decoded ahead, from a background thread on a side stream, while
+    # the step runs (data.background.Ahead); 0 decodes them in the training loop
+    decode_ahead: int = 2
 
 
 def _check_prob(name: str, value: float) -> None:
@@ -121,6 +124,8 @@ def check_image_config(cfg: ImageDataConfig) -> None:
             raise ValueError(f"data.{name} (a Beta alpha) must be >= 0, got {getattr(cfg, name)!r}")
     if int(cfg.aug_repeats) < 1:
         raise ValueError(f"data.aug_repeats must be >= 1, got {cfg.aug_repeats!r}")
+    if int(cfg.decode_ahead) < 0:
+        raise ValueError(f"data.decode_ahead must be >= 0, got {cfg.decode_ahead!r}")
     if int(cfg.num_workers) < 0:
         raise ValueError(f"data.num_workers must be >= 0, got {cfg.num_workers!r}")
     if cfg.kind == "synthetic" and (int(cfg.num_classes) < 1 or int(cfg.synthetic_batches) < 1):

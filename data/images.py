@@ -238,14 +238,34 @@ class _Collate:
         return images, torch.tensor([label for _, label in batch], dtype=torch.int64)
 
 
+class EncodedImages(list):
+    """A batch of encoded images: a list of uint8 1-D tensors, views of one buffer ``flat``.
+
+    Pickled (worker -> training process) as that buffer and the sizes, so the receiver maps one
+    shared-memory tensor and splits it in one call, instead of rebuilding a tensor per image
+    (about 40 us each, holding the GIL: 10 ms a batch of 256, time the step's thread and a
+    decoding thread would wait for)."""
+
+    flat: torch.Tensor
+    sizes: list[int]
+
+    @classmethod
+    def from_flat(cls, flat: torch.Tensor, sizes: list[int]) -> EncodedImages:
+        out = cls(flat.split(sizes))
+        out.flat, out.sizes = flat, list(sizes)
+        return out
+
+    def __reduce__(self):
+        return (EncodedImages.from_flat, (self.flat, self.sizes))
+
+
 class _BytesCollate:
-    """(encoded bytes, label) pairs -> (list of uint8 1-D tensors, labels): the byte tensors
-    are views of one buffer, so a worker shares one block of memory per batch."""
+    """(encoded bytes, label) pairs -> (EncodedImages, labels): one block of memory a batch."""
 
     def __call__(self, batch: list[tuple[torch.Tensor, int]]) -> tuple[list, torch.Tensor]:
         data = [b for b, _ in batch]
-        views = list(torch.cat(data).split([d.numel() for d in data]))
-        return views, torch.tensor([label for _, label in batch], dtype=torch.int64)
+        images = EncodedImages.from_flat(torch.cat(data), [d.numel() for d in data])
+        return images, torch.tensor([label for _, label in batch], dtype=torch.int64)
 
 
 def _loader_seed(seed: int, rank: int) -> int:

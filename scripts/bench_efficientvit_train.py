@@ -2,7 +2,8 @@
 
     python scripts/bench_efficientvit_train.py [--variants m0 m4] [--impls ours,timm]
         [--compile none,default,reduce-overhead] [--batch 256] [--steps 80]
-        [--out bench_efficientvit_train.json] [-- extra train.py overrides]
+        [--data synthetic,cpu,gpu-inline,gpu --root DIR | --generate N [--from-packed F]]
+        [--workers 15] [--out bench_efficientvit_train.json] [-- extra train.py overrides]
 
 Each cell is one ``train.py`` run (a fresh process) of ``experiment=efficientvit_mX_imagenet``
 (the paper's recipe: AdamW, AGC 0.02, EMA, mixup/cutmix and label smoothing on the GPU, bf16
@@ -11,12 +12,20 @@ that no decoding or host copy is timed), with ``model.impl`` ours or timm and ``
 off or in the given ``torch.compile`` mode. Images/s is the trainer's own steady-state figure
 (summary.json: every step after the first, evaluation and checkpoint time left out). Prints a
 table and writes JSON. Needs a CUDA GPU.
+
+``--data`` adds real loading, to see whether it keeps up with the step: ``cpu`` (``data=imagenet``
+from the folder ``--root``, workers decode and augment, uint8 to the GPU), ``gpu-inline``
+(``data.decode=gpu``, decoded in the training loop, ``data.decode_ahead=0``) and ``gpu``
+(``data.decode=gpu``, decoded ahead by a background thread). ``--generate N`` writes an
+ImageNet-like folder of N 500x375 JPEGs first (``scripts/bench_image_loader.py``'s generator).
+A loading cell runs ``--steps`` optimizer steps over that folder (several epochs if it is small).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -31,11 +40,29 @@ from scripts.bench_efficientvit import VARIANTS  # noqa: E402
 COMPILE_CHOICES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
+DATA_CHOICES = ("synthetic", "cpu", "gpu-inline", "gpu")
+
+
+def data_overrides(data: str, steps: int, root: str | None, workers: int) -> list[str]:
+    if data == "synthetic":  # one random batch already on the GPU
+        return ["data=synthetic_images", f"data.synthetic_batches={steps}", "trainer.epochs=1"]
+    decode = {"cpu": ["data.decode=cpu"], "gpu-inline": ["data.decode=gpu", "data.decode_ahead=0"],
+              "gpu": ["data.decode=gpu", "data.decode_ahead=2"]}[data]  # fmt: skip
+    return ["data=imagenet", f"data.root={root}", f"data.num_workers={workers}",
+            f"model.num_classes={_classes(root)}", "trainer.epochs=null",
+            f"trainer.max_steps={steps}", "optim.schedule_unit=step", "optim.warmup_steps=5",
+            *decode]  # fmt: skip
+
+
+def _classes(root: str) -> int:
+    return sum(1 for p in (Path(root) / "train").iterdir() if p.is_dir())
+
+
 def run_cell(variant: str, impl: str, compile_: str, batch: int, steps: int, extra: list[str],
-             run_dir: Path) -> dict:  # fmt: skip
+             run_dir: Path, data: list[str] | None = None) -> dict:  # fmt: skip
     overrides = [
-        f"experiment=efficientvit_{variant}_imagenet", "data=synthetic_images",
-        f"data.synthetic_batches={steps}", "trainer.epochs=1", f"trainer.global_batch={batch}",
+        f"experiment=efficientvit_{variant}_imagenet",
+        *(data or data_overrides("synthetic", steps, None, 0)), f"trainer.global_batch={batch}",
         f"trainer.micro_batch={batch}", "trainer.eval_every=1000000",
         "trainer.ckpt_every=1000000", "trainer.log_every=20", "logger=none",
         "trainer.progress=false", f"model.impl={impl}", f"trainer.run_dir={run_dir}",
@@ -66,6 +93,12 @@ def main() -> None:
                     help=f"comma list of: {', '.join(COMPILE_CHOICES)}")  # fmt: skip
     ap.add_argument("--batch", type=int, default=256, help="images per step (one GPU)")
     ap.add_argument("--steps", type=int, default=80, help="steps per run (the first is not timed)")
+    ap.add_argument("--data", default="synthetic", help=f"comma list of: {', '.join(DATA_CHOICES)}")
+    ap.add_argument("--root", help="ImageNet-style folder (train/, val/) for the loading cells")
+    ap.add_argument("--generate", type=int, default=0, help="write N JPEGs to a temporary --root")
+    ap.add_argument("--from-packed", default=None, help="packed .npz(.xz) set to upscale from")
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                    help="data.num_workers of the loading cells")  # fmt: skip
     ap.add_argument("--out", default="bench_efficientvit_train.json")
     ap.add_argument("extra", nargs="*", help="more train.py overrides (after --)")
     args = ap.parse_args()
@@ -77,6 +110,11 @@ def main() -> None:
     if bad:
         ap.error(f"unknown --compile/--impls value(s) {bad}; --compile takes {COMPILE_CHOICES}, "
                  "--impls takes ours, timm")  # fmt: skip
+    datas = [d for d in args.data.split(",") if d]
+    if [d for d in datas if d not in DATA_CHOICES]:
+        ap.error(f"--data takes {DATA_CHOICES}, got {datas}")
+    if set(datas) - {"synthetic"} and not (args.root or args.generate):
+        ap.error("the loading cells (--data cpu, gpu-inline, gpu) need --root or --generate")
     if args.steps < 3:
         ap.error("--steps must be at least 3 (the first step is compilation and is not timed)")
 
@@ -88,36 +126,51 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        root = args.root
+        if args.generate:
+            from scripts.bench_image_loader import generate_folder
+
+            t0 = time.perf_counter()
+            root = str(generate_folder(Path(tmp) / "images", args.generate, (500, 375),
+                                       args.from_packed))  # fmt: skip
+            print(f"wrote {args.generate} JPEGs in {time.perf_counter() - t0:.0f} s", flush=True)
         for variant in args.variants:
             for mode in modes:
-                for impl in impls:
-                    run_dir = Path(tmp) / f"{variant}_{impl}_{mode}"
-                    cell = run_cell(variant, impl, mode, args.batch, args.steps, args.extra,
-                                    run_dir)  # fmt: skip
-                    row = {"variant": variant, "impl": impl, "compile": mode, **cell}
-                    rows.append(row)
-                    shown = (f"{cell['images_per_s']:>9,.0f} img/s {cell['ms_per_step']:6.1f} ms/step"
-                             if "images_per_s" in cell else f"failed: {cell['error']}")  # fmt: skip
-                    print(f"{variant} {impl:<5} compile={mode:<16} {shown}  ({cell['wall_s']:.0f} s)",
-                          flush=True)  # fmt: skip
-    env = _env(batch=args.batch, steps=args.steps, extra=args.extra)
+                for data in datas:
+                    for impl in impls:
+                        run_dir = Path(tmp) / f"{variant}_{impl}_{mode}_{data}"
+                        over = data_overrides(data, args.steps, root, args.workers)
+                        cell = run_cell(variant, impl, mode, args.batch, args.steps, args.extra,
+                                        run_dir, over)  # fmt: skip
+                        row = {"variant": variant, "impl": impl, "compile": mode, "data": data,
+                               **cell}  # fmt: skip
+                        rows.append(row)
+                        shown = (f"{cell['images_per_s']:>9,.0f} img/s "
+                                 f"{cell['ms_per_step']:6.1f} ms/step" if "images_per_s" in cell
+                                 else f"failed: {cell['error']}")  # fmt: skip
+                        print(f"{variant} {impl:<5} compile={mode:<16} data={data:<10} {shown}  "
+                              f"({cell['wall_s']:.0f} s)", flush=True)  # fmt: skip
+    env = _env(batch=args.batch, steps=args.steps, extra=args.extra, data=datas,
+               workers=args.workers, root=args.root, generate=args.generate)  # fmt: skip
     Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     print(f"\n{env['gpu']} | torch {env['torch']} | batch {args.batch}, 224², bf16 autocast, "
-          "channels_last, paper recipe, synthetic data on the GPU; training images/s")  # fmt: skip
-    by = {(r["variant"], r["impl"], r["compile"]): r for r in rows}
-    head = f"{'variant':<8}{'compile':<28}" + "".join(f"{i:>12}" for i in impls)
+          "channels_last, paper recipe; training images/s (data: synthetic = one batch already "
+          f"on the GPU; cpu, gpu-inline, gpu = loading with {args.workers} workers)")  # fmt: skip
+    by = {(r["variant"], r["impl"], r["compile"], r["data"]): r for r in rows}
+    head = f"{'variant':<8}{'compile':<28}{'data':<12}" + "".join(f"{i:>12}" for i in impls)
     print(head + ("   ours/timm" if {"ours", "timm"} <= set(impls) else ""))
     for variant in args.variants:
         for mode in modes:
-            vals = [by[(variant, i, mode)].get("images_per_s") for i in impls]
-            line = f"{variant:<8}{mode:<28}" + "".join(
-                f"{v:>12,.0f}" if v else f"{'failed':>12}" for v in vals
-            )
-            if {"ours", "timm"} <= set(impls):
-                o = by[(variant, "ours", mode)].get("images_per_s")
-                t = by[(variant, "timm", mode)].get("images_per_s")
-                line += f"{o / t:>11.2f}x" if o and t else f"{'-':>12}"
-            print(line)
+            for data in datas:
+                vals = [by[(variant, i, mode, data)].get("images_per_s") for i in impls]
+                line = f"{variant:<8}{mode:<28}{data:<12}" + "".join(
+                    f"{v:>12,.0f}" if v else f"{'failed':>12}" for v in vals
+                )
+                if {"ours", "timm"} <= set(impls):
+                    o = by[(variant, "ours", mode, data)].get("images_per_s")
+                    t = by[(variant, "timm", mode, data)].get("images_per_s")
+                    line += f"{o / t:>11.2f}x" if o and t else f"{'-':>12}"
+                print(line)
 
 
 if __name__ == "__main__":

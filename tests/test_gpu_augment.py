@@ -42,6 +42,7 @@ from data.gpu_augment import (
     draw_rand_augment,
     parse_rand_augment,
 )
+from data.resize_kernel import resize_batch
 
 S = 16  # output size of the pipeline tests
 # torchvision 0.29 deprecates its image decoders (in favour of TorchCodec); they still work
@@ -222,6 +223,58 @@ def test_crop_resize_close_to_pil():
         assert diff.max() <= 2 and diff.mean() <= 0.4, (t, l_, ch, cw, diff.mean())
 
 
+def _noise_images(shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in shapes]
+
+
+def test_resize_batch_matches_interpolate():
+    """One launch for a ragged batch (Triton, interpreted here) vs one F.interpolate(bicubic,
+    antialias) per image: downscales, upscales, an untouched size, a flip and eval windows
+    agree to float rounding. The images are separate tensors read through the first one's
+    pointer, so every offset must land in its own image."""
+    imgs = _noise_images([(37, 50), (64, 30), (12, 9), (100, 81), (16, 16)])
+    boxes = [(3, 5, 30, 40), (0, 0, 64, 30), (2, 3, 10, 6), (10, 7, 90, 70), (0, 0, 16, 16)]
+    flip = [False, True, False, True, False]
+    out = resize_batch(imgs, boxes, [(S, S)] * 5, [(0, 0)] * 5, flip, S)
+    for im, (t, l_, h, w), f, o in zip(imgs, boxes, flip, out):
+        ref = _resize(im[:, t : t + h, l_ : l_ + w], (S, S))
+        ref = ref.flip(-1) if f else ref
+        assert (o - ref).abs().max() < 1e-3
+    # eval: the whole image to (rows, cols), then the S x S window at (top, left)
+    sizes, wins = [(20, 27), (34, S)], [(2, 5), (9, 0)]
+    out = resize_batch(imgs[:2], [(0, 0, 37, 50), (0, 0, 64, 30)], sizes, wins, [0, 0], S)
+    for im, (rh, rw), (t, l_), o in zip(imgs, sizes, wins, out):
+        ref = _resize(im, (rh, rw))[:, t : t + S, l_ : l_ + S]
+        assert (o - ref).abs().max() < 1e-3
+
+
+def test_resize_batch_rejects_bad_boxes():
+    imgs = _noise_images([(20, 20)])
+    with pytest.raises(ValueError, match="outside its image"):
+        resize_batch(imgs, [(5, 0, 16, 16)], [(S, S)], [(0, 0)], [0], S)
+    with pytest.raises(ValueError, match="window"):
+        resize_batch(imgs, [(0, 0, 20, 20)], [(S, S)], [(1, 0)], [0], S)
+    with pytest.raises(ValueError, match="uint8"):
+        resize_batch([imgs[0].float()], [(0, 0, 20, 20)], [(S, S)], [(0, 0)], [0], S)
+
+
+def test_pipeline_batched_resize_agrees_with_per_image(folder):
+    """The pipeline's two resize paths (the batch kernel, used on CUDA; per image, used on
+    the CPU) give the same batches up to a grey level where a value sits on .5."""
+    cfg = _gpu_cfg(folder, auto_augment="rand-m9-mstd0.5-inc1")
+    train, val, *_ = build_image_loaders(cfg, 4, seed=0)
+    outs = {}
+    for batched in (False, True):
+        pipe = build_gpu_pipeline(cfg, seed=3)
+        pipe.batched_resize = batched
+        outs[batched] = (pipe(next(iter(train))[0], "cpu", train=True).float(),
+                         pipe(next(iter(val))[0], "cpu").float())  # fmt: skip
+    for per_image, batch in zip(outs[False], outs[True]):
+        diff = (per_image - batch).abs()
+        assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+
+
 def test_eval_matches_timm_eval_transform():
     """Short side to floor(S / crop_pct), center crop S: same geometry as timm (exactly
     equal on the content-free fallback), values within PIL's 8-bit resize rounding."""
@@ -261,6 +314,27 @@ def folder(tmp_path_factory):
 def _gpu_cfg(root, **kw) -> ImageDataConfig:
     kw = {"num_workers": 0, "decode": "gpu", **kw}
     return ImageDataConfig(kind="folder", root=str(root), img_size=S, **kw)
+
+
+def test_encoded_batches_travel_as_one_buffer(folder):
+    """Byte batches from worker processes: one shared buffer and the sizes are pickled, not a
+    tensor per image; the receiver gets the same bytes as views of that buffer."""
+    import pickle
+
+    from data.images import EncodedImages
+
+    views = [torch.arange(n, dtype=torch.uint8) for n in (5, 1, 9)]
+    enc = EncodedImages.from_flat(torch.cat(views), [5, 1, 9])
+    back = pickle.loads(pickle.dumps(enc))
+    assert isinstance(back, EncodedImages) and back.sizes == [5, 1, 9]
+    assert all(torch.equal(a, b) for a, b in zip(back, views))
+    assert all(v.untyped_storage().data_ptr() == back.flat.untyped_storage().data_ptr()
+               for v in back)  # fmt: skip
+    train, *_ = build_image_loaders(_gpu_cfg(folder, num_workers=1), 4, seed=0)
+    data, _ = next(iter(train))
+    files = {p.read_bytes() for p in (folder / "train").rglob("*.jpg")}
+    assert isinstance(data, EncodedImages) and len(data) == 4
+    assert all(bytes(d.numpy()) in files for d in data)
 
 
 def test_pipeline_through_loaders_is_deterministic(folder):
@@ -383,13 +457,16 @@ def test_trainer_with_gpu_decode_resumes_exactly(tmp_path, folder):
     def run(name, *extra):
         return run_training(compose_cfg([*common, f"trainer.run_dir={tmp_path / name}", *extra]))
 
-    a = run("a")
+    a = run("a")  # batches decoded ahead by a background thread (data.decode_ahead=2)
     assert a["finished"] and a["images_seen"] == 20
     run("b", "trainer.stop_at=2")
     ckpt = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)
+    # the position of the batches trained on, not of those decoded ahead
     assert ckpt["data"] == {"epoch": 0, "batch": 2, "augment": {"batches": 2}}
     b = run("b")
     assert (b["val_loss"], b["ema_val_loss"]) == (a["val_loss"], a["ema_val_loss"])
+    c = run("c", "data.decode_ahead=0")  # decoded in the loop: the same batches
+    assert (c["val_loss"], c["ema_val_loss"]) == (a["val_loss"], a["ema_val_loss"])
 
 
 @pytest.mark.gpu

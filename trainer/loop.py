@@ -266,6 +266,9 @@ def _run(rc, info) -> dict:
                      config_dict)  # fmt: skip
     finally:
         monitor.close()
+        close = getattr(task.train_loader, "close", None)  # a thread decoding ahead
+        if close is not None:
+            close()
 
 
 @dataclasses.dataclass

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import ops
 from data import (
+    Ahead,
     build_device_prep,
     build_gpu_pipeline,
     build_image_loaders,
@@ -131,9 +132,13 @@ class _Epochs:
         while True:
             if self._it is None:
                 self.loader.sampler.set_epoch(self.epoch)
-                rng = torch.random.get_rng_state()  # DataLoader draws a base seed per iterator:
+                # a DataLoader draws a base seed per iterator, from the global RNG unless it
+                # has a generator: keep that draw out of the checkpointed RNG stream
+                own = getattr(self.loader, "generator", None) is not None
+                rng = None if own else torch.random.get_rng_state()
                 self._it = iter(self._skipping(self.batch) if self.batch else self.loader)
-                torch.random.set_rng_state(rng)  # keep it out of the checkpointed RNG stream
+                if rng is not None:
+                    torch.random.set_rng_state(rng)
             try:
                 out = next(self._it)
                 self.batch += 1
@@ -155,7 +160,7 @@ class _Epochs:
                           sampler=_Skip(ld.sampler, batches * ld.batch_size),
                           num_workers=ld.num_workers, collate_fn=ld.collate_fn,
                           pin_memory=ld.pin_memory, drop_last=ld.drop_last,
-                          worker_init_fn=ld.worker_init_fn,
+                          worker_init_fn=ld.worker_init_fn, generator=ld.generator,
                           persistent_workers=False, **kw)  # fmt: skip
 
     def __len__(self) -> int:
@@ -204,6 +209,24 @@ class ClassificationTask:
                     f"{rc.model.img_size}; set both to the same size"
                 )
             self.train_loader = _Epochs(loader, augment=self.decode)
+            ahead = int(rc.data.decode_ahead) if self.decode is not None else 0
+            if ahead:  # two threads while the step runs: read + decode, then augment
+                dev = info.device
+                decoded = Ahead(self.train_loader, self._decode_stage, dev, ahead)
+                self.train_loader = Ahead(decoded, self._augment_stage, dev, ahead)
+
+    def _decode_stage(self, batch):
+        """data.decode=gpu, first thread: encoded batch -> (Decoded, labels on the device)."""
+        images, labels = batch
+        dev = self.info.device
+        if dev.type == "cuda":
+            labels = labels.pin_memory()
+        return self.decode.decode(images, dev, train=True), labels.to(dev, non_blocking=True)
+
+    def _augment_stage(self, batch):
+        """data.decode=gpu, second thread: -> (uint8 images, labels) on the device."""
+        decoded, labels = batch
+        return self.decode.augment(decoded), labels
 
     def next_batch(self):
         images, labels = to_device(

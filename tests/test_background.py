@@ -1,0 +1,85 @@
+"""Tests for data/background.py: batches prepared ahead by a thread, with the position of the
+batches handed out (not of those prepared ahead) as the resumable state."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from data import Ahead
+
+
+class Counter:
+    """A resumable source: batch i is tensor([i]); ``fail_at`` raises there."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.i, self.fail_at, self.calls = 0, fail_at, 0
+
+    def next_batch(self):
+        if self.i == self.fail_at:
+            raise KeyError(f"bad sample {self.i}")
+        self.i += 1
+        self.calls += 1
+        return torch.tensor([self.i - 1])
+
+    def state_dict(self) -> dict:
+        return {"i": self.i}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.i = int(state["i"])
+
+    def __len__(self) -> int:
+        return 100
+
+
+def test_batches_in_order_and_state_of_those_handed_out():
+    src = Counter()
+    ahead = Ahead(src, lambda b: b * 10, "cpu", depth=3)
+    assert ahead.state_dict() == {"i": 0} and len(ahead) == 100
+    got = [int(ahead.next_batch()) for _ in range(4)]
+    assert got == [0, 10, 20, 30]
+    deadline = time.time() + 5
+    while src.calls < 8 and time.time() < deadline:  # the thread fills its queue
+        time.sleep(0.01)
+    time.sleep(0.05)
+    assert src.calls == 8  # 4 handed out, 3 ready, 1 waiting for room
+    assert ahead.state_dict() == {"i": 4}
+    ahead.close()  # the prepared batches are dropped, the source put back
+    assert src.i == 4 and int(ahead.next_batch()) == 40
+    ahead.close()
+
+
+def test_load_state_dict_restarts_from_the_position():
+    ahead = Ahead(Counter(), lambda b: b, "cpu")
+    [ahead.next_batch() for _ in range(3)]
+    state = ahead.state_dict()
+    [ahead.next_batch() for _ in range(5)]
+    ahead.load_state_dict(state)
+    assert ahead.state_dict() == {"i": 3} and int(ahead.next_batch()) == 3
+    ahead.close()
+
+
+def test_errors_in_the_thread_reach_the_caller():
+    ahead = Ahead(Counter(fail_at=2), lambda b: b, "cpu")
+    assert [int(ahead.next_batch()) for _ in range(2)] == [0, 1]
+    with pytest.raises(KeyError, match="bad sample 2"):
+        ahead.next_batch()
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        Ahead(Counter(), lambda b: b, "cpu", depth=0)
+
+
+@pytest.mark.gpu
+def test_cuda_batches_wait_for_the_side_stream():
+    """The batch is filled on the thread's side stream after a long GPU spin: the caller's
+    stream must wait for that before reading it (else it sums unfilled memory)."""
+
+    def slow(b):
+        torch.cuda._sleep(20_000_000)  # ~10 ms of GPU time on the side stream
+        return torch.full((1024,), float(b), device="cuda")
+
+    ahead = Ahead(Counter(), slow, "cuda", depth=2)
+    sums = [ahead.next_batch().sum() for _ in range(6)]
+    assert [float(s) for s in sums] == [1024.0 * i for i in range(6)]
+    ahead.close()
