@@ -27,8 +27,8 @@ head-packed for GQA (BLOCK_M // heads_per_tile positions x heads_per_tile q head
 head); auto picks the largest power of two dividing the GQA group, at most ``block_m``. A
 forward tile of one position (heads_per_tile == block_m) runs its own kernel (option
 ``fwd_kernel``: 'auto' picks it there, 'tiled' keeps the general one). The backward has
-one-position kernels too (option ``bwd_kernel='packed1'``), opt-in until they are timed on a
-GPU: 'auto' runs the general backward kernels. The backward is the
+one-position kernels too (option ``bwd_kernel``: 'auto' runs them behind the one-position
+forward, 1.5x the general ones on an H100; 'tiled' keeps the general ones). The backward is the
 true gradient of the forward, LSE included (tests compare with autograd through the float64
 reference). fp32 uses IEEE dots; fp16/bf16 round q * k1, P and dS to the input dtype before the
 fp32-accumulating dots (the one-position forward also rounds v1 * v2, its backward k2 * k1,
@@ -225,8 +225,8 @@ def _fwd_tiles(opts: dict, d: int, dtype: torch.dtype, group: int) -> tuple[str,
     position (heads_per_tile == block_m) unless fwd_kernel='tiled', else 'tiled'
     (``_fwd_kernel``). packed1 GPU defaults (block_n2, num_warps, num_stages), where not given:
     fp16/bf16 (64, 4, 1): one warpgroup for the 64 rows (8 warps compute S twice) and no
-    spills at D=128 (Triton 3.6 and 3.8, sm_90); fp32 (32, 8, 1), spill-free too. Not yet
-    timed. Stages change nothing there: the kernel prefetches k1/v1 itself, Triton does not
+    spills at D=128 (Triton 3.6 and 3.8, sm_90); fp32 (32, 8, 1), spill-free too. bf16 on an
+    H100: 403 TFLOP/s (window_gqa, docs/benchmarks.md). Stages change nothing there: the kernel prefetches k1/v1 itself, Triton does not
     pipeline the loop. Under the interpreter the 16-tiles of ``_tiles``."""
     tiles = _tiles(opts, d, dtype, group, backward=False)
     choice = opts.get("fwd_kernel") or "auto"
@@ -252,21 +252,22 @@ def _fwd_tiles(opts: dict, d: int, dtype: torch.dtype, group: int) -> tuple[str,
 def _bwd_tiles(opts: dict, d: int, dtype: torch.dtype, group: int) -> tuple[str, list[tuple]]:
     """(kernel, [tiles of dQ, dK1/dV1, dK2/dV2]) of the backward, tiles as ``_tiles``:
     'packed1' (the three ``*_packed1_kernel``) where asked (bwd_kernel='packed1'; the
-    forward's tiles must be one position, heads_per_tile == block_m), else 'tiled' (one set of
-    tiles for all three; 'auto' too: the packed1 backward is not yet timed on a GPU).
+    forward's tiles must be one position, heads_per_tile == block_m) or, for 'auto', where the
+    forward runs packed1 (1.5x the tiled backward on an H100: docs/benchmarks.md), else
+    'tiled' (one set of tiles for all three).
     packed1 (block_n2, num_warps, num_stages) per kernel: the options where given, else
     ``_BWD_PACKED1`` on the GPU, the 16-tiles of ``_tiles`` under the interpreter."""
     choice = opts.get("bwd_kernel") or "auto"
     if choice not in _BWD_KERNELS:
         raise ValueError(f"'simplicial' option bwd_kernel={choice!r}: use one of {_BWD_KERNELS}")
-    _, ftiles = _fwd_tiles(opts, d, dtype, group)
+    fwd_kernel, ftiles = _fwd_tiles(opts, d, dtype, group)
     if choice == "packed1" and ftiles[5] != ftiles[0]:
         raise ValueError(
             f"'simplicial' bwd_kernel='packed1' needs tiles of one position, heads_per_tile == "
             f"block_m; got heads_per_tile={ftiles[5]}, block_m={ftiles[0]} (GQA group H // Hkv "
             f"= {group}): use a block_m that divides the group, or bwd_kernel='auto'"
         )
-    if choice in ("tiled", "auto"):
+    if choice == "tiled" or (choice == "auto" and fwd_kernel != "packed1"):
         return "tiled", [_tiles(opts, d, dtype, group, backward=True)] * 3
     if _INTERPRET:
         bases = [_tiles(opts, d, dtype, group, backward=True)[2:5]] * 3
@@ -278,7 +279,8 @@ def _bwd_tiles(opts: dict, d: int, dtype: torch.dtype, group: int) -> tuple[str,
 
 # packed1 backward GPU defaults (block_n2, num_warps, num_stages) of dQ, dK1/dV1, dK2/dV2 by
 # [fp32]. ptxas for sm_90 via Triton 3.6 at D=128: bf16 (BLOCK_M=64) 246, 254, 228 registers,
-# no spills; fp32 (BLOCK_M=32, IEEE dots) the fewest spills found: 296, 0, 168 B. Not timed.
+# no spills; fp32 (BLOCK_M=32, IEEE dots) the fewest spills found: 296, 0, 168 B. bf16 timed
+# on an H100 (window_gqa of bench_simplicial.py): 117.5 TFLOP/s, the tiled backward 77.4.
 _BWD_PACKED1 = {
     False: ((64, 8, 1), (32, 8, 2), (32, 8, 1)),
     True: ((16, 16, 1), (32, 8, 1), (16, 8, 1)),
@@ -447,9 +449,9 @@ def build_simplicial(**options) -> SimplicialAttention:
     head-packed GQA tiling; None: defaults), ``fwd_kernel`` ('auto'/None: the one-position
     kernel where heads_per_tile == block_m, else the general one; 'packed1': the one-position
     kernel, an error where tiles hold several positions; 'tiled': always the general one),
-    ``bwd_kernel`` (the backward's kernels: 'auto'/None and 'tiled' the general ones, as the
-    one-position backward is not yet timed on a GPU; 'packed1' the one-position ones, an
-    error where the forward's tiles hold several positions). Unknown or invalid options raise ValueError."""
+    ``bwd_kernel`` (the backward's kernels: 'auto'/None the one-position ones behind the
+    one-position forward, else the general ones; 'tiled' always the general ones; 'packed1' the
+    one-position ones, an error where the forward's tiles hold several positions). Unknown or invalid options raise ValueError."""
     unknown = sorted(set(options) - set(_DEFAULTS))
     if unknown:
         raise ValueError(

@@ -131,10 +131,10 @@ P1_BWD = {
 
 
 @pytest.mark.parametrize("case", PACKED1_CASES, ids=[c[0] for c in PACKED1_CASES])
-@pytest.mark.parametrize("bwd", ["packed1", None])
+@pytest.mark.parametrize("bwd", [None, "tiled"])
 def test_fp32_packed1_matches_float64_reference(case, bwd, monkeypatch):
-    """fp32: the one-position forward's out and LSE and the backward on them ('packed1': the
-    one-position backward kernels; auto: the general ones) within 1e-5 of the float64
+    """fp32: the one-position forward's out and LSE and the backward on them (auto: the
+    one-position backward kernels, as the forward; 'tiled': the general ones) within 1e-5 of the float64
     reference, LSE gradient included; the expected kernels are the ones launched."""
     import ops.simplicial as S
 
@@ -144,7 +144,7 @@ def test_fp32_packed1_matches_float64_reference(case, bwd, monkeypatch):
     xs = make(b, nq, n1, n2, h, hkv, seed=nq + n1 + 3 * n2, gain=1.0)
     go, w, ref = targets(xs, causal, w1, w2)
     got = run(ops.build_simplicial(w1=w1, w2=w2, bwd_kernel=bwd, **options), xs, causal, go, w)
-    assert names == ["_fwd_packed1_kernel", *P1_BWD[bwd == "packed1"]], names
+    assert names == ["_fwd_packed1_kernel", *P1_BWD[bwd is None]], names
     for name, x, r in zip(NAMES, got, ref):
         torch.testing.assert_close(x.double(), r, rtol=1e-5, atol=1e-5, msg=name)
 
@@ -194,10 +194,10 @@ def test_fwd_kernel_dispatch(monkeypatch):
         want = "_fwd_packed1_kernel" if fwd != "tiled" and hp is None else "_fwd_kernel"
         assert names == [want], (fwd, hp, names)
     torch.testing.assert_close(outs["auto", None], outs["tiled", None], rtol=1e-6, atol=1e-6)
-    # The backward: auto runs the general kernels (packed1 is opt-in until timed on a GPU);
-    # 'packed1' also behind a tiled one-position forward.
+    # The backward: auto follows the forward's kernel; 'packed1' also behind a tiled
+    # one-position forward, 'tiled' behind a packed1 one.
     xs = [t.requires_grad_() for t in xs]
-    for fwd, bwd, hp, packed in (("auto", "auto", None, False), ("auto", "packed1", None, True),
+    for fwd, bwd, hp, packed in (("auto", "auto", None, True), ("auto", "packed1", None, True),
                                  ("auto", None, 8, False),
                                  ("tiled", None, None, False), ("tiled", "packed1", None, True),
                                  ("auto", "tiled", None, False)):  # fmt: skip
