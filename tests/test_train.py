@@ -316,9 +316,12 @@ def test_adaptive_clipping_flat_path_equals_the_per_parameter_rule():
         want.append(p.grad * torch.where(g_norm > limit, limit / g_norm, torch.ones_like(g_norm)))
     clipped = sum(int((w != p.grad).any()) for w, p in zip(want, params))
     assert 0 < clipped < len(params)
-    adaptive_clip_(params, clip=0.02)
+    before = torch.nn.utils.get_total_norm([p.grad for p in params])
+    norm = adaptive_clip_(params, clip=0.02)
     for w, p in zip(want, params):
         torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(norm, before)  # the norm before clipping, from the unit norms
+    assert adaptive_clip_([torch.nn.Parameter(torch.ones(2))], clip=0.1) == 0  # no gradients
 
 
 def test_weight_ema_is_the_running_average_and_copies_integer_buffers():

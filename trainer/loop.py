@@ -187,8 +187,13 @@ def _train_step(task, train_model, opt, accum, autocast, info, rc, step, max_ste
         loss_acc += loss.detach()
     clip = rc.optim.grad_clip
     if rc.optim.clip_mode == "agc" and clip > 0:
-        norm = par.clip_grad_norm_(task.model.parameters(), math.inf)  # logged only
-        adaptive_clip_(task.model.parameters(), clip)
+        params = list(task.model.parameters())
+        sharded = any(par.is_dtensor(p.grad) for p in params if p.grad is not None)
+        # the norm logged is the one before clipping: AGC's unit norms give it, but for sharded
+        # gradients it needs the reduction over ranks of clip_grad_norm_, taken first
+        norm = par.clip_grad_norm_(params, math.inf) if sharded else None
+        agc_norm = adaptive_clip_(params, clip)
+        norm = agc_norm if norm is None else norm
     else:  # sharded (DTensor) gradients too: the norm is reduced over ranks
         norm = par.clip_grad_norm_(task.model.parameters(), clip if clip > 0 else math.inf)
     opt.step()

@@ -217,6 +217,11 @@ def no_sync(train_model: nn.Module, last_micro_batch: bool):
 # ----------------------------------------------------------------------------- gradients
 
 
+def is_dtensor(t) -> bool:
+    """A sharded (FSDP2 / DTensor) tensor."""
+    return isinstance(t, DTensor)
+
+
 def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` that also takes sharded (DTensor) gradients: the
     global norm is reduced over ranks and returned as a plain tensor (inf: measure only)."""
