@@ -93,7 +93,7 @@ class ImageDataConfig:
     # cpu: workers decode and augment (PIL, timm); gpu: workers read the JPEG bytes, the device
     # decodes (nvJPEG) and crops/flips/RandAugments the batch (data.gpu_augment)
     decode: str = "cpu"
-    # data.decode=gpu: batches decoded ahead, from a background thread on a side stream, while
+    # data.decode=gpu: batches decoded ahead, by two background threads on side streams, while
     # the step runs (data.background.Ahead); 0 decodes them in the training loop
     decode_ahead: int = 2
 
