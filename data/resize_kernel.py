@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.launch import launch
+
 # the columns of the per-image geometry table
 _OFF, _H, _W, _SY, _SX, _SH, _SW, _OH, _OW, _OY, _OX, _FLIP, _TY, _TX = range(14)
 _COLS = 16
@@ -166,5 +168,5 @@ def resize_batch(images, boxes, resized, windows, flip, size: int, block: int = 
     table = table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
     out = torch.empty(b, 3, size, size, dtype=torch.float32, device=device)
     grid = (b, math.ceil(size * size / block))
-    _resize_batch_kernel[grid](images[0], table, out, S=size, BLOCK=block, num_warps=4)
+    launch(_resize_batch_kernel, grid, images[0], table, out, S=size, BLOCK=block, num_warps=4)
     return out

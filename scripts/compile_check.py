@@ -37,6 +37,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from data import affine_kernel, resize_kernel  # noqa: E402
 from ops import (  # noqa: E402
     cascaded,
     conv_stem,
@@ -61,6 +62,8 @@ _DTYPES = {
     torch.float32: "fp32",
     torch.int64: "i64",
     torch.int32: "i32",
+    torch.uint8: "u8",
+    torch.float64: "fp64",
 }
 
 
@@ -138,6 +141,18 @@ def _cga(heads, cs, window, kernels, side):
                              torch.zeros(8), True, torch.float16)  # fmt: skip
 
 
+def _augment():
+    """data.decode=gpu's kernels: the batch crop-resize and RandAugment's affine ops, at 224."""
+    from data.affine_kernel import affine_rows
+    from data.resize_kernel import resize_batch
+
+    images = [torch.zeros(3, 375, 500, dtype=torch.uint8) for _ in range(2)]
+    resize_batch(images, [(0, 0, 300, 400), (10, 20, 100, 90)], [(224, 224)] * 2, [(0, 0)] * 2,
+                 [False, True], 224)  # fmt: skip
+    affine_rows(torch.zeros(4, 3, 224, 224), torch.tensor([0, 3]), torch.zeros(2, 6),
+                torch.zeros(3))  # fmt: skip
+
+
 # name -> launches of the benchmark cases (scripts/bench_attention.py) at one head / batch
 CASES = {
     "flash": lambda: (_flash(4096, 64, True, tma=True), _flash(4096, 128, True, tma=False)),
@@ -151,6 +166,7 @@ CASES = {
         _simplicial(1024, 12, 12, 64, 64, 64),
     ),
     # M0's three stages at 224 (maps 14, 7, 4) and M5's widest (7/5/3/3 kernels, Cs 96)
+    "augment": _augment,
     "cga": lambda: (
         _cga(4, 16, 7, (5, 5, 5, 5), 14),
         _cga(4, 48, 4, (5, 5, 5, 5), 4),
@@ -158,6 +174,8 @@ CASES = {
     ),
 }
 _LAUNCHING = (
+    resize_kernel,
+    affine_kernel,
     flash,
     rotary,
     cross_entropy,

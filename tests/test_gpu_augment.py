@@ -137,6 +137,26 @@ def test_mixed_ops_of_a_family_in_one_pass(family, timm_ops, monkeypatch):
         assert diff.max() <= 1 and diff.mean() <= 0.02, (RA_OPS[ops[i]], diff.mean())
 
 
+def test_fused_affine_equals_the_torch_ops():
+    """RandAugment's affine ops by one Triton launch (interpreted here) against the torch
+    implementation that matches PIL: every op, both signs, a subset of a non-square batch
+    (rows read in place), bit for bit, the fill colour outside included."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (9, 3, 18, 26), generator=g).float()
+    names = FAMILIES["affine"]
+    rows = np.array([7, 0, 3, 5, 8, 2, 4])
+    ops = np.array([RA_OPS.index(names[i % len(names)]) for i in range(len(rows))])
+    mag = np.linspace(2.0, 10.0, len(rows))
+    sign = np.where(np.arange(len(rows)) % 2 == 0, -1.0, 1.0)
+    entry = _plan_entry("affine", ops, rows, mag, sign, 18, 26)
+    fill = torch.tensor([124.0, 116.0, 104.0])
+    torch_ops = apply_plan(x.clone(), [entry], fill)
+    fused = apply_plan(x.clone(), [entry], fill, fused_affine=True)
+    assert torch.equal(fused, torch_ops)
+    moved = (torch_ops != x).flatten(1).any(1)
+    assert moved[rows].all() and not moved[[1, 6]].any()
+
+
 def test_rand_augment_spec_and_draws():
     spec = parse_rand_augment("rand-m9-mstd0.5-inc1")
     assert spec == RandAugmentSpec(magnitude=9, layers=2, prob=0.5, mstd=0.5, mmax=10)
