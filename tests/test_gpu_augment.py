@@ -508,6 +508,24 @@ def test_cuda_pipeline_agrees_with_cpu(folder):
 
 
 @pytest.mark.gpu
+def test_cuda_fused_affine_equals_the_torch_ops():
+    """The compiled affine kernel (float64 coordinates and cubic, contraction off) against the
+    torch ops on the GPU, bit for bit, at the training size."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 256, (40, 3, 224, 224), generator=g).float().cuda()
+    names = FAMILIES["affine"]
+    rows = np.arange(0, 40, 2)
+    ops = np.array([RA_OPS.index(names[i % len(names)]) for i in range(len(rows))])
+    rng = np.random.default_rng(0)
+    entry = _plan_entry("affine", ops, rows, rng.uniform(0, 10, len(rows)),
+                        np.where(rng.random(len(rows)) < 0.5, -1.0, 1.0), 224, 224)  # fmt: skip
+    fill = torch.tensor([124.0, 116.0, 104.0], device="cuda")
+    want = apply_plan(x.clone(), [entry], fill)
+    got = apply_plan(x.clone(), [entry], fill, fused_affine=True)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
 def test_cuda_decode_leaves_queued_reads_alone():
     """pytorch/vision#9606: nvJPEG writes on a private stream that does not wait for the
     caller's. Tensors freed while reductions over them are still queued must not be
