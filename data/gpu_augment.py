@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .affine_kernel import affine_rows
+from .augment_kernels import affine_rows, blend_rows
 from .resize_kernel import resize_batch
 
 RA_OPS = (
@@ -320,13 +320,11 @@ def draw_rand_augment(spec: RandAugmentSpec, rng: np.random.Generator, b: int, h
     return plan
 
 
-def apply_plan(
-    x: torch.Tensor, plan, fill: torch.Tensor, fused_affine: bool = False
-) -> torch.Tensor:
+def apply_plan(x: torch.Tensor, plan, fill: torch.Tensor, fused_ops: bool = False) -> torch.Tensor:
     """Apply a ``draw_rand_augment`` plan in place to float (B, 3, H, W) integer-valued
     images: one host-to-device copy for all indices and one for all parameters, then per
-    entry gather the images, transform them and write them back. ``fused_affine``: the affine
-    entries by one Triton launch (``affine_kernel.affine_rows``, the same values) instead of
+    entry gather the images, transform them and write them back. ``fused_ops``: the affine and
+    blend entries by one Triton launch each (``augment_kernels``, the same values) instead of
     torch operations."""
     if not plan:
         return x
@@ -338,8 +336,10 @@ def apply_plan(
         rows, kinds_d = ints[i : i + n], ints[i + n : i + 2 * n]
         p = floats[f : f + params.size].view(params.shape)
         i, f = i + 2 * n, f + params.size
-        if fam == "affine" and fused_affine:
+        if fam == "affine" and fused_ops:
             y = affine_rows(x, rows, p, fill)
+        elif fam == "blend" and fused_ops:
+            y = blend_rows(x, rows, kinds_d, p)
         else:
             y = _FAMILY_FNS[fam](x.index_select(0, rows), kinds_d, set(kinds.tolist()), p, fill)
         x.index_copy_(0, rows, y)
@@ -517,9 +517,9 @@ class GpuImagePipeline:
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), float(hflip)
         self.batches = 0
         self.batched_resize: bool | None = None  # None: on CUDA devices (see ``_batched``)
-        # the affine ops in one Triton launch: equal to the torch ops on the CPU interpreter,
-        # opt-in (False) until timed on a GPU; None would use it on CUDA devices
-        self.fused_affine: bool | None = False
+        # the affine and blend families in one Triton launch each: equal to the torch ops
+        # (interpreter), opt-in (False) until timed on a GPU; None: on CUDA devices
+        self.fused_ops: bool | None = False
         self._streams: dict[torch.device, torch.cuda.Stream] = {}  # decoding side streams
         self._held: list = []  # (event, decoded images) of CUDA batches being transformed
         self._lock = threading.Lock()
@@ -531,8 +531,8 @@ class GpuImagePipeline:
         return self.batched_resize
 
     def _fused(self, x: torch.Tensor) -> bool:
-        """RandAugment's affine ops by one Triton launch (``fused_affine``; None: on CUDA)."""
-        return x.is_cuda if self.fused_affine is None else self.fused_affine
+        """RandAugment's families by Triton launches (``fused_ops``; None: on CUDA)."""
+        return x.is_cuda if self.fused_ops is None else self.fused_ops
 
     def state_dict(self) -> dict:
         return {"batches": self.batches}
@@ -601,7 +601,7 @@ class GpuImagePipeline:
             plan = draw_rand_augment(self.spec, rng, b, s, s)
             if x.device not in self._fills:  # copied once: a pageable copy would sync
                 self._fills[x.device] = self.fill.to(x.device)
-            x = apply_plan(x, plan, self._fills[x.device], fused_affine=self._fused(x))
+            x = apply_plan(x, plan, self._fills[x.device], fused_ops=self._fused(x))
         return x
 
     def eval_batch(self, images: list[torch.Tensor]) -> torch.Tensor:

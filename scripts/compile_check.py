@@ -37,7 +37,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from data import affine_kernel, resize_kernel  # noqa: E402
+from data import augment_kernels, resize_kernel  # noqa: E402
 from ops import (  # noqa: E402
     cascaded,
     conv_stem,
@@ -142,8 +142,8 @@ def _cga(heads, cs, window, kernels, side):
 
 
 def _augment():
-    """data.decode=gpu's kernels: the batch crop-resize and RandAugment's affine ops, at 224."""
-    from data.affine_kernel import affine_rows
+    """data.decode=gpu's kernels: the batch crop-resize, RandAugment's affine and blend ops."""
+    from data.augment_kernels import affine_rows, blend_rows
     from data.resize_kernel import resize_batch
 
     images = [torch.zeros(3, 375, 500, dtype=torch.uint8) for _ in range(2)]
@@ -151,6 +151,8 @@ def _augment():
                  [False, True], 224)  # fmt: skip
     affine_rows(torch.zeros(4, 3, 224, 224), torch.tensor([0, 3]), torch.zeros(2, 6),
                 torch.zeros(3))  # fmt: skip
+    blend_rows(torch.zeros(4, 3, 224, 224), torch.tensor([0, 3]), torch.tensor([1, 3]),
+               torch.zeros(2, 1, dtype=torch.float64))  # fmt: skip
 
 
 # name -> launches of the benchmark cases (scripts/bench_attention.py) at one head / batch
@@ -175,7 +177,7 @@ CASES = {
 }
 _LAUNCHING = (
     resize_kernel,
-    affine_kernel,
+    augment_kernels,
     flash,
     rotary,
     cross_entropy,

@@ -137,24 +137,27 @@ def test_mixed_ops_of_a_family_in_one_pass(family, timm_ops, monkeypatch):
         assert diff.max() <= 1 and diff.mean() <= 0.02, (RA_OPS[ops[i]], diff.mean())
 
 
-def test_fused_affine_equals_the_torch_ops():
-    """RandAugment's affine ops by one Triton launch (interpreted here) against the torch
-    implementation that matches PIL: every op, both signs, a subset of a non-square batch
-    (rows read in place), bit for bit, the fill colour outside included."""
+@pytest.mark.parametrize("family", ["affine", "blend"])
+def test_fused_families_equal_the_torch_ops(family):
+    """RandAugment's affine and blend families by one Triton launch each (interpreted here)
+    against the torch implementation that matches PIL: every op of the family, both signs,
+    a subset of a non-square batch (rows read in place), bit for bit (fill colour outside,
+    Contrast's rounded mean, Sharpness's kept border included)."""
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 256, (9, 3, 18, 26), generator=g).float()
-    names = FAMILIES["affine"]
-    rows = np.array([7, 0, 3, 5, 8, 2, 4])
+    x[4] = x[4] // 4 + 100  # low contrast: Contrast's mean matters
+    names = FAMILIES[family]
+    rows = np.array([7, 0, 3, 5, 8, 2, 4, 6])
     ops = np.array([RA_OPS.index(names[i % len(names)]) for i in range(len(rows))])
     mag = np.linspace(2.0, 10.0, len(rows))
     sign = np.where(np.arange(len(rows)) % 2 == 0, -1.0, 1.0)
-    entry = _plan_entry("affine", ops, rows, mag, sign, 18, 26)
+    entry = _plan_entry(family, ops, rows, mag, sign, 18, 26)
     fill = torch.tensor([124.0, 116.0, 104.0])
     torch_ops = apply_plan(x.clone(), [entry], fill)
-    fused = apply_plan(x.clone(), [entry], fill, fused_affine=True)
+    fused = apply_plan(x.clone(), [entry], fill, fused_ops=True)
     assert torch.equal(fused, torch_ops)
     moved = (torch_ops != x).flatten(1).any(1)
-    assert moved[rows].all() and not moved[[1, 6]].any()
+    assert moved[rows].all() and not moved[[1]].any()
 
 
 def test_rand_augment_spec_and_draws():
@@ -508,20 +511,21 @@ def test_cuda_pipeline_agrees_with_cpu(folder):
 
 
 @pytest.mark.gpu
-def test_cuda_fused_affine_equals_the_torch_ops():
-    """The compiled affine kernel (float64 coordinates and cubic, contraction off) against the
-    torch ops on the GPU, bit for bit, at the training size."""
+@pytest.mark.parametrize("family", ["affine", "blend"])
+def test_cuda_fused_families_equal_the_torch_ops(family):
+    """The compiled affine and blend kernels (contraction off) against the torch ops on the
+    GPU, bit for bit, at the training size."""
     g = torch.Generator().manual_seed(2)
     x = torch.randint(0, 256, (40, 3, 224, 224), generator=g).float().cuda()
-    names = FAMILIES["affine"]
+    names = FAMILIES[family]
     rows = np.arange(0, 40, 2)
     ops = np.array([RA_OPS.index(names[i % len(names)]) for i in range(len(rows))])
     rng = np.random.default_rng(0)
-    entry = _plan_entry("affine", ops, rows, rng.uniform(0, 10, len(rows)),
+    entry = _plan_entry(family, ops, rows, rng.uniform(0, 10, len(rows)),
                         np.where(rng.random(len(rows)) < 0.5, -1.0, 1.0), 224, 224)  # fmt: skip
     fill = torch.tensor([124.0, 116.0, 104.0], device="cuda")
     want = apply_plan(x.clone(), [entry], fill)
-    got = apply_plan(x.clone(), [entry], fill, fused_affine=True)
+    got = apply_plan(x.clone(), [entry], fill, fused_ops=True)
     assert torch.equal(got, want)
 
 

@@ -1,4 +1,9 @@
-"""RandAugment's affine ops (Rotate, ShearX/Y, TranslateX/YRel) as one Triton launch.
+"""RandAugment's op families as one Triton launch each, equal to ``gpu_augment``'s torch ops.
+
+Affine (Rotate, ShearX/Y, TranslateX/YRel): :func:`affine_rows`. Blends (Color, Contrast,
+Brightness, Sharpness): :func:`blend_rows`, PIL's ``ImageEnhance`` (8-bit ``Image.blend``
+with L, the rounded mean of L, black or the SMOOTH-filtered image, float32, clipped,
+truncated), about 30 host calls a batch in torch.
 
 ``gpu_augment._affine`` warps the images that drew an affine op with torch operations: about
 35 host calls a batch and, per image, a float32 gather of 16 taps at every pixel (0.8 GB at
@@ -112,4 +117,98 @@ def affine_rows(x: torch.Tensor, rows: torch.Tensor, params: torch.Tensor, fill:
     grid = (n, math.ceil(h * w / block))
     launch(_affine_kernel, grid, x, rows.contiguous(), params, fill, out, H=h, W=w, BLOCK=block,
            num_warps=4, enable_fp_fusion=False)  # fmt: skip
+    return out
+
+
+@triton.jit
+def _luma(r, g, b):
+    """PIL's RGB -> L, (19595 R + 38470 G + 7471 B + 2^15) >> 16, exact in float32."""
+    return tl.floor((r * 19595.0 + g * 38470.0 + b * 7471.0 + 32768.0) / 65536.0)
+
+
+@triton.jit
+def _smooth_at(src, y, x, H: tl.constexpr, W: tl.constexpr, centre, mask):
+    """PIL's SMOOTH filter (3x3, weights 1 with 5 in the centre, /13, rounded) at (y, x) of
+    one channel; the one-pixel border keeps ``centre``."""
+    interior = (y > 0) & (y < H - 1) & (x > 0) & (x < W - 1) & mask
+    box = tl.zeros(centre.shape, tl.float32)
+    for dy in tl.static_range(3):
+        rows = tl.zeros(centre.shape, tl.float32)
+        for dx in tl.static_range(3):
+            rows += tl.load(src + (y + dy - 1) * W + (x + dx - 1), mask=interior, other=0.0)
+        box += rows
+    smooth = tl.floor((box + 4.0 * centre + 6.5) / 13.0)
+    return tl.where(interior, smooth, centre)
+
+
+@triton.jit
+def _blend_kernel(x, rows, kinds, alphas, out, H: tl.constexpr, W: tl.constexpr,
+                  BLOCK: tl.constexpr):  # fmt: skip
+    i = tl.program_id(0)
+    r = tl.load(rows + i).to(tl.int64)
+    kind = tl.load(kinds + i)  # 0 Color, 1 Contrast, 2 Brightness, 3 Sharpness
+    alpha = tl.load(alphas + i).to(tl.float32)
+    img = x + r * (3 * H * W)
+    dst = out + i.to(tl.int64) * (3 * H * W)
+    mean = tl.full((), 0.0, tl.float32)
+    if kind == 1:  # the rounded mean of L, from an exact (integer) sum
+        total = tl.zeros((BLOCK,), tl.int32)
+        for start in range(0, H * W, BLOCK):
+            p = start + tl.arange(0, BLOCK)
+            m = p < H * W
+            lum = _luma(tl.load(img + p, mask=m, other=0.0),
+                        tl.load(img + H * W + p, mask=m, other=0.0),
+                        tl.load(img + 2 * H * W + p, mask=m, other=0.0))  # fmt: skip
+            total += tl.where(m, lum, 0.0).to(tl.int32)
+        mean = tl.floor(tl.sum(total, 0).to(tl.float64) / (H * W * 1.0) + 0.5).to(tl.float32)
+    for start in range(0, H * W, BLOCK):
+        p = start + tl.arange(0, BLOCK)
+        m = p < H * W
+        y = p // W
+        xx = p % W
+        c0 = tl.load(img + p, mask=m, other=0.0)
+        c1 = tl.load(img + H * W + p, mask=m, other=0.0)
+        c2 = tl.load(img + 2 * H * W + p, mask=m, other=0.0)
+        if kind == 0:
+            d0 = _luma(c0, c1, c2)
+            d1 = d0
+            d2 = d0
+        elif kind == 3:
+            d0 = _smooth_at(img, y, xx, H, W, c0, m)
+            d1 = _smooth_at(img + H * W, y, xx, H, W, c1, m)
+            d2 = _smooth_at(img + 2 * H * W, y, xx, H, W, c2, m)
+        else:
+            d0 = tl.zeros((BLOCK,), tl.float32) + mean  # Brightness: mean stays 0 (black)
+            d1 = d0
+            d2 = d0
+        o0 = tl.floor(tl.minimum(tl.maximum(d0 + alpha * (c0 - d0), 0.0), 255.0))
+        o1 = tl.floor(tl.minimum(tl.maximum(d1 + alpha * (c1 - d1), 0.0), 255.0))
+        o2 = tl.floor(tl.minimum(tl.maximum(d2 + alpha * (c2 - d2), 0.0), 255.0))
+        tl.store(dst + p, o0, mask=m)
+        tl.store(dst + H * W + p, o1, mask=m)
+        tl.store(dst + 2 * H * W + p, o2, mask=m)
+
+
+def blend_rows(x: torch.Tensor, rows: torch.Tensor, kinds: torch.Tensor, alphas: torch.Tensor,
+               block: int = 1024) -> torch.Tensor:  # fmt: skip
+    """``_blend_family`` of the images ``x[rows]`` (float32 (B, 3, H, W), integer values):
+    per image its kind (0 Color, 1 Contrast, 2 Brightness, 3 Sharpness) and factor; returns
+    float32 (n, 3, H, W); ``x`` is only read. One program an image (a Contrast image sums its
+    L first)."""
+    if x.dtype != torch.float32 or x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"blend_rows: x must be float32 (B, 3, H, W), got {x.dtype} "
+                         f"{tuple(x.shape)}")  # fmt: skip
+    n = rows.numel()
+    if kinds.numel() != n or alphas.numel() != n:
+        raise ValueError(
+            f"blend_rows: {n} rows but {kinds.numel()} kinds, {alphas.numel()} factors"
+        )
+    x = x.contiguous()
+    _, _, h, w = x.shape
+    out = torch.empty(n, 3, h, w, dtype=torch.float32, device=x.device)
+    if n == 0:
+        return out
+    launch(_blend_kernel, (n,), x, rows.contiguous(), kinds.to(torch.int32).contiguous(),
+           alphas.reshape(n).contiguous(), out, H=h, W=w, BLOCK=block, num_warps=4,
+           enable_fp_fusion=False)  # fmt: skip
     return out
