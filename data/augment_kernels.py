@@ -3,7 +3,9 @@
 Affine (Rotate, ShearX/Y, TranslateX/YRel): :func:`affine_rows`. Blends (Color, Contrast,
 Brightness, Sharpness): :func:`blend_rows`, PIL's ``ImageEnhance`` (8-bit ``Image.blend``
 with L, the rounded mean of L, black or the SMOOTH-filtered image, float32, clipped,
-truncated), about 30 host calls a batch in torch.
+truncated), about 30 host calls a batch in torch. Lookup tables (AutoContrast, Equalize from
+each channel's histogram; Invert, Posterize, Solarize, SolarizeAdd from fixed tables):
+:func:`lut_rows`, about 25.
 
 ``gpu_augment._affine`` warps the images that drew an affine op with torch operations: about
 35 host calls a batch and, per image, a float32 gather of 16 taps at every pixel (0.8 GB at
@@ -211,4 +213,83 @@ def blend_rows(x: torch.Tensor, rows: torch.Tensor, kinds: torch.Tensor, alphas:
     launch(_blend_kernel, (n,), x, rows.contiguous(), kinds.to(torch.int32).contiguous(),
            alphas.reshape(n).contiguous(), out, H=h, W=w, BLOCK=block, num_warps=4,
            enable_fp_fusion=False)  # fmt: skip
+    return out
+
+
+@triton.jit
+def _channel_lut(src, kind, table, HW: tl.constexpr, BLOCK: tl.constexpr):
+    """One channel's 256-entry table (float64): AutoContrast (kind 0) or Equalize (1) from
+    the channel's histogram, as ``gpu_augment._auto_contrast_lut`` / ``_equalize_lut``
+    compute them, else the fixed table at ``table``."""
+    idx = tl.arange(0, 256)
+    if kind <= 1:
+        hist = tl.zeros((256,), tl.int32)
+        for start in range(0, HW, BLOCK):
+            p = start + tl.arange(0, BLOCK)
+            m = p < HW
+            v = tl.load(src + p, mask=m, other=0.0).to(tl.int32)
+            hist += tl.histogram(v, 256, mask=m)
+        nz = hist > 0
+        lo = tl.min(tl.where(nz, idx, 256), 0)
+        hi = tl.max(tl.where(nz, idx, -1), 0)
+        ix = idx.to(tl.float64)
+        if kind == 0:  # stretch [lo, hi] to [0, 255] (float64, truncated, clipped)
+            span = tl.maximum(hi - lo, 1).to(tl.float64)
+            scale = 255.0 / span
+            offset = -lo.to(tl.float64) * scale
+            lut = tl.floor(ix * scale + offset)  # = trunc where it matters: clipped at 0
+            lut = tl.where(hi > lo, tl.minimum(tl.maximum(lut, 0.0), 255.0), ix)
+        else:  # PIL's equalize (integer math)
+            step = (tl.sum(hist, 0) - tl.sum(tl.where(idx == hi, hist, 0), 0)) // 255
+            cum = tl.cumsum(hist, 0) - hist
+            eq = (step // 2 + cum) // tl.maximum(step, 1)
+            lut = tl.where(step > 0, tl.minimum(eq, 255), idx).to(tl.float64)
+    else:
+        lut = tl.load(table + idx)
+    return lut
+
+
+@triton.jit
+def _lut_kernel(x, rows, kinds, tables, luts, out, H: tl.constexpr, W: tl.constexpr,
+                BLOCK: tl.constexpr):  # fmt: skip
+    i = tl.program_id(0)
+    r = tl.load(rows + i).to(tl.int64)
+    kind = tl.load(kinds + i)  # 0 AutoContrast, 1 Equalize, else the table tables[i]
+    img = x + r * (3 * H * W)
+    dst = out + i.to(tl.int64) * (3 * H * W)
+    mine = luts + i * (3 * 256)
+    idx = tl.arange(0, 256)
+    for ch in tl.static_range(3):
+        lut = _channel_lut(img + ch * H * W, kind, tables + i * 256, H * W, BLOCK)
+        tl.store(mine + ch * 256 + idx, lut.to(tl.float32))
+    tl.debug_barrier()  # the tables, written by all threads, read by all below
+    for start in range(0, H * W, BLOCK):
+        p = start + tl.arange(0, BLOCK)
+        m = p < H * W
+        for ch in tl.static_range(3):
+            v = tl.load(img + ch * H * W + p, mask=m, other=0.0).to(tl.int32)
+            tl.store(dst + ch * H * W + p, tl.load(mine + ch * 256 + v, mask=m), mask=m)
+
+
+def lut_rows(x: torch.Tensor, rows: torch.Tensor, kinds: torch.Tensor, tables: torch.Tensor,
+             block: int = 1024) -> torch.Tensor:  # fmt: skip
+    """``_lut_family`` of the images ``x[rows]`` (float32 (B, 3, H, W), values 0..255): per
+    image its kind (0 AutoContrast, 1 Equalize, others: its row of ``tables`` (n, 256), one
+    table for the three channels); returns float32 (n, 3, H, W); ``x`` is only read."""
+    if x.dtype != torch.float32 or x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"lut_rows: x must be float32 (B, 3, H, W), got {x.dtype} "
+                         f"{tuple(x.shape)}")  # fmt: skip
+    n = rows.numel()
+    if kinds.numel() != n or tuple(tables.shape) != (n, 256):
+        raise ValueError(f"lut_rows: {n} rows need {n} kinds and tables ({n}, 256), got "
+                         f"{kinds.numel()} and {tuple(tables.shape)}")  # fmt: skip
+    x = x.contiguous()
+    _, _, h, w = x.shape
+    out = torch.empty(n, 3, h, w, dtype=torch.float32, device=x.device)
+    if n == 0:
+        return out
+    luts = torch.empty(n, 3, 256, dtype=torch.float32, device=x.device)
+    launch(_lut_kernel, (n,), x, rows.contiguous(), kinds.to(torch.int32).contiguous(),
+           tables.to(torch.float64).contiguous(), luts, out, H=h, W=w, BLOCK=block,
+           num_warps=4, enable_fp_fusion=False)  # fmt: skip
     return out

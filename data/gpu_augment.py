@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .augment_kernels import affine_rows, blend_rows
+from .augment_kernels import affine_rows, blend_rows, lut_rows
 from .resize_kernel import resize_batch
 
 RA_OPS = (
@@ -323,8 +323,8 @@ def draw_rand_augment(spec: RandAugmentSpec, rng: np.random.Generator, b: int, h
 def apply_plan(x: torch.Tensor, plan, fill: torch.Tensor, fused_ops: bool = False) -> torch.Tensor:
     """Apply a ``draw_rand_augment`` plan in place to float (B, 3, H, W) integer-valued
     images: one host-to-device copy for all indices and one for all parameters, then per
-    entry gather the images, transform them and write them back. ``fused_ops``: the affine and
-    blend entries by one Triton launch each (``augment_kernels``, the same values) instead of
+    entry gather the images, transform them and write them back. ``fused_ops``: every
+    family's entries by one Triton launch each (``augment_kernels``, the same values) instead of
     torch operations."""
     if not plan:
         return x
@@ -340,6 +340,8 @@ def apply_plan(x: torch.Tensor, plan, fill: torch.Tensor, fused_ops: bool = Fals
             y = affine_rows(x, rows, p, fill)
         elif fam == "blend" and fused_ops:
             y = blend_rows(x, rows, kinds_d, p)
+        elif fam == "lut" and fused_ops:
+            y = lut_rows(x, rows, kinds_d, p)
         else:
             y = _FAMILY_FNS[fam](x.index_select(0, rows), kinds_d, set(kinds.tolist()), p, fill)
         x.index_copy_(0, rows, y)
@@ -517,7 +519,7 @@ class GpuImagePipeline:
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), float(hflip)
         self.batches = 0
         self.batched_resize: bool | None = None  # None: on CUDA devices (see ``_batched``)
-        # the affine and blend families in one Triton launch each: equal to the torch ops
+        # each RandAugment family in one Triton launch: equal to the torch ops
         # (interpreter), opt-in (False) until timed on a GPU; None: on CUDA devices
         self.fused_ops: bool | None = False
         self._streams: dict[torch.device, torch.cuda.Stream] = {}  # decoding side streams

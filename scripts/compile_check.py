@@ -142,8 +142,8 @@ def _cga(heads, cs, window, kernels, side):
 
 
 def _augment():
-    """data.decode=gpu's kernels: the batch crop-resize, RandAugment's affine and blend ops."""
-    from data.augment_kernels import affine_rows, blend_rows
+    """data.decode=gpu's kernels: the batch crop-resize and RandAugment's three op families."""
+    from data.augment_kernels import affine_rows, blend_rows, lut_rows
     from data.resize_kernel import resize_batch
 
     images = [torch.zeros(3, 375, 500, dtype=torch.uint8) for _ in range(2)]
@@ -153,6 +153,8 @@ def _augment():
                 torch.zeros(3))  # fmt: skip
     blend_rows(torch.zeros(4, 3, 224, 224), torch.tensor([0, 3]), torch.tensor([1, 3]),
                torch.zeros(2, 1, dtype=torch.float64))  # fmt: skip
+    lut_rows(torch.zeros(4, 3, 224, 224), torch.tensor([0, 3]), torch.tensor([0, 4]),
+             torch.zeros(2, 256, dtype=torch.float64))  # fmt: skip
 
 
 # name -> launches of the benchmark cases (scripts/bench_attention.py) at one head / batch

@@ -137,12 +137,12 @@ def test_mixed_ops_of_a_family_in_one_pass(family, timm_ops, monkeypatch):
         assert diff.max() <= 1 and diff.mean() <= 0.02, (RA_OPS[ops[i]], diff.mean())
 
 
-@pytest.mark.parametrize("family", ["affine", "blend"])
+@pytest.mark.parametrize("family", ["affine", "blend", "lut"])
 def test_fused_families_equal_the_torch_ops(family):
-    """RandAugment's affine and blend families by one Triton launch each (interpreted here)
+    """RandAugment's op families by one Triton launch each (interpreted here)
     against the torch implementation that matches PIL: every op of the family, both signs,
     a subset of a non-square batch (rows read in place), bit for bit (fill colour outside,
-    Contrast's rounded mean, Sharpness's kept border included)."""
+    Contrast's rounded mean, Sharpness's kept border, the histogram tables included)."""
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 256, (9, 3, 18, 26), generator=g).float()
     x[4] = x[4] // 4 + 100  # low contrast: Contrast's mean matters
@@ -157,7 +157,9 @@ def test_fused_families_equal_the_torch_ops(family):
     fused = apply_plan(x.clone(), [entry], fill, fused_ops=True)
     assert torch.equal(fused, torch_ops)
     moved = (torch_ops != x).flatten(1).any(1)
-    assert moved[rows].all() and not moved[[1]].any()
+    # (an op may leave a noise image as it was: AutoContrast on the full range, Solarize above
+    # its largest value)
+    assert moved[rows].sum() >= len(rows) - 2 and not moved[[1]].any()
 
 
 def test_rand_augment_spec_and_draws():
@@ -270,6 +272,20 @@ def test_resize_batch_matches_interpolate():
     for im, (rh, rw), (t, l_), o in zip(imgs, sizes, wins, out):
         ref = _resize(im, (rh, rw))[:, t : t + S, l_ : l_ + S]
         assert (o - ref).abs().max() < 1e-3
+
+
+def test_pipeline_fused_ops_give_the_same_batches(folder):
+    """The whole train transform with RandAugment's families as Triton launches (the
+    interpreter here) hands out the same batch as with the torch ops."""
+    cfg = _gpu_cfg(folder, auto_augment="rand-m9-n3-mstd0.5-inc1")
+    train, *_ = build_image_loaders(cfg, 6, seed=0)
+    data, _ = next(iter(train))
+    outs = []
+    for fused in (False, True):
+        pipe = build_gpu_pipeline(cfg, seed=11)
+        pipe.fused_ops = fused
+        outs.append(pipe(data, "cpu", train=True))
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_resize_batch_rejects_bad_boxes():
@@ -511,9 +527,9 @@ def test_cuda_pipeline_agrees_with_cpu(folder):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", ["affine", "blend"])
+@pytest.mark.parametrize("family", ["affine", "blend", "lut"])
 def test_cuda_fused_families_equal_the_torch_ops(family):
-    """The compiled affine and blend kernels (contraction off) against the torch ops on the
+    """The compiled family kernels (contraction off) against the torch ops on the
     GPU, bit for bit, at the training size."""
     g = torch.Generator().manual_seed(2)
     x = torch.randint(0, 256, (40, 3, 224, 224), generator=g).float().cuda()
