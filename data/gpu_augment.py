@@ -627,5 +627,7 @@ def build_gpu_pipeline(cfg, seed: int = 0, rank: int = 0) -> GpuImagePipeline | 
     if getattr(cfg, "decode", "cpu") != "gpu":
         return None
     fill = tuple(min(255, round(255 * m)) for m in cfg.mean)
-    return GpuImagePipeline(cfg.img_size, cfg.crop_pct, fill, cfg.auto_augment or None,
+    pipe = GpuImagePipeline(cfg.img_size, cfg.crop_pct, fill, cfg.auto_augment or None,
                             seed=seed, rank=rank, channels_last=bool(cfg.channels_last))  # fmt: skip
+    pipe.fused_ops = bool(getattr(cfg, "fused_augment", False))
+    return pipe

@@ -96,6 +96,9 @@ class ImageDataConfig:
     # data.decode=gpu: batches decoded ahead, by two background threads on side streams, while
     # the step runs (data.background.Ahead); 0 decodes them in the training loop
     decode_ahead: int = 2
+    # data.decode=gpu: RandAugment's op families as one Triton launch each (data.augment_kernels;
+    # the same values as the torch ops), opt-in until timed on a GPU
+    fused_augment: bool = False
 
 
 def _check_prob(name: str, value: float) -> None:

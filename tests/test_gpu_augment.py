@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import math
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -282,8 +283,8 @@ def test_pipeline_fused_ops_give_the_same_batches(folder):
     data, _ = next(iter(train))
     outs = []
     for fused in (False, True):
-        pipe = build_gpu_pipeline(cfg, seed=11)
-        pipe.fused_ops = fused
+        pipe = build_gpu_pipeline(replace(cfg, fused_augment=fused), seed=11)
+        assert pipe.fused_ops is fused
         outs.append(pipe(data, "cpu", train=True))
     assert torch.equal(outs[0], outs[1])
 
