@@ -50,6 +50,7 @@ from ops import (  # noqa: E402
     simplicial,
 )
 from ops.neighborhood_ref import check_window  # noqa: E402
+from trainer import agc_kernel  # noqa: E402
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -142,7 +143,8 @@ def _cga(heads, cs, window, kernels, side):
 
 
 def _augment():
-    """data.decode=gpu's kernels: the batch crop-resize and RandAugment's three op families."""
+    """data.decode=gpu's kernels (the batch crop-resize, RandAugment's three op families) and
+    the trainer's one-launch AGC."""
     from data.augment_kernels import affine_rows, blend_rows, lut_rows
     from data.resize_kernel import resize_batch
 
@@ -155,6 +157,10 @@ def _augment():
                torch.zeros(2, 1, dtype=torch.float64))  # fmt: skip
     lut_rows(torch.zeros(4, 3, 224, 224), torch.tensor([0, 3]), torch.tensor([0, 4]),
              torch.zeros(2, 256, dtype=torch.float64))  # fmt: skip
+    ps = [torch.nn.Parameter(torch.zeros(8, 3, 3, 3)), torch.nn.Parameter(torch.zeros(8))]
+    for p in ps:
+        p.grad = torch.zeros_like(p)
+    agc_kernel.adaptive_clip_fused_(ps, 0.02)  # the trainer's AGC (optim.fused_agc)
 
 
 # name -> launches of the benchmark cases (scripts/bench_attention.py) at one head / batch
@@ -178,6 +184,7 @@ CASES = {
     ),
 }
 _LAUNCHING = (
+    agc_kernel,
     resize_kernel,
     augment_kernels,
     flash,

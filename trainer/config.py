@@ -39,6 +39,9 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 disables
     clip_mode: str = "norm"  # norm (global grad norm <= grad_clip) | agc (adaptive, per unit)
     fused: bool | None = None  # None: fused AdamW on CUDA
+    # clip_mode=agc: all float32 units clipped by one Triton launch on CUDA (trainer.agc_kernel;
+    # the same rule, far fewer host calls), opt-in until timed on a GPU
+    fused_agc: bool = False
 
 
 @dataclasses.dataclass

@@ -192,7 +192,7 @@ def _train_step(task, train_model, opt, accum, autocast, info, rc, step, max_ste
         # the norm logged is the one before clipping: AGC's unit norms give it, but for sharded
         # gradients it needs the reduction over ranks of clip_grad_norm_, taken first
         norm = par.clip_grad_norm_(params, math.inf) if sharded else None
-        agc_norm = adaptive_clip_(params, clip)
+        agc_norm = adaptive_clip_(params, clip, fused=rc.optim.fused_agc)
         norm = agc_norm if norm is None else norm
     else:  # sharded (DTensor) gradients too: the norm is reduced over ranks
         norm = par.clip_grad_norm_(task.model.parameters(), clip if clip > 0 else math.inf)

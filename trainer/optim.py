@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import torch
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
@@ -53,13 +56,17 @@ def _unitwise_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def adaptive_clip_(params, clip: float, eps: float = 1e-3) -> torch.Tensor | None:
+def adaptive_clip_(
+    params, clip: float, eps: float = 1e-3, fused: bool = False
+) -> torch.Tensor | None:
     """Adaptive gradient clipping (Brock et al. 2021, NFNets), in place: each unit's gradient is
     scaled down to ``clip`` x its weight norm (weight norm floored at ``eps``) where larger.
 
     Returns the global L2 norm of the gradients before clipping (what the trainer logs), from
     the units' norms it computes anyway, so that no second pass over the gradients is needed;
     None when a gradient is sharded (DTensor: its norm needs a reduction over ranks).
+    ``fused``: float32 groups on CUDA (or under the Triton interpreter) in one Triton launch
+    (``agc_kernel``: the same rule, norms equal to float32 rounding, far fewer host calls).
 
     Plain tensors with contiguous gradients of one device and dtype go through a fixed number of
     kernels whatever the parameter count (flatten, per-unit sums by ``segment_reduce``, one
@@ -76,8 +83,12 @@ def adaptive_clip_(params, clip: float, eps: float = 1e-3) -> torch.Tensor | Non
     groups: dict = {}
     for p in fast:
         groups.setdefault((p.device, p.dtype, p.grad.dtype), []).append(p)
-    for group in groups.values():
-        if len(group) > 1:
+    for (dev, p_dtype, g_dtype), group in groups.items():
+        if fused and p_dtype == g_dtype == torch.float32 and (dev.type == "cuda" or _INTERPRET):
+            from .agc_kernel import adaptive_clip_fused_
+
+            sq.append(adaptive_clip_fused_(group, clip, eps))
+        elif len(group) > 1:
             sq.append(_adaptive_clip_flat(group, clip, eps))
         else:
             slow.extend(group)

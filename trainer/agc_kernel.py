@@ -1,0 +1,93 @@
+"""Adaptive gradient clipping of every float32 parameter in one Triton launch.
+
+``optim._adaptive_clip_flat`` needs a fixed number of kernels, but about 2,000 host calls a
+step for EfficientViT-M0's ~350 parameters (a reshape of each weight and each gradient to
+concatenate them, a view and a dtype conversion of each scale, the list comprehensions): about
+3 ms of a CUDA-graph step whose host side is its bound. Here one program per unit (a row of a
+>= 2-D weight, a whole 0/1-D one) reads the unit of the weight and of the gradient where they
+lie (element offsets from the first parameter and the first gradient, as
+``data.resize_kernel`` reads a ragged batch), computes both norms, scales the gradient unit in
+place and writes its squared norm (for the logged global norm). Host work per step: two
+``data_ptr`` lists and one small table copy.
+
+Same rule as ``adaptive_clip_``: scale = limit / max(|g|, 1e-6) where |g| > limit =
+clip * max(|w|, eps), else 1; norms summed in another order than ``segment_reduce``, so equal
+to float32 rounding (the tests compare them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from ops.launch import launch
+
+
+@triton.jit
+def _agc_kernel(pbase, gbase, table, gsq, clip, eps, BLOCK: tl.constexpr):
+    u = tl.program_id(0)
+    poff = tl.load(table + u * 3)
+    goff = tl.load(table + u * 3 + 1)
+    n = tl.load(table + u * 3 + 2)
+    w_acc = tl.zeros((BLOCK,), tl.float32)
+    g_acc = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, n, BLOCK):
+        o = start + tl.arange(0, BLOCK)
+        m = o < n
+        w = tl.load(pbase + poff + o, mask=m, other=0.0)
+        g = tl.load(gbase + goff + o, mask=m, other=0.0)
+        w_acc += w * w
+        g_acc += g * g
+    g2 = tl.sum(g_acc, 0)
+    g_norm = tl.sqrt(g2)
+    limit = tl.maximum(tl.sqrt(tl.sum(w_acc, 0)), eps) * clip
+    tl.store(gsq + u, g2)
+    if g_norm > limit:
+        scale = limit / tl.maximum(g_norm, 1e-6)
+        for start in range(0, n, BLOCK):
+            o = start + tl.arange(0, BLOCK)
+            m = o < n
+            g = tl.load(gbase + goff + o, mask=m, other=0.0)
+            tl.store(gbase + goff + o, g * scale, mask=m)
+
+
+_UNITS: dict = {}  # shapes -> (units per parameter, offset of each unit in its parameter, lengths)
+
+
+def _units(params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    key = tuple(tuple(p.shape) for p in params)
+    got = _UNITS.get(key)
+    if got is None:
+        counts = np.array([p.shape[0] if p.dim() > 1 else 1 for p in params], dtype=np.int64)
+        lengths = np.array([p.numel() for p in params], dtype=np.int64) // counts
+        within = np.concatenate([np.arange(c) * n for c, n in zip(counts, lengths)])
+        got = (counts, within, np.repeat(lengths, counts))
+        if len(_UNITS) > 16:
+            _UNITS.clear()
+        _UNITS[key] = got
+    return got
+
+
+def adaptive_clip_fused_(params, clip: float, eps: float = 1e-3) -> torch.Tensor:
+    """``adaptive_clip_`` of contiguous float32 parameters with contiguous float32 gradients,
+    all on one device, in one launch; returns the gradients' squared norm before clipping."""
+    params = list(params)
+    grads = [p.grad for p in params]
+    for p, g in zip(params, grads):
+        if (p.dtype != torch.float32 or g is None or g.dtype != torch.float32
+                or not (p.is_contiguous() and g.is_contiguous()) or p.numel() == 0):  # fmt: skip
+            raise ValueError("adaptive_clip_fused_: contiguous float32 weights and gradients only")
+    counts, within, lengths = _units(params)
+    pptr = np.array([p.data_ptr() for p in params], dtype=np.int64)
+    gptr = np.array([g.data_ptr() for g in grads], dtype=np.int64)
+    table = np.stack([np.repeat((pptr - pptr[0]) // 4, counts) + within,
+                      np.repeat((gptr - gptr[0]) // 4, counts) + within, lengths], 1)  # fmt: skip
+    dev = params[0].device
+    t = torch.from_numpy(np.ascontiguousarray(table))
+    t = t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
+    gsq = torch.empty(len(lengths), dtype=torch.float32, device=dev)
+    launch(_agc_kernel, (len(lengths),), params[0], grads[0], t, gsq, float(clip), float(eps),
+           BLOCK=256, num_warps=4)  # fmt: skip
+    return gsq.sum()
