@@ -590,15 +590,15 @@ class GpuImagePipeline:
         if self._batched(images):  # one launch for the batch, the flip included
             boxes = np.stack([top, left, ch, cw], 1)
             x = resize_batch(images, boxes, np.full((b, 2), s), np.zeros((b, 2)), flip, s)
-            x = x.round_().clamp_(0, 255)
         else:
             crops = [_resize(img[:, t : t + hh, l_ : l_ + ww], (s, s))
                      for img, t, l_, hh, ww in zip(images, top.tolist(), left.tolist(),
                                                    ch.tolist(), cw.tolist())]  # fmt: skip
-            x = torch.stack(crops).round_().clamp_(0, 255)
+            x = torch.stack(crops)
             if flip.any():
                 mask = _host_to(flip, x.device).view(b, 1, 1, 1)
                 x = torch.where(mask, x.flip(-1), x)
+        x = x.round_().clamp_(0, 255)
         if self.spec is not None:
             plan = draw_rand_augment(self.spec, rng, b, s, s)
             if x.device not in self._fills:  # copied once: a pageable copy would sync
@@ -613,12 +613,13 @@ class GpuImagePipeline:
             geo = np.array([eval_geometry(*img.shape[-2:], s, self.crop_pct) for img in images])
             boxes = [(0, 0, *img.shape[-2:]) for img in images]
             x = resize_batch(images, boxes, geo[:, :2], geo[:, 2:], np.zeros(len(images)), s)
-            return x.round_().clamp_(0, 255)
-        out = []
-        for img in images:
-            nh, nw, top, left = eval_geometry(img.shape[-2], img.shape[-1], s, self.crop_pct)
-            out.append(_resize(img, (nh, nw))[:, top : top + s, left : left + s])
-        return torch.stack(out).round_().clamp_(0, 255)
+        else:
+            out = []
+            for img in images:
+                nh, nw, top, left = eval_geometry(img.shape[-2], img.shape[-1], s, self.crop_pct)
+                out.append(_resize(img, (nh, nw))[:, top : top + s, left : left + s])
+            x = torch.stack(out)
+        return x.round_().clamp_(0, 255)
 
 
 def build_gpu_pipeline(cfg, seed: int = 0, rank: int = 0) -> GpuImagePipeline | None:

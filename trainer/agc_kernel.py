@@ -53,10 +53,12 @@ def _agc_kernel(pbase, gbase, table, gsq, clip, eps, BLOCK: tl.constexpr):
             tl.store(gbase + goff + o, g * scale, mask=m)
 
 
-_UNITS: dict = {}  # shapes -> (units per parameter, offset of each unit in its parameter, lengths)
+_UNITS: dict = {}  # shapes -> unit_layout's arrays, made once per model
 
 
-def _units(params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def unit_layout(params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """AGC's units of ``params``: a row of a >= 2-D tensor, a whole 0/1-D one. Returns the
+    units per parameter, each unit's first element within its parameter, each unit's length."""
     key = tuple(tuple(p.shape) for p in params)
     got = _UNITS.get(key)
     if got is None:
@@ -79,7 +81,7 @@ def adaptive_clip_fused_(params, clip: float, eps: float = 1e-3) -> torch.Tensor
         if (p.dtype != torch.float32 or g is None or g.dtype != torch.float32
                 or not (p.is_contiguous() and g.is_contiguous()) or p.numel() == 0):  # fmt: skip
             raise ValueError("adaptive_clip_fused_: contiguous float32 weights and gradients only")
-    counts, within, lengths = _units(params)
+    counts, within, lengths = unit_layout(params)
     pptr = np.array([p.data_ptr() for p in params], dtype=np.int64)
     gptr = np.array([g.data_ptr() for g in grads], dtype=np.int64)
     table = np.stack([np.repeat((pptr - pptr[0]) // 4, counts) + within,

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 
 import torch
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from ops.launch import _INTERPRET
+
+from .agc_kernel import adaptive_clip_fused_, unit_layout
 
 
 def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
@@ -85,8 +86,6 @@ def adaptive_clip_(
         groups.setdefault((p.device, p.dtype, p.grad.dtype), []).append(p)
     for (dev, p_dtype, g_dtype), group in groups.items():
         if fused and p_dtype == g_dtype == torch.float32 and (dev.type == "cuda" or _INTERPRET):
-            from .agc_kernel import adaptive_clip_fused_
-
             sq.append(adaptive_clip_fused_(group, clip, eps))
         elif len(group) > 1:
             sq.append(_adaptive_clip_flat(group, clip, eps))
@@ -131,10 +130,8 @@ def _adaptive_clip_flat(params, clip: float, eps: float) -> torch.Tensor:
     sizes = [p.numel() for p in params]
     key = (params[0].device, tuple(tuple(p.shape) for p in params))
     lengths = _UNIT_LENGTHS.get(key)
-    if lengths is None:
-        units = [p.shape[0] if p.dim() > 1 else 1 for p in params]
-        lengths = torch.tensor([n // u for n, u in zip(sizes, units) for _ in range(u)],
-                               device=params[0].device)  # fmt: skip
+    if lengths is None:  # unit_layout's lengths, on the device
+        lengths = torch.from_numpy(unit_layout(params)[2]).to(params[0].device)
         if len(_UNIT_LENGTHS) > 16:
             _UNIT_LENGTHS.clear()
         _UNIT_LENGTHS[key] = lengths
