@@ -58,16 +58,16 @@ def _row(src, row, x0, last, w, dx, mask):
 
 @triton.jit
 def _affine_kernel(
-    x, rows, params, fill, out, H: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr
+    x, rows, mats, fill, out, H: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr
 ):
     i = tl.program_id(0)
     r = tl.load(rows + i).to(tl.int64)
-    a = tl.load(params + i * 6 + 0)
-    b = tl.load(params + i * 6 + 1)
-    c0 = tl.load(params + i * 6 + 2)
-    d = tl.load(params + i * 6 + 3)
-    e = tl.load(params + i * 6 + 4)
-    f = tl.load(params + i * 6 + 5)
+    a = tl.load(mats + i * 6 + 0)
+    b = tl.load(mats + i * 6 + 1)
+    c0 = tl.load(mats + i * 6 + 2)
+    d = tl.load(mats + i * 6 + 3)
+    e = tl.load(mats + i * 6 + 4)
+    f = tl.load(mats + i * 6 + 5)
     p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = p < H * W
     yo = (p // W).to(tl.float64) + 0.5

@@ -71,12 +71,15 @@ def run_cell(variant: str, impl: str, compile_: str, batch: int, steps: int, ext
     if compile_ != "none":
         overrides.append(f"trainer.compile_mode={compile_}")
     t0 = time.perf_counter()
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}  # a failed cell shows its whole traceback
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides, *extra],
-                          cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+                          cwd=ROOT, capture_output=True, text=True, env=env)  # fmt: skip
     wall = time.perf_counter() - t0
     summary_path = run_dir / "summary.json"
     if proc.returncode != 0 or not summary_path.exists():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        print("\n".join(["  | " + ln for ln in lines[-30:]]), file=sys.stderr, flush=True)
+        tail = lines[-3:]
         return {"error": " | ".join(tail), "wall_s": wall}
     s = json.loads(summary_path.read_text())
     ips = s["images_per_s"]

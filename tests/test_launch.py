@@ -73,3 +73,36 @@ def test_second_launch_of_a_key_goes_to_the_compiled_kernel_with_all_arguments(m
     assert [c[0] for c in calls] == ["triton", "direct", "triton"]
     assert calls[1][1] == (3, 1, 1) and calls[1][2][1:] == (5, 16, 7)
     assert calls[1][2][0] is x
+
+
+# Triton's compiled launch binds a kernel's arguments in a generated function whose locals
+# (params, specialization, options) and globals (backend, specialize_impl, JITCallable) shadow
+# a parameter of the same name: that argument then reaches the specializer as the wrong object
+# ("failed to specialize argument of type: dict"). The interpreter never runs the binder, so
+# only this check catches it on a CPU.
+_BINDER_NAMES = {"params", "specialization", "options", "backend", "specialize_impl",
+                 "JITCallable"}  # fmt: skip
+
+
+def test_no_kernel_parameter_shadows_tritons_binder():
+    import importlib
+    import inspect
+    import pkgutil
+
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    kinds = (JITFunction, InterpretedFunction)  # (the second under TRITON_INTERPRET=1)
+
+    seen, bad = 0, []
+    for pkg in ("ops", "data", "trainer", "models"):
+        base = importlib.import_module(pkg)
+        for info in pkgutil.walk_packages(base.__path__, pkg + "."):
+            mod = importlib.import_module(info.name)
+            for name, obj in vars(mod).items():
+                if isinstance(obj, kinds) and obj.fn.__module__ == info.name:
+                    seen += 1
+                    args = set(inspect.signature(obj.fn).parameters)
+                    bad += [f"{info.name}.{name}({a})" for a in args & _BINDER_NAMES]
+    assert seen > 20, seen  # the walk found the kernels
+    assert not bad, bad
