@@ -57,9 +57,7 @@ def _row(src, row, x0, last, w, dx, mask):
 
 
 @triton.jit
-def _affine_kernel(
-    x, rows, mats, fill, out, H: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr
-):
+def _affine_kernel(x, rows, mats, fill, out, H: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0)
     r = tl.load(rows + i).to(tl.int64)
     a = tl.load(mats + i * 6 + 0)
