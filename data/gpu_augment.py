@@ -519,9 +519,9 @@ class GpuImagePipeline:
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), float(hflip)
         self.batches = 0
         self.batched_resize: bool | None = None  # None: on CUDA devices (see ``_batched``)
-        # each RandAugment family in one Triton launch: equal to the torch ops
-        # (interpreter), opt-in (False) until timed on a GPU; None: on CUDA devices
-        self.fused_ops: bool | None = False
+        # each RandAugment family in one Triton launch, equal to the torch ops bit for bit;
+        # None: on CUDA devices (True also runs them under the interpreter on a CPU)
+        self.fused_ops: bool | None = None
         self._streams: dict[torch.device, torch.cuda.Stream] = {}  # decoding side streams
         self._held: list = []  # (event, decoded images) of CUDA batches being transformed
         self._lock = threading.Lock()
@@ -630,5 +630,5 @@ def build_gpu_pipeline(cfg, seed: int = 0, rank: int = 0) -> GpuImagePipeline | 
     fill = tuple(min(255, round(255 * m)) for m in cfg.mean)
     pipe = GpuImagePipeline(cfg.img_size, cfg.crop_pct, fill, cfg.auto_augment or None,
                             seed=seed, rank=rank, channels_last=bool(cfg.channels_last))  # fmt: skip
-    pipe.fused_ops = bool(getattr(cfg, "fused_augment", False))
+    pipe.fused_ops = None if getattr(cfg, "fused_augment", True) else False
     return pipe

@@ -96,9 +96,10 @@ class ImageDataConfig:
     # data.decode=gpu: batches decoded ahead, by two background threads on side streams, while
     # the step runs (data.background.Ahead); 0 decodes them in the training loop
     decode_ahead: int = 2
-    # data.decode=gpu: RandAugment's op families as one Triton launch each (data.augment_kernels;
-    # the same values as the torch ops), opt-in until timed on a GPU
-    fused_augment: bool = False
+    # data.decode=gpu on CUDA: RandAugment's op families as one Triton launch each
+    # (data.augment_kernels; the same values as the torch ops, +13-37% images/s for
+    # EfficientViT-M0 on an H100, docs/benchmarks.md); false: the torch ops
+    fused_augment: bool = True
 
 
 def _check_prob(name: str, value: float) -> None:

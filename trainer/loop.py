@@ -192,7 +192,9 @@ def _train_step(task, train_model, opt, accum, autocast, info, rc, step, max_ste
         # the norm logged is the one before clipping: AGC's unit norms give it, but for sharded
         # gradients it needs the reduction over ranks of clip_grad_norm_, taken first
         norm = par.clip_grad_norm_(params, math.inf) if sharded else None
-        agc_norm = adaptive_clip_(params, clip, fused=rc.optim.fused_agc)
+        # the one-launch kernel where it is compiled (CUDA), not the interpreter's CPU runs
+        fused = rc.optim.fused_agc and bool(params) and params[0].is_cuda
+        agc_norm = adaptive_clip_(params, clip, fused=fused)
         norm = agc_norm if norm is None else norm
     else:  # sharded (DTensor) gradients too: the norm is reduced over ranks
         norm = par.clip_grad_norm_(task.model.parameters(), clip if clip > 0 else math.inf)
