@@ -5,8 +5,9 @@
 
 Runs ``train.py`` with the given overrides in this process and wraps the trainer's step
 function: steps ``start`` .. ``start + steps`` are timed (wall per step after a device sync,
-host time spent inside the step function, and the part of it spent fetching the batch), then
-the next ``steps // 2`` run under ``torch.profiler``, which gives the GPU kernel time per step
+host time spent inside the step function, the part of it spent fetching the batch, and the
+CPU time of the whole process, above the host time when background threads work beside the
+step), then the next ``steps // 2`` run under ``torch.profiler``, which gives the GPU kernel time per step
 summed over all streams (the data pipeline's side streams included) and the host operators'
 table. A step whose host time is close to its wall time and well above its GPU time is bound by
 the host (Python, kernel launches), not the GPU. Set ``trainer.max_steps`` above
@@ -44,7 +45,7 @@ def main() -> None:
 
     first, last = args.start, args.start + args.steps
     prof_end = last + max(1, args.steps // 2)
-    st = {"n": 0, "host": 0.0, "fetch": 0.0, "prof": None, "t0": 0.0}
+    st = {"n": 0, "host": 0.0, "fetch": 0.0, "prof": None, "t0": 0.0, "cpu0": 0.0}
     step_fn = loop._train_step
 
     def timed_step(task, *a, **kw):
@@ -52,13 +53,15 @@ def main() -> None:
         n = st["n"]
         if n == first:
             torch.cuda.synchronize()
-            st["t0"] = time.perf_counter()
+            st["t0"], st["cpu0"] = time.perf_counter(), time.process_time()
         if n == last:
             torch.cuda.synchronize()
             wall = (time.perf_counter() - st["t0"]) / args.steps
+            cpu = (time.process_time() - st["cpu0"]) / args.steps
             print(f"steps {first}-{last - 1}: wall {wall * 1e3:.1f} ms/step; host in the step "
                   f"{st['host'] / args.steps * 1e3:.1f} ms/step, of which fetching the batch "
-                  f"{st['fetch'] / args.steps * 1e3:.1f}", flush=True)  # fmt: skip
+                  f"{st['fetch'] / args.steps * 1e3:.1f}; CPU time of this process (all its "
+                  f"threads, not the loader's workers) {cpu * 1e3:.1f} ms/step", flush=True)  # fmt: skip
             st["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
             st["prof"].__enter__()
         fetch = task.next_batch
