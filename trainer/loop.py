@@ -290,6 +290,9 @@ class _Events:
         return self.log or self.eval or self.ckpt
 
 
+_WARMUP_STEPS = 3
+
+
 def _events(step: int, t, first_step: int) -> _Events:
     """What happens after optimizer step `step` (1-based) besides training."""
     last = step == t.max_steps
@@ -364,6 +367,9 @@ def _loop(rc, info, task, train_model, opt, manager, monitor, step, accum, run_d
     if step == 0:
         monitor.log({"step": 0, **_evaluate(task, model, autocast, t, monitor, 0)})
     meter = Throughput()
+    # steps left out of the throughput: the first compiles; with CUDA graphs (compile_mode
+    # reduce-overhead) the next two warm up and record the graphs, slower than the rest
+    warm_steps = _WARMUP_STEPS if t.max_steps - step >= 4 * _WARMUP_STEPS else 1
     loss, start, first_step = float("nan"), time.perf_counter(), step
     last_ckpt = manager.last if manager.last.exists() else None
     pending = []  # steps whose losses are still on the device
@@ -379,7 +385,7 @@ def _loop(rc, info, task, train_model, opt, manager, monitor, step, accum, run_d
             stopping = ev.any and dist_lib.any_rank(stop.signum is not None, info)
         else:
             stopping = stop.signum is not None
-        if not (ev.any or stopping):
+        if not (ev.any or stopping or step == first_step + warm_steps):
             continue
         try:
             records = _flush(pending, info)
@@ -390,8 +396,8 @@ def _loop(rc, info, task, train_model, opt, manager, monitor, step, accum, run_d
                 "optim.warmup_steps or check the data, then resume from it."
             ) from None
         loss = records[-1]["loss"]
-        if step == first_step + 1:
-            meter.read(count=False)  # the first step includes compilation and warm-up
+        if step <= first_step + warm_steps:  # compilation, CUDA-graph warm-up and recording
+            meter.read(count=False)
         elif ev.log:
             tok_s, step_t = meter.read()
             mfu = flops_tok * tok_s / (peak * info.world_size) if peak else None

@@ -87,7 +87,7 @@ class Monitor:
 
 
 class Throughput:
-    """Tokens/s over the last log interval (the first step, compile warm-up, is left out)."""
+    """Tokens/s over the last log interval (the loop leaves the warm-up steps out)."""
 
     def __init__(self):
         self.t0, self.tokens, self.steps = time.perf_counter(), 0, 0
