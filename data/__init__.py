@@ -59,6 +59,7 @@ from data.long_docs import (
     select_long_documents,
     split_documents,
 )
+from data.process_ahead import ProcessAhead
 from data.shards import SHARD_SUFFIXES, list_shards, load_tokens, write_shard
 from data.sources import (
     FINEWEB_EDU_CONFIGS,
@@ -74,6 +75,7 @@ from data.tokenizer import EOT, VOCAB_SIZE, encode_document, encode_documents, g
 
 __all__ = [
     "Ahead",
+    "ProcessAhead",
     "EOT",
     "FINEWEB_EDU_CONFIGS",
     "FINEWEB_EDU_REVISION",

@@ -96,6 +96,10 @@ class ImageDataConfig:
     # data.decode=gpu: batches decoded ahead, by two background threads on side streams, while
     # the step runs (data.background.Ahead); 0 decodes them in the training loop
     decode_ahead: int = 2
+    # data.decode=gpu: the loader, the decoding and the augmentation in a child process of their
+    # own (data.process_ahead; batches through shared CUDA buffers), so that their host work
+    # does not share the training step's GIL. Opt-in until timed on a GPU
+    decode_process: bool = False
     # data.decode=gpu on CUDA: RandAugment's op families as one Triton launch each
     # (data.augment_kernels; the same values as the torch ops, +13-37% images/s for
     # EfficientViT-M0 on an H100, docs/benchmarks.md); false: the torch ops
@@ -130,6 +134,10 @@ def check_image_config(cfg: ImageDataConfig) -> None:
         raise ValueError(f"data.aug_repeats must be >= 1, got {cfg.aug_repeats!r}")
     if int(cfg.decode_ahead) < 0:
         raise ValueError(f"data.decode_ahead must be >= 0, got {cfg.decode_ahead!r}")
+    if getattr(cfg, "decode_process", False) and getattr(cfg, "decode", "cpu") != "gpu":
+        raise ValueError("data.decode_process=true needs data.decode=gpu (the child process "
+                         "decodes on the device); with decode=cpu the loader's workers "
+                         "already run in processes of their own")  # fmt: skip
     if int(cfg.num_workers) < 0:
         raise ValueError(f"data.num_workers must be >= 0, got {cfg.num_workers!r}")
     if cfg.kind == "synthetic" and (int(cfg.num_classes) < 1 or int(cfg.synthetic_batches) < 1):

@@ -2,7 +2,7 @@
 
     python scripts/bench_efficientvit_train.py [--variants m0 m4] [--impls ours,timm]
         [--compile none,default,reduce-overhead] [--batch 256] [--steps 80]
-        [--data synthetic,cpu,gpu-inline,gpu --root DIR | --generate N [--from-packed F]]
+        [--data synthetic,cpu,gpu-inline,gpu,gpu-process --root DIR | --generate N [--from-packed F]]
         [--workers 15] [--out bench_efficientvit_train.json] [-- extra train.py overrides]
 
 Each cell is one ``train.py`` run (a fresh process) of ``experiment=efficientvit_mX_imagenet``
@@ -15,8 +15,9 @@ table and writes JSON. Needs a CUDA GPU.
 
 ``--data`` adds real loading, to see whether it keeps up with the step: ``cpu`` (``data=imagenet``
 from the folder ``--root``, workers decode and augment, uint8 to the GPU), ``gpu-inline``
-(``data.decode=gpu``, decoded in the training loop, ``data.decode_ahead=0``) and ``gpu``
-(``data.decode=gpu``, decoded ahead by a background thread). ``--generate N`` writes an
+(``data.decode=gpu``, decoded in the training loop, ``data.decode_ahead=0``), ``gpu``
+(``data.decode=gpu``, decoded ahead by two background threads) and ``gpu-process`` (the same in
+a child process of its own, ``data.decode_process=true``). ``--generate N`` writes an
 ImageNet-like folder of N 500x375 JPEGs first (``scripts/bench_image_loader.py``'s generator).
 A loading cell runs ``--steps`` optimizer steps over that folder (several epochs if it is small).
 """
@@ -40,14 +41,16 @@ from scripts.bench_efficientvit import VARIANTS  # noqa: E402
 COMPILE_CHOICES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
-DATA_CHOICES = ("synthetic", "cpu", "gpu-inline", "gpu")
+DATA_CHOICES = ("synthetic", "cpu", "gpu-inline", "gpu", "gpu-process")
 
 
 def data_overrides(data: str, steps: int, root: str | None, workers: int) -> list[str]:
     if data == "synthetic":  # one random batch already on the GPU
         return ["data=synthetic_images", f"data.synthetic_batches={steps}", "trainer.epochs=1"]
     decode = {"cpu": ["data.decode=cpu"], "gpu-inline": ["data.decode=gpu", "data.decode_ahead=0"],
-              "gpu": ["data.decode=gpu", "data.decode_ahead=2"]}[data]  # fmt: skip
+              "gpu": ["data.decode=gpu", "data.decode_ahead=2"],
+              "gpu-process": ["data.decode=gpu", "data.decode_ahead=2",
+                              "data.decode_process=true"]}[data]  # fmt: skip
     return ["data=imagenet", f"data.root={root}", f"data.num_workers={workers}",
             f"model.num_classes={_classes(root)}", "trainer.epochs=null",
             f"trainer.max_steps={steps}", "optim.schedule_unit=step", "optim.warmup_steps=5",
@@ -117,7 +120,9 @@ def main() -> None:
     if [d for d in datas if d not in DATA_CHOICES]:
         ap.error(f"--data takes {DATA_CHOICES}, got {datas}")
     if set(datas) - {"synthetic"} and not (args.root or args.generate):
-        ap.error("the loading cells (--data cpu, gpu-inline, gpu) need --root or --generate")
+        ap.error(
+            "the loading cells (--data cpu, gpu-inline, gpu, gpu-process) need --root or --generate"
+        )
     if args.steps < 3:
         ap.error("--steps must be at least 3 (the first step is compilation and is not timed)")
 
@@ -158,7 +163,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     print(f"\n{env['gpu']} | torch {env['torch']} | batch {args.batch}, 224², bf16 autocast, "
           "channels_last, paper recipe; training images/s (data: synthetic = one batch already "
-          f"on the GPU; cpu, gpu-inline, gpu = loading with {args.workers} workers)")  # fmt: skip
+          f"on the GPU; cpu, gpu-inline, gpu, gpu-process = loading with {args.workers} workers)")  # fmt: skip
     by = {(r["variant"], r["impl"], r["compile"], r["data"]): r for r in rows}
     head = f"{'variant':<8}{'compile':<28}{'data':<12}" + "".join(f"{i:>12}" for i in impls)
     print(head + ("   ours/timm" if {"ours", "timm"} <= set(impls) else ""))

@@ -478,6 +478,8 @@ def test_config_errors(folder):
     with pytest.raises(ValueError, match="only RandAugment"):
         build_image_loaders(_gpu_cfg(folder, auto_augment="augmix-m5-w4-d2"), 2)
     assert build_gpu_pipeline(ImageDataConfig(kind="folder")) is None  # decode=cpu
+    with pytest.raises(ValueError, match="decode_process=true needs data.decode=gpu"):
+        build_image_loaders(replace(_gpu_cfg(folder), decode="cpu", decode_process=True), 2)
 
 
 def test_trainer_with_gpu_decode_resumes_exactly(tmp_path, folder):
@@ -508,6 +510,12 @@ def test_trainer_with_gpu_decode_resumes_exactly(tmp_path, folder):
     assert (b["val_loss"], b["ema_val_loss"]) == (a["val_loss"], a["ema_val_loss"])
     c = run("c", "data.decode_ahead=0")  # decoded in the loop: the same batches
     assert (c["val_loss"], c["ema_val_loss"]) == (a["val_loss"], a["ema_val_loss"])
+    # in a child process of its own (data.decode_process), stopped and resumed: the same
+    run("d", "data.decode_process=true", "trainer.stop_at=2")
+    ckpt = torch.load(tmp_path / "d" / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["data"] == {"epoch": 0, "batch": 2, "augment": {"batches": 2}}
+    d = run("d", "data.decode_process=true")
+    assert (d["val_loss"], d["ema_val_loss"]) == (a["val_loss"], a["ema_val_loss"])
 
 
 @pytest.mark.gpu

@@ -273,7 +273,7 @@ def _run(rc, info) -> dict:
                      config_dict)  # fmt: skip
     finally:
         monitor.close()
-        close = getattr(task.train_loader, "close", None)  # a thread decoding ahead
+        close = getattr(task.train_loader, "close", None)  # threads or a process decoding ahead
         if close is not None:
             close()
 

@@ -5,6 +5,7 @@ The trainer owns everything else (devices, DDP, precision, schedule, checkpoints
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 import ops
 from data import (
     Ahead,
+    ProcessAhead,
     build_device_prep,
     build_gpu_pipeline,
     build_image_loaders,
@@ -178,6 +180,61 @@ class _Epochs:
             self.augment.load_state_dict(state["augment"])
 
 
+def _decode_stage(decode, dev, batch):
+    """data.decode=gpu, first stage: encoded batch -> (Decoded, labels on the device)."""
+    images, labels = batch
+    if dev.type == "cuda":
+        labels = labels.pin_memory()
+    return decode.decode(images, dev, train=True), labels.to(dev, non_blocking=True)
+
+
+def _augment_stage(decode, batch):
+    """data.decode=gpu, second stage: -> (uint8 images, labels) on the device."""
+    decoded, labels = batch
+    return decode.augment(decoded), labels
+
+
+class _Inline:
+    """A source's batches through ``transform`` in the caller's thread (``Ahead``'s interface)."""
+
+    def __init__(self, source, transform):
+        self.source, self.transform = source, transform
+
+    def next_batch(self):
+        return self.transform(self.source.next_batch())
+
+    def state_dict(self) -> dict:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source.load_state_dict(state)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
+def _decoded(epochs, decode, dev, ahead: int):
+    """``epochs``' encoded batches as (uint8 images, labels) on ``dev``: decoded and augmented
+    by two threads ``ahead`` batches ahead, or in the caller's thread for ``ahead=0``."""
+    dev = torch.device(dev)
+    first = functools.partial(_decode_stage, decode, dev)
+    second = functools.partial(_augment_stage, decode)
+    if ahead:
+        return Ahead(Ahead(epochs, first, dev, ahead), second, dev, ahead)
+    return _Inline(epochs, lambda batch: second(first(batch)))
+
+
+def _gpu_train_source(rc, rank: int, world: int, device: str):
+    """data.decode_process: the child process's source, built there from the config: this
+    rank's train batches (loader and workers of its own), decoded and augmented on the device
+    as in the trainer's own process, resumable at the same positions."""
+    dev = torch.device(device)
+    loader, *_ = build_image_loaders(rc.data, rc.trainer.micro_batch, rank=rank, world=world,
+                                     seed=rc.seed)  # fmt: skip
+    decode = build_gpu_pipeline(rc.data, seed=rc.seed, rank=rank)
+    return _decoded(_Epochs(loader, augment=decode), decode, dev, int(rc.data.decode_ahead))
+
+
 class ClassificationTask:
     """Image classification (EfficientViT family): timm-style augmentation and mixing, soft-
     target cross-entropy, top-1 / top-5 evaluation over the whole validation set."""
@@ -210,23 +267,15 @@ class ClassificationTask:
                 )
             self.train_loader = _Epochs(loader, augment=self.decode)
             ahead = int(rc.data.decode_ahead) if self.decode is not None else 0
-            if ahead:  # two threads while the step runs: read + decode, then augment
-                dev = info.device
-                decoded = Ahead(self.train_loader, self._decode_stage, dev, ahead)
-                self.train_loader = Ahead(decoded, self._augment_stage, dev, ahead)
-
-    def _decode_stage(self, batch):
-        """data.decode=gpu, first thread: encoded batch -> (Decoded, labels on the device)."""
-        images, labels = batch
-        dev = self.info.device
-        if dev.type == "cuda":
-            labels = labels.pin_memory()
-        return self.decode.decode(images, dev, train=True), labels.to(dev, non_blocking=True)
-
-    def _augment_stage(self, batch):
-        """data.decode=gpu, second thread: -> (uint8 images, labels) on the device."""
-        decoded, labels = batch
-        return self.decode.augment(decoded), labels
+            if self.decode is not None and rc.data.decode_process:  # a process of its own
+                factory = functools.partial(_gpu_train_source, rc, info.rank, info.world_size,
+                                            str(info.device))  # fmt: skip
+                self.train_loader = ProcessAhead(
+                    factory, info.device, max(1, ahead), length=len(self.train_loader),
+                    state=self.train_loader.state_dict(),
+                )  # fmt: skip
+            elif ahead:  # two threads while the step runs: read + decode, then augment
+                self.train_loader = _decoded(self.train_loader, self.decode, info.device, ahead)
 
     def next_batch(self):
         images, labels = to_device(

@@ -1,0 +1,236 @@
+"""Batches prepared by a child process, handed over through a ring of shared buffers.
+
+With ``data.decode=gpu`` the host side of decoding and augmenting (nvJPEG's per-image calls,
+the augmentation's launches, the loader's queue) runs in Python threads beside the training
+step (:class:`data.background.Ahead`), and both share one GIL: on an H100 the step's own host
+time nearly doubles next to them (``docs/benchmarks.md``). :class:`ProcessAhead` moves that
+work into a process of its own, with its own interpreter.
+
+The child builds its batch source from a picklable ``factory`` (its own loader, workers and
+pipeline), resumes it at the parent's position, and writes each batch (a tuple of tensors of
+fixed shapes) into one of ``depth`` slots allocated once and shared with the parent: CUDA
+memory through CUDA IPC, with interprocess events ordering the child's writes before the
+parent's reads and the parent's reads before the child writes the slot again; CPU memory
+through shared memory. The parent copies a slot out (on its current stream) and hands the slot
+back, so what it returns is its own. ``state_dict`` is the source's state just after the batch
+last handed out, not after those prepared ahead, as with :class:`~data.background.Ahead`.
+Errors in the child reach ``next_batch`` with the child's traceback; a child that dies is
+reported, and a child whose parent dies stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import multiprocessing
+import os
+import time
+import traceback
+from collections.abc import Callable
+
+import torch
+import torch.multiprocessing  # registers the reductions that share tensors between processes
+
+_POLL_S = 0.1  # how often a blocked side looks for a stop or a dead peer
+_START_S = 600.0  # the first batch may wait for a folder scan and nvJPEG's start-up
+
+
+class ProcessAhead:
+    """``next_batch`` / ``state_dict`` / ``load_state_dict`` / ``close`` of the source that
+    ``factory()`` builds, run in a child process. ``factory`` must be picklable (a module-level
+    function or a ``functools.partial`` of one); the source it returns hands out tuples of
+    tensors on ``device`` of the same shapes every batch."""
+
+    def __init__(self, factory: Callable, device: torch.device | str, depth: int = 2,
+                 length: int | None = None, state: dict | None = None):  # fmt: skip
+        if int(depth) < 1:
+            raise ValueError(f"ProcessAhead: depth must be >= 1, got {depth!r}")
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.factory, self.device, self.depth, self._length = factory, device, int(depth), length
+        self._state = copy.deepcopy(state)  # None: where the factory's source starts
+        self._proc = None
+
+    def __len__(self) -> int:
+        if self._length is None:
+            raise TypeError("ProcessAhead: no length given")
+        return self._length
+
+    # ------------------------------------------------------------------ the parent's side
+
+    def next_batch(self) -> tuple:
+        if self._proc is None:
+            self._start()
+        if self._slots is None:  # the child's first message: its slots
+            msg = self._get(_START_S)
+            slots, ready, free = msg[1:]
+            self._slots = slots
+            if self.device.type == "cuda":
+                ev = torch.cuda.Event.from_ipc_handle
+                self._ready = [ev(self.device, h) for h in ready]
+                self._free = [ev(self.device, h) for h in free]
+        _, k, state = self._get(None)
+        if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(self._ready[k])  # the child's copy into slot k is done
+            batch = tuple(t.clone() for t in self._slots[k])
+            self._free[k].record(stream)  # and, once this copy is, the slot is free
+        else:
+            batch = tuple(t.clone() for t in self._slots[k])
+        self._free_tx.send(k)
+        self._state = state
+        return batch
+
+    def state_dict(self) -> dict | None:
+        return copy.deepcopy(self._state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.close()  # what was prepared ahead belongs to the old position
+        self._state = copy.deepcopy(state)
+
+    def close(self) -> None:
+        """Stop the child (the next ``next_batch`` starts a new one at ``state_dict``)."""
+        if self._proc is None:
+            return
+        self._slots = self._ready = self._free = None  # the child's memory: let go first
+        self._stop.set()
+        deadline = time.monotonic() + 30.0
+        while self._proc.is_alive() and time.monotonic() < deadline:
+            try:  # unblock a send of the child's
+                if self._ready_rx.poll(_POLL_S):
+                    self._ready_rx.recv()
+            except (EOFError, OSError):
+                break
+        self._proc.join(timeout=5.0)
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join()
+        for conn in (self._ready_rx, self._free_tx):
+            conn.close()
+        self._proc = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _start(self) -> None:
+        ctx = torch.multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        self._stop = ctx.Event()
+        # pipes, not queues: a message is in the pipe once send returns (a queue's feeder
+        # thread would lose the last messages of a child that dies)
+        self._ready_rx, ready_tx = ctx.Pipe(duplex=False)
+        free_rx, self._free_tx = ctx.Pipe(duplex=False)
+        self._slots = self._ready = self._free = None
+        args = (self.factory, self.device, self._state, self.depth, ready_tx, free_rx, self._stop)
+        # not a daemon: its loader starts worker processes of its own
+        self._proc = ctx.Process(target=_child, args=args, name="batches-process", daemon=False)
+        self._proc.start()
+        ready_tx.close()  # the child's ends
+        free_rx.close()
+
+    def _get(self, timeout: float | None):
+        t0 = time.monotonic()
+        while True:
+            try:
+                if self._ready_rx.poll(_POLL_S):
+                    msg = self._ready_rx.recv()
+                    break
+            except EOFError:  # the child is gone: its exit code says more
+                self._proc.join(timeout=5.0)
+            if not self._proc.is_alive():
+                code = self._proc.exitcode
+                self.close()
+                raise RuntimeError(
+                    f"the batch process stopped (exit code {code}) without a message"
+                )
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                self.close()
+                raise RuntimeError(f"the batch process sent nothing in {timeout:.0f} s")
+        if msg[0] == "error":
+            self.close()
+            raise RuntimeError(f"the batch process failed:\n{msg[1]}")
+        return msg
+
+
+# ---------------------------------------------------------------------- the child's side
+
+
+def _child(factory, device, state, depth, ready_tx, free_rx, stop) -> None:
+    parent = multiprocessing.parent_process()
+
+    def alive() -> bool:
+        return not stop.is_set() and (parent is None or parent.is_alive())
+
+    def put(item) -> bool:
+        if not alive():
+            return False
+        try:
+            ready_tx.send(item)
+            return True
+        except OSError:  # the parent closed its end (BrokenPipeError)
+            return False
+
+    try:
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.set_device(device)
+        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+        source = factory()
+        if state is not None:
+            source.load_state_dict(state)
+        side = torch.cuda.Stream(device) if cuda else None
+        slots = ready = free = None
+        unused: list[int] = []
+        with torch.no_grad(), torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+            while alive():
+                batch = source.next_batch()
+                if not isinstance(batch, tuple) or not all(
+                    isinstance(t, torch.Tensor) for t in batch
+                ):
+                    raise TypeError("ProcessAhead: the source must hand out tuples of tensors")
+                pos = copy.deepcopy(source.state_dict())
+                if slots is None:
+                    slots = [tuple(torch.empty_like(t) for t in batch) for _ in range(depth)]
+                    if cuda:
+                        ready = [torch.cuda.Event(interprocess=True) for _ in range(depth)]
+                        free = [torch.cuda.Event(interprocess=True) for _ in range(depth)]
+                        handles = ([e.ipc_handle() for e in ready], [e.ipc_handle() for e in free])
+                    else:
+                        for s in slots:
+                            for t in s:
+                                t.share_memory_()
+                        handles = (None, None)
+                    if not put(("slots", slots, *handles)):
+                        return
+                    unused = list(range(depth))
+                k = unused.pop(0) if unused else _take(free_rx, alive)
+                if k is None:
+                    return
+                shapes = [(tuple(t.shape), t.dtype) for t in batch]
+                if shapes != [(tuple(t.shape), t.dtype) for t in slots[k]]:
+                    raise ValueError(f"ProcessAhead: a batch of {shapes} after batches of "
+                                     f"{[(tuple(t.shape), t.dtype) for t in slots[k]]}")  # fmt: skip
+                if cuda:
+                    side.wait_event(free[k])  # the parent's copy out of slot k is done
+                for dst, src in zip(slots[k], batch):
+                    dst.copy_(src)
+                if cuda:
+                    ready[k].record(side)  # (on the CPU the copy is done before the message)
+                del batch
+                if not put(("batch", k, pos)):
+                    return
+    except BaseException:
+        put(("error", traceback.format_exc()))
+
+
+def _take(free_rx, alive):
+    while alive():
+        try:
+            if free_rx.poll(_POLL_S):
+                return free_rx.recv()
+        except (EOFError, OSError):  # the parent closed its end
+            return None
+    return None
