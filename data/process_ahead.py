@@ -24,6 +24,7 @@ import contextlib
 import copy
 import multiprocessing
 import os
+import signal
 import time
 import traceback
 from collections.abc import Callable
@@ -103,8 +104,8 @@ class ProcessAhead:
             except (EOFError, OSError):
                 break
         self._proc.join(timeout=5.0)
-        if self._proc.is_alive():
-            self._proc.terminate()
+        if self._proc.is_alive():  # (it ignores SIGTERM: see _child)
+            self._proc.kill()
             self._proc.join()
         for conn in (self._ready_rx, self._free_tx):
             conn.close()
@@ -173,6 +174,10 @@ def _child(factory, device, state, depth, ready_tx, free_rx, stop) -> None:
         except OSError:  # the parent closed its end (BrokenPipeError)
             return False
 
+    # the trainer handles SIGINT / SIGTERM itself (a checkpoint, then a clean stop that
+    # closes this process): a child dying of them first would cut that short
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         cuda = device.type == "cuda"
         if cuda:

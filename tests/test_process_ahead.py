@@ -2,6 +2,7 @@
 
 import functools
 import os
+import signal
 
 import pytest
 import torch
@@ -83,6 +84,21 @@ def test_failures_in_the_child_reach_the_caller(how, match):
         assert src._proc is None  # stopped and cleaned up
     finally:
         src.close()
+
+
+def test_the_child_leaves_sigint_and_sigterm_to_the_trainer():
+    """A Ctrl-C reaches the whole process group: the trainer checkpoints and stops, and the
+    child must still hand out batches until the trainer closes it."""
+    src = ProcessAhead(functools.partial(_counter), "cpu", depth=1)
+    try:
+        assert _values(src, 1) == [(0, 0)]
+        os.kill(src._proc.pid, signal.SIGINT)
+        os.kill(src._proc.pid, signal.SIGTERM)
+        assert _values(src, 3) == [(1, 10), (2, 20), (3, 30)]
+        proc = src._proc
+    finally:
+        src.close()
+    assert not proc.is_alive()
 
 
 def test_bad_arguments():
