@@ -229,10 +229,16 @@ def _gpu_train_source(rc, rank: int, world: int, device: str):
     rank's train batches (loader and workers of its own), decoded and augmented on the device
     as in the trainer's own process, resumable at the same positions."""
     dev = torch.device(device)
-    loader, *_ = build_image_loaders(rc.data, rc.trainer.micro_batch, rank=rank, world=world,
-                                     seed=rc.seed)  # fmt: skip
+    loader, *_ = _image_loaders(rc, rank, world)
     decode = build_gpu_pipeline(rc.data, seed=rc.seed, rank=rank)
     return _decoded(_Epochs(loader, augment=decode), decode, dev, int(rc.data.decode_ahead))
+
+
+def _image_loaders(rc, rank: int, world: int):
+    """The loaders of this rank (one definition for the trainer and decode_process's child:
+    both must draw the same batches)."""
+    return build_image_loaders(rc.data, rc.trainer.micro_batch, rank=rank, world=world,
+                               seed=rc.seed)  # fmt: skip
 
 
 class ClassificationTask:
@@ -252,8 +258,8 @@ class ClassificationTask:
         # data.decode=gpu: decode + crop/flip/RandAugment on the device (else None)
         self.decode = build_gpu_pipeline(rc.data, seed=rc.seed, rank=info.rank)
         if build_data:
-            loader, self.val_loader, n_classes, self.mixup = build_image_loaders(
-                rc.data, t.micro_batch, rank=info.rank, world=info.world_size, seed=rc.seed
+            loader, self.val_loader, n_classes, self.mixup = _image_loaders(
+                rc, info.rank, info.world_size
             )
             if n_classes != rc.model.num_classes:
                 raise ValueError(
