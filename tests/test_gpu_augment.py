@@ -575,3 +575,42 @@ def test_cuda_decode_leaves_queued_reads_alone():
         torch.cuda.synchronize()
         corrupted += sum(int(s) != 7 * 3 * 64 * 64 for s in sums)
     assert corrupted == 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_process_source_hands_out_the_threads_batches(folder, device):
+    """data.decode_process: the child's batches (CUDA buffers shared by IPC on a GPU) equal
+    those the trainer's own threads make, bit for bit, from a start and from a resumed
+    position."""
+    import functools
+
+    from data import ProcessAhead
+    from trainer import config as config_lib
+    from trainer.tasks import _gpu_train_source
+
+    from .helpers import compose_cfg
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    rc = config_lib.load(compose_cfg([
+        "experiment=efficientvit_m0_digits", "data=imagenet", f"data.root={folder}",
+        "data.img_size=32", "data.decode=gpu", "data.num_workers=0", "data.repeated_aug=false",
+        "model.num_classes=3", "trainer.micro_batch=4", "trainer.epochs=null",
+    ]))  # fmt: skip
+    factory = functools.partial(_gpu_train_source, rc, 0, 1, device)
+    here = factory()
+    want = [here.next_batch() for _ in range(5)]
+    there = ProcessAhead(factory, device, depth=2)
+    try:
+        got = [there.next_batch() for _ in range(3)]
+        state = there.state_dict()
+        assert state["batch"] == 3 and state["augment"] == {"batches": 3}
+        there.load_state_dict(state)
+        got += [there.next_batch() for _ in range(2)]
+    finally:
+        there.close()
+        if hasattr(here, "close"):
+            here.close()
+    for (xw, yw), (xg, yg) in zip(want, got):
+        assert xg.device.type == device and xg.dtype == torch.uint8
+        assert torch.equal(xg, xw) and torch.equal(yg, yw)
