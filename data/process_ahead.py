@@ -178,6 +178,7 @@ def _child(factory, device, state, depth, ready_tx, free_rx, stop) -> None:
     # closes this process): a child dying of them first would cut that short
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    source = None
     try:
         cuda = device.type == "cuda"
         if cuda:
@@ -229,6 +230,10 @@ def _child(factory, device, state, depth, ready_tx, free_rx, stop) -> None:
                     return
     except BaseException:
         put(("error", traceback.format_exc()))
+    finally:  # its threads and its loader's workers
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
 
 
 def _take(free_rx, alive):
