@@ -40,8 +40,8 @@ class OptimConfig:
     clip_mode: str = "norm"  # norm (global grad norm <= grad_clip) | agc (adaptive, per unit)
     fused: bool | None = None  # None: fused AdamW on CUDA
     # clip_mode=agc: all float32 units clipped by one Triton launch on CUDA (trainer.agc_kernel;
-    # the same rule to float32 rounding, ~2,000 fewer host calls a step: +8% images/s for
-    # EfficientViT-M0 on an H100, docs/benchmarks.md); false: the torch ops
+    # the same rule to float32 rounding, ~2,000 fewer host calls a step; on an H100 M0 gained
+    # 8% in two timings and lost 9% in a third, docs/benchmarks.md); false: the torch ops
     fused_agc: bool = True
 
 
