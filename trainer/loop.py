@@ -404,6 +404,8 @@ def _loop(rc, info, task, train_model, opt, manager, monitor, step, accum, run_d
             records[-1].update(tok_s=tok_s, mfu=mfu)
             monitor.progress(step, t.max_steps, loss, records[-1]["lr"], tok_s, mfu, step_t,
                              unit="tok" if unit == "tokens" else "img")  # fmt: skip
+        if (ev.eval or ev.ckpt or stopping) and task.ema is not None:
+            task.ema.sync_buffers(info)  # the ranks' EMA BatchNorm statistics: rank 0's
         if ev.eval:
             evals = _evaluate(task, model, autocast, t, monitor, step)
             records[-1].update(evals)

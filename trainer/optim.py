@@ -180,6 +180,19 @@ class WeightEMA:
             ema, cur = zip(*self._other)
             torch._foreach_copy_(list(ema), list(cur))
 
+    @torch.no_grad()
+    def sync_buffers(self, info) -> None:
+        """Give every rank rank 0's EMA buffers. Under DDP the parameters agree across ranks,
+        but each rank's BatchNorm statistics come from its own batches, so the ranks' EMA
+        buffers drift apart; a checkpoint holds rank 0's, and without this a resumed run's
+        other ranks (and so its evaluation) would differ from the uninterrupted run's. The
+        trainer calls it before every evaluation and checkpoint (timm broadcasts or averages
+        BatchNorm statistics before evaluating, its ``--dist-bn``)."""
+        if not info.enabled:
+            return
+        for b in self.model.buffers():
+            torch.distributed.broadcast(b, src=0)
+
     def state_dict(self) -> dict:
         return self.model.state_dict()
 
