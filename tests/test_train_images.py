@@ -124,9 +124,9 @@ def _rank(rank: int, runs: list) -> None:
 
 def test_two_processes_resume_the_ema_exactly(tmp_path):
     """Under DDP each rank's BatchNorm statistics come from its own batches, so the ranks' EMA
-    buffers drift apart; the checkpoint holds rank 0's. The trainer gives every rank rank 0's
-    before each evaluation and checkpoint, so a stopped and resumed two-process run equals
-    the uninterrupted one, EMA included."""
+    buffers drift apart; checkpoints hold rank 0's. Every rank evaluates rank 0's, so a
+    two-process run stopped at a step with no evaluation or checkpoint due (5) and resumed
+    equals the uninterrupted one, EMA included."""
     import socket
     import time
 
@@ -142,7 +142,7 @@ def test_two_processes_resume_the_ema_exactly(tmp_path):
               "trainer.epochs=null", "optim.schedule_unit=step", "optim.warmup_steps=1",
               "data.num_workers=0"]  # fmt: skip
     a, b = tmp_path / "a", tmp_path / "b"
-    runs = [(port(), a, common), (port(), b, [*common, "trainer.stop_at=3"]), (port(), b, common)]
+    runs = [(port(), a, common), (port(), b, [*common, "trainer.stop_at=5"]), (port(), b, common)]
     ctx = mp.start_processes(_rank, args=(runs,), nprocs=2, join=False, start_method="fork")
     deadline = time.monotonic() + 300
     while not ctx.join(timeout=5):  # (returns as each process ends)

@@ -326,7 +326,11 @@ def _parallel(t, info) -> str:
     return mode + (", activation checkpointing" if t.activation_checkpointing else "")
 
 
-def _evaluate(task, model, autocast, t, monitor, step) -> dict:
+def _evaluate(task, model, autocast, t, monitor, step, info) -> dict:
+    if info.enabled:  # every rank evaluates rank 0's BatchNorm statistics, the ones a
+        dist_lib.broadcast_buffers(task.model, info)  # checkpoint holds (eval.py's numbers)
+        if getattr(task, "ema", None) is not None:
+            task.ema.sync_buffers(info)
     evals = task.evaluate(model, autocast, t.eval_tokens)
     line = f"step {step} | {_describe(evals)}"
     ema = getattr(task, "ema", None)
@@ -365,7 +369,7 @@ def _loop(rc, info, task, train_model, opt, manager, monitor, step, accum, run_d
     extras = lambda: {"wandb_id": monitor.wandb_id}  # noqa: E731
     evals = {}
     if step == 0:
-        monitor.log({"step": 0, **_evaluate(task, model, autocast, t, monitor, 0)})
+        monitor.log({"step": 0, **_evaluate(task, model, autocast, t, monitor, 0, info)})
     meter = Throughput()
     # steps left out of the throughput: the first compiles; with CUDA graphs (compile_mode
     # reduce-overhead) the next two warm up and record the graphs, slower than the rest
@@ -404,10 +408,8 @@ def _loop(rc, info, task, train_model, opt, manager, monitor, step, accum, run_d
             records[-1].update(tok_s=tok_s, mfu=mfu)
             monitor.progress(step, t.max_steps, loss, records[-1]["lr"], tok_s, mfu, step_t,
                              unit="tok" if unit == "tokens" else "img")  # fmt: skip
-        if (ev.eval or ev.ckpt or stopping) and task.ema is not None:
-            task.ema.sync_buffers(info)  # the ranks' EMA BatchNorm statistics: rank 0's
         if ev.eval:
-            evals = _evaluate(task, model, autocast, t, monitor, step)
+            evals = _evaluate(task, model, autocast, t, monitor, step, info)
             records[-1].update(evals)
         for rec in records:
             monitor.log(rec)
@@ -423,7 +425,7 @@ def _loop(rc, info, task, train_model, opt, manager, monitor, step, accum, run_d
             )
             break
     if not evals:  # resumed a run that had already finished
-        evals = _evaluate(task, model, autocast, t, monitor, step)
+        evals = _evaluate(task, model, autocast, t, monitor, step, info)
     metric_keys = ("val_ppl", "val_acc1", "val_acc5")
     summary = {
         "final_step": step,
