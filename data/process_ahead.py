@@ -32,7 +32,8 @@ from collections.abc import Callable
 import torch
 import torch.multiprocessing  # registers the reductions that share tensors between processes
 
-_POLL_S = 0.1  # how often a blocked side looks for a stop or a dead peer
+from .background import _POLL_S  # how often a blocked side looks for a stop or a dead peer
+
 _START_S = 600.0  # the first batch may wait for a folder scan and nvJPEG's start-up
 
 

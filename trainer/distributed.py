@@ -80,18 +80,6 @@ def gather_objects(obj, info: DistInfo) -> list:
     return out
 
 
-@torch.no_grad()
-def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
-    """Give every rank rank 0's buffers of ``module`` (BatchNorm statistics: each rank updates
-    its own from its own batches between DDP's broadcasts). Sharded (DTensor) buffers are left
-    alone; identity when not distributed."""
-    if not info.enabled:
-        return
-    for b in module.buffers():
-        if type(b) is torch.Tensor or not hasattr(b, "placements"):
-            dist.broadcast(b, src=0)
-
-
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

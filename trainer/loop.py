@@ -327,13 +327,13 @@ def _parallel(t, info) -> str:
 
 
 def _evaluate(task, model, autocast, t, monitor, step, info) -> dict:
+    ema = getattr(task, "ema", None)
     if info.enabled:  # every rank evaluates rank 0's BatchNorm statistics, the ones a
-        dist_lib.broadcast_buffers(task.model, info)  # checkpoint holds (eval.py's numbers)
-        if getattr(task, "ema", None) is not None:
-            task.ema.sync_buffers(info)
+        par.broadcast_buffers(task.model, info)  # checkpoint holds (eval.py's numbers)
+        if ema is not None:
+            ema.sync_buffers(info)
     evals = task.evaluate(model, autocast, t.eval_tokens)
     line = f"step {step} | {_describe(evals)}"
-    ema = getattr(task, "ema", None)
     if ema is not None:  # the EMA weights, evaluated on the same data
         ema_evals = task.evaluate(ema.model, autocast, t.eval_tokens)
         evals.update({f"ema_{k}": v for k, v in ema_evals.items()})

@@ -11,7 +11,7 @@ import torch
 from ops.launch import _INTERPRET
 
 from .agc_kernel import adaptive_clip_fused_, unit_layout
-from .distributed import broadcast_buffers
+from .parallel import broadcast_buffers, is_dtensor
 
 
 def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
@@ -81,7 +81,7 @@ def adaptive_clip_(
         if g is None:
             continue
         ok = type(g) is torch.Tensor and g.is_contiguous() and p.is_contiguous() and p.numel()
-        (fast if ok and not _is_dtensor(p) else slow).append(p)
+        (fast if ok and not is_dtensor(p) else slow).append(p)
     groups: dict = {}
     for p in fast:
         groups.setdefault((p.device, p.dtype, p.grad.dtype), []).append(p)
@@ -97,7 +97,7 @@ def adaptive_clip_(
         limit = _unitwise_norm(p.detach()).clamp(min=eps).mul_(clip)
         g = p.grad.detach()
         g_norm = _unitwise_norm(g)
-        sharded = sharded or _is_dtensor(g_norm)
+        sharded = sharded or is_dtensor(g_norm)
         if not sharded:
             sq.append(g_norm.float().square().sum())
         scale = torch.where(g_norm > limit, limit / g_norm.clamp(min=1e-6), torch.ones_like(g_norm))
@@ -108,16 +108,6 @@ def adaptive_clip_(
         return torch.zeros(())
     dev = sq[0].device
     return torch.stack([t.to(dev) for t in sq]).sum().sqrt()
-
-
-try:
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # builds without distributed
-    _DTensor = ()
-
-
-def _is_dtensor(p) -> bool:
-    return bool(_DTensor) and isinstance(p, _DTensor)
 
 
 _UNIT_LENGTHS: dict = {}  # (device, shapes) -> elements per unit, made once per model

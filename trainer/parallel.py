@@ -222,6 +222,18 @@ def is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
+@torch.no_grad()
+def broadcast_buffers(module: nn.Module, info) -> None:
+    """Give every rank rank 0's buffers of ``module`` (BatchNorm statistics: each rank updates
+    its own from its own batches between DDP's broadcasts). Sharded (DTensor) buffers are left
+    alone; identity when not distributed."""
+    if not info.enabled:
+        return
+    for b in module.buffers():
+        if not is_dtensor(b):
+            dist.broadcast(b, src=0)
+
+
 def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` that also takes sharded (DTensor) gradients: the
     global norm is reduced over ranks and returned as a plain tensor (inf: measure only)."""

@@ -272,7 +272,7 @@ class ClassificationTask:
                     f"{rc.model.img_size}; set both to the same size"
                 )
             self.train_loader = _Epochs(loader, augment=self.decode)
-            ahead = int(rc.data.decode_ahead) if self.decode is not None else 0
+            ahead = int(rc.data.decode_ahead)
             if self.decode is not None and rc.data.decode_process:  # a process of its own
                 factory = functools.partial(_gpu_train_source, rc, info.rank, info.world_size,
                                             str(info.device))  # fmt: skip
@@ -280,7 +280,7 @@ class ClassificationTask:
                     factory, info.device, max(1, ahead), length=len(self.train_loader),
                     state=self.train_loader.state_dict(),
                 )  # fmt: skip
-            elif ahead:  # two threads while the step runs: read + decode, then augment
+            elif self.decode is not None:  # two threads while the step runs (0: in the loop)
                 self.train_loader = _decoded(self.train_loader, self.decode, info.device, ahead)
 
     def next_batch(self):
