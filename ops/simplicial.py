@@ -226,8 +226,8 @@ def _fwd_tiles(opts: dict, d: int, dtype: torch.dtype, group: int) -> tuple[str,
     (``_fwd_kernel``). packed1 GPU defaults (block_n2, num_warps, num_stages), where not given:
     fp16/bf16 (64, 4, 1): one warpgroup for the 64 rows (8 warps compute S twice) and no
     spills at D=128 (Triton 3.6 and 3.8, sm_90); fp32 (32, 8, 1), spill-free too. bf16 on an
-    H100: 403 TFLOP/s (window_gqa, docs/benchmarks.md). Stages change nothing there: the kernel prefetches k1/v1 itself, Triton does not
-    pipeline the loop. Under the interpreter the 16-tiles of ``_tiles``."""
+    H100: 403 TFLOP/s (window_gqa, docs/benchmarks.md). Stages change nothing there: the
+    kernel prefetches k1/v1 itself, Triton does not pipeline the loop. Under the interpreter the 16-tiles of ``_tiles``."""
     tiles = _tiles(opts, d, dtype, group, backward=False)
     choice = opts.get("fwd_kernel") or "auto"
     if choice not in _FWD_KERNELS:

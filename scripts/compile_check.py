@@ -145,18 +145,17 @@ def _cga(heads, cs, window, kernels, side):
 def _augment():
     """data.decode=gpu's kernels (the batch crop-resize, RandAugment's three op families) and
     the trainer's one-launch AGC."""
-    from data.augment_kernels import affine_rows, blend_rows, lut_rows
-    from data.resize_kernel import resize_batch
-
     images = [torch.zeros(3, 375, 500, dtype=torch.uint8) for _ in range(2)]
-    resize_batch(images, [(0, 0, 300, 400), (10, 20, 100, 90)], [(224, 224)] * 2, [(0, 0)] * 2,
-                 [False, True], 224)  # fmt: skip
-    affine_rows(torch.zeros(4, 3, 224, 224), torch.tensor([0, 3]), torch.zeros(2, 6),
-                torch.zeros(3))  # fmt: skip
-    blend_rows(torch.zeros(4, 3, 224, 224), torch.tensor([0, 3]), torch.tensor([1, 3]),
-               torch.zeros(2, 1, dtype=torch.float64))  # fmt: skip
-    lut_rows(torch.zeros(4, 3, 224, 224), torch.tensor([0, 3]), torch.tensor([0, 4]),
-             torch.zeros(2, 256, dtype=torch.float64))  # fmt: skip
+    resize_kernel.resize_batch(images, [(0, 0, 300, 400), (10, 20, 100, 90)], [(224, 224)] * 2,
+                               [(0, 0)] * 2, [False, True], 224)  # fmt: skip
+    x, rows = torch.zeros(4, 3, 224, 224), torch.tensor([0, 3])
+    augment_kernels.affine_rows(x, rows, torch.zeros(2, 6), torch.zeros(3))
+    augment_kernels.blend_rows(
+        x, rows, torch.tensor([1, 3]), torch.zeros(2, 1, dtype=torch.float64)
+    )
+    augment_kernels.lut_rows(
+        x, rows, torch.tensor([0, 4]), torch.zeros(2, 256, dtype=torch.float64)
+    )
     ps = [torch.nn.Parameter(torch.zeros(8, 3, 3, 3)), torch.nn.Parameter(torch.zeros(8))]
     for p in ps:
         p.grad = torch.zeros_like(p)
@@ -175,8 +174,8 @@ CASES = {
         _simplicial(4096, 64, 1, 128, 32, 512),
         _simplicial(1024, 12, 12, 64, 64, 64),
     ),
-    # M0's three stages at 224 (maps 14, 7, 4) and M5's widest (7/5/3/3 kernels, Cs 96)
     "augment": _augment,
+    # M0's three stages at 224 (maps 14, 7, 4) and M5's widest (7/5/3/3 kernels, Cs 96)
     "cga": lambda: (
         _cga(4, 16, 7, (5, 5, 5, 5), 14),
         _cga(4, 48, 4, (5, 5, 5, 5), 4),
