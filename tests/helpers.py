@@ -57,3 +57,39 @@ def randomize_bn(model, seed=0):
             elif name.endswith("running_var"):
                 b.copy_(torch.rand(b.shape, generator=g) + 0.5)
     return model
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_worker(rank: int, world: int, train_fn, runs: list) -> None:
+    """One rank: ``train_fn(run_dir, *overrides)`` for each (port, run_dir, overrides) in turn,
+    each in its own process group."""
+    for port, run_dir, overrides in runs:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+        train_fn(run_dir, *overrides)
+
+
+def run_two_processes(train_fn, runs: list, timeout_s: float) -> None:
+    """``train_fn(run_dir, *overrides)`` for each (run_dir, overrides) of ``runs`` on two gloo
+    processes forked from this one (no re-import: a second each); fails the test on a hang."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    runs = [(_free_port(), str(d), list(o)) for d, o in runs]
+    ctx = mp.start_processes(_rank_worker, args=(2, train_fn, runs), nprocs=2, join=False,
+                             start_method="fork")  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=5):  # (returns as each process ends)
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"two-process runs did not finish in {timeout_s:.0f} s (a hang?)")

@@ -7,11 +7,9 @@ import dataclasses
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import ops
 from models import build_model
@@ -19,7 +17,7 @@ from trainer import config as config_lib
 from trainer import parallel as par
 from trainer.distributed import DistInfo
 
-from .helpers import compose_cfg, train
+from .helpers import compose_cfg, run_two_processes, train
 
 # llm_tiny (4 blocks, tied embedding, GQA) on 32-token sequences; 256 tokens a step, which is
 # 2 micro-batches on one process and 1 on each of two. 33 validation windows: the last one goes
@@ -57,41 +55,14 @@ def assert_same_run(a: dict, b: dict, steps, rel=1e-5):
                 assert math.isclose(a[s][key], b[s][key], rel_tol=tol), (s, key, a[s], b[s])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, runs: list) -> None:
-    """One rank: train each (port, run_dir, overrides) in turn, each in its own process group."""
-    for port, run_dir, overrides in runs:
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-        train(run_dir, *overrides)
-
-
-def run_two_processes(runs: list) -> None:
-    """Train on two gloo processes forked from this one (no re-import: a second each)."""
-    runs = [(_free_port(), str(d), list(o)) for d, o in runs]
-    ctx = mp.start_processes(_worker, args=(2, runs), nprocs=2, join=False, start_method="fork")
-    deadline = TIMEOUT_S
-    while not ctx.join(timeout=5):
-        deadline -= 5
-        if deadline <= 0:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"two-process FSDP runs did not finish in {TIMEOUT_S} s (a hang?)")
-
-
 def test_fsdp_on_two_processes_trains_and_checkpoints_like_one(tmp_path):
     one, two, back, into = (tmp_path / n for n in ("one", "two", "back", "into"))
     train(one, *LLM)  # the reference: one process, no sharding, no checkpointing
-    run_two_processes([
+    run_two_processes(train, [
         (two, [*LLM, *FSDP]),  # from scratch
         # a full single-process checkpoint loaded into the sharded model and optimizer
         (into, [*LLM, *FSDP, f"trainer.resume={one}/checkpoints/step_0000003.pt"]),
-    ])  # fmt: skip
+    ], TIMEOUT_S)  # fmt: skip
     r1, r2, r_into = records(one), records(two), records(into)
     assert sorted(r2) == list(range(7)) and sorted(r_into) == [4, 5, 6]
     assert_same_run(r1, r2, range(7))

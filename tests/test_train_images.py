@@ -113,43 +113,19 @@ def test_eval_cli_reports_top1_top5_for_raw_and_ema_weights(tmp_path):
     assert "top-1" in res.stdout and "ema" in res.stdout
 
 
-def _rank(rank: int, runs: list) -> None:
-    import os
-
-    for port, run_dir, overrides in runs:
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-        run(run_dir, *overrides)
-
-
 def test_two_processes_resume_the_ema_exactly(tmp_path):
     """Under DDP each rank's BatchNorm statistics come from its own batches, so the ranks' EMA
     buffers drift apart; checkpoints hold rank 0's. Every rank evaluates rank 0's, so a
     two-process run stopped at a step with no evaluation or checkpoint due (5) and resumed
     equals the uninterrupted one, EMA included."""
-    import socket
-    import time
-
-    import torch.multiprocessing as mp
-
-    def port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+    from .helpers import run_two_processes
 
     common = ["trainer.device=cpu", "trainer.micro_batch=8", "trainer.global_batch=16",
               "trainer.max_steps=6", "trainer.eval_every=3", "trainer.ckpt_every=2",
               "trainer.epochs=null", "optim.schedule_unit=step", "optim.warmup_steps=1",
               "data.num_workers=0"]  # fmt: skip
     a, b = tmp_path / "a", tmp_path / "b"
-    runs = [(port(), a, common), (port(), b, [*common, "trainer.stop_at=5"]), (port(), b, common)]
-    ctx = mp.start_processes(_rank, args=(runs,), nprocs=2, join=False, start_method="fork")
-    deadline = time.monotonic() + 300
-    while not ctx.join(timeout=5):  # (returns as each process ends)
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("two-process runs did not finish in 300 s (a hang?)")
+    run_two_processes(run, [(a, common), (b, [*common, "trainer.stop_at=5"]), (b, common)], 300)
     ra = {r["step"]: r for r in records(a)}
     rb = {r["step"]: r for r in records(b)}
     assert ra[6]["ema_val_loss"] == rb[6]["ema_val_loss"]
