@@ -97,19 +97,26 @@ def _affine_kernel(x, rows, mats, fill, out, H: tl.constexpr, W: tl.constexpr, B
         tl.store(out + (i * 3 + ch).to(tl.int64) * (H * W) + p, v, mask=mask)
 
 
+def _check_images(x: torch.Tensor, who: str) -> None:
+    if x.dtype != torch.float32 or x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"{who}: x must be float32 (B, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+
+
+def _output(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The (n, 3, H, W) float32 result of a family's launch for n of the images ``x``."""
+    return torch.empty(n, 3, *x.shape[2:], dtype=torch.float32, device=x.device)
+
+
 def affine_rows(x: torch.Tensor, rows: torch.Tensor, params: torch.Tensor, fill: torch.Tensor,
                 block: int = 256) -> torch.Tensor:  # fmt: skip
     """``_affine`` of the images ``x[rows]`` (float32 (B, 3, H, W), integer values) with the
     per-image matrices ``params`` (n, 6): returns float32 (n, 3, H, W); ``x`` is only read."""
-    if x.dtype != torch.float32 or x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"affine_rows: x must be float32 (B, 3, H, W), got {x.dtype} "
-                         f"{tuple(x.shape)}")  # fmt: skip
+    _check_images(x, "affine_rows")
     n = rows.numel()
     if params.shape != (n, 6):
         raise ValueError(f"affine_rows: params must be ({n}, 6), got {tuple(params.shape)}")
-    x = x.contiguous()
+    x, out = x.contiguous(), _output(x, n)
     _, _, h, w = x.shape
-    out = torch.empty(n, 3, h, w, dtype=torch.float32, device=x.device)
     if n == 0:
         return out
     params = params.to(torch.float64).contiguous()
@@ -195,17 +202,14 @@ def blend_rows(x: torch.Tensor, rows: torch.Tensor, kinds: torch.Tensor, alphas:
     per image its kind (0 Color, 1 Contrast, 2 Brightness, 3 Sharpness) and factor; returns
     float32 (n, 3, H, W); ``x`` is only read. One program an image (a Contrast image sums its
     L first)."""
-    if x.dtype != torch.float32 or x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"blend_rows: x must be float32 (B, 3, H, W), got {x.dtype} "
-                         f"{tuple(x.shape)}")  # fmt: skip
+    _check_images(x, "blend_rows")
     n = rows.numel()
     if kinds.numel() != n or alphas.numel() != n:
         raise ValueError(
             f"blend_rows: {n} rows but {kinds.numel()} kinds, {alphas.numel()} factors"
         )
-    x = x.contiguous()
+    x, out = x.contiguous(), _output(x, n)
     _, _, h, w = x.shape
-    out = torch.empty(n, 3, h, w, dtype=torch.float32, device=x.device)
     if n == 0:
         return out
     launch(_blend_kernel, (n,), x, rows.contiguous(), kinds.to(torch.int32).contiguous(),
@@ -274,16 +278,13 @@ def lut_rows(x: torch.Tensor, rows: torch.Tensor, kinds: torch.Tensor, tables: t
     """``_lut_family`` of the images ``x[rows]`` (float32 (B, 3, H, W), values 0..255): per
     image its kind (0 AutoContrast, 1 Equalize, others: its row of ``tables`` (n, 256), one
     table for the three channels); returns float32 (n, 3, H, W); ``x`` is only read."""
-    if x.dtype != torch.float32 or x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"lut_rows: x must be float32 (B, 3, H, W), got {x.dtype} "
-                         f"{tuple(x.shape)}")  # fmt: skip
+    _check_images(x, "lut_rows")
     n = rows.numel()
     if kinds.numel() != n or tuple(tables.shape) != (n, 256):
         raise ValueError(f"lut_rows: {n} rows need {n} kinds and tables ({n}, 256), got "
                          f"{kinds.numel()} and {tuple(tables.shape)}")  # fmt: skip
-    x = x.contiguous()
+    x, out = x.contiguous(), _output(x, n)
     _, _, h, w = x.shape
-    out = torch.empty(n, 3, h, w, dtype=torch.float32, device=x.device)
     if n == 0:
         return out
     luts = torch.empty(n, 3, 256, dtype=torch.float32, device=x.device)
