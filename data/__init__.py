@@ -41,6 +41,7 @@ from data.images import (
     build_mixup,
     build_transforms,
     check_image_config,
+    decode_in_process,
     load_hf_split,
     make_image_folder,
     open_packed,
@@ -59,7 +60,7 @@ from data.long_docs import (
     select_long_documents,
     split_documents,
 )
-from data.process_ahead import ProcessAhead
+from data.process_ahead import ProcessAhead, batch_spec
 from data.shards import SHARD_SUFFIXES, list_shards, load_tokens, write_shard
 from data.sources import (
     FINEWEB_EDU_CONFIGS,
@@ -101,6 +102,7 @@ __all__ = [
     "ShardSampler",
     "TokenDataConfig",
     "TokenLoader",
+    "batch_spec",
     "build_device_prep",
     "build_gpu_pipeline",
     "build_image_datasets",
@@ -111,6 +113,7 @@ __all__ = [
     "bundled_corpus",
     "bundled_documents",
     "check_image_config",
+    "decode_in_process",
     "default_cache_dir",
     "encode_document",
     "encode_documents",

@@ -98,8 +98,10 @@ class ImageDataConfig:
     decode_ahead: int = 2
     # data.decode=gpu: the loader, the decoding and the augmentation in a child process of their
     # own (data.process_ahead; batches through shared CUDA buffers), so that their host work
-    # does not share the training step's GIL. Opt-in until timed on a GPU
-    decode_process: bool = False
+    # does not share the training step's GIL (+20% images/s for EfficientViT-M0 on an H100,
+    # docs/benchmarks.md). None: on when training on CUDA, off elsewhere (the CPU keeps the
+    # threads, which spawn no process); true/false force it
+    decode_process: bool | None = None
     # data.decode=gpu on CUDA: RandAugment's op families as one Triton launch each
     # (data.augment_kernels; the same values as the torch ops, +13-37% images/s for
     # EfficientViT-M0 on an H100, docs/benchmarks.md); false: the torch ops
@@ -134,7 +136,7 @@ def check_image_config(cfg: ImageDataConfig) -> None:
         raise ValueError(f"data.aug_repeats must be >= 1, got {cfg.aug_repeats!r}")
     if int(cfg.decode_ahead) < 0:
         raise ValueError(f"data.decode_ahead must be >= 0, got {cfg.decode_ahead!r}")
-    if getattr(cfg, "decode_process", False) and getattr(cfg, "decode", "cpu") != "gpu":
+    if getattr(cfg, "decode_process", None) and getattr(cfg, "decode", "cpu") != "gpu":
         raise ValueError("data.decode_process=true needs data.decode=gpu (the child process "
                          "decodes on the device); with decode=cpu the loader's workers "
                          "already run in processes of their own")  # fmt: skip
@@ -148,6 +150,15 @@ def check_image_config(cfg: ImageDataConfig) -> None:
     if cfg.kind == "digits" and not 0.0 < float(cfg.val_fraction) < 1.0:
         raise ValueError(f"data.val_fraction must be in (0, 1), got {cfg.val_fraction!r}")
     _check_decode(cfg)
+
+
+def decode_in_process(cfg: ImageDataConfig, device) -> bool:
+    """Whether data.decode=gpu's pipeline runs in a child process (data.decode_process; None
+    picks it on CUDA devices)."""
+    if getattr(cfg, "decode", "cpu") != "gpu":
+        return False
+    choice = getattr(cfg, "decode_process", None)
+    return str(device).split(":")[0] == "cuda" if choice is None else bool(choice)
 
 
 def _check_decode(cfg: ImageDataConfig) -> None:

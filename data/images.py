@@ -113,6 +113,7 @@ from data.image_config import (  # noqa: F401
     ImageDataConfig,
     _check_prob,
     check_image_config,
+    decode_in_process,
 )
 from data.image_sets import (  # noqa: F401
     DigitsDataset,
@@ -456,6 +457,7 @@ __all__ = [
     "build_mixup",
     "build_transforms",
     "check_image_config",
+    "decode_in_process",
     "load_hf_split",
     "make_image_folder",
     "open_packed",

@@ -16,8 +16,9 @@ table and writes JSON. Needs a CUDA GPU.
 ``--data`` adds real loading, to see whether it keeps up with the step: ``cpu`` (``data=imagenet``
 from the folder ``--root``, workers decode and augment, uint8 to the GPU), ``gpu-inline``
 (``data.decode=gpu``, decoded in the training loop, ``data.decode_ahead=0``), ``gpu``
-(``data.decode=gpu``, decoded ahead by two background threads) and ``gpu-process`` (the same in
-a child process of its own, ``data.decode_process=true``). ``--generate N`` writes an
+(``data.decode=gpu``, decoded ahead by two background threads, ``data.decode_process=false``) and
+``gpu-process`` (the same in a child process of its own, ``data.decode_process=true``, the
+default on CUDA). ``--generate N`` writes an
 ImageNet-like folder of N 500x375 JPEGs first (``scripts/bench_image_loader.py``'s generator).
 A loading cell runs ``--steps`` optimizer steps over that folder (several epochs if it is small).
 """
@@ -48,7 +49,7 @@ def data_overrides(data: str, steps: int, root: str | None, workers: int) -> lis
     if data == "synthetic":  # one random batch already on the GPU
         return ["data=synthetic_images", f"data.synthetic_batches={steps}", "trainer.epochs=1"]
     decode = {"cpu": ["data.decode=cpu"], "gpu-inline": ["data.decode=gpu", "data.decode_ahead=0"],
-              "gpu": ["data.decode=gpu", "data.decode_ahead=2"],
+              "gpu": ["data.decode=gpu", "data.decode_ahead=2", "data.decode_process=false"],
               "gpu-process": ["data.decode=gpu", "data.decode_ahead=2",
                               "data.decode_process=true"]}[data]  # fmt: skip
     return ["data=imagenet", f"data.root={root}", f"data.num_workers={workers}",

@@ -24,6 +24,7 @@ from data import (
     build_gpu_pipeline,
     build_image_loaders,
     build_transforms,
+    decode_in_process,
     make_image_folder,
     to_device,
     write_packed,
@@ -482,6 +483,18 @@ def test_config_errors(folder):
         build_image_loaders(replace(_gpu_cfg(folder), decode="cpu", decode_process=True), 2)
 
 
+def test_decode_process_defaults_to_cuda_only():
+    """data.decode_process=null (the default) puts decode=gpu's pipeline in a child process on
+    CUDA devices only; true/false force it; decode=cpu never uses it."""
+    gpu = ImageDataConfig(kind="folder", decode="gpu")
+    assert gpu.decode_process is None
+    assert decode_in_process(gpu, torch.device("cuda", 1)) and decode_in_process(gpu, "cuda")
+    assert not decode_in_process(gpu, torch.device("cpu"))
+    assert decode_in_process(replace(gpu, decode_process=True), "cpu")
+    assert not decode_in_process(replace(gpu, decode_process=False), "cuda")
+    assert not decode_in_process(ImageDataConfig(kind="folder"), "cuda")  # decode=cpu
+
+
 def test_trainer_with_gpu_decode_resumes_exactly(tmp_path, folder):
     """The trainer end to end with data.decode=gpu (CPU here): the pipeline's batch counter
     is checkpointed with the data position, so a stopped and resumed run matches an
@@ -579,14 +592,14 @@ def test_cuda_decode_leaves_queued_reads_alone():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_process_source_hands_out_the_threads_batches(folder, device):
-    """data.decode_process: the child's batches (CUDA buffers shared by IPC on a GPU) equal
-    those the trainer's own threads make, bit for bit, from a start and from a resumed
-    position."""
+    """data.decode_process: the child's batches (CUDA buffers shared by IPC on a GPU, laid
+    out by the trainer's spec before the child's threads start) equal those the trainer's own
+    threads make, bit for bit, from a start and from a resumed position."""
     import functools
 
-    from data import ProcessAhead
+    from data import ProcessAhead, batch_spec
     from trainer import config as config_lib
-    from trainer.tasks import _gpu_train_source
+    from trainer.tasks import _gpu_train_source, _gpu_train_spec
 
     from .helpers import compose_cfg
 
@@ -600,7 +613,8 @@ def test_process_source_hands_out_the_threads_batches(folder, device):
     factory = functools.partial(_gpu_train_source, rc, 0, 1, device)
     here = factory()
     want = [here.next_batch() for _ in range(5)]
-    there = ProcessAhead(factory, device, depth=2)
+    assert batch_spec(want[0]) == _gpu_train_spec(rc)  # the layout the slots are made in
+    there = ProcessAhead(factory, device, depth=2, spec=_gpu_train_spec(rc))
     try:
         got = [there.next_batch() for _ in range(3)]
         state = there.state_dict()
@@ -613,4 +627,5 @@ def test_process_source_hands_out_the_threads_batches(folder, device):
             here.close()
     for (xw, yw), (xg, yg) in zip(want, got):
         assert xg.device.type == device and xg.dtype == torch.uint8
+        assert xg.stride() == xw.stride()  # channels_last, as the threads hand it out
         assert torch.equal(xg, xw) and torch.equal(yg, yw)

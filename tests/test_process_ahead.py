@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from data import ProcessAhead
+from data import ProcessAhead, batch_spec
 
 
 class Counter:
@@ -20,6 +20,8 @@ class Counter:
         if self.i == self.bad:
             if self.how == "exit":
                 os._exit(3)
+            if self.how == "crash":  # as a native library's fault would
+                os.kill(os.getpid(), signal.SIGSEGV)
             if self.how == "shape":
                 return torch.zeros(5), torch.zeros(1)
             raise ValueError(f"no batch {self.i}")
@@ -73,7 +75,16 @@ def test_load_state_dict_restarts_the_child_at_the_position():
 
 @pytest.mark.parametrize(
     "how, match",
-    [("raise", "ValueError: no batch 2"), ("exit", "exit code 3"), ("shape", "a batch of")],
+    [
+        ("raise", "ValueError: no batch 2"),
+        ("exit", "exit code 3"),
+        ("shape", "a batch of"),
+        (
+            "crash",
+            r"(?s)exit code -11.*crashed:\n.*Fatal Python error: Segmentation fault.*"
+            r"line \d+ in next_batch\n",
+        ),
+    ],  # fmt: skip
 )
 def test_failures_in_the_child_reach_the_caller(how, match):
     src = ProcessAhead(functools.partial(_counter, bad=2, how=how), "cpu", depth=1)
@@ -101,9 +112,55 @@ def test_the_child_leaves_sigint_and_sigterm_to_the_trainer():
     assert not proc.is_alive()
 
 
+def test_slots_laid_out_by_the_spec_before_the_source_exists():
+    """With a spec the slots (and so the batches handed out) take its layout, made before the
+    child builds the source; a batch that does not fit them is an error."""
+    x = torch.empty(3, 2, device="meta").t()  # (2, 3), column-major: not the source's layout
+    spec = batch_spec((x, torch.empty(1, dtype=torch.int64, device="meta")))
+    assert spec == (((2, 3), (1, 2), torch.float32), ((1,), (1,), torch.int64))
+    src = ProcessAhead(functools.partial(_counter), "cpu", depth=2, spec=spec)
+    try:
+        x, y = src.next_batch()
+        assert x.stride() == (1, 2) and y.dtype == torch.int64
+        assert _values(src, 3) == [(i, 10 * i) for i in range(1, 4)]
+    finally:
+        src.close()
+    wrong = ((2, 3), (3, 1), torch.float32), ((1,), (1,), torch.float32)  # float labels
+    src = ProcessAhead(functools.partial(_counter), "cpu", depth=2, spec=wrong)
+    try:
+        with pytest.raises(RuntimeError, match="does not fit the slots"):
+            src.next_batch()
+    finally:
+        src.close()
+
+
+def _counter_if_start_method(expected: str):
+    import multiprocessing
+
+    if multiprocessing.get_start_method() != expected:
+        raise RuntimeError(f"child start method {multiprocessing.get_start_method()!r}")
+    return Counter()
+
+
+def test_the_childs_own_processes_start_as_the_parents_would():
+    """A spawned child's default start method is the parent's (fork on Linux), not spawn:
+    its loader's workers start in seconds, not minutes."""
+    import multiprocessing
+
+    method = multiprocessing.get_start_method()
+    src = ProcessAhead(functools.partial(_counter_if_start_method, method), "cpu", depth=1)
+    try:
+        assert _values(src, 2) == [(0, 0), (1, 10)]
+    finally:
+        src.close()
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="depth must be >= 1"):
         ProcessAhead(functools.partial(_counter), "cpu", depth=0)
+    for spec in ((), [((2, 3), (3,), torch.float32)], [((2, 3), (3, 1), "float32")], 5):
+        with pytest.raises(ValueError, match="spec must be"):
+            ProcessAhead(functools.partial(_counter), "cpu", spec=spec)
     with pytest.raises(TypeError, match="no length"):
         len(ProcessAhead(functools.partial(_counter), "cpu"))
 
@@ -113,7 +170,8 @@ def test_bad_arguments():
 def test_cuda_batches_through_shared_buffers():
     """CUDA slots shared by IPC and ordered by interprocess events: every batch arrives whole
     while the parent's stream is busy, and a slot is not rewritten before the parent read it."""
-    src = ProcessAhead(functools.partial(_counter, device="cuda"), "cuda", depth=2)
+    spec = batch_spec(Counter(device="meta").next_batch())
+    src = ProcessAhead(functools.partial(_counter, device="cuda"), "cuda", depth=2, spec=spec)
     try:
         big = torch.randn(4096, 4096, device="cuda")
         got = []

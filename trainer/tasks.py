@@ -15,10 +15,12 @@ import ops
 from data import (
     Ahead,
     ProcessAhead,
+    batch_spec,
     build_device_prep,
     build_gpu_pipeline,
     build_image_loaders,
     build_token_data,
+    decode_in_process,
     iter_eval_batches,
     to_device,
 )
@@ -234,6 +236,15 @@ def _gpu_train_source(rc, rank: int, world: int, device: str):
     return _decoded(_Epochs(loader, augment=decode), decode, dev, int(rc.data.decode_ahead))
 
 
+def _gpu_train_spec(rc) -> tuple:
+    """The layout of ``_gpu_train_source``'s batches (uint8 images in the pipeline's memory
+    format, int64 labels), for the child's shared slots, made before its threads start."""
+    b, s = int(rc.trainer.micro_batch), int(rc.data.img_size)
+    fmt = torch.channels_last if rc.data.channels_last else torch.contiguous_format
+    images = torch.empty((b, 3, s, s), dtype=torch.uint8, device="meta", memory_format=fmt)
+    return batch_spec((images, torch.empty(b, dtype=torch.int64, device="meta")))
+
+
 def _image_loaders(rc, rank: int, world: int):
     """The loaders of this rank (one definition for the trainer and decode_process's child:
     both must draw the same batches)."""
@@ -273,12 +284,12 @@ class ClassificationTask:
                 )
             self.train_loader = _Epochs(loader, augment=self.decode)
             ahead = int(rc.data.decode_ahead)
-            if self.decode is not None and rc.data.decode_process:  # a process of its own
+            if self.decode is not None and decode_in_process(rc.data, info.device):  # own process
                 factory = functools.partial(_gpu_train_source, rc, info.rank, info.world_size,
                                             str(info.device))  # fmt: skip
                 self.train_loader = ProcessAhead(
                     factory, info.device, max(1, ahead), length=len(self.train_loader),
-                    state=self.train_loader.state_dict(),
+                    state=self.train_loader.state_dict(), spec=_gpu_train_spec(rc),
                 )  # fmt: skip
             elif self.decode is not None:  # two threads while the step runs (0: in the loop)
                 self.train_loader = _decoded(self.train_loader, self.decode, info.device, ahead)
