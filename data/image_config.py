@@ -98,7 +98,7 @@ class ImageDataConfig:
     decode_ahead: int = 2
     # data.decode=gpu: the loader, the decoding and the augmentation in a child process of their
     # own (data.process_ahead; batches through shared CUDA buffers), so that their host work
-    # does not share the training step's GIL (+20% images/s for EfficientViT-M0 on an H100,
+    # does not share the training step's GIL (+20-25% images/s for EfficientViT-M0 on an H100,
     # docs/benchmarks.md). None: on when training on CUDA, off elsewhere (the CPU keeps the
     # threads, which spawn no process); true/false force it
     decode_process: bool | None = None
