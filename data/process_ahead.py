@@ -95,6 +95,12 @@ class ProcessAhead:
         self._state = state
         return batch
 
+    def start(self) -> None:
+        """Start the child now (``next_batch`` would start it otherwise), so that its start-up
+        (the loader's scan and workers, the first batches) overlaps the caller's own."""
+        if self._proc is None:
+            self._start()
+
     def state_dict(self) -> dict | None:
         return copy.deepcopy(self._state)
 

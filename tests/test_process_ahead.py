@@ -48,11 +48,15 @@ def test_batches_in_order_and_state_of_those_handed_out():
     src = ProcessAhead(functools.partial(_counter), "cpu", depth=2, length=7, state={"i": 0})
     try:
         assert len(src) == 7
+        src.start()  # early, as the trainer does: the same child then hands out the batches
+        pid = src._proc.pid
         assert _values(src, 5) == [(i, 10 * i) for i in range(5)]
         assert src.state_dict() == {"i": 5}  # not the position of the batches made ahead
         x, _ = src.next_batch()
         x.fill_(-1)  # the caller's own copy: the slot it came from is reused
         assert _values(src, 4) == [(i, 10 * i) for i in range(6, 10)]
+        src.start()  # started already: nothing new
+        assert src._proc.pid == pid
     finally:
         src.close()
 

@@ -265,6 +265,9 @@ def _run(rc, info) -> dict:
     train_model = par.parallelize(task.model, t, info, say)
     opt = build_optimizer(task.model, rc.optim, info.device)
     step, extras = _resume(rc, task, opt, manager, info, say)
+    start = getattr(task.train_loader, "start", None)  # data.decode_process: its child, now,
+    if start is not None and step < t.max_steps:  # beside the first evaluation and compile
+        start()
     if info.is_main:
         _truncate_metrics(run_dir / "metrics.jsonl", step)
     monitor = Monitor(rc, run_dir, info.is_main, config_dict, wandb_id=extras.get("wandb_id"))
