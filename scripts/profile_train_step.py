@@ -5,18 +5,19 @@
 
 Runs ``train.py`` with the given overrides in this process and wraps the trainer's step
 function: steps ``start`` .. ``start + steps`` are timed (wall per step after a device sync,
-host time spent inside the step function, the part of it spent fetching the batch, and the
-CPU time of the whole process, above the host time when background threads work beside the
-step), then the next ``steps // 2`` run under ``torch.profiler``, which gives the GPU kernel time per step
-summed over all streams (the data pipeline's side streams included) and the host operators'
-table. A step whose host time is close to its wall time and well above its GPU time is bound by
-the host (Python, kernel launches), not the GPU. Set ``trainer.max_steps`` above
-``start + 1.5 * steps``. Needs a CUDA GPU.
+host time spent inside the step function, the part of it spent fetching the batch, the CPU
+time of the whole process, above the host time when background threads work beside the step,
+and which of its threads used it, by Linux thread name), then the next ``steps // 2`` run
+under ``torch.profiler``, which gives the GPU kernel time per step summed over all streams
+(the data pipeline's side streams included) and the host operators' table. A step whose host
+time is close to its wall time and well above its GPU time is bound by the host (Python, kernel
+launches), not the GPU. Set ``trainer.max_steps`` above ``start + 1.5 * steps``. Needs a CUDA GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import runpy
 import sys
 import time
@@ -24,6 +25,41 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def thread_cpu_times() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) of each thread of this process, by thread id, with the
+    thread's OS name (``/proc/self/task``; Linux only, else empty). Native threads carry
+    names (``pt_autograd_0``, ``cuda-EvtHandlr``, OpenMP's ``python``...)."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        out[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / tick)  # utime, stime
+    return out
+
+
+def busiest_threads(before: dict, after: dict, steps: int, top: int = 8) -> list[str]:
+    """Lines for the threads that used the most CPU between two ``thread_cpu_times``, in ms per
+    step, with how many threads of each name there were."""
+    used: dict[str, list[float]] = {}
+    for tid, (name, cpu) in after.items():
+        used.setdefault(name, []).append(cpu - before.get(tid, (name, 0.0))[1])
+    rows = sorted(((sum(v), name, len(v)) for name, v in used.items()), reverse=True)[:top]
+    return [
+        f"  {name:<20} x{n:<3} {total / steps * 1e3:7.1f} ms CPU/step" for total, name, n in rows
+    ]
 
 
 def main() -> None:
@@ -45,7 +81,7 @@ def main() -> None:
 
     first, last = args.start, args.start + args.steps
     prof_end = last + max(1, args.steps // 2)
-    st = {"n": 0, "host": 0.0, "fetch": 0.0, "prof": None, "t0": 0.0, "cpu0": 0.0}
+    st = {"n": 0, "host": 0.0, "fetch": 0.0, "prof": None, "t0": 0.0, "cpu0": 0.0, "threads": {}}
     step_fn = loop._train_step
 
     def timed_step(task, *a, **kw):
@@ -54,6 +90,7 @@ def main() -> None:
         if n == first:
             torch.cuda.synchronize()
             st["t0"], st["cpu0"] = time.perf_counter(), time.process_time()
+            st["threads"] = thread_cpu_times()
         if n == last:
             torch.cuda.synchronize()
             wall = (time.perf_counter() - st["t0"]) / args.steps
@@ -62,6 +99,10 @@ def main() -> None:
                   f"{st['host'] / args.steps * 1e3:.1f} ms/step, of which fetching the batch "
                   f"{st['fetch'] / args.steps * 1e3:.1f}; CPU time of this process (all its "
                   f"threads, not the loader's workers) {cpu * 1e3:.1f} ms/step", flush=True)  # fmt: skip
+            lines = busiest_threads(st["threads"], thread_cpu_times(), args.steps)
+            if lines:
+                print("threads of this process by CPU time (OS thread name, count):", *lines,
+                      sep="\n", flush=True)  # fmt: skip
             st["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
             st["prof"].__enter__()
         fetch = task.next_batch
