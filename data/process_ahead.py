@@ -159,7 +159,9 @@ class ProcessAhead:
         # the child's own processes (its loader's workers) start as this process's would: a
         # spawned child otherwise spawns them too, each importing torch anew (two minutes for
         # 15 workers on the GPU machine, against seconds forked)
-        method = multiprocessing.get_start_method()
+        # (get_start_method() without allow_none would fix this process's default for good)
+        method = multiprocessing.get_start_method(allow_none=True)
+        method = method or multiprocessing.get_all_start_methods()[0]  # the platform's default
         args = (self.factory, self.spec, self.device, self._state, self.depth, ready_tx, free_rx,
                 self._stop, self._crash_path, method)  # fmt: skip
         # not a daemon: its loader starts worker processes of its own
