@@ -187,21 +187,20 @@ def main() -> None:
     print(f"\n{env['gpu']} | torch {env['torch']} | batch {args.batch}, 224², bf16 autocast, "
           "channels_last, paper recipe; training images/s (data: synthetic = one batch already "
           f"on the GPU; cpu, gpu-inline, gpu, gpu-process = loading with {args.workers} workers)")  # fmt: skip
-    by = {(r["variant"], r["impl"], r["compile"], r["data"]): r for r in rows}
     head = f"{'variant':<8}{'compile':<28}{'data':<12}" + "".join(f"{i:>12}" for i in impls)
-    print(head + ("   ours/timm" if {"ours", "timm"} <= set(impls) else ""))
-    for variant in args.variants:
-        for mode in modes:
-            for data in datas:
-                vals = [by[(variant, i, mode, data)].get("images_per_s") for i in impls]
-                line = f"{variant:<8}{mode:<28}{data:<12}" + "".join(
-                    f"{v:>12,.0f}" if v else f"{'failed':>12}" for v in vals
-                )
-                if {"ours", "timm"} <= set(impls):
-                    o = by[(variant, "ours", mode, data)].get("images_per_s")
-                    t = by[(variant, "timm", mode, data)].get("images_per_s")
-                    line += f"{o / t:>11.2f}x" if o and t else f"{'-':>12}"
-                print(line)
+    both = {"ours", "timm"} <= set(impls)
+    print(head + ("   ours/timm" if both else ""))
+    for at in range(0, len(rows), len(impls)):  # one line per cell, repeated --data included
+        cells = dict(zip(impls, rows[at : at + len(impls)]))
+        first = rows[at]
+        vals = [cells[i].get("images_per_s") for i in impls]
+        line = f"{first['variant']:<8}{first['compile']:<28}{first['data']:<12}" + "".join(
+            f"{v:>12,.0f}" if v else f"{'failed':>12}" for v in vals
+        )
+        if both:
+            o, t = cells["ours"].get("images_per_s"), cells["timm"].get("images_per_s")
+            line += f"{o / t:>11.2f}x" if o and t else f"{'-':>12}"
+        print(line)
 
 
 if __name__ == "__main__":
