@@ -73,8 +73,7 @@ class ProcessAhead:
     # ------------------------------------------------------------------ the parent's side
 
     def next_batch(self) -> tuple:
-        if self._proc is None:
-            self._start()
+        self.start()
         if self._slots is None:  # the child's first message: its slots
             msg = self._get(_START_S)
             slots, ready, free = msg[1:]

@@ -331,10 +331,12 @@ def _parallel(t, info) -> str:
 
 def _evaluate(task, model, autocast, t, monitor, step, info) -> dict:
     ema = getattr(task, "ema", None)
-    if info.enabled:  # every rank evaluates rank 0's BatchNorm statistics, the ones a
-        par.broadcast_buffers(task.model, info)  # checkpoint holds (eval.py's numbers)
-        if ema is not None:
-            ema.sync_buffers(info)
+    # under DDP each rank's BatchNorm statistics come from its own batches (the EMA's drift
+    # apart too): every rank evaluates rank 0's, the ones a checkpoint holds, so eval.py gives
+    # the same numbers and a run resumed at any step equals the uninterrupted one (timm's
+    # --dist-bn broadcasts them likewise); identity on one process
+    for module in (task.model,) if ema is None else (task.model, ema.model):
+        par.broadcast_buffers(module, info)
     evals = task.evaluate(model, autocast, t.eval_tokens)
     line = f"step {step} | {_describe(evals)}"
     if ema is not None:  # the EMA weights, evaluated on the same data

@@ -11,7 +11,7 @@ import torch
 from ops.launch import _INTERPRET
 
 from .agc_kernel import adaptive_clip_fused_, unit_layout
-from .parallel import broadcast_buffers, is_dtensor
+from .parallel import is_dtensor
 
 
 def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
@@ -170,16 +170,6 @@ class WeightEMA:
         if self._other:
             ema, cur = zip(*self._other)
             torch._foreach_copy_(list(ema), list(cur))
-
-    def sync_buffers(self, info) -> None:
-        """Give every rank rank 0's EMA buffers. Under DDP the parameters agree across ranks,
-        but each rank's BatchNorm statistics come from its own batches, so the ranks' EMA
-        buffers drift apart. The trainer calls it before each evaluation, so that every rank
-        evaluates rank 0's EMA model, the one checkpoints hold (timm broadcasts or averages
-        BatchNorm statistics before evaluating, its ``--dist-bn``). The other ranks' own EMA
-        buffers are then never read, so a run resumed from rank 0's equals the uninterrupted
-        one whatever the step it stopped at."""
-        broadcast_buffers(self.model, info)
 
     def state_dict(self) -> dict:
         return self.model.state_dict()
