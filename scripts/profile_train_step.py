@@ -27,27 +27,86 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def thread_cpu_times() -> dict[int, tuple[str, float]]:
-    """CPU seconds (user + system) of each thread of this process, by thread id, with the
-    thread's OS name (``/proc/self/task``; Linux only, else empty). Native threads carry
-    names (``pt_autograd_0``, ``cuda-EvtHandlr``, OpenMP's ``python``...)."""
+def _stat_fields(path: str) -> list[str]:
+    """The fields of a ``/proc/.../stat`` line after ``pid (comm)`` (comm may hold spaces)."""
+    with open(path) as f:
+        stat = f.read()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def thread_cpu_times(pid: int | str = "self") -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) of each thread of process ``pid`` (this one by default), by
+    thread id, with the thread's OS name (``/proc/PID/task``; Linux only, else empty). Native
+    threads carry names (``pt_autograd_0``, ``cuda-EvtHandlr``, OpenMP's ``python``...)."""
     out = {}
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     try:
-        tids = os.listdir("/proc/self/task")
+        tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return out
     for tid in tids:
         try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                stat = f.read()
-            with open(f"/proc/self/task/{tid}/comm") as f:
+            fields = _stat_fields(f"/proc/{pid}/task/{tid}/stat")
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
                 name = f.read().strip()
         except OSError:  # the thread ended meanwhile
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-        out[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / tick)  # utime, stime
+        out[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / _TICK)  # utime, stime
     return out
+
+
+def descendant_cpu_times(root: int | None = None) -> dict[int, tuple[int, float]]:
+    """CPU seconds (user + system, all threads) of every process below ``root`` (this process
+    by default), by pid, with its depth below ``root`` (1: a child; 2: a grandchild, such as a
+    child's loader workers). Linux only, else empty."""
+    root = os.getpid() if root is None else root
+    parent, cpu = {}, {}
+    try:
+        pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:
+        return {}
+    for pid in pids:
+        try:
+            fields = _stat_fields(f"/proc/{pid}/stat")
+        except OSError:
+            continue
+        parent[pid] = int(fields[1])
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / _TICK
+    out = {}
+    for pid in parent:
+        depth, up = 1, parent[pid]
+        while up != root and up in parent and depth < 64:
+            depth, up = depth + 1, parent[up]
+        if up == root:
+            out[pid] = (depth, cpu[pid])
+    return out
+
+
+def machine_cpu_times() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, summed over its CPUs
+    (``/proc/stat``; idle and iowait count as not busy). (0, 0) where unreadable."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    total = sum(vals[:8])  # user nice system idle iowait irq softirq steal
+    return (total - vals[3] - vals[4]) / _TICK, total / _TICK
+
+
+def descendant_lines(before: dict, after: dict, steps: int) -> list[str]:
+    """Lines for the CPU used by this process's descendants between two
+    ``descendant_cpu_times``, in ms per step, per depth (processes that started meanwhile
+    count from zero)."""
+    used: dict[int, list[float]] = {}
+    for pid, (depth, cpu) in after.items():
+        used.setdefault(depth, []).append(cpu - before.get(pid, (depth, 0.0))[1])
+    return [
+        f"  depth {d}: {len(v):>3} processes {sum(v) / steps * 1e3:8.1f} ms CPU/step"
+        for d, v in sorted(used.items())
+    ]
 
 
 def busiest_threads(before: dict, after: dict, steps: int, top: int = 8) -> list[str]:
@@ -67,6 +126,9 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=40, help="first timed step (after warm-up)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps; half as many profiled")
     ap.add_argument("--table", type=int, default=22, help="rows of the host operator table")
+    ap.add_argument("--ops", default="",
+                    help="comma list of operator names (aten::copy_, ...) to break down by input "
+                         "shapes (records shapes while profiling)")  # fmt: skip
     ap.add_argument("overrides", nargs="*", help="train.py overrides (after --)")
     args = ap.parse_args()
     if args.steps < 2 or args.start < 2:
@@ -81,7 +143,17 @@ def main() -> None:
 
     first, last = args.start, args.start + args.steps
     prof_end = last + max(1, args.steps // 2)
-    st = {"n": 0, "host": 0.0, "fetch": 0.0, "prof": None, "t0": 0.0, "cpu0": 0.0, "threads": {}}
+    st = {
+        "n": 0,
+        "host": 0.0,
+        "fetch": 0.0,
+        "prof": None,
+        "t0": 0.0,
+        "cpu0": 0.0,
+        "threads": {},
+        "kids": {},
+        "machine": (0.0, 0.0),
+    }
     step_fn = loop._train_step
 
     def timed_step(task, *a, **kw):
@@ -91,6 +163,7 @@ def main() -> None:
             torch.cuda.synchronize()
             st["t0"], st["cpu0"] = time.perf_counter(), time.process_time()
             st["threads"] = thread_cpu_times()
+            st["kids"], st["machine"] = descendant_cpu_times(), machine_cpu_times()
         if n == last:
             torch.cuda.synchronize()
             wall = (time.perf_counter() - st["t0"]) / args.steps
@@ -103,7 +176,23 @@ def main() -> None:
             if lines:
                 print("threads of this process by CPU time (OS thread name, count):", *lines,
                       sep="\n", flush=True)  # fmt: skip
-            st["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            kids = descendant_cpu_times()
+            busy, total = machine_cpu_times()
+            if kids:
+                print("processes below this one (a data child, its loader workers, compile "
+                      "workers) by depth:", *descendant_lines(st["kids"], kids, args.steps),
+                      sep="\n", flush=True)  # fmt: skip
+                child = max((p for p, (d, _) in kids.items() if d == 1),
+                            key=lambda p: kids[p][1] - st["kids"].get(p, (1, 0.0))[1])  # fmt: skip
+                lines = busiest_threads({}, thread_cpu_times(child), args.steps)
+                print(f"threads of the busiest child (pid {child}), CPU since it started:",
+                      *lines, sep="\n", flush=True)  # fmt: skip
+            if total > st["machine"][1]:
+                b, t = busy - st["machine"][0], total - st["machine"][1]
+                print(f"machine: {b / t:.0%} of {os.cpu_count()} CPUs busy over the timed steps",
+                      flush=True)  # fmt: skip
+            st["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                                 record_shapes=bool(args.ops))  # fmt: skip
             st["prof"].__enter__()
         fetch = task.next_batch
         if first <= n < last:
@@ -134,6 +223,14 @@ def main() -> None:
                   f"{len(kernels) / k:.0f} kernels/step, all streams", flush=True)  # fmt: skip
             print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.table,
                                          max_name_column_width=48), flush=True)  # fmt: skip
+            names = {n for n in args.ops.split(",") if n}
+            if names:
+                rows = [e for e in p.key_averages(group_by_input_shape=True) if e.key in names]
+                rows.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+                print(f"{'operator':<22}{'calls/step':>11}{'self CPU us/call':>18}  input shapes")
+                for e in rows[: args.table]:
+                    print(f"{e.key:<22}{e.count / k:>11.1f}"
+                          f"{e.self_cpu_time_total / max(e.count, 1):>18.1f}  {e.input_shapes}")  # fmt: skip
         return out
 
     loop._train_step = timed_step

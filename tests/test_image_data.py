@@ -513,6 +513,48 @@ def test_synthetic_images_kind_hands_out_one_fixed_batch_and_resumes():
     state = ep.state_dict()
     resumed = _Epochs(train)
     resumed.load_state_dict(state)
-    assert len(list(resumed._skipping(state["batch"]))) == 2
+    assert len(list(resumed._one_epoch())) == 2
     with pytest.raises(ValueError, match="synthetic_batches"):
         build_image_loaders(ImageDataConfig(kind="synthetic", synthetic_batches=0), 4)
+
+
+class _Indices(torch.utils.data.Dataset):
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        return i
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_epochs_run_as_one_loader_iterator_in_each_epochs_order_and_resume(workers):
+    """One DataLoader iterator serves all epochs (its workers run into the next epoch instead
+    of restarting), each epoch in its own shuffled order, cut into full batches as the loader
+    would; resuming mid-epoch or after an epoch's last batch continues the same sequence."""
+    from torch.utils.data import DataLoader
+
+    from data.image_augment import ShardSampler
+    from trainer.tasks import _Epochs
+
+    sampler = ShardSampler(10, seed=3)
+    kw = {"persistent_workers": True} if workers else {}
+    loader = DataLoader(_Indices(), batch_size=3, sampler=sampler, drop_last=True,
+                        num_workers=workers, generator=torch.Generator().manual_seed(0), **kw)  # fmt: skip
+    want = []
+    for epoch in range(4):  # the loader epoch by epoch: 3 full batches of 3, one index left out
+        sampler.set_epoch(epoch)
+        want += [b.tolist() for b in loader]
+    assert len(want) == 12 and want[:3] != want[3:6]
+    ep = _Epochs(loader)
+    got, iterators, states = [], set(), []
+    for _ in range(12):
+        got.append(ep.next_batch().tolist())
+        iterators.add(id(ep._it))
+        states.append(ep.state_dict())
+    assert got == want
+    assert len(iterators) == 1  # not restarted at the epoch boundaries
+    assert states[2] == {"epoch": 0, "batch": 3} and states[3] == {"epoch": 1, "batch": 1}
+    for at in (1, 2, 4):  # mid-epoch; after epoch 0's last batch; mid-epoch 1
+        resumed = _Epochs(loader)
+        resumed.load_state_dict(states[at])
+        assert [resumed.next_batch().tolist() for _ in range(11 - at)] == want[at + 1 :]

@@ -1,5 +1,7 @@
 """scripts/profile_train_step.py's per-thread CPU accounting (Linux /proc), on the CPU."""
 
+import os
+import signal
 import sys
 import threading
 import time
@@ -41,3 +43,57 @@ def test_a_busy_thread_shows_with_its_cpu_time_and_an_idle_one_does_not():
     assert len(lines) == 1 and "ms CPU/step" in lines[0]
     per_step = float(lines[0].split()[-3])
     assert per_step >= 0.1 / 2 * 1e3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_descendants_are_found_by_depth_with_their_cpu_time():
+    import subprocess
+
+    from scripts.profile_train_step import (
+        descendant_cpu_times,
+        descendant_lines,
+        machine_cpu_times,
+    )
+
+    # a child that starts a spinning grandchild, then sleeps until it ends
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 20: pass"
+    code = (
+        "import subprocess, sys\n"
+        f"g = subprocess.Popen([sys.executable, '-c', {spin!r}])\n"
+        "print(g.pid, flush=True)\n"
+        "g.wait()"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    grand = []
+    try:
+        grand = [int(child.stdout.readline())]
+        deadline = time.monotonic() + 15
+        while descendant_cpu_times().get(grand[0], (0,))[0] != 2:  # seen as a grandchild
+            assert time.monotonic() < deadline, "the grandchild did not show"
+            time.sleep(0.05)
+        time.sleep(0.2)
+        before, m0 = descendant_cpu_times(), machine_cpu_times()
+        time.sleep(0.6)
+        after, m1 = descendant_cpu_times(), machine_cpu_times()
+    finally:
+        for pid in grand:
+            os.kill(pid, signal.SIGKILL)
+        child.kill()
+        child.wait()
+        child.stdout.close()
+    assert after[child.pid][0] == 1
+    assert after[grand[0]][0] == 2
+    used = {pid: after[pid][1] - before.get(pid, (0, 0.0))[1] for pid in after}
+    assert used[grand[0]] >= 0.2  # it spun most of the 0.6 s (on a shared CPU, not all)
+    assert used[child.pid] <= 0.1  # the child slept
+    assert m1[0] - m0[0] >= 0.2 and m1[1] - m0[1] > m1[0] - m0[0]
+    ours = {child.pid, *grand}  # (the test process may have other children)
+    lines = descendant_lines(
+        {k: v for k, v in before.items() if k in ours},
+        {k: v for k, v in after.items() if k in ours},
+        steps=1,
+    )
+    assert [ln.split()[:4] for ln in lines] == [
+        ["depth", "1:", "1", "processes"],
+        ["depth", "2:", "1", "processes"],
+    ]

@@ -354,6 +354,42 @@ def test_fused_adaptive_clipping_equals_the_flat_path():
     assert 0 < _agc_torch_and_fused(params, grads, rtol=1e-6) < len(params)
 
 
+def test_fused_adaptive_clipping_keeps_its_tables_and_reads_the_current_values():
+    """The units' table and the pointer offsets are kept between steps: gradients that lie
+    where the last step's did (CUDA graphs) reuse the offsets and are still read anew, and
+    gradients elsewhere get offsets of their own."""
+    from trainer import agc_kernel
+    from trainer.optim import adaptive_clip_
+
+    torch.manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
+    grads = [torch.zeros_like(p) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    seen = []
+    for step in range(3):
+        values = [torch.randn_like(p) * (1.0 if step % 2 else 0.01) for p in params]
+        for g, v in zip(grads, values):
+            g.copy_(v)  # same storage every step, new values
+        before = len(agc_kernel._OFFSETS)
+        norm = adaptive_clip_(params, clip=0.02, fused=True)
+        seen.append(len(agc_kernel._OFFSETS) - before)
+        ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        for r, v in zip(ref, values):
+            r.grad = v.clone()
+        want = adaptive_clip_(ref, clip=0.02, fused=False)
+        torch.testing.assert_close(norm, want, rtol=1e-6, atol=0)
+        for g, r in zip(grads, ref):
+            torch.testing.assert_close(g, r.grad, rtol=1e-5, atol=1e-9)
+    assert seen[1:] == [0, 0]  # steps 2 and 3 found step 1's offsets
+    moved = [torch.randn_like(p) for p in params]  # new gradient storage: new offsets
+    for p, g in zip(params, moved):
+        p.grad = g.clone()
+    before = len(agc_kernel._OFFSETS)
+    adaptive_clip_(params, clip=0.02, fused=True)
+    assert len(agc_kernel._OFFSETS) == min(before + 1, agc_kernel._CACHE_MAX)
+
+
 @pytest.mark.gpu
 def test_cuda_fused_adaptive_clipping_equals_the_flat_path():
     """The compiled one-launch AGC against the torch path on EfficientViT-M0's parameters."""
