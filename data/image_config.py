@@ -85,6 +85,8 @@ class ImageDataConfig:
     aug_repeats: int = 3
     num_workers: int = 8  # per process; capped at the CPU count
     pin_memory: bool = True  # when CUDA is available
+    # the validation loader keeps its workers between evaluations; training runs all epochs as
+    # one loader iterator (trainer.tasks._EndlessBatches), so its workers never restart
     persistent_workers: bool = True
     channels_last: bool = True
     # workers hand out uint8 crops; normalisation and random erasing run on the training device

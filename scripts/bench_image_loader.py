@@ -112,6 +112,42 @@ def time_cell(cfg: ImageDataConfig, batch: int, batches: int, device: torch.devi
     return {"images_per_s": n / dt, "batch_mb": mb}
 
 
+def time_stages(cfg: ImageDataConfig, batch: int, batches: int, device: torch.device) -> dict:
+    """``data.decode=gpu``'s stages one at a time, images/s each: ``read`` (the workers: file
+    bytes into one buffer a batch, to this process), ``decode`` (nvJPEG, the last batch again
+    and again), ``augment`` (crop, flip, RandAugment of one decoded batch, again and again)
+    and both in one thread. The pipeline runs decode and augment in two threads (or a child
+    process), so it can go no faster than its slowest stage."""
+    warm = 2 * max(1, cfg.num_workers)
+    train, *_ = build_image_loaders(cfg, batch, seed=0, epoch_len=(warm + batches + 1) * batch)
+    pipe = build_gpu_pipeline(cfg)
+    it = iter(train)
+    for _ in range(warm):
+        b = next(it)
+    t = time.perf_counter()
+    for _ in range(batches):
+        b = next(it)
+    out = {"read": batches * batch / (time.perf_counter() - t)}
+    reps = max(3, batches // 4)
+
+    def rate(fn) -> float:
+        fn()  # (first call: allocations, kernel compiles)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return reps * batch / (time.perf_counter() - t)
+
+    decoded = pipe.decode(b[0], device, train=True)
+    out["decode"] = rate(lambda: pipe.decode(b[0], device, train=True))
+    out["augment"] = rate(lambda: pipe.augment(decoded))
+    out["decode+augment"] = rate(lambda: pipe.augment(pipe.decode(b[0], device, train=True)))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", help="an ImageNet-style folder (train/<class>/*.jpg)")
@@ -126,6 +162,9 @@ def main() -> None:
     ap.add_argument("--modes", default="float,uint8",
                     help="float (workers normalise), uint8 (device normalises), gpu (device "
                     "decodes and augments)")  # fmt: skip
+    ap.add_argument("--stages", action="store_true",
+                    help="also time data.decode=gpu's stages one at a time (read, decode, "
+                    "augment)")  # fmt: skip
     ap.add_argument("--out", default="bench_image_loader.json")
     args = ap.parse_args()
     if not args.root and not args.generate:
@@ -154,6 +193,11 @@ def main() -> None:
             rows.append({"mode": mode, "workers": nw, **cell})
             print(f"{mode:<6} workers {nw:>3}: {cell['images_per_s']:8,.0f} images/s "
                   f"({cell['batch_mb']:.0f} MB a batch)", flush=True)  # fmt: skip
+            if mode == "gpu" and args.stages:
+                stages = time_stages(cfg, args.batch, args.batches, device)
+                rows[-1]["stages"] = stages
+                print("        stages alone: " + ", ".join(f"{k} {v:,.0f}" for k, v in
+                                                       stages.items()) + " images/s", flush=True)  # fmt: skip
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "cpus": os.cpu_count(), "torch": torch.__version__, "root": args.root or "generated",
            "generate": args.generate, "size": args.size, "batch": args.batch,
