@@ -1,0 +1,227 @@
+"""How a training step and the GPU image pipeline slow each other down on one GPU.
+
+    python scripts/bench_gpu_sharing.py --root GEN [--workers 15] [--seconds 15] [--variant m0]
+
+``data.decode=gpu`` decodes (nvJPEG) and augments on the same GPU that trains. Alone, the
+pipeline and the step each run at some images/s; together each gets less. This script measures
+both rates in four phases, with nothing passed between the two (the pipeline's batches are
+dropped, the step trains on one fixed batch), so that only the sharing is timed:
+
+1. the pipeline alone, in a child process (as ``data.decode_process``);
+2. the step alone (EfficientViT, bf16 autocast, channels_last, AdamW; CUDA graphs through
+   ``torch.compile(mode="reduce-overhead")`` unless ``--no-compile``);
+3. both, the pipeline in a child process: two CUDA contexts, which a GPU without MPS runs one
+   at a time;
+4. both, the pipeline in a thread of the step's process: one context, one GIL.
+
+If phase 3's two rates add up like running one after the other (1/r3 = 1/r1 + 1/r2 in time
+per image), the GPU serialises the two processes. Prints a table and writes JSON. Runs on the
+CPU too (tiny settings, for a smoke test), where the GPU's part is not what is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _pipeline_cfg(root: str, workers: int, img_size: int):
+    from data import ImageDataConfig
+
+    return ImageDataConfig(name="bench", kind="folder", root=root, img_size=img_size,
+                           num_workers=workers, decode="gpu")  # fmt: skip
+
+
+def run_pipeline(root: str, workers: int, img_size: int, batch: int, device: str, warm: int,
+                 ready, go, stop, out) -> None:  # fmt: skip
+    """Decode and augment batches until ``stop``; put (images, seconds) counted from ``go``
+    (or an error text) on ``out``. Target of the child process and of the thread."""
+    try:
+        if mp.current_process().name != "MainProcess":  # a spawned child: its loader workers
+            mp.set_start_method(mp.get_all_start_methods()[0], force=True)  # fork on Linux
+        import torch
+
+        from data import build_gpu_pipeline, build_image_loaders
+        from trainer.tasks import _Epochs
+
+        dev = torch.device(device)
+        cfg = _pipeline_cfg(root, workers, img_size)
+        train, *_ = build_image_loaders(cfg, batch, seed=0)
+        source, pipe = _Epochs(train), build_gpu_pipeline(cfg)
+        for _ in range(warm):  # workers started, kernels compiled
+            pipe(source.next_batch()[0], dev, train=True)
+        _sync(dev)
+        ready.set()
+        go.wait()
+        t0, n = time.perf_counter(), 0
+        while not stop.is_set():
+            images = pipe(source.next_batch()[0], dev, train=True)
+            n += images.shape[0]
+        _sync(dev)
+        out.put((n, time.perf_counter() - t0))
+    except BaseException as e:  # noqa: BLE001 (reported by the caller)
+        ready.set()
+        out.put(f"{type(e).__name__}: {e}")
+
+
+def _sync(dev) -> None:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+class Step:
+    """One training step of EfficientViT on a fixed batch (no data loading)."""
+
+    def __init__(self, variant: str, batch: int, img_size: int, device, compile_: bool):
+        import torch
+
+        import ops
+        from models.efficientvit import EfficientViT, EfficientViTConfig
+
+        self.dev = device
+        model = EfficientViT(EfficientViTConfig(variant=variant, img_size=img_size),
+                             ops.build("sdpa")).to(device)  # fmt: skip
+        self.model = model.to(memory_format=torch.channels_last)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4,
+                                     fused=device.type == "cuda")  # fmt: skip
+        self.fwd = torch.compile(self.model, mode="reduce-overhead") if compile_ else self.model
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(batch, 3, img_size, img_size, generator=g)
+        self.x = x.to(device).contiguous(memory_format=torch.channels_last)
+        self.y = torch.randint(0, 1000, (batch,), generator=g).to(device)
+        self.batch = batch
+
+    def __call__(self) -> None:
+        import torch
+
+        if self.dev.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(self.dev.type, dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(self.fwd(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def time_steps(step: Step, go, stop) -> tuple[int, float]:
+    go.wait()
+    t0, n = time.perf_counter(), 0
+    while not stop.is_set():
+        step()
+        n += step.batch
+    _sync(step.dev)
+    return n, time.perf_counter() - t0
+
+
+def phase(name: str, step: Step | None, pipeline: str | None, args, device) -> dict:
+    """Run one phase for ``args.seconds``: the step (or not) beside the pipeline in a child
+    "process", a "thread", or none. Returns the rates in images/s."""
+    if pipeline == "process":
+        ctx = mp.get_context("spawn")
+        ready, go, stop, out = ctx.Event(), ctx.Event(), ctx.Event(), ctx.Queue()
+        worker = ctx.Process(target=run_pipeline,  # (not daemonic: it starts workers)
+                             args=(args.root, args.workers, args.img_size, args.batch,
+                                   str(device), args.warm, ready, go, stop, out))  # fmt: skip
+    else:
+        import queue
+
+        ready, go, stop, out = (
+            threading.Event(),
+            threading.Event(),
+            threading.Event(),
+            queue.Queue(),
+        )
+        worker = threading.Thread(target=run_pipeline, daemon=True,
+                                  args=(args.root, args.workers, args.img_size, args.batch,
+                                        str(device), args.warm, ready, go, stop, out))  # fmt: skip
+    if pipeline:
+        worker.start()
+        ready.wait()
+    timer = threading.Timer(args.seconds, stop.set)
+    go.set()
+    timer.start()
+    row = {"phase": name}
+    if step is not None:
+        n, dt = time_steps(step, go, stop)
+        row["step"] = n / dt
+    else:
+        stop.wait()
+    if pipeline:
+        got = out.get(timeout=120)
+        worker.join(timeout=30)
+        if pipeline == "process" and worker.is_alive():
+            worker.kill()
+        if isinstance(got, str):
+            raise RuntimeError(f"the pipeline failed: {got}")
+        row["pipeline"] = got[0] / got[1]
+    timer.cancel()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", required=True, help="ImageNet-style folder (train/<class>/*.jpg)")
+    ap.add_argument("--workers", type=int, default=15)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--variant", default="m0")
+    ap.add_argument("--seconds", type=float, default=15.0, help="length of each phase")
+    ap.add_argument("--warm", type=int, default=5, help="untimed pipeline batches first")
+    ap.add_argument("--warm-steps", type=int, default=10, help="untimed steps first")
+    ap.add_argument("--no-compile", action="store_true", help="eager step (no CUDA graphs)")
+    ap.add_argument("--out", default="bench_gpu_sharing.json")
+    args = ap.parse_args()
+    if not (ROOT / args.root).exists() and not Path(args.root).exists():
+        ap.error(f"--root {args.root!r} does not exist")
+
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    step = Step(args.variant, args.batch, args.img_size, device,
+                compile_=device.type == "cuda" and not args.no_compile)  # fmt: skip
+    t = time.perf_counter()
+    for _ in range(args.warm_steps):
+        step()
+    _sync(device)
+    print(f"step warmed up in {time.perf_counter() - t:.0f} s", flush=True)
+    rows = []
+    for name, with_step, pipeline in (("pipeline alone (process)", False, "process"),
+                                      ("step alone", True, None),
+                                      ("both, pipeline in a process", True, "process"),
+                                      ("both, pipeline in a thread", True, "thread")):  # fmt: skip
+        row = phase(name, step if with_step else None, pipeline, args, device)
+        rows.append(row)
+        print(f"{name:<30}" + "".join(f"  {k} {v:9,.0f} images/s" for k, v in row.items()
+                                       if k != "phase"), flush=True)  # fmt: skip
+    alone = {"pipeline": rows[0]["pipeline"], "step": rows[1]["step"]}
+    serial = 1.0 / (1.0 / alone["pipeline"] + 1.0 / alone["step"])
+    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+           "torch": torch.__version__, "cpus": os.cpu_count(), "variant": args.variant,
+           "batch": args.batch, "img_size": args.img_size, "workers": args.workers,
+           "compile": device.type == "cuda" and not args.no_compile, "seconds": args.seconds,
+           "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    Path(args.out).write_text(json.dumps({"env": env, "rows": rows, "serial": serial}, indent=2))
+    print(f"\n{env['device']} | torch {env['torch']} | {args.variant}, batch {args.batch}, "
+          f"{args.img_size}², {args.workers} workers; images/s")  # fmt: skip
+    print(f"{'phase':<30}{'step':>10}{'pipeline':>10}")
+    for r in rows:
+        print(
+            f"{r['phase']:<30}"
+            + "".join(f"{r[k]:>10,.0f}" if k in r else f"{'':>10}" for k in ("step", "pipeline"))
+        )
+    print(f"one after the other (1 / (1/step + 1/pipeline) of the phases alone): {serial:,.0f}")
+
+
+if __name__ == "__main__":
+    main()
