@@ -108,8 +108,8 @@ class _EndlessBatches:
     order after ``sampler.set_epoch(e)``, cut into batches as the loader's own batch sampler
     would, from batch ``skip`` of epoch ``epoch`` on. One loader iterator then serves the whole
     run, so its workers prepare the next epoch's first batches while this epoch's last ones
-    train: restarting the iterator each epoch left the step waiting for a worker to make one
-    whole batch (about 0.4 s for 256 JPEGs read by one worker, the first batch of each epoch)."""
+    train: restarting the iterator each epoch emptied the prefetched queue and left the step
+    waiting for the new epoch's first batch, which one worker makes whole."""
 
     def __init__(self, sampler, batch_size: int, drop_last: bool, epoch: int, skip: int):
         self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
