@@ -110,8 +110,10 @@ PACKED1_CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_fp32_kernels_match_float64_reference(case):
-    """fp32 (IEEE dots): out, LSE and all gradients within 1e-5 of the float64 reference; a
-    wrong mask, window bound or gradient term is off by O(1)."""
+    """fp32 (IEEE dots): out, LSE and all gradients within 1e-5 of the float64 reference, or
+    within twice PyTorch's own fp32 error where that is larger (the reference computed in
+    float32: on some CPUs its gradients are up to 5.5e-5 off for these cases, which fp32
+    rounding allows); a wrong mask, window bound or gradient term is off by O(1)."""
     _, b, nq, n1, n2, h, hkv, causal, w1, w2, options = case
     xs = make(b, nq, n1, n2, h, hkv, seed=nq + n1 + 3 * n2)
     go, w, ref = targets(xs, causal, w1, w2)
@@ -119,8 +121,10 @@ def test_fp32_kernels_match_float64_reference(case):
     got = run(attn, xs, causal, go, w)
     assert got[0].shape == (b, nq, h, 16) and got[0].dtype == torch.float32
     assert got[1].shape == (b, h, nq) and got[1].dtype == torch.float32
-    for name, x, r in zip(NAMES, got, ref):
-        torch.testing.assert_close(x.double(), r, rtol=1e-5, atol=1e-5, msg=name)
+    f32 = run(simplicial_reference, xs, causal, go, w, w1=w1, w2=w2)
+    for name, x, y, r in zip(NAMES, got, f32, ref):
+        atol = max(1e-5, 2 * float((y.detach().double() - r).abs().max()))
+        torch.testing.assert_close(x.double(), r, rtol=1e-5, atol=atol, msg=name)
 
 
 # backward kernels launched: [packed1 backward?]
