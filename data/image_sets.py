@@ -144,11 +144,15 @@ class ImageFolderDataset(_ImageDataset):
                 f"image folder {str(self.root)!r}: {len(empty)} class folder(s) hold no image "
                 f"files: {shown}\n{FOLDER_LAYOUT}"
             )
-        self.files = files
+        # one fixed-width byte array, not a list of str: loader workers reading a list touch
+        # each item's reference count, which copies the pages of the fork's shared list into
+        # every worker (98 MiB a worker for ImageNet's 1.28M names: scripts/bench_worker_memory.py);
+        # an array has no per-item objects to touch
+        self.files = np.array([os.fsencode(f) for f in files], dtype=np.bytes_)
         self.labels = np.asarray(labels, dtype=np.int64)
 
     def path(self, index: int) -> Path:
-        return self.root / self.files[index]
+        return self.root / os.fsdecode(self.files[index])
 
     def encoded(self, index: int) -> np.ndarray:
         path = self.path(index)

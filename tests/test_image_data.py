@@ -80,6 +80,23 @@ def test_folder_dataset_reads_generated_folder(folder):
     assert len(ImageFolderDataset(folder / "train")) == 12
 
 
+def test_folder_names_are_one_byte_array_and_read_back_exactly(tmp_path):
+    """File names live in one fixed-width byte array (no per-item objects for loader workers
+    to copy); names with non-ASCII letters and of different lengths read back exactly."""
+    names = {"zebra": ["é_1.jpg", "a.jpg"], "ñandú": ["longer_name_than_the_others.jpg"]}
+    for cls, files in names.items():
+        (tmp_path / cls).mkdir()
+        for i, f in enumerate(files):
+            (tmp_path / cls / f).write_bytes(jpeg_bytes(i))
+    ds = ImageFolderDataset(tmp_path)
+    assert isinstance(ds.files, np.ndarray) and ds.files.dtype.kind == "S"
+    assert ds.classes == ["zebra", "ñandú"]
+    got = [str(ds.path(i).relative_to(tmp_path)) for i in range(len(ds))]
+    assert got == ["zebra/a.jpg", "zebra/é_1.jpg", "ñandú/longer_name_than_the_others.jpg"]
+    assert all(ds.path(i).is_file() for i in range(len(ds)))
+    assert ds.use_encoded() is None and bytes(ds[1][0].numpy()) == jpeg_bytes(0)
+
+
 def test_folder_layout_errors_show_expected_layout(tmp_path, folder):
     with pytest.raises(FileNotFoundError, match="does not exist") as err:
         ImageFolderDataset(tmp_path / "nope")
