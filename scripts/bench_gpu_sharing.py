@@ -8,8 +8,11 @@ both rates in four phases, with nothing passed between the two (the pipeline's b
 dropped, the step trains on one fixed batch), so that only the sharing is timed:
 
 1. the pipeline alone, in a child process (as ``data.decode_process``);
-2. the step alone (EfficientViT, bf16 autocast, channels_last, AdamW; CUDA graphs through
-   ``torch.compile(mode="reduce-overhead")`` unless ``--no-compile``);
+2. the step alone (EfficientViT, bf16 autocast, channels_last, AdamW; ``--step compile``:
+   forward and backward as CUDA graphs through ``torch.compile(mode="reduce-overhead")``, as
+   the trainer's ``compile_mode=reduce-overhead``; ``graph``: the whole step, optimizer
+   included, as one captured CUDA graph, so the step's thread holds the GIL for one launch a
+   step; ``eager``);
 3. both, the pipeline in a child process: two CUDA contexts, which a GPU without MPS runs one
    at a time;
 4. both, the pipeline in a thread of the step's process: one context, one GIL.
@@ -81,36 +84,72 @@ def _sync(dev) -> None:
 
 
 class Step:
-    """One training step of EfficientViT on a fixed batch (no data loading)."""
+    """One training step of EfficientViT on a fixed batch (no data loading). ``mode``: "eager";
+    "compile" (``torch.compile(mode="reduce-overhead")``: forward and backward replayed as CUDA
+    graphs, the optimizer eager, as the trainer's ``compile_mode=reduce-overhead``); "graph"
+    (the whole step, forward, backward and AdamW, captured in one CUDA graph and replayed: the
+    host's work a step is one launch)."""
 
-    def __init__(self, variant: str, batch: int, img_size: int, device, compile_: bool):
+    def __init__(self, variant: str, batch: int, img_size: int, device, mode: str):
         import torch
 
         import ops
         from models.efficientvit import EfficientViT, EfficientViTConfig
 
-        self.dev = device
+        if mode not in ("eager", "compile", "graph"):
+            raise ValueError(f"mode must be eager, compile or graph, got {mode!r}")
+        if mode != "eager" and device.type != "cuda":
+            raise ValueError(f"mode={mode!r} needs a CUDA device")
+        self.dev, self.mode, self.batch = device, mode, batch
         model = EfficientViT(EfficientViTConfig(variant=variant, img_size=img_size),
                              ops.build("sdpa")).to(device)  # fmt: skip
         self.model = model.to(memory_format=torch.channels_last)
-        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4,
-                                     fused=device.type == "cuda")  # fmt: skip
-        self.fwd = torch.compile(self.model, mode="reduce-overhead") if compile_ else self.model
+        cuda = device.type == "cuda"
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda,
+                                     capturable=mode == "graph")  # fmt: skip
+        self.fwd = torch.compile(self.model, mode="reduce-overhead") if mode == "compile" else model
         g = torch.Generator(device="cpu").manual_seed(0)
         x = torch.randn(batch, 3, img_size, img_size, generator=g)
         self.x = x.to(device).contiguous(memory_format=torch.channels_last)
         self.y = torch.randint(0, 1000, (batch,), generator=g).to(device)
-        self.batch = batch
+        self.graph = None
 
-    def __call__(self) -> None:
+    def _step(self) -> None:
         import torch
 
-        if self.dev.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(self.dev.type, dtype=torch.bfloat16):
             loss = torch.nn.functional.cross_entropy(self.fwd(self.x), self.y)
         loss.backward()
         self.opt.step()
+
+    def _capture(self) -> None:
+        """Warm up on a side stream, then capture the step with the gradients unset, so that
+        backward makes them in the graph's memory (PyTorch's whole-network capture)."""
+        import torch
+
+        side = torch.cuda.Stream(self.dev)
+        side.wait_stream(torch.cuda.current_stream(self.dev))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.opt.zero_grad(set_to_none=True)
+                self._step()
+        torch.cuda.current_stream(self.dev).wait_stream(side)
+        self.opt.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+
+    def __call__(self) -> None:
+        import torch
+
+        if self.mode == "graph":
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            return
+        if self.mode == "compile":
+            torch.compiler.cudagraph_mark_step_begin()
+        self._step()
         self.opt.zero_grad(set_to_none=True)
 
 
@@ -179,7 +218,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0, help="length of each phase")
     ap.add_argument("--warm", type=int, default=5, help="untimed pipeline batches first")
     ap.add_argument("--warm-steps", type=int, default=10, help="untimed steps first")
-    ap.add_argument("--no-compile", action="store_true", help="eager step (no CUDA graphs)")
+    ap.add_argument(
+        "--step",
+        default=None,
+        choices=("eager", "compile", "graph"),
+        help="how the step runs (default: compile on CUDA, eager on the CPU)",
+    )
     ap.add_argument("--out", default="bench_gpu_sharing.json")
     args = ap.parse_args()
     if not (ROOT / args.root).exists() and not Path(args.root).exists():
@@ -188,8 +232,8 @@ def main() -> None:
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    step = Step(args.variant, args.batch, args.img_size, device,
-                compile_=device.type == "cuda" and not args.no_compile)  # fmt: skip
+    mode = args.step or ("compile" if device.type == "cuda" else "eager")
+    step = Step(args.variant, args.batch, args.img_size, device, mode)
     t = time.perf_counter()
     for _ in range(args.warm_steps):
         step()
@@ -209,11 +253,11 @@ def main() -> None:
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "cpus": os.cpu_count(), "variant": args.variant,
            "batch": args.batch, "img_size": args.img_size, "workers": args.workers,
-           "compile": device.type == "cuda" and not args.no_compile, "seconds": args.seconds,
+           "step": mode, "seconds": args.seconds,
            "date": time.strftime("%Y-%m-%d")}  # fmt: skip
     Path(args.out).write_text(json.dumps({"env": env, "rows": rows, "serial": serial}, indent=2))
     print(f"\n{env['device']} | torch {env['torch']} | {args.variant}, batch {args.batch}, "
-          f"{args.img_size}², {args.workers} workers; images/s")  # fmt: skip
+          f"{args.img_size}², step {mode}, {args.workers} workers; images/s")  # fmt: skip
     print(f"{'phase':<30}{'step':>10}{'pipeline':>10}")
     for r in rows:
         print(
