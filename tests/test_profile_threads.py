@@ -84,9 +84,10 @@ def test_descendants_are_found_by_depth_with_their_cpu_time():
     assert after[child.pid][0] == 1
     assert after[grand[0]][0] == 2
     used = {pid: after[pid][1] - before.get(pid, (0, 0.0))[1] for pid in after}
-    assert used[grand[0]] >= 0.2  # it spun most of the 0.6 s (on a shared CPU, not all)
-    assert used[child.pid] <= 0.1  # the child slept
-    assert m1[0] - m0[0] >= 0.2 and m1[1] - m0[1] >= m1[0] - m0[0]  # (a full machine: equal)
+    assert used[grand[0]] >= 0.12  # it spun (on a shared, busy CPU: a share of the 0.6 s)
+    assert used[child.pid] <= 0.05  # the child slept
+    busy, total = m1[0] - m0[0], m1[1] - m0[1]
+    assert busy >= 0.12 and total >= busy - 0.02  # (a full machine: equal, to rounding)
     ours = {child.pid, *grand}  # (the test process may have other children)
     lines = descendant_lines(
         {k: v for k, v in before.items() if k in ours},
