@@ -164,6 +164,8 @@ def main() -> None:
             st["t0"], st["cpu0"] = time.perf_counter(), time.process_time()
             st["threads"] = thread_cpu_times()
             st["kids"], st["machine"] = descendant_cpu_times(), machine_cpu_times()
+            st["kid_threads"] = {p: thread_cpu_times(p) for p, (d, _) in st["kids"].items()
+                                 if d == 1}  # fmt: skip
         if n == last:
             torch.cuda.synchronize()
             wall = (time.perf_counter() - st["t0"]) / args.steps
@@ -184,9 +186,11 @@ def main() -> None:
                       sep="\n", flush=True)  # fmt: skip
                 child = max((p for p, (d, _) in kids.items() if d == 1),
                             key=lambda p: kids[p][1] - st["kids"].get(p, (1, 0.0))[1])  # fmt: skip
-                lines = busiest_threads({}, thread_cpu_times(child), args.steps)
-                print(f"threads of the busiest child (pid {child}), CPU since it started:",
-                      *lines, sep="\n", flush=True)  # fmt: skip
+                start = st["kid_threads"].get(child)
+                lines = busiest_threads(start or {}, thread_cpu_times(child), args.steps)
+                since = "over the timed steps" if start is not None else "since it started"
+                print(f"threads of the busiest child (pid {child}), CPU {since}:", *lines,
+                      sep="\n", flush=True)  # fmt: skip
             if total > st["machine"][1]:
                 b, t = busy - st["machine"][0], total - st["machine"][1]
                 print(f"machine: {b / t:.0%} of {os.cpu_count()} CPUs busy over the timed steps",

@@ -3,6 +3,7 @@ batches handed out (not of those prepared ahead) as the resumable state."""
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
@@ -49,6 +50,20 @@ def test_batches_in_order_and_state_of_those_handed_out():
     ahead.close()  # the prepared batches are dropped, the source put back
     assert src.i == 4 and int(ahead.next_batch()) == 40
     ahead.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/task")
+def test_the_thread_carries_its_name_for_the_os():
+    """Profiles read thread names from the OS: the thread names itself (15 bytes at most)."""
+    ahead = Ahead(Counter(), lambda b: b, "cpu", depth=1, name="decode-ahead-and-more")
+    try:
+        ahead.next_batch()
+        tid = ahead._thread.native_id
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            assert f.read().strip() == "decode-ahead-an"
+        assert ahead._thread.name == "decode-ahead-and-more"
+    finally:
+        ahead.close()
 
 
 def test_load_state_dict_restarts_from_the_position():

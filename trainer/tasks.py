@@ -244,7 +244,8 @@ def _decoded(epochs, decode, dev, ahead: int):
     first = functools.partial(_decode_stage, decode, dev)
     second = functools.partial(_augment_stage, decode)
     if ahead:
-        return Ahead(Ahead(epochs, first, dev, ahead), second, dev, ahead)
+        return Ahead(Ahead(epochs, first, dev, ahead, name="decode-ahead"), second, dev, ahead,
+                     name="augment-ahead")  # fmt: skip
     return _Inline(epochs, lambda batch: second(first(batch)))
 
 
