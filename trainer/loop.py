@@ -25,6 +25,8 @@ from . import parallel as par
 from .monitor import Monitor, Throughput, peak_flops
 from .optim import WeightEMA, adaptive_clip_, build_optimizer, lr_at
 from .parallel import compile_model  # noqa: F401  (scripts/bench_train.py imports it from here)
+from .step_graph import StepGraph
+from .step_graph import check as check_step_graph
 from .tasks import build_task
 
 
@@ -48,9 +50,12 @@ class StopRequest:
         self.signum = signum
 
 
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def autocast_factory(precision: str, device: torch.device):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
+    if not uses_bf16(precision, device):
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
@@ -185,22 +190,28 @@ def _train_step(task, train_model, opt, accum, autocast, info, rc, step, max_ste
                 loss = task.loss(train_model, batch)
             (loss / accum).backward()
         loss_acc += loss.detach()
-    clip = rc.optim.grad_clip
-    if rc.optim.clip_mode == "agc" and clip > 0:
-        params = list(task.model.parameters())
+    norm = clip_gradients(task.model, rc.optim)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_acc / accum, norm, lr
+
+
+def clip_gradients(model, cfg) -> torch.Tensor:
+    """``optim.clip_mode`` / ``grad_clip`` on ``model``'s gradients; returns the norm before
+    clipping (logged), as a device tensor (no host synchronisation)."""
+    clip = cfg.grad_clip
+    if cfg.clip_mode == "agc" and clip > 0:
+        params = list(model.parameters())
         sharded = any(par.is_dtensor(p.grad) for p in params if p.grad is not None)
         # the norm logged is the one before clipping: AGC's unit norms give it, but for sharded
         # gradients it needs the reduction over ranks of clip_grad_norm_, taken first
         norm = par.clip_grad_norm_(params, math.inf) if sharded else None
         # the one-launch kernel where it is compiled (CUDA), not the interpreter's CPU runs
-        fused = rc.optim.fused_agc and bool(params) and params[0].is_cuda
+        fused = cfg.fused_agc and bool(params) and params[0].is_cuda
         agc_norm = adaptive_clip_(params, clip, fused=fused)
-        norm = agc_norm if norm is None else norm
-    else:  # sharded (DTensor) gradients too: the norm is reduced over ranks
-        norm = par.clip_grad_norm_(task.model.parameters(), clip if clip > 0 else math.inf)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss_acc / accum, norm, lr
+        return agc_norm if norm is None else norm
+    # sharded (DTensor) gradients too: the norm is reduced over ranks
+    return par.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)
 
 
 def _flush(pending: list, info) -> list[dict]:
@@ -235,6 +246,8 @@ def run(cfg) -> dict:
 def _run(rc, info) -> dict:
     t = rc.trainer
     accum = config_lib.validate(rc, info.world_size)
+    if t.step_graph:
+        check_step_graph(rc, info.world_size, accum, info.device)
     run_dir = Path(t.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_dict = config_lib.to_dict(rc)
@@ -382,8 +395,16 @@ def _loop(rc, info, task, train_model, opt, manager, monitor, step, accum, run_d
     loss, start, first_step = float("nan"), time.perf_counter(), step
     last_ckpt = manager.last if manager.last.exists() else None
     pending = []  # steps whose losses are still on the device
+    graph = None  # trainer.step_graph: the whole step replayed as one CUDA graph
+    if t.step_graph:
+        graph = StepGraph(task, train_model, opt, lambda: clip_gradients(model, rc.optim),
+                          uses_bf16(t.precision, info.device), info.device)  # fmt: skip
     while step < t.max_steps:
-        out = _train_step(task, train_model, opt, accum, autocast, info, rc, step, t.max_steps)
+        if graph is None:
+            out = _train_step(task, train_model, opt, accum, autocast, info, rc, step, t.max_steps)
+        else:
+            lr = lr_at(step, rc.optim, t.max_steps, getattr(task, "steps_per_epoch", None))
+            out = (*graph(task.next_batch(), lr), lr)
         if task.ema is not None:
             task.ema.update()
         step += 1

@@ -1,0 +1,106 @@
+"""trainer.step_graph: the whole optimizer step as one CUDA graph (trainer/step_graph.py)."""
+
+import json
+
+import pytest
+import torch
+
+from trainer import config as config_lib
+from trainer.step_graph import check
+
+from .helpers import compose_cfg
+
+DIGITS = [
+    "experiment=efficientvit_m0_digits",
+    "logger=none",
+    "trainer.progress=false",
+    "trainer.micro_batch=32",
+]
+
+
+def test_check_names_every_reason_it_cannot_run():
+    rc = config_lib.load(compose_cfg([*DIGITS, "trainer.compile=true",
+                                      "trainer.compile_mode=reduce-overhead"]))  # fmt: skip
+    with pytest.raises(ValueError) as err:
+        check(rc, world_size=2, accum=3, device=torch.device("cpu"))
+    msg = str(err.value)
+    assert msg.startswith("trainer.step_graph=true: ")
+    for part in ("needs a CUDA device", "one process (got 2", "one micro-batch a step (got 3",
+                 "compile_mode=reduce-overhead makes CUDA graphs"):  # fmt: skip
+        assert part in msg, msg
+    rc = config_lib.load(compose_cfg(DIGITS))
+    check(rc, world_size=1, accum=1, device=torch.device("cuda", 0))  # (no device is touched)
+
+
+def test_the_trainer_refuses_it_on_the_cpu(tmp_path):
+    from trainer import run
+
+    cfg = compose_cfg([*DIGITS, "trainer.device=cpu", "trainer.step_graph=true",
+                       f"trainer.run_dir={tmp_path}"])  # fmt: skip
+    with pytest.raises(ValueError, match="step_graph=true: it needs a CUDA device"):
+        run(cfg)
+
+
+@pytest.mark.gpu
+def test_graph_step_trains_as_the_eager_step(tmp_path):
+    """Same losses, gradient norms and accuracies, step by step, as the eager step (bf16,
+    AGC, EMA, mixup): the warm-up before the capture leaves no trace."""
+    from trainer import run
+
+    got = {}
+    for graph in (False, True):
+        d = tmp_path / f"graph_{graph}"
+        run(compose_cfg([*DIGITS, "trainer.device=cuda", f"trainer.step_graph={graph}",
+                         "trainer.max_steps=12", "trainer.epochs=null", "trainer.log_every=1",
+                         "trainer.eval_every=12", "optim.schedule_unit=step",
+                         f"trainer.run_dir={d}"]))  # fmt: skip
+        got[graph] = [json.loads(line) for line in open(d / "metrics.jsonl")]
+    eager, graph = got[False], got[True]
+    assert [r["step"] for r in eager] == [r["step"] for r in graph]
+    for a, b in zip(eager, graph):
+        for key in ("loss", "grad_norm", "lr", "val_loss", "ema_val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=2e-3, abs=1e-5), (a["step"], key)
+
+
+def test_the_warm_up_before_the_capture_is_undone():
+    """The capture's warm-up steps change weights, BatchNorm statistics, the optimizer's state
+    and the RNG; after the undo, a step gives what the first step of an untouched copy gives
+    (CPU: the undo itself, without the capture)."""
+    from types import SimpleNamespace
+
+    from trainer.step_graph import StepGraph
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                                    torch.nn.Flatten(), torch.nn.Dropout(0.5),
+                                    torch.nn.Linear(4 * 4 * 4, 5))  # fmt: skip
+        task = SimpleNamespace(model=model,
+                               loss=lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]))  # fmt: skip
+        opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+        g = StepGraph(task, model, opt, clip=lambda: torch.zeros(()), precision_bf16=False,
+                      device="cpu")  # fmt: skip
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        return model, opt, g
+
+    gen = torch.Generator().manual_seed(1)
+    batch = (torch.randn(6, 3, 6, 6, generator=gen), torch.randint(0, 5, (6,), generator=gen))
+    (a, opt_a, ga), (b, opt_b, gb) = make(), make()
+    ga.inputs = gb.inputs = batch
+    torch.manual_seed(7)
+    saved = gb._snapshot()
+    for _ in range(2):
+        gb._body()
+    assert not torch.equal(a[0].weight, b[0].weight) and opt_b.state  # the warm-up changed them
+    gb._restore(saved)
+    loss_b, _ = gb._body()
+    torch.manual_seed(7)  # the state the snapshot held
+    loss_a, _ = ga._body()
+    assert torch.equal(loss_a, loss_b)  # same dropout mask: the RNG was put back
+    for x, y in zip((*a.parameters(), *a.buffers()), (*b.parameters(), *b.buffers())):
+        assert torch.equal(x, y)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        sa, sb = opt_a.state[pa], opt_b.state[pb]
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
