@@ -146,6 +146,9 @@ def main() -> None:
     from scripts.bench_attention import _env
 
     rows = []
+    env = _env(batch=args.batch, steps=args.steps, extra=args.extra, data=datas,
+               workers=args.workers, root=args.root, generate=args.generate,
+               warmup=args.warmup)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root
         if args.generate:
@@ -175,14 +178,13 @@ def main() -> None:
                         row = {"variant": variant, "impl": impl, "compile": mode, "data": data,
                                **cell}  # fmt: skip
                         rows.append(row)
+                        # after every cell: a run stopped part-way keeps what it measured
+                        Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
                         shown = (f"{cell['images_per_s']:>9,.0f} img/s "
                                  f"{cell['ms_per_step']:6.1f} ms/step" if "images_per_s" in cell
                                  else f"failed: {cell['error']}")  # fmt: skip
                         print(f"{variant} {impl:<5} compile={mode:<16} data={data:<10} {shown}  "
                               f"({cell['wall_s']:.0f} s)", flush=True)  # fmt: skip
-    env = _env(batch=args.batch, steps=args.steps, extra=args.extra, data=datas,
-               workers=args.workers, root=args.root, generate=args.generate,
-               warmup=args.warmup)  # fmt: skip
     Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     print(f"\n{env['gpu']} | torch {env['torch']} | batch {args.batch}, 224², bf16 autocast, "
           "channels_last, paper recipe; training images/s (data: synthetic = one batch already "

@@ -239,6 +239,11 @@ def main() -> None:
         step()
     _sync(device)
     print(f"step warmed up in {time.perf_counter() - t:.0f} s", flush=True)
+    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+           "torch": torch.__version__, "cpus": os.cpu_count(), "variant": args.variant,
+           "batch": args.batch, "img_size": args.img_size, "workers": args.workers,
+           "step": mode, "seconds": args.seconds,
+           "date": time.strftime("%Y-%m-%d")}  # fmt: skip
     rows = []
     for name, with_step, pipeline in (("pipeline alone (process)", False, "process"),
                                       ("step alone", True, None),
@@ -246,15 +251,11 @@ def main() -> None:
                                       ("both, pipeline in a thread", True, "thread")):  # fmt: skip
         row = phase(name, step if with_step else None, pipeline, args, device)
         rows.append(row)
+        Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))  # so far
         print(f"{name:<30}" + "".join(f"  {k} {v:9,.0f} images/s" for k, v in row.items()
                                        if k != "phase"), flush=True)  # fmt: skip
     alone = {"pipeline": rows[0]["pipeline"], "step": rows[1]["step"]}
     serial = 1.0 / (1.0 / alone["pipeline"] + 1.0 / alone["step"])
-    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-           "torch": torch.__version__, "cpus": os.cpu_count(), "variant": args.variant,
-           "batch": args.batch, "img_size": args.img_size, "workers": args.workers,
-           "step": mode, "seconds": args.seconds,
-           "date": time.strftime("%Y-%m-%d")}  # fmt: skip
     Path(args.out).write_text(json.dumps({"env": env, "rows": rows, "serial": serial}, indent=2))
     print(f"\n{env['device']} | torch {env['torch']} | {args.variant}, batch {args.batch}, "
           f"{args.img_size}², step {mode}, {args.workers} workers; images/s")  # fmt: skip
