@@ -10,6 +10,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 import ops
 from data import (
@@ -142,21 +143,19 @@ class _Epochs:
     def __init__(self, loader, augment=None):
         self.loader, self.epoch, self.batch, self._it = loader, 0, 0, None
         self.augment = augment
+        self._endless = isinstance(loader, DataLoader)
 
     def next_batch(self):
-        from torch.utils.data import DataLoader
-
-        endless = isinstance(self.loader, DataLoader)
         while True:
             if self._it is None:
                 # a DataLoader draws a base seed per iterator, from the global RNG unless it
                 # has a generator: keep that draw out of the checkpointed RNG stream
                 own = getattr(self.loader, "generator", None) is not None
                 rng = None if own else torch.random.get_rng_state()
-                self._it = iter(self._endless() if endless else self._one_epoch())
+                self._it = iter(self._all_epochs() if self._endless else self._one_epoch())
                 if rng is not None:
                     torch.random.set_rng_state(rng)
-            if endless and self.batch >= len(self.loader):  # the iterator has moved on
+            if self._endless and self.batch >= len(self.loader):  # the iterator moved on
                 self.epoch, self.batch = self.epoch + 1, 0
             try:
                 out = next(self._it)
@@ -165,18 +164,13 @@ class _Epochs:
             except StopIteration:
                 self._it, self.epoch, self.batch = None, self.epoch + 1, 0
 
-    def _endless(self):
+    def _all_epochs(self):
         """All epochs from the current position, through the loader's dataset, workers and
-        collation (``_EndlessBatches``)."""
-        from torch.utils.data import DataLoader
-
+        collation (``_EndlessBatches``; a position after an epoch's last batch starts the next
+        epoch, and ``next_batch`` moves the counters on)."""
         ld = self.loader
-        epoch, skip = self.epoch, self.batch
-        if skip >= len(ld):  # a position saved after an epoch's last batch
-            epoch, skip = epoch + 1, 0
-            self.epoch, self.batch = epoch, 0
         kw = {"prefetch_factor": ld.prefetch_factor} if ld.num_workers else {}
-        batches = _EndlessBatches(ld.sampler, ld.batch_size, ld.drop_last, epoch, skip)
+        batches = _EndlessBatches(ld.sampler, ld.batch_size, ld.drop_last, self.epoch, self.batch)
         return DataLoader(ld.dataset, batch_sampler=batches, num_workers=ld.num_workers,
                           collate_fn=ld.collate_fn, pin_memory=ld.pin_memory,
                           worker_init_fn=ld.worker_init_fn, generator=ld.generator,
