@@ -1,5 +1,6 @@
 """trainer.step_graph: the whole optimizer step as one CUDA graph (trainer/step_graph.py)."""
 
+import contextlib
 import json
 
 import pytest
@@ -79,8 +80,8 @@ def test_the_warm_up_before_the_capture_is_undone():
         task = SimpleNamespace(model=model,
                                loss=lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]))  # fmt: skip
         opt = torch.optim.AdamW(model.parameters(), lr=0.05)
-        g = StepGraph(task, model, opt, clip=lambda: torch.zeros(()), precision_bf16=False,
-                      device="cpu")  # fmt: skip
+        g = StepGraph(task, model, opt, clip=lambda: torch.zeros(()),
+                      autocast=contextlib.nullcontext, device="cpu")  # fmt: skip
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
         return model, opt, g

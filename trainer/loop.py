@@ -50,14 +50,14 @@ class StopRequest:
         self.signum = signum
 
 
-def uses_bf16(precision: str, device: torch.device) -> bool:
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
-
-
-def autocast_factory(precision: str, device: torch.device):
-    if not uses_bf16(precision, device):
+def autocast_factory(precision: str, device: torch.device, cache_enabled: bool = True):
+    """bf16 autocast for ``precision`` on ``device`` (or a no-op context). ``cache_enabled=False``
+    inside CUDA-graph captures: a weight cast cached outside the capture lies in memory the
+    graph does not own."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
         return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
 
 
 def _resume(rc, task, opt, manager, info, monitor_say) -> tuple[int, dict]:
@@ -398,7 +398,8 @@ def _loop(rc, info, task, train_model, opt, manager, monitor, step, accum, run_d
     graph = None  # trainer.step_graph: the whole step replayed as one CUDA graph
     if t.step_graph:
         graph = StepGraph(task, train_model, opt, lambda: clip_gradients(model, rc.optim),
-                          uses_bf16(t.precision, info.device), info.device)  # fmt: skip
+                          autocast_factory(t.precision, info.device, cache_enabled=False),
+                          info.device)  # fmt: skip
     while step < t.max_steps:
         if graph is None:
             out = _train_step(task, train_model, opt, accum, autocast, info, rc, step, t.max_steps)

@@ -25,7 +25,6 @@ a GPU (tenth session): ``tests/test_step_graph.py``'s GPU test compares it with 
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import torch
@@ -53,23 +52,19 @@ class StepGraph:
     """Replays one captured optimizer step; ``__call__(lr)`` takes the step's learning rate and
     returns (loss, grad norm) as device tensors of their own, as ``loop._train_step`` does."""
 
-    def __init__(self, task, train_model, opt, clip, precision_bf16: bool, device):
+    def __init__(self, task, train_model, opt, clip, autocast, device):
+        """``clip``: clips the gradients, returns their norm; ``autocast``: the loop's autocast
+        context factory, made with ``cache_enabled=False``."""
         self.task, self.model, self.opt, self.clip = task, train_model, opt, clip
-        self.device = torch.device(device)
-        self.bf16 = bool(precision_bf16)
+        self.autocast, self.device = autocast, torch.device(device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: tuple | None = None
         self.outputs: tuple | None = None
 
-    def _autocast(self):
-        if not self.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
-
     def _body(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The captured work: zero the gradients in place, loss, backward, clip, AdamW."""
         self.opt.zero_grad(set_to_none=False)
-        with self._autocast():
+        with self.autocast():
             loss = self.task.loss(self.model, self.inputs)
         loss.backward()
         norm = self.clip()
