@@ -4,8 +4,10 @@
 
 ``data.decode=gpu`` decodes (nvJPEG) and augments on the same GPU that trains. Alone, the
 pipeline and the step each run at some images/s; together each gets less. This script measures
-both rates in four phases, with nothing passed between the two (the pipeline's batches are
-dropped, the step trains on one fixed batch), so that only the sharing is timed:
+both rates in four phases, with nothing passed between the two (the pipeline's batches
+are dropped, the step trains on one fixed batch), so that only the sharing is timed. The
+pipeline runs as in the trainer: two threads, decoding and augmenting two batches ahead on
+side streams.
 
 1. the pipeline alone, in a child process (as ``data.decode_process``);
 2. the step alone (EfficientViT, bf16 autocast, channels_last, AdamW; ``--step compile``:
@@ -15,7 +17,10 @@ dropped, the step trains on one fixed batch), so that only the sharing is timed:
    step; ``eager``);
 3. both, the pipeline in a child process: two CUDA contexts, which a GPU without MPS runs one
    at a time;
-4. both, the pipeline in a thread of the step's process: one context, one GIL.
+4. both, the pipeline in threads of the step's process: one context, one GIL.
+
+``--in-flight`` (default 2) paces the step as a training loop is paced by its data: at most that
+many steps are queued on the device.
 
 If phase 3's two rates add up like running one after the other (1/r3 = 1/r1 + 1/r2 in time
 per image), the GPU serialises the two processes. Prints a table and writes JSON. Runs on the
@@ -46,7 +51,8 @@ def _pipeline_cfg(root: str, workers: int, img_size: int):
 
 def run_pipeline(root: str, workers: int, img_size: int, batch: int, device: str, warm: int,
                  ready, go, stop, out) -> None:  # fmt: skip
-    """Decode and augment batches until ``stop``; put (images, seconds) counted from ``go``
+    """Decode and augment batches until ``stop``, as the trainer does (two threads, each on a
+    side stream, two batches ahead); put (images, seconds) counted from ``go``
     (or an error text) on ``out``. Target of the child process and of the thread."""
     try:
         if mp.current_process().name != "MainProcess":  # a spawned child: its loader workers
@@ -54,23 +60,25 @@ def run_pipeline(root: str, workers: int, img_size: int, batch: int, device: str
         import torch
 
         from data import build_gpu_pipeline, build_image_loaders
-        from trainer.tasks import _Epochs
+        from trainer.tasks import _decoded, _Epochs
 
         dev = torch.device(device)
         cfg = _pipeline_cfg(root, workers, img_size)
         train, *_ = build_image_loaders(cfg, batch, seed=0)
-        source, pipe = _Epochs(train), build_gpu_pipeline(cfg)
+        pipe = build_gpu_pipeline(cfg)
+        source = _decoded(_Epochs(train, augment=pipe), pipe, dev, 2)
         for _ in range(warm):  # workers started, kernels compiled
-            pipe(source.next_batch()[0], dev, train=True)
+            source.next_batch()
         _sync(dev)
         ready.set()
         go.wait()
         t0, n = time.perf_counter(), 0
         while not stop.is_set():
-            images = pipe(source.next_batch()[0], dev, train=True)
+            images, _ = source.next_batch()
             n += images.shape[0]
         _sync(dev)
         out.put((n, time.perf_counter() - t0))
+        source.close()
     except BaseException as e:  # noqa: BLE001 (reported by the caller)
         ready.set()
         out.put(f"{type(e).__name__}: {e}")
@@ -153,11 +161,23 @@ class Step:
         self.opt.zero_grad(set_to_none=True)
 
 
-def time_steps(step: Step, go, stop) -> tuple[int, float]:
+def time_steps(step: Step, go, stop, in_flight: int = 0) -> tuple[int, float]:
+    """Run steps until ``stop``. ``in_flight`` > 0: before launching a step, wait until at most
+    that many earlier steps are still queued on the device (a training loop is paced so by its
+    data; unpaced, the host of a graphed step runs far ahead and queues hundreds of steps)."""
+    import torch
+
+    cuda = step.dev.type == "cuda"
+    done: list = []
     go.wait()
     t0, n = time.perf_counter(), 0
     while not stop.is_set():
+        if cuda and in_flight > 0 and len(done) >= in_flight:
+            done.pop(0).synchronize()
         step()
+        if cuda and in_flight > 0:
+            done.append(torch.cuda.Event())
+            done[-1].record()
         n += step.batch
     _sync(step.dev)
     return n, time.perf_counter() - t0
@@ -192,7 +212,7 @@ def phase(name: str, step: Step | None, pipeline: str | None, args, device) -> d
     timer.start()
     row = {"phase": name}
     if step is not None:
-        n, dt = time_steps(step, go, stop)
+        n, dt = time_steps(step, go, stop, args.in_flight)
         row["step"] = n / dt
     else:
         stop.wait()
@@ -224,6 +244,8 @@ def main() -> None:
         choices=("eager", "compile", "graph"),
         help="how the step runs (default: compile on CUDA, eager on the CPU)",
     )
+    ap.add_argument("--in-flight", type=int, default=2,
+                    help="steps queued on the device at most (0: unpaced)")  # fmt: skip
     ap.add_argument("--out", default="bench_gpu_sharing.json")
     args = ap.parse_args()
     if not (ROOT / args.root).exists() and not Path(args.root).exists():
@@ -242,27 +264,28 @@ def main() -> None:
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "cpus": os.cpu_count(), "variant": args.variant,
            "batch": args.batch, "img_size": args.img_size, "workers": args.workers,
-           "step": mode, "seconds": args.seconds,
+           "step": mode, "seconds": args.seconds, "in_flight": args.in_flight,
            "date": time.strftime("%Y-%m-%d")}  # fmt: skip
     rows = []
     for name, with_step, pipeline in (("pipeline alone (process)", False, "process"),
                                       ("step alone", True, None),
                                       ("both, pipeline in a process", True, "process"),
-                                      ("both, pipeline in a thread", True, "thread")):  # fmt: skip
+                                      ("both, pipeline in threads", True, "thread")):  # fmt: skip
         row = phase(name, step if with_step else None, pipeline, args, device)
         rows.append(row)
         Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))  # so far
-        print(f"{name:<30}" + "".join(f"  {k} {v:9,.0f} images/s" for k, v in row.items()
+        print(f"{name:<36}" + "".join(f"  {k} {v:9,.0f} images/s" for k, v in row.items()
                                        if k != "phase"), flush=True)  # fmt: skip
     alone = {"pipeline": rows[0]["pipeline"], "step": rows[1]["step"]}
     serial = 1.0 / (1.0 / alone["pipeline"] + 1.0 / alone["step"])
     Path(args.out).write_text(json.dumps({"env": env, "rows": rows, "serial": serial}, indent=2))
     print(f"\n{env['device']} | torch {env['torch']} | {args.variant}, batch {args.batch}, "
-          f"{args.img_size}², step {mode}, {args.workers} workers; images/s")  # fmt: skip
-    print(f"{'phase':<30}{'step':>10}{'pipeline':>10}")
+          f"{args.img_size}², step {mode}, {args.in_flight or 'unpaced'} in flight, "
+          f"{args.workers} workers; images/s")  # fmt: skip
+    print(f"{'phase':<36}{'step':>10}{'pipeline':>10}")
     for r in rows:
         print(
-            f"{r['phase']:<30}"
+            f"{r['phase']:<36}"
             + "".join(f"{r[k]:>10,.0f}" if k in r else f"{'':>10}" for k in ("step", "pipeline"))
         )
     print(f"one after the other (1 / (1/step + 1/pipeline) of the phases alone): {serial:,.0f}")

@@ -129,6 +129,12 @@ def main() -> None:
     ap.add_argument("--ops", default="",
                     help="comma list of operator names (aten::copy_, ...) to break down by input "
                          "shapes (records shapes while profiling)")  # fmt: skip
+    ap.add_argument(
+        "--gpu-table",
+        type=int,
+        default=0,
+        help="rows of a table of operators and kernels by GPU time (0: none)",
+    )
     ap.add_argument("overrides", nargs="*", help="train.py overrides (after --)")
     args = ap.parse_args()
     if args.steps < 2 or args.start < 2:
@@ -154,9 +160,8 @@ def main() -> None:
         "kids": {},
         "machine": (0.0, 0.0),
     }
-    step_fn = loop._train_step
 
-    def timed_step(task, *a, **kw):
+    def timed_step(step_fn, task, *a, **kw):
         st["n"] += 1
         n = st["n"]
         if n == first:
@@ -227,6 +232,13 @@ def main() -> None:
                   f"{len(kernels) / k:.0f} kernels/step, all streams", flush=True)  # fmt: skip
             print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.table,
                                          max_name_column_width=48), flush=True)  # fmt: skip
+            if args.gpu_table:
+                avg = p.key_averages()
+                key = "self_device_time_total"  # (torch < 2.4: self_cuda_time_total)
+                if avg and not hasattr(avg[0], key):
+                    key = "self_cuda_time_total"
+                print(avg.table(sort_by=key, row_limit=args.gpu_table, max_name_column_width=48),
+                      flush=True)  # fmt: skip
             names = {n for n in args.ops.split(",") if n}
             if names:
                 rows = [e for e in p.key_averages(group_by_input_shape=True) if e.key in names]
@@ -237,7 +249,9 @@ def main() -> None:
                           f"{e.self_cpu_time_total / max(e.count, 1):>18.1f}  {e.input_shapes}")  # fmt: skip
         return out
 
-    loop._train_step = timed_step
+    train_step, graph_step = loop._train_step, loop._graph_step  # (trainer.step_graph)
+    loop._train_step = lambda task, *a, **kw: timed_step(train_step, task, *a, **kw)
+    loop._graph_step = lambda task, *a, **kw: timed_step(graph_step, task, *a, **kw)
     sys.argv = [str(ROOT / "train.py"), *args.overrides]
     runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
     if st["n"] < prof_end:

@@ -168,6 +168,13 @@ def _save(manager, task, opt, step, info, config_dict, extras) -> Path | None:
     return path
 
 
+def _graph_step(task, graph, rc, step, max_steps):
+    """trainer.step_graph: one optimizer step as one replay of ``graph`` (a ``StepGraph``) on
+    the next batch; returns what ``_train_step`` does."""
+    lr = lr_at(step, rc.optim, max_steps, getattr(task, "steps_per_epoch", None))
+    return (*graph(task.next_batch(), lr), lr)
+
+
 def _train_step(task, train_model, opt, accum, autocast, info, rc, step, max_steps):
     """One optimizer step over `accum` micro-batches.
 
@@ -404,8 +411,7 @@ def _loop(rc, info, task, train_model, opt, manager, monitor, step, accum, run_d
         if graph is None:
             out = _train_step(task, train_model, opt, accum, autocast, info, rc, step, t.max_steps)
         else:
-            lr = lr_at(step, rc.optim, t.max_steps, getattr(task, "steps_per_epoch", None))
-            out = (*graph(task.next_batch(), lr), lr)
+            out = _graph_step(task, graph, rc, step, t.max_steps)
         if task.ema is not None:
             task.ema.update()
         step += 1
