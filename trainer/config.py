@@ -69,8 +69,9 @@ class TrainerConfig:
     # removes the per-kernel launch cost that bounds small models such as EfficientViT) |
     # max-autotune | max-autotune-no-cudagraphs
     compile_mode: str = "default"
-    # the whole optimizer step (forward, backward, clipping, AdamW) captured once as a CUDA graph
-    # and replayed: one process, one micro-batch a step, CUDA (trainer/step_graph.py)
+    # the optimizer step (forward, backward, clipping, AdamW; with accumulation a micro-step
+    # graph and an update graph) captured once as CUDA graphs and replayed: one process, CUDA
+    # (trainer/step_graph.py; EfficientViT's images/s on an H100 in docs/benchmarks.md)
     step_graph: bool = False
     parallel: str = "ddp"  # ddp | fsdp (FSDP2: blocks, then the root; see trainer/parallel.py)
     activation_checkpointing: bool = False  # recompute each block's activations in backward

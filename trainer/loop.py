@@ -169,10 +169,10 @@ def _save(manager, task, opt, step, info, config_dict, extras) -> Path | None:
 
 
 def _graph_step(task, graph, rc, step, max_steps):
-    """trainer.step_graph: one optimizer step as one replay of ``graph`` (a ``StepGraph``) on
-    the next batch; returns what ``_train_step`` does."""
+    """trainer.step_graph: one optimizer step as replays of ``graph`` (a ``StepGraph``) on the
+    next micro-batches; returns what ``_train_step`` does."""
     lr = lr_at(step, rc.optim, max_steps, getattr(task, "steps_per_epoch", None))
-    return (*graph(task.next_batch(), lr), lr)
+    return (*graph(task.next_batch, lr), lr)
 
 
 def _train_step(task, train_model, opt, accum, autocast, info, rc, step, max_steps):
@@ -254,7 +254,7 @@ def _run(rc, info) -> dict:
     t = rc.trainer
     accum = config_lib.validate(rc, info.world_size)
     if t.step_graph:
-        check_step_graph(rc, info.world_size, accum, info.device)
+        check_step_graph(rc, info.world_size, info.device)
     run_dir = Path(t.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_dict = config_lib.to_dict(rc)
@@ -402,11 +402,11 @@ def _loop(rc, info, task, train_model, opt, manager, monitor, step, accum, run_d
     loss, start, first_step = float("nan"), time.perf_counter(), step
     last_ckpt = manager.last if manager.last.exists() else None
     pending = []  # steps whose losses are still on the device
-    graph = None  # trainer.step_graph: the whole step replayed as one CUDA graph
+    graph = None  # trainer.step_graph: the step replayed as CUDA graphs
     if t.step_graph:
         graph = StepGraph(task, train_model, opt, lambda: clip_gradients(model, rc.optim),
                           autocast_factory(t.precision, info.device, cache_enabled=False),
-                          info.device)  # fmt: skip
+                          info.device, accum=accum)  # fmt: skip
     while step < t.max_steps:
         if graph is None:
             out = _train_step(task, train_model, opt, accum, autocast, info, rc, step, t.max_steps)

@@ -1,4 +1,4 @@
-"""``trainer.step_graph``: the whole optimizer step captured once as a CUDA graph and replayed.
+"""``trainer.step_graph``: the optimizer step captured once as CUDA graphs and replayed.
 
 With ``trainer.compile_mode=reduce-overhead`` the forward and the backward replay as CUDA
 graphs, but the rest of the step stays eager: gradient accumulation into ``.grad``, clipping,
@@ -17,10 +17,17 @@ optimizer's lazy state) whose every effect is undone (weights, buffers, optimize
 CUDA RNG), so the run trains as the eager one does. Autocast runs without its weight-cast cache
 (a cached cast from outside the capture would be read from memory the graph does not own).
 
+With gradient accumulation (``accum`` micro-batches a step) there are two graphs: one micro-step
+(forward, loss / accum, backward adding into the gradients), replayed once per micro-batch, and
+the update (clipping, AdamW, zeroing the gradients), replayed once a step.
+
 Limits (checked, with the reason, by :func:`check`): one process (DDP's gradient hooks
-communicate), one micro-batch a step, a CUDA device, and no CUDA graphs of torch.compile's own
-(``compile_mode`` reduce-overhead or max-autotune). Batches must keep one shape. Not yet run on
-a GPU (tenth session): ``tests/test_step_graph.py``'s GPU test compares it with the eager step.
+communicate), a CUDA device, and no CUDA graphs of torch.compile's own (``compile_mode``
+reduce-overhead or max-autotune). Batches must keep one shape. ``tests/test_step_graph.py``
+compares it with the eager step on the GPU, step by step, with and without accumulation (the
+one-graph form passed on an H100; the two-graph form was written after the session's GPU time
+ran out: its CPU test runs the same work uncaptured, and the capture checks that the backward
+adds into the gradients in place).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import warnings
 import torch
 
 
-def check(rc, world_size: int, accum: int, device: torch.device) -> None:
+def check(rc, world_size: int, device: torch.device) -> None:
     """Raise ValueError where ``trainer.step_graph`` cannot run."""
     t = rc.trainer
     why = []
@@ -38,9 +45,6 @@ def check(rc, world_size: int, accum: int, device: torch.device) -> None:
         why.append(f"it needs a CUDA device (trainer.device resolved to {device.type})")
     if world_size != 1:
         why.append(f"it runs in one process (got {world_size}: DDP's hooks communicate)")
-    if accum != 1:
-        why.append(f"it takes one micro-batch a step (got {accum}: set trainer.micro_batch to "
-                   "the per-process batch)")  # fmt: skip
     if t.compile and t.compile_mode in ("reduce-overhead", "max-autotune"):
         why.append(f"trainer.compile_mode={t.compile_mode} makes CUDA graphs of its own (use "
                    "default or max-autotune-no-cudagraphs)")  # fmt: skip
@@ -49,31 +53,47 @@ def check(rc, world_size: int, accum: int, device: torch.device) -> None:
 
 
 class StepGraph:
-    """Replays one captured optimizer step; ``__call__(lr)`` takes the step's learning rate and
-    returns (loss, grad norm) as device tensors of their own, as ``loop._train_step`` does."""
+    """Replays one captured optimizer step; ``__call__(next_batch, lr)`` takes the batch source
+    (called ``accum`` times) and the step's learning rate and returns (mean loss, grad norm)
+    as device tensors of their own, as ``loop._train_step`` does. ``capture=False`` runs the
+    same work eagerly (what the CPU tests check)."""
 
-    def __init__(self, task, train_model, opt, clip, autocast, device):
+    def __init__(self, task, train_model, opt, clip, autocast, device, accum: int = 1,
+                 capture: bool = True):  # fmt: skip
         """``clip``: clips the gradients, returns their norm; ``autocast``: the loop's autocast
         context factory, made with ``cache_enabled=False``."""
+        if int(accum) < 1:
+            raise ValueError(f"StepGraph: accum must be >= 1, got {accum!r}")
         self.task, self.model, self.opt, self.clip = task, train_model, opt, clip
         self.autocast, self.device = autocast, torch.device(device)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.accum, self.capture = int(accum), bool(capture)
+        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self.inputs: tuple | None = None
-        self.outputs: tuple | None = None
+        self.outputs: dict = {}  # each graph's output tensors, overwritten by each replay
 
-    def _body(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The captured work: zero the gradients in place, loss, backward, clip, AdamW."""
-        self.opt.zero_grad(set_to_none=False)
+    def _micro(self) -> torch.Tensor:
+        """Forward and backward of the micro-batch in ``inputs``; the gradients add up."""
         with self.autocast():
             loss = self.task.loss(self.model, self.inputs)
-        loss.backward()
+        (loss / self.accum if self.accum > 1 else loss).backward()
+        return loss.detach()
+
+    def _update(self) -> torch.Tensor:
+        """Clip, AdamW, then zero the gradients in place for the next step's micro-batches."""
         norm = self.clip()
         self.opt.step()
-        return loss.detach(), norm
+        self.opt.zero_grad(set_to_none=False)
+        return norm
 
-    def __call__(self, batch, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.graph is None:
-            self._capture(batch, lr)
+    def _body(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro-batch a step: the whole step (zeroing the gradients first), one graph."""
+        self.opt.zero_grad(set_to_none=False)
+        loss = self._micro()
+        norm = self.clip()
+        self.opt.step()
+        return loss, norm
+
+    def _load(self, batch) -> None:
         for x, static in zip(batch, self.inputs):
             if x.shape != static.shape or x.dtype != static.dtype:
                 raise ValueError(
@@ -81,29 +101,63 @@ class StepGraph:
                     f"captured step takes {tuple(static.shape)} {static.dtype}"
                 )
             static.copy_(x)
+
+    def _run(self, name: str):
+        """Replay graph ``name`` (or, uncaptured, run its work) and return its output."""
+        if not self.capture:
+            return {"step": self._body, "micro": self._micro, "update": self._update}[name]()
+        self.graphs[name].replay()
+        return self.outputs[name]
+
+    def __call__(self, next_batch, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        first = next_batch()
+        if self.inputs is None:
+            self._prepare(first, lr)
         for group in self.opt.param_groups:
             group["lr"].fill_(lr)
-        self.graph.replay()
-        loss, norm = self.outputs
-        return loss.clone(), norm.clone()
+        if self.accum == 1:
+            self._load(first)
+            loss, norm = self._run("step")
+            return loss.clone(), norm.clone()
+        total = None
+        for i in range(self.accum):
+            self._load(first if i == 0 else next_batch())
+            loss = self._run("micro").clone()  # (the next replay overwrites the output)
+            total = loss if total is None else total + loss
+        return total / self.accum, self._run("update").clone()
 
     # ------------------------------------------------------------------ capture
 
     def _params(self) -> list[torch.nn.Parameter]:
         return [p for g in self.opt.param_groups for p in g["params"]]
 
-    def _capture(self, batch, lr: float) -> None:
+    def _prepare(self, batch, lr: float) -> None:
+        """Static inputs, device learning rates, allocated gradients; then (``capture``) warm
+        up, undo the warm-up and capture."""
         dev = self.device
         self.inputs = tuple(x.detach().clone() for x in batch)  # (clone keeps the strides)
         for group in self.opt.param_groups:  # the learning rate read on the device
             group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=dev)
-            group["capturable"] = True
+            group["capturable"] = self.capture
         for p in self._params():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+            else:
+                p.grad.zero_()
             state = self.opt.state.get(p)
             if state and "step" in state and state["step"].device != p.device:
                 state["step"] = state["step"].to(p.device, torch.float32)
+        if self.capture:
+            self._capture()
+
+    def _steps(self):
+        """The work of one step, as ``(name, fn)`` for each graph, in replay order."""
+        if self.accum == 1:
+            return [("step", self._body)]
+        return [("micro", self._micro)] * self.accum + [("update", self._update)]
+
+    def _capture(self) -> None:
+        dev = self.device
         saved = self._snapshot()
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
@@ -111,15 +165,24 @@ class StepGraph:
             # (AdamW warns that a capturable instance runs uncaptured: these two steps do)
             warnings.filterwarnings("ignore", message=".*capturable=True.*")
             for _ in range(2):
-                self._body()
+                for _, fn in self._steps():
+                    fn()
         torch.cuda.current_stream(dev).wait_stream(side)
         torch.cuda.synchronize(dev)
         self._restore(saved)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the data pipeline's threads (data.decode_process=false) go on issuing
-        # their own work (nvJPEG's synchronising calls included) while this thread captures
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.outputs = self._body()
+        grads = [p.grad.data_ptr() for p in self._params()]
+        for name, fn in dict(self._steps()).items():  # each graph once
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the data pipeline's threads (data.decode_process=false) go on
+            # issuing their own work (nvJPEG's synchronising calls included) while this thread
+            # captures
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.outputs[name] = fn()
+            self.graphs[name] = graph
+        if [p.grad.data_ptr() for p in self._params()] != grads:
+            raise RuntimeError("trainer.step_graph: the captured backward replaced gradient "
+                               "tensors instead of adding into them; the graphs would not "
+                               "accumulate")  # fmt: skip
 
     def _snapshot(self) -> dict:
         """What the warm-up steps change: weights, buffers (BatchNorm statistics), optimizer
@@ -157,6 +220,8 @@ class StepGraph:
                     v.zero_()
                 else:
                     v.copy_(before[k])
+        for p in self._params():
+            p.grad.zero_()
         if self.device.type == "cuda":
             torch.cuda.set_rng_state(saved["rng"], self.device)
         else:
