@@ -101,7 +101,8 @@ class ImageDataConfig:
     # data.decode=gpu: the loader, the decoding and the augmentation in a child process of their
     # own (data.process_ahead; batches through shared CUDA buffers), so that their host work
     # does not share the training step's GIL (+20-25% images/s for EfficientViT-M0 on an H100,
-    # docs/benchmarks.md). None: on when training on CUDA, off elsewhere (the CPU keeps the
+    # docs/benchmarks.md). None: on when training on CUDA without trainer.step_graph (whose
+    # one-launch step leaves the GIL to the threads), off elsewhere (the CPU keeps the
     # threads, which spawn no process); true/false force it
     decode_process: bool | None = None
     # data.decode=gpu on CUDA: RandAugment's op families as one Triton launch each
@@ -154,13 +155,17 @@ def check_image_config(cfg: ImageDataConfig) -> None:
     _check_decode(cfg)
 
 
-def decode_in_process(cfg: ImageDataConfig, device) -> bool:
+def decode_in_process(cfg: ImageDataConfig, device, step_graph: bool = False) -> bool:
     """Whether data.decode=gpu's pipeline runs in a child process (data.decode_process; None
-    picks it on CUDA devices)."""
+    picks it on CUDA devices, except beside ``trainer.step_graph``, whose step leaves the GIL
+    to the pipeline's threads: there the threads were as fast or faster in every measurement,
+    docs/benchmarks.md)."""
     if getattr(cfg, "decode", "cpu") != "gpu":
         return False
     choice = getattr(cfg, "decode_process", None)
-    return str(device).split(":")[0] == "cuda" if choice is None else bool(choice)
+    if choice is None:
+        return str(device).split(":")[0] == "cuda" and not step_graph
+    return bool(choice)
 
 
 def _check_decode(cfg: ImageDataConfig) -> None:

@@ -492,6 +492,8 @@ def test_decode_process_defaults_to_cuda_only():
     assert not decode_in_process(gpu, torch.device("cpu"))
     assert decode_in_process(replace(gpu, decode_process=True), "cpu")
     assert not decode_in_process(replace(gpu, decode_process=False), "cuda")
+    assert not decode_in_process(gpu, "cuda", step_graph=True)  # its threads: the GIL is free
+    assert decode_in_process(replace(gpu, decode_process=True), "cuda", step_graph=True)
     assert not decode_in_process(ImageDataConfig(kind="folder"), "cuda")  # decode=cpu
 
 

@@ -301,7 +301,8 @@ class ClassificationTask:
                 )
             self.train_loader = _Epochs(loader, augment=self.decode)
             ahead = int(rc.data.decode_ahead)
-            if self.decode is not None and decode_in_process(rc.data, info.device):  # own process
+            own = decode_in_process(rc.data, info.device, step_graph=rc.trainer.step_graph)
+            if self.decode is not None and own:  # the pipeline in a process of its own
                 factory = functools.partial(_gpu_train_source, rc, info.rank, info.world_size,
                                             str(info.device))  # fmt: skip
                 self.train_loader = ProcessAhead(
