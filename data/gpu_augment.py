@@ -56,11 +56,15 @@ CROP_TRIES = 10
 # --------------------------------------------------------------------------- decoding
 
 
+GPU_DECODERS = ("torchvision", "nvimgcodec")  # data.gpu_decoder
+
+
 def decode_batch(
     data: list[torch.Tensor],
     device: torch.device | str,
     stream: torch.cuda.Stream | None = None,
     record: bool = True,
+    decoder: str = "torchvision",
 ) -> list[torch.Tensor]:
     """Encoded images (uint8 1-D CPU tensors) -> RGB uint8 (3, H, W) tensors on ``device``.
 
@@ -74,14 +78,21 @@ def decode_batch(
     side stream only ever hold earlier outputs, which ``record_stream`` keeps until the
     training stream is done with them; ``record=False`` leaves that to the caller (who must
     then keep the outputs until the caller's stream is done with them, as
-    :class:`GpuImagePipeline` does with one event a batch rather than a call an image)."""
+    :class:`GpuImagePipeline` does with one event a batch rather than a call an image).
+
+    ``decoder="nvimgcodec"``: one nvImageCodec call instead (``data.nvimgcodec_decode``)."""
     device = torch.device(device)
+    if decoder not in GPU_DECODERS:
+        raise ValueError(f"decoder must be one of {GPU_DECODERS}, got {decoder!r}")
+    decode_all = _decode_all
+    if decoder == "nvimgcodec":
+        from .nvimgcodec_decode import decode_nvimgcodec as decode_all
     if device.type != "cuda":
-        return _decode_all(data, device)
+        return decode_all(data, device)
     caller = torch.cuda.current_stream(device)
     stream = stream or torch.cuda.Stream(device)
     with torch.cuda.stream(stream):
-        images = _decode_all(data, device)
+        images = decode_all(data, device)
     caller.wait_stream(stream)
     if record:
         for img in images:
@@ -523,6 +534,7 @@ class GpuImagePipeline:
         # None: on CUDA devices (True also runs them under the interpreter on a CPU)
         self.fused_ops: bool | None = None
         self._streams: dict[torch.device, torch.cuda.Stream] = {}  # decoding side streams
+        self.decoder = "torchvision"  # or "nvimgcodec" (data.gpu_decoder; see decode_batch)
         self._held: list = []  # (event, decoded images) of CUDA batches being transformed
         self._lock = threading.Lock()
 
@@ -554,14 +566,16 @@ class GpuImagePipeline:
             if train:
                 index, self.batches = self.batches, self.batches + 1
             if device.type != "cuda":
-                return Decoded(decode_batch(data, device), index)
+                return Decoded(decode_batch(data, device, decoder=self.decoder), index)
             if device not in self._streams:
                 self._streams[device] = torch.cuda.Stream(device)
             held, self._held = self._held, []
         for done, _ in held:  # earlier batches' images, read by now? Then their blocks
             done.synchronize()  # may take nvJPEG's writes (see decode_batch)
         del held
-        return Decoded(decode_batch(data, device, self._streams[device], record=False), index)
+        images = decode_batch(data, device, self._streams[device], record=False,
+                              decoder=self.decoder)  # fmt: skip
+        return Decoded(images, index)
 
     def augment(self, batch: Decoded) -> torch.Tensor:
         """Stage two: crop, flip and RandAugment (train) or the eval resize and crop."""
@@ -631,4 +645,10 @@ def build_gpu_pipeline(cfg, seed: int = 0, rank: int = 0) -> GpuImagePipeline | 
     pipe = GpuImagePipeline(cfg.img_size, cfg.crop_pct, fill, cfg.auto_augment or None,
                             seed=seed, rank=rank, channels_last=bool(cfg.channels_last))  # fmt: skip
     pipe.fused_ops = None if getattr(cfg, "fused_augment", True) else False
+    pipe.decoder = getattr(cfg, "gpu_decoder", "torchvision")
+    if pipe.decoder == "nvimgcodec":
+        from .nvimgcodec_decode import INSTALL_HINT, available
+
+        if not available():
+            raise ImportError(INSTALL_HINT)
     return pipe

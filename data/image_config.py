@@ -109,6 +109,11 @@ class ImageDataConfig:
     # (data.augment_kernels; the same values as the torch ops, +13-37% images/s for
     # EfficientViT-M0 on an H100, docs/benchmarks.md); false: the torch ops
     fused_augment: bool = True
+    # data.decode=gpu: the JPEG decoder. torchvision: decode_jpeg (nvJPEG, per-image host calls
+    # around one hardware decode); nvimgcodec: NVIDIA nvImageCodec, the batch in one call
+    # (pip install 'nvidia-nvimgcodec-cu13[nvjpeg]'; data/nvimgcodec_decode.py; not yet
+    # measured on a GPU)
+    gpu_decoder: str = "torchvision"
 
 
 def _check_prob(name: str, value: float) -> None:
@@ -143,6 +148,9 @@ def check_image_config(cfg: ImageDataConfig) -> None:
         raise ValueError("data.decode_process=true needs data.decode=gpu (the child process "
                          "decodes on the device); with decode=cpu the loader's workers "
                          "already run in processes of their own")  # fmt: skip
+    if getattr(cfg, "gpu_decoder", "torchvision") not in ("torchvision", "nvimgcodec"):
+        raise ValueError(f"data.gpu_decoder must be torchvision or nvimgcodec, got "
+                         f"{cfg.gpu_decoder!r}")  # fmt: skip
     if int(cfg.num_workers) < 0:
         raise ValueError(f"data.num_workers must be >= 0, got {cfg.num_workers!r}")
     if cfg.kind == "synthetic" and (int(cfg.num_classes) < 1 or int(cfg.synthetic_batches) < 1):

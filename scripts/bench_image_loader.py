@@ -8,7 +8,8 @@ flip, RandAugment rand-m9-mstd0.5-inc1, collate to channels_last, pinned memory)
 GPU, the copy to the device and :class:`data.DevicePrep` (normalisation and random erasing
 0.25), with ``data.device_normalize`` off (workers hand out normalised float32) and on (uint8),
 and ``--modes ...,gpu`` for ``data.decode=gpu`` (workers read the JPEG bytes; decode with
-nvJPEG, crop, flip and RandAugment on the device: the timed work then includes that GPU work).
+nvJPEG, crop, flip and RandAugment on the device: the timed work then includes that GPU work;
+``nvimgcodec``: the same with ``data.gpu_decoder=nvimgcodec``).
 Each cell reads ``--batches`` batches after a warm-up of two batches per worker (worker start-up
 and the prefetched queue left out; keep ``--batches`` well above it). Without an ImageNet folder, ``--generate N`` writes an ImageNet-like folder: N JPEGs
 of ``--size`` (default 500x375, ImageNet's median) at quality 90, upscaled from the images of a
@@ -161,7 +162,7 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--modes", default="float,uint8",
                     help="float (workers normalise), uint8 (device normalises), gpu (device "
-                    "decodes and augments)")  # fmt: skip
+                    "decodes and augments), nvimgcodec (gpu with data.gpu_decoder=nvimgcodec)")  # fmt: skip
     ap.add_argument("--stages", action="store_true",
                     help="also time data.decode=gpu's stages one at a time (read, decode, "
                     "augment)")  # fmt: skip
@@ -171,8 +172,8 @@ def main() -> None:
         ap.error("give --root DIR (ImageNet-style folder) or --generate N")
     workers = [int(w) for w in args.workers.split(",")]
     modes = [m for m in args.modes.split(",") if m]
-    if set(modes) - {"float", "uint8", "gpu"}:
-        ap.error("--modes takes float, uint8 and/or gpu")
+    if set(modes) - {"float", "uint8", "gpu", "nvimgcodec"}:
+        ap.error("--modes takes float, uint8, gpu and/or nvimgcodec")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tmp = tempfile.TemporaryDirectory()
     root = args.root
@@ -187,13 +188,14 @@ def main() -> None:
         for nw in workers:
             cfg = ImageDataConfig(name="bench", kind="folder", root=root, img_size=args.img_size,
                                   num_workers=nw, device_normalize=mode != "float",
-                                  decode="gpu" if mode == "gpu" else "cpu",
+                                  decode="cpu" if mode in ("float", "uint8") else "gpu",
+                                  gpu_decoder="nvimgcodec" if mode == "nvimgcodec" else "torchvision",
                                   persistent_workers=False)  # fmt: skip
             cell = time_cell(cfg, args.batch, args.batches, device)
             rows.append({"mode": mode, "workers": nw, **cell})
             print(f"{mode:<6} workers {nw:>3}: {cell['images_per_s']:8,.0f} images/s "
                   f"({cell['batch_mb']:.0f} MB a batch)", flush=True)  # fmt: skip
-            if mode == "gpu" and args.stages:
+            if mode in ("gpu", "nvimgcodec") and args.stages:
                 stages = time_stages(cfg, args.batch, args.batches, device)
                 rows[-1]["stages"] = stages
                 print("        stages alone: " + ", ".join(f"{k} {v:,.0f}" for k, v in

@@ -379,6 +379,45 @@ def test_encoded_batches_travel_as_one_buffer(folder):
     assert all(bytes(d.numpy()) in files for d in data)
 
 
+def test_nvimgcodec_decoder_gives_torchvisions_images_and_pipeline(folder, tmp_path):
+    """data.gpu_decoder=nvimgcodec (here nvImageCodec's CPU backend): the batch in one call,
+    the same pixels as torchvision's decoder (both libjpeg-turbo on the CPU), images it cannot
+    read decoded one by one as before, and the same augmented batches."""
+    pytest.importorskip("nvidia.nvimgcodec")
+    from data.gpu_augment import decode_batch
+
+    train, *_ = build_image_loaders(_gpu_cfg(folder), 4, seed=0)
+    data, _ = next(iter(train))
+    png = io.BytesIO()
+    Image.new("RGB", (7, 5), (10, 200, 30)).save(png, format="PNG")
+    batch = [*data, torch.frombuffer(bytearray(png.getvalue()), dtype=torch.uint8)]
+    ours = decode_batch(batch, "cpu", decoder="nvimgcodec")
+    ref = decode_batch(batch, "cpu")
+    assert len(ours) == len(ref) == 5
+    for a, b in zip(ours, ref):
+        assert a.shape == b.shape and a.dtype == torch.uint8 and torch.equal(a, b)
+    assert ours[-1].shape == (3, 5, 7) and ours[-1][:, 0, 0].tolist() == [10, 200, 30]
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        decode_batch(batch, "cpu", decoder="pil")
+
+    outs = []
+    for name in ("torchvision", "nvimgcodec"):
+        pipe = build_gpu_pipeline(_gpu_cfg(folder, gpu_decoder=name), seed=4)
+        assert pipe.decoder == name
+        outs.append(pipe(data, "cpu", train=True))
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match="data.gpu_decoder must be"):
+        build_image_loaders(_gpu_cfg(folder, gpu_decoder="dali"), 4, seed=0)
+
+
+def test_nvimgcodec_missing_names_the_package(folder, monkeypatch):
+    import data.nvimgcodec_decode as nvimg
+
+    monkeypatch.setattr(nvimg, "available", lambda: False)
+    with pytest.raises(ImportError, match="pip install 'nvidia-nvimgcodec-cu13"):
+        build_gpu_pipeline(_gpu_cfg(folder, gpu_decoder="nvimgcodec"))
+
+
 def test_pipeline_through_loaders_is_deterministic(folder):
     cfg = _gpu_cfg(folder)
     train, val, n_classes, _ = build_image_loaders(cfg, 4, seed=0)
@@ -568,6 +607,28 @@ def test_cuda_fused_families_equal_the_torch_ops(family):
     want = apply_plan(x.clone(), [entry], fill)
     got = apply_plan(x.clone(), [entry], fill, fused_ops=True)
     assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_cuda_nvimgcodec_decoder_agrees_with_torchvision(folder):
+    """data.gpu_decoder=nvimgcodec on CUDA: planar RGB images on the device, in the batch's
+    order, within rounding of torchvision's nvJPEG decode; the whole pipeline runs with it
+    from its side stream, and its batches agree with torchvision's on average."""
+    pytest.importorskip("nvidia.nvimgcodec")
+    from data.gpu_augment import decode_batch
+
+    train, *_ = build_image_loaders(_gpu_cfg(folder), 12, seed=0)
+    data, _ = next(iter(train))
+    ours = decode_batch(data, "cuda", decoder="nvimgcodec")
+    ref = decode_batch(data, "cuda")
+    torch.cuda.synchronize()
+    for a, b in zip(ours, ref):
+        assert a.is_cuda and a.shape == b.shape and a.dtype == torch.uint8
+        assert (a.float() - b.float()).abs().mean() < 1.0
+    outs = [build_gpu_pipeline(_gpu_cfg(folder, gpu_decoder=name), seed=4)(data, "cuda",
+                                                                          train=True)
+            for name in ("torchvision", "nvimgcodec")]  # fmt: skip
+    assert (outs[0].float() - outs[1].float()).abs().mean() < 4.0
 
 
 @pytest.mark.gpu
