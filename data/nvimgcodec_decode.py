@@ -19,6 +19,7 @@ session): ``torchvision`` stays the default.
 from __future__ import annotations
 
 import threading
+import warnings
 
 import numpy as np
 import torch
@@ -87,6 +88,11 @@ def decode_nvimgcodec(data: list[torch.Tensor], device: torch.device | str) -> l
             images = dec.decode(streams, params=params, cuda_stream=stream.cuda_stream)
         else:
             images = dec.decode(streams, params=params)
+    if all(img is None for img in images):
+        warnings.warn(f"nvImageCodec decoded none of a batch of {len(images)} images on {device} "
+                      "(decoding them one by one instead, slowly); if they are JPEGs, its nvJPEG "
+                      "library is missing: pip install 'nvidia-nvimgcodec-cu13[nvjpeg]'",
+                      RuntimeWarning, stacklevel=2)  # fmt: skip
     out = []
     for raw, img in zip(data, images):
         if img is None:  # unreadable for nvImageCodec: torchvision's decoders, then PIL's

@@ -397,6 +397,12 @@ def test_nvimgcodec_decoder_gives_torchvisions_images_and_pipeline(folder, tmp_p
     for a, b in zip(ours, ref):
         assert a.shape == b.shape and a.dtype == torch.uint8 and torch.equal(a, b)
     assert ours[-1].shape == (3, 5, 7) and ours[-1][:, 0, 0].tolist() == [10, 200, 30]
+    gif = io.BytesIO()  # a format nvImageCodec does not read: decoded one by one, with a word
+    Image.new("RGB", (7, 5), (10, 200, 30)).save(gif, format="GIF")
+    with pytest.warns(RuntimeWarning, match="decoded none of a batch of 1"):
+        (img,) = decode_batch([torch.frombuffer(bytearray(gif.getvalue()), dtype=torch.uint8)],
+                              "cpu", decoder="nvimgcodec")  # fmt: skip
+    assert img.shape == (3, 5, 7) and img[:, 0, 0].tolist() == [10, 200, 30]
     with pytest.raises(ValueError, match="decoder must be one of"):
         decode_batch(batch, "cpu", decoder="pil")
 
