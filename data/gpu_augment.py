@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .augment_kernels import affine_rows, blend_rows, lut_rows
+from .image_config import GPU_DECODERS
 from .resize_kernel import resize_batch
 
 RA_OPS = (
@@ -54,9 +55,6 @@ CROP_TRIES = 10
 
 
 # --------------------------------------------------------------------------- decoding
-
-
-GPU_DECODERS = ("torchvision", "nvimgcodec")  # data.gpu_decoder
 
 
 def decode_batch(

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 IMAGE_KINDS = ("folder", "hf", "packed", "digits", "synthetic")
 DECODE_MODES = ("cpu", "gpu")
+GPU_DECODERS = ("torchvision", "nvimgcodec")  # data.gpu_decoder
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # = timm.data.IMAGENET_DEFAULT_MEAN
 IMAGENET_STD = (0.229, 0.224, 0.225)  # = timm.data.IMAGENET_DEFAULT_STD
@@ -148,7 +149,7 @@ def check_image_config(cfg: ImageDataConfig) -> None:
         raise ValueError("data.decode_process=true needs data.decode=gpu (the child process "
                          "decodes on the device); with decode=cpu the loader's workers "
                          "already run in processes of their own")  # fmt: skip
-    if getattr(cfg, "gpu_decoder", "torchvision") not in ("torchvision", "nvimgcodec"):
+    if getattr(cfg, "gpu_decoder", "torchvision") not in GPU_DECODERS:
         raise ValueError(f"data.gpu_decoder must be torchvision or nvimgcodec, got "
                          f"{cfg.gpu_decoder!r}")  # fmt: skip
     if int(cfg.num_workers) < 0:

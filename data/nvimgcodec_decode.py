@@ -48,11 +48,10 @@ def _decoder(device: torch.device):
     from nvidia import nvimgcodec as nv
 
     if device not in _DECODERS:
-        if device.type == "cuda":
-            index = device.index if device.index is not None else torch.cuda.current_device()
+        if device.type == "cuda":  # (an indexed device: decode_nvimgcodec resolves it)
             kinds = (nv.BackendKind.HW_GPU_ONLY, nv.BackendKind.GPU_ONLY,
                      nv.BackendKind.HYBRID_CPU_GPU)  # fmt: skip
-            _DECODERS[device] = nv.Decoder(device_id=index,
+            _DECODERS[device] = nv.Decoder(device_id=device.index,
                                            backends=[nv.Backend(k) for k in kinds])  # fmt: skip
         else:
             _DECODERS[device] = nv.Decoder(device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY,
