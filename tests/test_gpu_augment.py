@@ -616,21 +616,28 @@ def test_cuda_fused_families_equal_the_torch_ops(family):
 
 
 @pytest.mark.gpu
-def test_cuda_nvimgcodec_decoder_agrees_with_torchvision(folder):
+def test_cuda_nvimgcodec_decoder_agrees_with_pil(folder):
     """data.gpu_decoder=nvimgcodec on CUDA: planar RGB images on the device, in the batch's
-    order, within rounding of torchvision's nvJPEG decode; the whole pipeline runs with it
-    from its side stream, and its batches agree with torchvision's on average."""
+    order, equal to PIL's (libjpeg-turbo's) decode up to IDCT rounding; the whole pipeline
+    runs with it from its side stream, and its batches agree with torchvision's on average.
+
+    The reference is PIL's decode, the one the CPU pipeline and timm use. On an H200 (twelfth
+    session, docs/benchmarks.md) nvImageCodec's backends gave a mean difference of 0 to 0.05
+    levels from it and at most 3, while torchvision's nvJPEG decode differed by 5 to 14 on
+    average (up to 117), so torchvision is no reference here."""
     pytest.importorskip("nvidia.nvimgcodec")
     from data.gpu_augment import decode_batch
 
     train, *_ = build_image_loaders(_gpu_cfg(folder), 12, seed=0)
     data, _ = next(iter(train))
     ours = decode_batch(data, "cuda", decoder="nvimgcodec")
-    ref = decode_batch(data, "cuda")
     torch.cuda.synchronize()
-    for a, b in zip(ours, ref):
-        assert a.is_cuda and a.shape == b.shape and a.dtype == torch.uint8
-        assert (a.float() - b.float()).abs().mean() < 1.0
+    for a, raw in zip(ours, data):
+        pil = Image.open(io.BytesIO(raw.numpy().tobytes())).convert("RGB")
+        ref = torch.from_numpy(np.array(pil)).permute(2, 0, 1)
+        assert a.is_cuda and a.shape == ref.shape and a.dtype == torch.uint8
+        diff = (a.cpu().float() - ref.float()).abs()
+        assert diff.mean() < 0.25 and diff.max() <= 4
     outs = [build_gpu_pipeline(_gpu_cfg(folder, gpu_decoder=name), seed=4)(data, "cuda",
                                                                           train=True)
             for name in ("torchvision", "nvimgcodec")]  # fmt: skip
