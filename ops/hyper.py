@@ -27,7 +27,10 @@ Every exact piece runs on an inner backend (``inner``, default ``flash``: the Tr
 LSE is differentiable) through the ops contract with ``return_lse=True``, batched over tiles
 of ``block_size`` queries of one key block, so nothing N x N is ever formed. The backward is the true gradient of this forward: autograd
 flows through the gathers, the inner backend and the LSE merge (the public implementation
-detaches the LSE, which biases the gradient).
+detaches the LSE, which biases the gradient). With the Triton core and lengths that halve evenly
+down to ``min_seq_len``, the whole causal recursion is one autograd step (``_CausalHyper``): its
+backward walks the levels and has each level's non-causal kernels add their gradients straight
+into the recursion's buffers, with no per-level copies or additions.
 
 Randomness (hyperplanes, samples) comes from a ``torch.Generator`` seeded with ``seed`` and kept
 by the backend: a fresh backend with the same seed replays the same draws; ``state()`` /
@@ -40,6 +43,7 @@ import math
 
 import torch
 
+from . import flash as _flash
 from . import hyper_kernels
 from .contract import check_inputs
 from .registry import Capabilities, build, register
@@ -52,6 +56,10 @@ _DEFAULTS = {
     "inner": "flash",
     "seed": 0,
 }
+
+# The causal recursion as one autograd step where it can be (tests switch it off to compare
+# with the recursion recorded by autograd level by level).
+_FUSED_CAUSAL = True
 
 
 def _gray_rank(code: torch.Tensor, bits: int) -> torch.Tensor:
@@ -184,6 +192,38 @@ class _Hyper:
         nk, dv = k.shape[1], v.shape[-1]
         if nk <= self.min_len:
             return self._exact(q, k, v, scale, False)
+        k_order, starts, tile_blk, samp, q_index, b, weight = self._layout(q, k)
+        if self.fused and hyper_kernels.supported(q, v):  # one kernel reads through indices
+            q_index, k_index, b, _ = self._kernel_plan(k_order, starts, tile_blk, samp, q_index,
+                                                       b, weight)  # fmt: skip
+            return hyper_kernels.gathered_attention(q, k, v, q_index, k_index, b, weight, scale)
+        n_tiles, m = tile_blk.shape[1], samp.shape[-1]
+        dev = q.device
+        # the tiles' queries, block keys and sampled keys, as fixed-shape batches
+        ks, vs = _gather(k, k_order), _gather(v, k_order)
+        q_pad = torch.cat([q, q.new_zeros(bh, 1, d)], 1)
+        qt = _gather(q_pad, q_index).reshape(bh * n_tiles, b, d)
+        key_idx = (starts[tile_blk][..., None] + torch.arange(b, device=dev)).reshape(bh, -1)
+        kt = _gather(ks, key_idx).reshape(bh * n_tiles, b, d)
+        vt = _gather(vs, key_idx).reshape(bh * n_tiles, b, dv)
+        o_blk, lse_blk = self._exact(qt, kt, vt, scale, False)
+        ksm = _gather(ks, samp.reshape(bh, -1)).reshape(bh * n_tiles, m, d)
+        vsm = _gather(vs, samp.reshape(bh, -1)).reshape(bh * n_tiles, m, dv)
+        o_s, lse_s = self._exact(qt, ksm, vsm, scale, False)
+        o_t, lse_t = _merge(o_blk, lse_blk, o_s, lse_s + math.log(weight))
+        # back to the queries (empty slots land on the dropped row nq)
+        o = q.new_zeros(bh, nq + 1, dv).scatter(
+            1, q_index[..., None].expand(-1, -1, dv), o_t.reshape(bh, -1, dv).to(q.dtype)
+        )
+        lse = lse_t.new_zeros(bh, nq + 1).scatter(1, q_index, lse_t.reshape(bh, -1))
+        return o[:, :nq], lse[:, :nq]
+
+    def _layout(self, q, k):
+        """The non-causal step's draws and tile layout (Nk > min_seq_len): (k_order, block
+        starts, each tile's key block, each tile's sampled columns (positions in k_order), the
+        tiles' query slots (nq: empty), block size, sample weight)."""
+        bh, nq, d = q.shape
+        nk = k.shape[1]
         dev = q.device
         gen = self._gen(dev)
         planes = torch.randn(d, self.bits, device=dev, generator=gen)
@@ -221,30 +261,16 @@ class _Hyper:
         tile_blk = torch.zeros(bh, n_tiles, dtype=torch.long, device=dev)
         tile_blk.scatter_(1, tile, blk_sorted)
         samp = torch.gather(cols, 1, tile_blk[..., None].expand(-1, -1, m))  # (BH, T, m)
-        if self.fused and hyper_kernels.supported(q, v):  # one kernel reads through indices
-            blk = starts[tile_blk][..., None] + torch.arange(b, device=dev)  # (BH, T, b)
-            k_index = torch.gather(k_order, 1, torch.cat([blk, samp], -1).reshape(bh, -1))
-            return hyper_kernels.gathered_attention(
-                q, k, v, q_index, k_index.reshape(bh, n_tiles, b + m), b, weight, scale
-            )
-        # the tiles' queries, block keys and sampled keys, as fixed-shape batches
-        ks, vs = _gather(k, k_order), _gather(v, k_order)
-        q_pad = torch.cat([q, q.new_zeros(bh, 1, d)], 1)
-        qt = _gather(q_pad, q_index).reshape(bh * n_tiles, b, d)
-        key_idx = (starts[tile_blk][..., None] + torch.arange(b, device=dev)).reshape(bh, -1)
-        kt = _gather(ks, key_idx).reshape(bh * n_tiles, b, d)
-        vt = _gather(vs, key_idx).reshape(bh * n_tiles, b, dv)
-        o_blk, lse_blk = self._exact(qt, kt, vt, scale, False)
-        ksm = _gather(ks, samp.reshape(bh, -1)).reshape(bh * n_tiles, m, d)
-        vsm = _gather(vs, samp.reshape(bh, -1)).reshape(bh * n_tiles, m, dv)
-        o_s, lse_s = self._exact(qt, ksm, vsm, scale, False)
-        o_t, lse_t = _merge(o_blk, lse_blk, o_s, lse_s + math.log(weight))
-        # back to the queries (empty slots land on the dropped row nq)
-        o = q.new_zeros(bh, nq + 1, dv).scatter(
-            1, q_index[..., None].expand(-1, -1, dv), o_t.reshape(bh, -1, dv).to(q.dtype)
-        )
-        lse = lse_t.new_zeros(bh, nq + 1).scatter(1, q_index, lse_t.reshape(bh, -1))
-        return o[:, :nq], lse[:, :nq]
+        return k_order, starts, tile_blk, samp, q_index, b, weight
+
+    @staticmethod
+    def _kernel_plan(k_order, starts, tile_blk, samp, q_index, b, weight):
+        """The gathered kernels' arguments from a layout: (q_index, k_index (BH, T, b + m) of
+        key positions, block size, log weight)."""
+        bh, n_tiles = tile_blk.shape
+        blk = starts[tile_blk][..., None] + torch.arange(b, device=tile_blk.device)  # (BH, T, b)
+        k_index = torch.gather(k_order, 1, torch.cat([blk, samp], -1).reshape(bh, -1))
+        return q_index, k_index.reshape(bh, n_tiles, -1), b, math.log(weight)
 
     def causal(self, q, k, v, scale):
         """Causal HyperAttention by the recursion on halves (equal lengths). For even lengths
@@ -253,6 +279,10 @@ class _Hyper:
         bh, n, d = q.shape
         if n <= self.min_len or k.shape[1] != n:  # (unequal lengths: bottom-right, exact)
             return self._exact(q, k, v, scale, True)
+        if self._fuses_causal(q, v):
+            if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+                return _CausalHyper.apply(q, k, v, self, scale)
+            return self._fused_forward(q, k, v, scale, keep=False)[:2]
         h = n // 2
         if n % 2 == 0:
             *halves, q2, k1, v1 = _level_inputs(q, k, v)
@@ -268,6 +298,90 @@ class _Hyper:
             return hyper_kernels.merge_halves(o12, lse12, o3.to(o12.dtype), lse3)
         o2, lse2 = _merge(o12[:, h:], lse12[:, h:], o3, lse3)
         return torch.cat([o12[:, :h], o2], 1), torch.cat([lse12[:, :h], lse2], 1)
+
+    # ------------------------------------------------------------------ fused recursion
+    def _fuses_causal(self, q, v) -> bool:
+        """Whether the causal recursion runs as one autograd step: the Triton core, and every
+        level halves an even length (the recursion's buffers are then views of one another)."""
+        if not (_FUSED_CAUSAL and self.fused and hyper_kernels.supported(q, v)):
+            return False
+        n = q.shape[1]
+        while n > self.min_len:
+            if n % 2:
+                return False
+            n //= 2
+        return True
+
+    def _flash(self, q, k, v, scale, causal):
+        """(BH, Nq, D) x (BH, Nk, D): the Triton core's forward, no autograd -> o, lse."""
+        o, lse = _flash._forward(q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), causal, scale,
+                                 _flash._DEFAULTS)  # fmt: skip
+        return o.squeeze(2), lse.squeeze(1)
+
+    @staticmethod
+    def _flash_grads(do, dlse, q, k, v, o, lse, scale, causal):
+        g = _flash._backward(do.unsqueeze(2), None if dlse is None else dlse.unsqueeze(1),
+                             q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), o.unsqueeze(2),
+                             lse.unsqueeze(1), causal, scale, _flash._DEFAULTS)  # fmt: skip
+        return [x.squeeze(2) for x in g]
+
+    def _fused_forward(self, q, k, v, scale, keep: bool):
+        """The causal recursion without autograd (same draws, in the same order, as
+        :meth:`causal`'s): (o, lse, record), the record (with ``keep``) holding what
+        :meth:`_fused_backward` needs, level by level."""
+        bh, n, _ = q.shape
+        if n <= self.min_len:
+            o, lse = self._flash(q, k, v, scale, True)
+            return o, lse, ({"qkv": (q, k, v)} if keep else None)
+        *halves, q2, k1, v1 = _split_level(q, k, v)
+        o12, lse12, child = self._fused_forward(*halves, scale, keep)
+        o12, lse12 = o12.reshape(bh, n, -1), lse12.reshape(bh, n)
+        plan = None
+        if k1.shape[1] <= self.min_len:
+            o3, lse3 = self._flash(q2, k1, v1, scale, False)
+        else:
+            plan = self._kernel_plan(*self._layout(q2, k1))
+            o3, lse3 = hyper_kernels._forward(q2, k1, v1, *plan, scale)
+        o3 = o3.to(o12.dtype)
+        o, lse = hyper_kernels.merge_forward(o12, lse12, o3, lse3)
+        rec = None
+        if keep:
+            rec = {"child": child, "qkv": (q2, k1, v1), "plan": plan,
+                   "parts": (o12, lse12, o3, lse3)}  # fmt: skip
+        return o, lse, rec
+
+    def _fused_backward(self, rec, state, scale):
+        """Gradients (dq, dk, dv) of :meth:`_fused_forward` at the level of ``rec``, given
+        ``state`` = [do, dlse (or None), o, lse]: the output gradients and the level's output.
+        The halves' gradients come back as one buffer per input; this level's non-causal
+        gradients are added into its views in place (in the kernels for the gathered part).
+        ``state`` is emptied and the record's tensors dropped as soon as they are used, so
+        that the saved activations are freed during the backward as autograd would."""
+        do, dlse, o, lse = state
+        state.clear()
+        if "child" not in rec:
+            q, k, v = rec.pop("qkv")
+            return self._flash_grads(do, dlse, q, k, v, o, lse, scale, True)
+        o12, lse12, o3, lse3 = rec.pop("parts")
+        bh, n, dv = o12.shape
+        h = n // 2
+        d12, dl12, d3, dl3 = hyper_kernels.merge_backward(do, dlse, o, lse, o12, lse12, o3, lse3)
+        del do, dlse, o, lse
+        half = lambda x: x.reshape(bh * 2, h, *x.shape[2:])  # noqa: E731
+        state = [half(d12), half(dl12), half(o12), half(lse12)]
+        del d12, dl12, o12, lse12
+        grads = self._fused_backward(rec.pop("child"), state, scale)
+        dq, dk, dvv = (g.reshape(bh, n, g.shape[-1]) for g in grads)
+        del grads
+        q2, k1, v1 = rec.pop("qkv")
+        out = (dq[:, h:], dk[:, :h], dvv[:, :h])
+        plan = rec.pop("plan")
+        if plan is None:
+            for acc, g in zip(out, self._flash_grads(d3, dl3, q2, k1, v1, o3, lse3, scale, False)):
+                acc.add_(g)
+        else:
+            hyper_kernels._backward(d3, dl3, q2, k1, v1, o3, lse3, *plan, scale, out=out)
+        return dq, dk, dvv
 
     # ------------------------------------------------------------------ the contract
     def __call__(self, q, k, v, *, causal=False, scale=None, bias=None, return_lse=False):
@@ -286,6 +400,32 @@ class _Hyper:
         o, lse = fn(*flat, scale)
         o = o.reshape(b, h, nq, -1).permute(0, 2, 1, 3).to(q.dtype)
         return (o, lse.reshape(b, h, nq).float()) if return_lse else o
+
+
+class _CausalHyper(torch.autograd.Function):
+    """The fused causal recursion (:meth:`_Hyper._fused_forward`) as one autograd step:
+    (q, k, v) (BH, N, D) -> (o, lse), both differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attn, scale):
+        o, lse, rec = attn._fused_forward(q, k, v, scale, keep=True)
+        ctx.attn, ctx.scale, ctx.rec = attn, scale, rec
+        ctx.save_for_backward(q, k, v, o, lse)  # (q, k, v: in-place changes are caught)
+        ctx.set_materialize_grads(False)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        _, _, _, o, lse = ctx.saved_tensors
+        if do is None and dlse is None:
+            return (None,) * 5
+        do = torch.zeros_like(o) if do is None else do
+        rec, ctx.rec = ctx.rec, None
+        if rec is None:
+            raise RuntimeError("hyper: the causal recursion's backward ran twice; its saved "
+                               "tensors were freed (retain_graph is not supported)")  # fmt: skip
+        grads = ctx.attn._fused_backward(rec, [do, dlse, o, lse], ctx.scale)
+        return (*grads, None, None)
 
 
 @register("hyper", defaults=_DEFAULTS, capabilities=Capabilities(bias=False))

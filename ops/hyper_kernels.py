@@ -136,11 +136,12 @@ def _row_state(Q, DO, LSE, DELTA, QIDX, bh, pid, sqb, sqn, sqd, n_q, n_tiles, ti
 
 @_jit
 def _gdq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QIDX, KIDX, sqb, sqn, sqd, skb, skn, skd, svb, svn,
-                svd, n_q, n_tiles, tile_rows, n_keys, n_block, bias_s, qk_scale, scale,
-                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+                svd, sdqb, n_q, n_tiles, tile_rows, n_keys, n_block, bias_s, qk_scale, scale,
+                ACC: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """One chunk of rows: dQ over its tile's key list (each query is in one tile: no atomics).
-    DQ is contiguous (BH, Nq, D)."""
+    DQ (BH, Nq, D): rows packed, batch stride sdqb. ACC: added to what DQ holds (in fp32,
+    rounded once)."""
     bh = tl.program_id(1).to(tl.int64)
     tile, qi, in_q, q, do, lse, delta = _row_state(Q, DO, LSE, DELTA, QIDX, bh, tl.program_id(0),
                                                    sqb, sqn, sqd, n_q, n_tiles, tile_rows,
@@ -155,8 +156,11 @@ def _gdq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QIDX, KIDX, sqb, sqn, sqd, skb, skn
         ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, IEEE)
     offs_d = tl.arange(0, HEAD_D)
-    tl.store(DQ + (bh * n_q + qi[:, None]) * HEAD_D + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])  # fmt: skip
+    ptr = DQ + bh * sdqb + qi[:, None] * HEAD_D + offs_d[None, :]
+    dq = dq * scale
+    if ACC:
+        dq += tl.load(ptr, mask=in_q[:, None], other=0.0).to(tl.float32)
+    tl.store(ptr, dq.to(DQ.dtype.element_ty), mask=in_q[:, None])
 
 
 @_jit
@@ -181,17 +185,18 @@ def _kv_grads(Q, DO, LSE, DELTA, QIDX, bh, tile, run, k, v, shift, in_k, dk, dv,
 
 @_jit
 def _gdkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SK, SV, CNT, RUN, QIDX, KIDX, sqb, sqn, sqd,
-                  skb, skn, skd, svb, svn, svd, n_q, n_k, n_tiles, tile_rows, n_keys, n_block,
-                  bias_s, qk_scale, scale, inv_scale, SAMPLES: tl.constexpr, HEAD_D: tl.constexpr,
-                  HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  IEEE: tl.constexpr):  # fmt: skip
+                  skb, skn, skd, svb, svn, svd, sdkb, sdvb, n_q, n_k, n_tiles, tile_rows, n_keys,
+                  n_block, bias_s, qk_scale, scale, inv_scale, SAMPLES: tl.constexpr,
+                  ACC: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """One (tile, chunk of BLOCK_N of the block part, or of the sampled part, of its list).
     A tile that leads a run (RUN[tile] > 0 tiles with this same list) sums dK, dV over the
     run's rows; the others do nothing. Sampled part: atomic adds into the fp32 sums SK, SV.
     Block part, launched after it: a key in one run's block only (CNT == 1) has all of its
     sampled gradient in SK, SV already; the sums start from it and are stored plainly in DK, DV
     (which may be SK, SV themselves). Other keys add into SK, SV, copied out by
-    _gfinish_kernel. SK, SV, DK, DV: contiguous (BH, Nk, D*); CNT (BH, Nk) int32."""
+    _gfinish_kernel. SK, SV: contiguous (BH, Nk, D*); DK, DV: rows packed, batch strides
+    sdkb, sdvb; ACC: added to what DK, DV hold. CNT (BH, Nk) int32."""
     bh = tl.program_id(1).to(tl.int64)
     if SAMPLES:
         j_lo = n_block
@@ -227,17 +232,25 @@ def _gdkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SK, SV, CNT, RUN, QIDX, KIDX,
         tl.atomic_add(SV + pv, dv, mask=in_k[:, None])
     else:
         shared = (in_k & (cnt != 1))[:, None]
-        tl.store(DK + pk, dk.to(DK.dtype.element_ty), mask=own)
-        tl.store(DV + pv, dv.to(DV.dtype.element_ty), mask=own)
+        ok = bh * sdkb + ki[:, None].to(tl.int64) * HEAD_D + tl.arange(0, HEAD_D)[None, :]
+        ov = bh * sdvb + ki[:, None].to(tl.int64) * HEAD_DV + tl.arange(0, HEAD_DV)[None, :]
+        dk_out = dk
+        dv_out = dv
+        if ACC:
+            dk_out += tl.load(DK + ok, mask=own, other=0.0).to(tl.float32)
+            dv_out += tl.load(DV + ov, mask=own, other=0.0).to(tl.float32)
+        tl.store(DK + ok, dk_out.to(DK.dtype.element_ty), mask=own)
+        tl.store(DV + ov, dv_out.to(DV.dtype.element_ty), mask=own)
         tl.atomic_add(SK + pk, dk, mask=shared)
         tl.atomic_add(SV + pv, dv, mask=shared)
 
 
 @_jit
-def _gfinish_kernel(SK, SV, DK, DV, CNT, n_k, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
-                    BLOCK: tl.constexpr):  # fmt: skip
+def _gfinish_kernel(SK, SV, DK, DV, CNT, sdkb, sdvb, n_k, ACC: tl.constexpr,
+                    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """Keys not stored by _gdkdv_kernel (CNT != 1: in no run's block, or in several): their
-    fp32 sums SK, SV cast into DK, DV. Rows of the other keys are not read."""
+    fp32 sums SK, SV cast into DK, DV (added to them with ACC). Rows of the other keys are not
+    read."""
     bh = tl.program_id(1).to(tl.int64)
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = r < n_k
@@ -246,8 +259,20 @@ def _gfinish_kernel(SK, SV, DK, DV, CNT, n_k, HEAD_D: tl.constexpr, HEAD_DV: tl.
     rows = bh * n_k + r[:, None]
     pk = rows * HEAD_D + tl.arange(0, HEAD_D)[None, :]
     pv = rows * HEAD_DV + tl.arange(0, HEAD_DV)[None, :]
-    tl.store(DK + pk, tl.load(SK + pk, mask=todo, other=0.0).to(DK.dtype.element_ty), mask=todo)
-    tl.store(DV + pv, tl.load(SV + pv, mask=todo, other=0.0).to(DV.dtype.element_ty), mask=todo)
+    ok = bh * sdkb + r[:, None] * HEAD_D + tl.arange(0, HEAD_D)[None, :]
+    ov = bh * sdvb + r[:, None] * HEAD_DV + tl.arange(0, HEAD_DV)[None, :]
+    dk = tl.load(SK + pk, mask=todo, other=0.0)
+    dv = tl.load(SV + pv, mask=todo, other=0.0)
+    if ACC:
+        dk += tl.load(DK + ok, mask=todo, other=0.0).to(tl.float32)
+        dv += tl.load(DV + ov, mask=todo, other=0.0).to(tl.float32)
+    tl.store(DK + ok, dk.to(DK.dtype.element_ty), mask=todo)
+    tl.store(DV + ov, dv.to(DV.dtype.element_ty), mask=todo)
+
+
+def _packed_rows(x: torch.Tensor) -> bool:
+    """(BH, N, D) with rows D apart and unit last stride (a batch stride of its own is fine)."""
+    return x.stride(-1) == 1 and (x.shape[1] <= 1 or x.stride(1) == x.shape[-1])
 
 
 def _tiles(q: torch.Tensor) -> tuple[int, int, int, int]:
@@ -306,7 +331,15 @@ def _runs(q_index, k_index, n_q: int, n_k: int, n_block: int):
 
 
 def _backward(do, dlse, q, k, v, o, lse, q_index, k_index, n_block: int, log_w: float,
-              scale: float):  # fmt: skip
+              scale: float, out=None):  # fmt: skip
+    """(dq, dk, dv); with ``out`` = (dq, dk, dv) buffers (rows packed: last stride 1, row
+    stride D*), the gradients are added into them in the kernels instead (one rounding, no
+    temporaries) and ``out`` is returned."""
+    if out is not None and (q.dtype == torch.float32 or not all(_packed_rows(x) for x in out)):
+        for acc, g in zip(out, _backward(do, dlse, q, k, v, o, lse, q_index, k_index, n_block,
+                                         log_w, scale)):  # fmt: skip
+            acc.add_(g)
+        return out
     bh, nq, d = q.shape
     nk, dv = k.shape[1], v.shape[-1]
     n_tiles, n_keys = k_index.shape[1], k_index.shape[2]
@@ -321,33 +354,39 @@ def _backward(do, dlse, q, k, v, o, lse, q_index, k_index, n_block: int, log_w: 
         _launch(_delta_kernel, (_cdiv(nq, bm), bh), o, do, delta if dlse is None else dlse,
                 delta, do.stride(0), do.stride(1), 0, do.stride(2), nq, 1,
                 tiles=_Tiles(bm, 16, warps, 1), HAS_DLSE=dlse is not None, HEAD_D=dv)  # fmt: skip
-    dq = torch.empty((bh, nq, d), dtype=q.dtype, device=q.device)
+    acc = out is not None
+    dq = out[0] if acc else torch.empty((bh, nq, d), dtype=q.dtype, device=q.device)
     # fp32 sums for the sampled columns and the keys no single program owns; fp32 inputs
     # take their results in place
     sk = torch.zeros((bh, nk, d), dtype=torch.float32, device=q.device)
     sv = torch.zeros((bh, nk, dv), dtype=torch.float32, device=q.device)
     fp32 = q.dtype == torch.float32
-    dk = sk if fp32 else torch.empty((bh, nk, d), dtype=k.dtype, device=q.device)
-    dvv = sv if fp32 else torch.empty((bh, nk, dv), dtype=v.dtype, device=q.device)
+    if acc:
+        dk, dvv = out[1], out[2]
+    else:
+        dk = sk if fp32 else torch.empty((bh, nk, d), dtype=k.dtype, device=q.device)
+        dvv = sv if fp32 else torch.empty((bh, nk, dv), dtype=v.dtype, device=q.device)
     args = (*q.stride(), *k.stride(), *v.stride())
     const = dict(HEAD_D=d, HEAD_DV=dv, BLOCK_M=bm, BLOCK_N=bn, IEEE=q.dtype == torch.float32,
                  num_warps=warps, num_stages=stages)  # fmt: skip
     if not (n_tiles and bh):
-        return dq.zero_(), dk.zero_(), dvv.zero_()
+        return (dq, dk, dvv) if acc else (dq.zero_(), dk.zero_(), dvv.zero_())
     run, cnt = _runs(q_index, k_index, nq, nk, n_block)
     launch(_gdq_kernel, (n_tiles * _cdiv(tile_rows, bm), bh),
-           q, k, v, do, lse, delta, dq, q_index, k_index, *args, nq, n_tiles, tile_rows,
-           n_keys, n_block, log_w / scale, scale * _LOG2E, scale, **const)  # fmt: skip
+           q, k, v, do, lse, delta, dq, q_index, k_index, *args, dq.stride(0), nq, n_tiles,
+           tile_rows, n_keys, n_block, log_w / scale, scale * _LOG2E, scale, ACC=acc,
+           **const)  # fmt: skip
     for samples, width in ((True, n_keys - n_block), (False, n_block)):  # samples first
         if width > 0:
             launch(_gdkdv_kernel, (n_tiles * _cdiv(width, bn), bh),
                    q, k, v, do, lse, delta, dk, dvv, sk, sv, cnt, run, q_index, k_index, *args,
-                   nq, nk, n_tiles, tile_rows, n_keys, n_block, log_w / scale, scale * _LOG2E,
-                   scale, 1.0 / scale if scale else 0.0, SAMPLES=samples, **const)  # fmt: skip
+                   dk.stride(0), dvv.stride(0), nq, nk, n_tiles, tile_rows, n_keys, n_block,
+                   log_w / scale, scale * _LOG2E, scale, 1.0 / scale if scale else 0.0,
+                   SAMPLES=samples, ACC=acc, **const)  # fmt: skip
     if not fp32 and nk:
         block = 16 if _INTERPRET else 32
-        launch(_gfinish_kernel, (_cdiv(nk, block), bh), sk, sv, dk, dvv, cnt, nk, HEAD_D=d,
-               HEAD_DV=dv, BLOCK=block)  # fmt: skip
+        launch(_gfinish_kernel, (_cdiv(nk, block), bh), sk, sv, dk, dvv, cnt, dk.stride(0),
+               dvv.stride(0), nk, ACC=acc, HEAD_D=d, HEAD_DV=dv, BLOCK=block)  # fmt: skip
     return dq, dk, dvv
 
 
@@ -427,18 +466,41 @@ def _merge_bwd_kernel(DO, DL, O, L, O12, L12, O3, L3, DO12, DL12, DO3, DL3, n, h
     tl.store(DL3 + bh * (n - h) + r3, dl3, mask=second)
 
 
+def merge_forward(o12, l12, o3, l3):
+    """:func:`merge_halves` without autograd: (o, lse)."""
+    bh, n, dv = o12.shape
+    h = n - o3.shape[1]
+    o12, l12, o3, l3 = (x.contiguous() for x in (o12, l12, o3, l3))
+    o = torch.empty_like(o12)
+    lse = torch.empty_like(l12)
+    block = 16 if _INTERPRET else 32
+    if bh and n:
+        launch(_merge_fwd_kernel, (_cdiv(n, block), bh), o12, l12, o3, l3, o, lse, n, h,
+               DV=dv, BLOCK=block)  # fmt: skip
+    return o, lse
+
+
+def merge_backward(do, dl, o, lse, o12, l12, o3, l3):
+    """Gradients of :func:`merge_forward` (``do`` given, ``dl`` may be None; the saved tensors
+    contiguous, as merge_forward used them): (d o12, d l12, d o3, d l3)."""
+    bh, n, dv = o.shape
+    do = do.contiguous()
+    dl = None if dl is None else dl.contiguous()
+    d12, dl12 = torch.empty_like(o12), torch.empty_like(l12)
+    d3, dl3 = torch.empty_like(o3), torch.empty_like(l3)
+    block = 16 if _INTERPRET else 32
+    if bh and n:
+        launch(_merge_bwd_kernel, (_cdiv(n, block), bh),
+               do, dl if dl is not None else lse, o, lse, o12, l12, o3, l3, d12, dl12, d3,
+               dl3, n, n - o3.shape[1], HAS_DL=dl is not None, DV=dv, BLOCK=block)  # fmt: skip
+    return d12, dl12, d3, dl3
+
+
 class _MergeHalves(torch.autograd.Function):
     @staticmethod
     def forward(ctx, o12, l12, o3, l3):
-        bh, n, dv = o12.shape
-        h = n - o3.shape[1]
         o12, l12, o3, l3 = (x.contiguous() for x in (o12, l12, o3, l3))
-        o = torch.empty_like(o12)
-        lse = torch.empty_like(l12)
-        block = 16 if _INTERPRET else 32
-        if bh and n:
-            launch(_merge_fwd_kernel, (_cdiv(n, block), bh), o12, l12, o3, l3, o, lse, n, h,
-                   DV=dv, BLOCK=block)  # fmt: skip
+        o, lse = merge_forward(o12, l12, o3, l3)
         ctx.save_for_backward(o, lse, o12, l12, o3, l3)
         ctx.set_materialize_grads(False)
         return o, lse
@@ -448,17 +510,8 @@ class _MergeHalves(torch.autograd.Function):
         o, lse, o12, l12, o3, l3 = ctx.saved_tensors
         if do is None and dl is None:
             return None, None, None, None
-        bh, n, dv = o.shape
-        do = torch.zeros_like(o) if do is None else do.contiguous()
-        dl = None if dl is None else dl.contiguous()
-        d12, dl12 = torch.empty_like(o12), torch.empty_like(l12)
-        d3, dl3 = torch.empty_like(o3), torch.empty_like(l3)
-        block = 16 if _INTERPRET else 32
-        if bh and n:
-            launch(_merge_bwd_kernel, (_cdiv(n, block), bh),
-                   do, dl if dl is not None else lse, o, lse, o12, l12, o3, l3, d12, dl12, d3,
-                   dl3, n, n - o3.shape[1], HAS_DL=dl is not None, DV=dv, BLOCK=block)  # fmt: skip
-        return d12, dl12, d3, dl3
+        do = torch.zeros_like(o) if do is None else do
+        return merge_backward(do, dl, o, lse, o12, l12, o3, l3)
 
 
 def merge_halves(o12, lse12, o3, lse3):

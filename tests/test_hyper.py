@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -130,10 +132,8 @@ def test_triton_inner_matches_the_reference_inner_with_gradients(causal, n, monk
     from ops import hyper_kernels
 
     calls = []
-    fused = hyper_kernels.gathered_attention
-    monkeypatch.setattr(
-        hyper_kernels, "gathered_attention", lambda *a: calls.append(1) or fused(*a)
-    )
+    fused = hyper_kernels._forward  # the gathered forward, inside autograd or not
+    monkeypatch.setattr(hyper_kernels, "_forward", lambda *a: calls.append(1) or fused(*a))
     q, k, v = qkv(b=1, n=n, h=2, hkv=1, requires_grad=True)
     outs = []
     for inner in ("flash", "reference"):
@@ -204,6 +204,57 @@ def test_causal_level_inputs_give_the_gradients_of_plain_slicing(b, grad_kv, mon
         assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b,n", [(1, 64), (2, 64)])
+def test_fused_causal_recursion_equals_the_recorded_one(dtype, b, n, monkeypatch):
+    """The causal recursion as one autograd step (the Triton core; each level's non-causal
+    gradients added into the halves' buffers in the kernels, fp16) against the same recursion
+    recorded by autograd level by level, with the same draws: o, LSE and the gradients of all
+    three inputs. Levels at 64/32/16 tokens with min_seq_len=8 include one whose keys are
+    few enough for the exact kernel (16 -> 8) and gathered ones. fp16 rounds each sum once
+    where the recorded path rounds twice: fp16 tolerance there."""
+    from ops import hyper as H
+
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(b, n, 2, 16, dtype=dtype, requires_grad=True) for _ in range(3))
+    g, gl = torch.randn(b, n, 2, 16), torch.randn(b, 2, n)
+
+    def run():
+        attn = hyper(inner="flash", min_seq_len=8, block_size=8, sample_size=4, seed=5)
+        o, lse = attn(q, k, v, causal=True, return_lse=True)
+        grads = torch.autograd.grad((o.float() * g).sum() + (lse * gl).sum(), (q, k, v))
+        return o, lse, *grads
+
+    calls = []
+    real = H._CausalHyper.apply
+    monkeypatch.setattr(H._CausalHyper, "apply", lambda *a: calls.append(1) or real(*a))
+    fused = run()
+    assert calls == [1]
+    monkeypatch.setattr(H, "_FUSED_CAUSAL", False)
+    recorded = run()
+    assert calls == [1]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    for name, x, y in zip(("o", "lse", "dq", "dk", "dv"), fused, recorded):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        torch.testing.assert_close(x, y, **tol, msg=lambda e, name=name: f"{name}: {e}")
+    with torch.no_grad():  # without autograd: the same forward, nothing recorded
+        attn = hyper(inner="flash", min_seq_len=8, block_size=8, sample_size=4, seed=5)
+        o = attn(q, k, v, causal=True)
+    torch.testing.assert_close(o, fused[0], rtol=0, atol=0)
+
+
+def test_fused_causal_recursion_frees_its_record_and_says_so_on_a_second_backward():
+    """The fused recursion drops its saved tensors during its backward (as autograd frees a
+    node's), so a second backward through the same graph raises a clear error."""
+    q, k, v = qkv(b=1, n=32, h=1, hkv=1, requires_grad=True)
+    attn = hyper(inner="flash", min_seq_len=8, block_size=8, sample_size=4, seed=1)
+    o = attn(q, k, v, causal=True)
+    o.sum().backward(retain_graph=True)
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        o.sum().backward()
+
+
 def _gathered_reference(q, k, v, q_index, k_index, n_block, weight, scale):
     """Plain PyTorch for hyper_kernels.gathered_attention: per tile, a softmax over its key
     list (log weight added to the sampled columns' scores), rows written back to the queries."""
@@ -270,6 +321,21 @@ def test_gathered_kernels_dk_dv_block_and_sampled_parts(dtype, run_tiles, monkey
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     for name, x, y in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, *got), (ro, rl, *want)):
         torch.testing.assert_close(x.double(), y, **tol, msg=lambda e, name=name: f"{name}: {e}")
+    # the same gradients added into given buffers (as the fused causal recursion does): rows
+    # packed, a batch stride of their own; fp16 rounds each sum once (fp32 adds afterwards)
+    with torch.no_grad():
+        o2, l2 = hyper_kernels._forward(q, k, v, q_index, k_index, n_block, math.log(2.5), 0.3)
+        base = [torch.randn(x.shape, generator=g).to(dtype) for x in (q, k, v)]
+        bufs = [torch.zeros(x.shape[0], x.shape[1] + 3, x.shape[2], dtype=dtype)[:, 3:]
+                for x in base]  # fmt: skip
+        for buf, x in zip(bufs, base):
+            buf.copy_(x)
+        out = hyper_kernels._backward(go.to(dtype), gl, q, k, v, o2, l2, q_index, k_index,
+                                      n_block, math.log(2.5), 0.3, out=bufs)  # fmt: skip
+    assert all(a is b for a, b in zip(out, bufs))
+    for name, x, y, z in zip(("dq", "dk", "dv"), bufs, base, got):
+        torch.testing.assert_close(x.double(), y.double() + z.double(), **tol,
+                                   msg=lambda e, name=name: f"{name} added: {e}")  # fmt: skip
     unused = perm[torch.tensor([52, 53, 54, *range(58, 64)])]
     for x in got[1:]:  # keys in no list get exactly zero; keys only sampled do not
         assert x.dtype == dtype and (x[0, unused] == 0).all() and x[0, perm[55]].any()
