@@ -275,6 +275,18 @@ def _packed_rows(x: torch.Tensor) -> bool:
     return x.stride(-1) == 1 and (x.shape[1] <= 1 or x.stride(1) == x.shape[-1])
 
 
+# Backward tiles by kernel ("dq", "dkdv"): None takes _tiles'. A sweep on the GPU sets them
+# (scripts/bench_hyper.py --sweep-bwd-tiles).
+BWD_TILES: dict[str, tuple[int, int, int, int] | None] = {"dq": None, "dkdv": None}
+
+
+def _bwd_tiles(q: torch.Tensor, kernel: str) -> tuple[int, int, int, int]:
+    """(block_m, block_n, warps, stages) of a backward kernel."""
+    if _INTERPRET or BWD_TILES.get(kernel) is None:
+        return _tiles(q)
+    return BWD_TILES[kernel]
+
+
 def _tiles(q: torch.Tensor) -> tuple[int, int, int, int]:
     """(block_m, block_n, warps, stages): 16x16 under the interpreter, H100-sized otherwise."""
     if _INTERPRET:
@@ -345,7 +357,7 @@ def _backward(do, dlse, q, k, v, o, lse, q_index, k_index, n_block: int, log_w: 
     n_tiles, n_keys = k_index.shape[1], k_index.shape[2]
     tile_rows = q_index.shape[1] // max(n_tiles, 1)
     do = do.contiguous()
-    bm, bn, warps, stages = _tiles(q)
+    bm, bn, warps, stages = _bwd_tiles(q, "dq")
     # (BH, Nq) fp32: rowsum(dO * O) - dLSE in one pass (flash's kernel, o as (BH, Nq, 1, Dv)),
     # not four (two fp32 copies, a product and a sum: ~5 ms of the 64k causal backward)
     delta = torch.empty((bh, nq), dtype=torch.float32, device=q.device)
@@ -369,6 +381,8 @@ def _backward(do, dlse, q, k, v, o, lse, q_index, k_index, n_block: int, log_w: 
     args = (*q.stride(), *k.stride(), *v.stride())
     const = dict(HEAD_D=d, HEAD_DV=dv, BLOCK_M=bm, BLOCK_N=bn, IEEE=q.dtype == torch.float32,
                  num_warps=warps, num_stages=stages)  # fmt: skip
+    kbm, kbn, kwarps, kstages = _bwd_tiles(q, "dkdv")
+    const_kv = dict(const, BLOCK_M=kbm, BLOCK_N=kbn, num_warps=kwarps, num_stages=kstages)
     if not (n_tiles and bh):
         return (dq, dk, dvv) if acc else (dq.zero_(), dk.zero_(), dvv.zero_())
     run, cnt = _runs(q_index, k_index, nq, nk, n_block)
@@ -378,11 +392,11 @@ def _backward(do, dlse, q, k, v, o, lse, q_index, k_index, n_block: int, log_w: 
            **const)  # fmt: skip
     for samples, width in ((True, n_keys - n_block), (False, n_block)):  # samples first
         if width > 0:
-            launch(_gdkdv_kernel, (n_tiles * _cdiv(width, bn), bh),
+            launch(_gdkdv_kernel, (n_tiles * _cdiv(width, kbn), bh),
                    q, k, v, do, lse, delta, dk, dvv, sk, sv, cnt, run, q_index, k_index, *args,
                    dk.stride(0), dvv.stride(0), nq, nk, n_tiles, tile_rows, n_keys, n_block,
                    log_w / scale, scale * _LOG2E, scale, 1.0 / scale if scale else 0.0,
-                   SAMPLES=samples, ACC=acc, **const)  # fmt: skip
+                   SAMPLES=samples, ACC=acc, **const_kv)  # fmt: skip
     if not fp32 and nk:
         block = 16 if _INTERPRET else 32
         launch(_gfinish_kernel, (_cdiv(nk, block), bh), sk, sv, dk, dvv, cnt, dk.stride(0),

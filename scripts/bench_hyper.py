@@ -97,6 +97,54 @@ def _options(text: str) -> dict:
     return out
 
 
+# (block_m, block_n, warps, stages); the first of each list is the default (_tiles)
+_DKDV_TILES = [(64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2),
+               (64, 128, 8, 2), (32, 128, 8, 2), (128, 32, 4, 2)]  # fmt: skip
+_DQ_TILES = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 2), (64, 128, 8, 2),
+             (32, 64, 4, 3)]  # fmt: skip
+
+
+def _sweep_bwd_tiles(hyper, n: int, args) -> None:
+    """hyper's causal fwd+bwd (median of ~6 runs) with each dK/dV tile config (dQ default),
+    then each dQ config (dK/dV at the fastest): a table and JSON; the kernels' defaults are
+    not changed."""
+    import triton
+
+    from ops import hyper_kernels
+
+    q, k, v = _inputs(n, args.heads, args.dim, args.structured)
+    go = torch.randn_like(q)
+
+    def fwd_bwd():
+        torch.autograd.grad(hyper(q, k, v, causal=True), (q, k, v), go)
+
+    def timed() -> float:
+        try:
+            return triton.testing.do_bench(fwd_bwd, warmup=100, rep=500, return_mode="median")
+        except Exception as e:  # e.g. out of shared memory for a large tile
+            print(f"  failed: {type(e).__name__}: {str(e)[:100]}", flush=True)
+            return float("nan")
+
+    cudnn = triton.testing.do_bench(lambda: torch.autograd.grad(
+        _sdpa(SDPBackend.CUDNN_ATTENTION)(q, k, v), (q, k, v), go), warmup=100, rep=1000,
+        return_mode="median")  # fmt: skip
+    rows = []
+    for kernel, configs in (("dkdv", _DKDV_TILES), ("dq", _DQ_TILES)):
+        for cfg in configs:
+            hyper_kernels.BWD_TILES[kernel] = cfg
+            ms = timed()
+            rows.append({"kernel": kernel, "tiles": cfg, "fwd_bwd_ms": ms})
+            print(f"{kernel:<5} {cfg}: {ms:8.2f} ms  ({cudnn / ms:.2f}x cuDNN)", flush=True)
+        done = [r for r in rows if r["kernel"] == kernel and r["fwd_bwd_ms"] == r["fwd_bwd_ms"]]
+        hyper_kernels.BWD_TILES[kernel] = min(done, key=lambda r: r["fwd_bwd_ms"])["tiles"]
+    best = dict(hyper_kernels.BWD_TILES)
+    print(f"cuDNN fwd+bwd {cudnn:.2f} ms; fastest tiles {best}", flush=True)
+    env = _env(B=1, H=args.heads, D=args.dim, causal=True, dtype="bf16", hyper=hyper.options,
+               n=n)  # fmt: skip
+    Path(args.out).write_text(json.dumps({"env": env, "cudnn_fwd_bwd_ms": cudnn,
+                                          "rows": rows, "fastest": best}, indent=2))  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -108,8 +156,14 @@ def main() -> None:
     ap.add_argument("--structured", action="store_true", help="clustered q/k instead of Gaussian")
     ap.add_argument("--impls", default="sdpa cudnn,sdpa flash,ours flash,hyper")
     ap.add_argument("--out", default="bench_hyper.json")
+    ap.add_argument("--sweep-bwd-tiles", action="store_true",
+                    help="time hyper's fwd+bwd at the first length with each candidate tile "
+                    "config of the gathered backward kernels (dK/dV, then dQ), then exit")  # fmt: skip
     args = ap.parse_args()
     hyper = ops.build("hyper", **_options(args.hyper))
+    if args.sweep_bwd_tiles:
+        _sweep_bwd_tiles(hyper, int(args.lens.split(",")[0]), args)
+        return
     flash = ops.build("flash")
     impls = {
         "sdpa cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
