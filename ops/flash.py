@@ -466,16 +466,20 @@ def _forward(q, k, v, causal: bool, scale: float, opts: dict):
     return o, lse
 
 
-def _backward(do, dlse, q, k, v, o, lse, causal: bool, scale: float, opts: dict):
-    """Gradients of sum(o * do) + sum(lse * dlse); dk/dv already summed over GQA groups."""
+def _backward(do, dlse, q, k, v, o, lse, causal: bool, scale: float, opts: dict, delta=None):
+    """Gradients of sum(o * do) + sum(lse * dlse); dk/dv already summed over GQA groups.
+    ``delta`` (rowsum(dO * O) - dLSE, contiguous (B, H, Nq) fp32, as ``lse``) may be given:
+    then ``o`` and ``dlse`` are not read (HyperAttention's fused recursion passes its top
+    level's, the softmax of each piece being part of one softmax over all its keys)."""
     b, nq, h, d = q.shape
     nk, hkv = k.shape[1], k.shape[2]
     tiles = _tiles(opts, d, q.dtype, backward=True)
-    delta = torch.empty_like(lse)  # (B, H, Nq) fp32: rowsum(dO * O) - dLSE
-    dlse = None if dlse is None else dlse.contiguous()  # (B, H, Nq), tiny
-    _launch(_delta_kernel, (_cdiv(nq, tiles.block_m), b * h), o, do,
-            delta if dlse is None else dlse, delta, *do.stride(), nq, h,
-            tiles=tiles, HAS_DLSE=dlse is not None, HEAD_D=d)  # fmt: skip
+    if delta is None:
+        delta = torch.empty_like(lse)  # (B, H, Nq) fp32: rowsum(dO * O) - dLSE
+        dlse = None if dlse is None else dlse.contiguous()  # (B, H, Nq), tiny
+        _launch(_delta_kernel, (_cdiv(nq, tiles.block_m), b * h), o, do,
+                delta if dlse is None else dlse, delta, *do.stride(), nq, h,
+                tiles=tiles, HAS_DLSE=dlse is not None, HEAD_D=d)  # fmt: skip
     dq = torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((b, nk, hkv, d), dtype=k.dtype, device=k.device)
     dv = torch.empty((b, nk, hkv, d), dtype=v.dtype, device=v.device)

@@ -319,16 +319,19 @@ class _Hyper:
         return o.squeeze(2), lse.squeeze(1)
 
     @staticmethod
-    def _flash_grads(do, dlse, q, k, v, o, lse, scale, causal):
-        g = _flash._backward(do.unsqueeze(2), None if dlse is None else dlse.unsqueeze(1),
-                             q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), o.unsqueeze(2),
-                             lse.unsqueeze(1), causal, scale, _flash._DEFAULTS)  # fmt: skip
+    def _flash_grads(do, q, k, v, lse, delta, scale, causal):
+        """The Triton core's gradients for (BH, N, D) pieces, given the rows' LSE and Delta."""
+        lse, delta = lse.contiguous().unsqueeze(1), delta.contiguous().unsqueeze(1)
+        g = _flash._backward(do.unsqueeze(2), None, q.unsqueeze(2), k.unsqueeze(2),
+                             v.unsqueeze(2), None, lse, causal, scale, _flash._DEFAULTS,
+                             delta=delta)  # fmt: skip
         return [x.squeeze(2) for x in g]
 
     def _fused_forward(self, q, k, v, scale, keep: bool):
         """The causal recursion without autograd (same draws, in the same order, as
         :meth:`causal`'s): (o, lse, record), the record (with ``keep``) holding what
-        :meth:`_fused_backward` needs, level by level."""
+        :meth:`_fused_backward` needs, level by level: each piece's inputs and index lists,
+        none of the pieces' outputs."""
         bh, n, _ = q.shape
         if n <= self.min_len:
             o, lse = self._flash(q, k, v, scale, True)
@@ -342,45 +345,41 @@ class _Hyper:
         else:
             plan = self._kernel_plan(*self._layout(q2, k1))
             o3, lse3 = hyper_kernels._forward(q2, k1, v1, *plan, scale)
-        o3 = o3.to(o12.dtype)
-        o, lse = hyper_kernels.merge_forward(o12, lse12, o3, lse3)
-        rec = None
-        if keep:
-            rec = {"child": child, "qkv": (q2, k1, v1), "plan": plan,
-                   "parts": (o12, lse12, o3, lse3)}  # fmt: skip
+        o, lse = hyper_kernels.merge_forward(o12, lse12, o3.to(o12.dtype), lse3)
+        rec = {"child": child, "qkv": (q2, k1, v1), "plan": plan} if keep else None
         return o, lse, rec
 
-    def _fused_backward(self, rec, state, scale):
-        """Gradients (dq, dk, dv) of :meth:`_fused_forward` at the level of ``rec``, given
-        ``state`` = [do, dlse (or None), o, lse]: the output gradients and the level's output.
-        The halves' gradients come back as one buffer per input; this level's non-causal
-        gradients are added into its views in place (in the kernels for the gathered part).
-        ``state`` is emptied and the record's tensors dropped as soon as they are used, so
-        that the saved activations are freed during the backward as autograd would."""
-        do, dlse, o, lse = state
-        state.clear()
+    def _fused_backward(self, rec, do, lse, delta, scale):
+        """Gradients (dq, dk, dv) of :meth:`_fused_forward` at the level of ``rec``.
+
+        Each query's output is one softmax over the union of the keys of every piece it
+        attends to (the leaves' causal keys, each level's block and sampled keys with their
+        log-weight): the LSE merges are exact. So every piece's gradient needs only the rows'
+        final LSE and Delta = rowsum(dO * O) - dLSE, computed once for the whole recursion:
+        ``do``, ``lse``, ``delta`` are this level's rows of the top level's (views; no merge
+        backward, no per-level output gradients). The halves' gradients come back as one
+        buffer per input; this level's non-causal gradients are added into its views in place
+        (in the kernels for the gathered part). The record is emptied as it is walked."""
         if "child" not in rec:
             q, k, v = rec.pop("qkv")
-            return self._flash_grads(do, dlse, q, k, v, o, lse, scale, True)
-        o12, lse12, o3, lse3 = rec.pop("parts")
-        bh, n, dv = o12.shape
+            return self._flash_grads(do, q, k, v, lse, delta, scale, True)
+        bh, n = lse.shape
         h = n // 2
-        d12, dl12, d3, dl3 = hyper_kernels.merge_backward(do, dlse, o, lse, o12, lse12, o3, lse3)
-        del do, dlse, o, lse
         half = lambda x: x.reshape(bh * 2, h, *x.shape[2:])  # noqa: E731
-        state = [half(d12), half(dl12), half(o12), half(lse12)]
-        del d12, dl12, o12, lse12
-        grads = self._fused_backward(rec.pop("child"), state, scale)
+        grads = self._fused_backward(rec.pop("child"), half(do), half(lse), half(delta), scale)
         dq, dk, dvv = (g.reshape(bh, n, g.shape[-1]) for g in grads)
         del grads
         q2, k1, v1 = rec.pop("qkv")
         out = (dq[:, h:], dk[:, :h], dvv[:, :h])
         plan = rec.pop("plan")
+        rows = (do[:, h:], lse[:, h:], delta[:, h:])
         if plan is None:
-            for acc, g in zip(out, self._flash_grads(d3, dl3, q2, k1, v1, o3, lse3, scale, False)):
+            for acc, g in zip(out, self._flash_grads(rows[0], q2, k1, v1, *rows[1:], scale,
+                                                     False)):  # fmt: skip
                 acc.add_(g)
         else:
-            hyper_kernels._backward(d3, dl3, q2, k1, v1, o3, lse3, *plan, scale, out=out)
+            hyper_kernels._backward(rows[0], None, q2, k1, v1, None, rows[1], *plan, scale,
+                                    out=out, delta=rows[2])  # fmt: skip
         return dq, dk, dvv
 
     # ------------------------------------------------------------------ the contract
@@ -419,12 +418,13 @@ class _CausalHyper(torch.autograd.Function):
         _, _, _, o, lse = ctx.saved_tensors
         if do is None and dlse is None:
             return (None,) * 5
-        do = torch.zeros_like(o) if do is None else do
+        do = torch.zeros_like(o) if do is None else do.contiguous()
         rec, ctx.rec = ctx.rec, None
         if rec is None:
             raise RuntimeError("hyper: the causal recursion's backward ran twice; its saved "
                                "tensors were freed (retain_graph is not supported)")  # fmt: skip
-        grads = ctx.attn._fused_backward(rec, [do, dlse, o, lse], ctx.scale)
+        delta = hyper_kernels.row_delta(o, do, dlse)
+        grads = ctx.attn._fused_backward(rec, do, lse, delta, ctx.scale)
         return (*grads, None, None)
 
 

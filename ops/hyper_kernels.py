@@ -118,25 +118,28 @@ def _gfwd_kernel(Q, K, V, O, LSE, QIDX, KIDX, sqb, sqn, sqd, skb, skn, skd, svb,
 
 
 @_jit
-def _row_state(Q, DO, LSE, DELTA, QIDX, bh, pid, sqb, sqn, sqd, n_q, n_tiles, tile_rows,
-               HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
-    """Rows of chunk pid: query indices, validity, q (BM, D), dO (BM, DV) (contiguous
-    (BH, Nq, DV)), LSE in log2 units and Delta - dLSE."""
+def _row_state(Q, DO, LSE, DELTA, QIDX, bh, pid, sqb, sqn, sqd, sdob, slb, n_q, n_tiles,
+               tile_rows, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+               BLOCK_M: tl.constexpr):  # fmt: skip
+    """Rows of chunk pid: query indices, validity, q (BM, D), dO (BM, DV) ((BH, Nq, DV), rows
+    packed, batch stride sdob), LSE in log2 units and Delta - dLSE ((BH, Nq), unit row
+    stride, batch stride slb)."""
     tile, qi, in_q = _rows(QIDX, bh, pid, n_q, n_tiles, tile_rows, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     offs_v = tl.arange(0, HEAD_DV)
     q = tl.load(Q + bh * sqb + qi[:, None] * sqn + offs_d[None, :] * sqd, mask=in_q[:, None],
                 other=0.0)  # fmt: skip
-    do = tl.load(DO + (bh * n_q + qi[:, None]) * HEAD_DV + offs_v[None, :], mask=in_q[:, None],
+    do = tl.load(DO + bh * sdob + qi[:, None] * HEAD_DV + offs_v[None, :], mask=in_q[:, None],
                  other=0.0)  # fmt: skip
-    lse = tl.load(LSE + bh * n_q + qi, mask=in_q, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + bh * n_q + qi, mask=in_q, other=0.0)
+    lse = tl.load(LSE + bh * slb + qi, mask=in_q, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * slb + qi, mask=in_q, other=0.0)
     return tile, qi, in_q, q, do, lse, delta
 
 
 @_jit
 def _gdq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QIDX, KIDX, sqb, sqn, sqd, skb, skn, skd, svb, svn,
-                svd, sdqb, n_q, n_tiles, tile_rows, n_keys, n_block, bias_s, qk_scale, scale,
+                svd, sdqb, sdob, slb, n_q, n_tiles, tile_rows, n_keys, n_block, bias_s, qk_scale,
+                scale,
                 ACC: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """One chunk of rows: dQ over its tile's key list (each query is in one tile: no atomics).
@@ -144,8 +147,8 @@ def _gdq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QIDX, KIDX, sqb, sqn, sqd, skb, skn
     rounded once)."""
     bh = tl.program_id(1).to(tl.int64)
     tile, qi, in_q, q, do, lse, delta = _row_state(Q, DO, LSE, DELTA, QIDX, bh, tl.program_id(0),
-                                                   sqb, sqn, sqd, n_q, n_tiles, tile_rows,
-                                                   HEAD_D, HEAD_DV, BLOCK_M)  # fmt: skip
+                                                   sqb, sqn, sqd, sdob, slb, n_q, n_tiles,
+                                                   tile_rows, HEAD_D, HEAD_DV, BLOCK_M)  # fmt: skip
     dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
     kbase = KIDX + (bh * n_tiles + tile) * n_keys
     for j0 in range(0, n_keys, BLOCK_N):
@@ -165,15 +168,16 @@ def _gdq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QIDX, KIDX, sqb, sqn, sqd, skb, skn
 
 @_jit
 def _kv_grads(Q, DO, LSE, DELTA, QIDX, bh, tile, run, k, v, shift, in_k, dk, dv, sqb, sqn, sqd,
-              n_q, n_tiles, tile_rows, qk_scale, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+              sdob, slb, n_q, n_tiles, tile_rows, qk_scale, HEAD_D: tl.constexpr,
+              HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              IEEE: tl.constexpr):  # fmt: skip
     """dk + dK (without the scale), dv + dV of one key chunk (fp32 (BN, D*)), summed in
     registers over every row of tiles [tile, tile + run)."""
     subs = (tile_rows + BLOCK_M - 1) // BLOCK_M
     for sub in range(tile * subs, (tile + run) * subs):
         _, qi, in_q, q, do, lse, delta = _row_state(Q, DO, LSE, DELTA, QIDX, bh, sub, sqb, sqn,
-                                                    sqd, n_q, n_tiles, tile_rows, HEAD_D,
-                                                    HEAD_DV, BLOCK_M)  # fmt: skip
+                                                    sqd, sdob, slb, n_q, n_tiles, tile_rows,
+                                                    HEAD_D, HEAD_DV, BLOCK_M)  # fmt: skip
         st = _dot(k, tl.trans(q), IEEE) + shift[:, None]  # (BN, BM)
         pt = tl.exp2(st * qk_scale - lse[None, :])
         pt = tl.where(in_k[:, None] & in_q[None, :], pt, 0.0)
@@ -185,7 +189,8 @@ def _kv_grads(Q, DO, LSE, DELTA, QIDX, bh, tile, run, k, v, shift, in_k, dk, dv,
 
 @_jit
 def _gdkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SK, SV, CNT, RUN, QIDX, KIDX, sqb, sqn, sqd,
-                  skb, skn, skd, svb, svn, svd, sdkb, sdvb, n_q, n_k, n_tiles, tile_rows, n_keys,
+                  skb, skn, skd, svb, svn, svd, sdkb, sdvb, sdob, slb, n_q, n_k, n_tiles,
+                  tile_rows, n_keys,
                   n_block, bias_s, qk_scale, scale, inv_scale, SAMPLES: tl.constexpr,
                   ACC: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
@@ -224,8 +229,8 @@ def _gdkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SK, SV, CNT, RUN, QIDX, KIDX,
         dk = tl.load(SK + pk, mask=own, other=0.0) * inv_scale  # the scale comes after the loop
         dv = tl.load(SV + pv, mask=own, other=0.0)
     dk, dv = _kv_grads(Q, DO, LSE, DELTA, QIDX, bh, tile, run, k, v, shift, in_k, dk, dv, sqb,
-                       sqn, sqd, n_q, n_tiles, tile_rows, qk_scale, HEAD_D, HEAD_DV, BLOCK_M,
-                       BLOCK_N, IEEE)  # fmt: skip
+                       sqn, sqd, sdob, slb, n_q, n_tiles, tile_rows, qk_scale, HEAD_D, HEAD_DV,
+                       BLOCK_M, BLOCK_N, IEEE)  # fmt: skip
     dk = dk * scale
     if SAMPLES:
         tl.atomic_add(SK + pk, dk, mask=in_k[:, None])
@@ -342,30 +347,44 @@ def _runs(q_index, k_index, n_q: int, n_k: int, n_block: int):
     return run, cnt
 
 
+def row_delta(o, do, dlse=None):
+    """(BH, N) fp32: rowsum(dO * O) - dLSE (flash's kernel). o contiguous (BH, N, Dv); do any
+    strides; dlse (BH, N) or None."""
+    bh, n, dv = o.shape
+    delta = torch.empty((bh, n), dtype=torch.float32, device=o.device)
+    dlse = None if dlse is None else dlse.contiguous()
+    bm = 16 if _INTERPRET else 64
+    if bh and n:
+        _launch(_delta_kernel, (_cdiv(n, bm), bh), o, do, delta if dlse is None else dlse,
+                delta, do.stride(0), do.stride(1), 0, do.stride(2), n, 1,
+                tiles=_Tiles(bm, 16, 4, 1), HAS_DLSE=dlse is not None, HEAD_D=dv)  # fmt: skip
+    return delta
+
+
 def _backward(do, dlse, q, k, v, o, lse, q_index, k_index, n_block: int, log_w: float,
-              scale: float, out=None):  # fmt: skip
+              scale: float, out=None, delta=None):  # fmt: skip
     """(dq, dk, dv); with ``out`` = (dq, dk, dv) buffers (rows packed: last stride 1, row
     stride D*), the gradients are added into them in the kernels instead (one rounding, no
-    temporaries) and ``out`` is returned."""
+    temporaries) and ``out`` is returned. ``delta`` (rowsum(dO * O) - dLSE, laid out as
+    ``lse``) given: ``o`` and ``dlse`` are not read, and (do, lse, delta) may be row views of
+    larger tensors (the fused causal recursion passes its top level's)."""
     if out is not None and (q.dtype == torch.float32 or not all(_packed_rows(x) for x in out)):
         for acc, g in zip(out, _backward(do, dlse, q, k, v, o, lse, q_index, k_index, n_block,
-                                         log_w, scale)):  # fmt: skip
+                                         log_w, scale, delta=delta)):  # fmt: skip
             acc.add_(g)
         return out
     bh, nq, d = q.shape
     nk, dv = k.shape[1], v.shape[-1]
     n_tiles, n_keys = k_index.shape[1], k_index.shape[2]
     tile_rows = q_index.shape[1] // max(n_tiles, 1)
-    do = do.contiguous()
     bm, bn, warps, stages = _bwd_tiles(q, "dq")
-    # (BH, Nq) fp32: rowsum(dO * O) - dLSE in one pass (flash's kernel, o as (BH, Nq, 1, Dv)),
-    # not four (two fp32 copies, a product and a sum: ~5 ms of the 64k causal backward)
-    delta = torch.empty((bh, nq), dtype=torch.float32, device=q.device)
-    dlse = None if dlse is None else dlse.contiguous()
-    if bh and nq:
-        _launch(_delta_kernel, (_cdiv(nq, bm), bh), o, do, delta if dlse is None else dlse,
-                delta, do.stride(0), do.stride(1), 0, do.stride(2), nq, 1,
-                tiles=_Tiles(bm, 16, warps, 1), HAS_DLSE=dlse is not None, HEAD_D=dv)  # fmt: skip
+    if not _packed_rows(do):
+        do = do.contiguous()
+    if delta is None:
+        lse = lse.contiguous()
+        delta = row_delta(o, do, dlse)  # one pass, not four (~5 ms of the 64k causal backward)
+    elif not (lse.stride() == delta.stride() and lse.stride(-1) == 1):
+        lse, delta = lse.contiguous(), delta.contiguous()
     acc = out is not None
     dq = out[0] if acc else torch.empty((bh, nq, d), dtype=q.dtype, device=q.device)
     # fp32 sums for the sampled columns and the keys no single program owns; fp32 inputs
@@ -387,16 +406,17 @@ def _backward(do, dlse, q, k, v, o, lse, q_index, k_index, n_block: int, log_w: 
         return (dq, dk, dvv) if acc else (dq.zero_(), dk.zero_(), dvv.zero_())
     run, cnt = _runs(q_index, k_index, nq, nk, n_block)
     launch(_gdq_kernel, (n_tiles * _cdiv(tile_rows, bm), bh),
-           q, k, v, do, lse, delta, dq, q_index, k_index, *args, dq.stride(0), nq, n_tiles,
-           tile_rows, n_keys, n_block, log_w / scale, scale * _LOG2E, scale, ACC=acc,
-           **const)  # fmt: skip
+           q, k, v, do, lse, delta, dq, q_index, k_index, *args, dq.stride(0), do.stride(0),
+           lse.stride(0), nq, n_tiles, tile_rows, n_keys, n_block, log_w / scale,
+           scale * _LOG2E, scale, ACC=acc, **const)  # fmt: skip
     for samples, width in ((True, n_keys - n_block), (False, n_block)):  # samples first
         if width > 0:
             launch(_gdkdv_kernel, (n_tiles * _cdiv(width, kbn), bh),
                    q, k, v, do, lse, delta, dk, dvv, sk, sv, cnt, run, q_index, k_index, *args,
-                   dk.stride(0), dvv.stride(0), nq, nk, n_tiles, tile_rows, n_keys, n_block,
-                   log_w / scale, scale * _LOG2E, scale, 1.0 / scale if scale else 0.0,
-                   SAMPLES=samples, ACC=acc, **const_kv)  # fmt: skip
+                   dk.stride(0), dvv.stride(0), do.stride(0), lse.stride(0), nq, nk, n_tiles,
+                   tile_rows, n_keys, n_block, log_w / scale, scale * _LOG2E, scale,
+                   1.0 / scale if scale else 0.0, SAMPLES=samples, ACC=acc,
+                   **const_kv)  # fmt: skip
     if not fp32 and nk:
         block = 16 if _INTERPRET else 32
         launch(_gfinish_kernel, (_cdiv(nk, block), bh), sk, sv, dk, dvv, cnt, dk.stride(0),
