@@ -30,7 +30,8 @@ flows through the gathers, the inner backend and the LSE merge (the public imple
 detaches the LSE, which biases the gradient). With the Triton core and lengths that halve evenly
 down to ``min_seq_len``, the whole causal recursion is one autograd step (``_CausalHyper``): its
 backward walks the levels and has each level's non-causal kernels add their gradients straight
-into the recursion's buffers, with no per-level copies or additions.
+into the recursion's buffers, with no per-level copies or additions; the merges need no
+backward of their own, each piece being part of one softmax per query (one Delta for all).
 
 Randomness (hyperplanes, samples) comes from a ``torch.Generator`` seeded with ``seed`` and kept
 by the backend: a fresh backend with the same seed replays the same draws; ``state()`` /
