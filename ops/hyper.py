@@ -332,21 +332,25 @@ class _Hyper:
         """The causal recursion without autograd (same draws, in the same order, as
         :meth:`causal`'s): (o, lse, record), the record (with ``keep``) holding what
         :meth:`_fused_backward` needs, level by level: each piece's inputs and index lists,
-        none of the pieces' outputs."""
+        none of the pieces' outputs. Each level's output is its halves' output buffer, the
+        second half's rows merged in place with the non-causal part (in the gathered kernel
+        itself where it runs): no merge pass, no new buffer."""
         bh, n, _ = q.shape
         if n <= self.min_len:
             o, lse = self._flash(q, k, v, scale, True)
             return o, lse, ({"qkv": (q, k, v)} if keep else None)
         *halves, q2, k1, v1 = _split_level(q, k, v)
-        o12, lse12, child = self._fused_forward(*halves, scale, keep)
-        o12, lse12 = o12.reshape(bh, n, -1), lse12.reshape(bh, n)
+        o, lse, child = self._fused_forward(*halves, scale, keep)
+        # the halves' outputs become this level's: the second half's rows merge in place
+        o, lse = o.reshape(bh, n, -1), lse.reshape(bh, n)
+        h = n // 2
         plan = None
         if k1.shape[1] <= self.min_len:
             o3, lse3 = self._flash(q2, k1, v1, scale, False)
+            hyper_kernels.merge_into(o, lse, o3.to(o.dtype), lse3)
         else:
             plan = self._kernel_plan(*self._layout(q2, k1))
-            o3, lse3 = hyper_kernels._forward(q2, k1, v1, *plan, scale)
-        o, lse = hyper_kernels.merge_forward(o12, lse12, o3.to(o12.dtype), lse3)
+            hyper_kernels._forward(q2, k1, v1, *plan, scale, into=(o[:, h:], lse[:, h:]))
         rec = {"child": child, "qkv": (q2, k1, v1), "plan": plan} if keep else None
         return o, lse, rec
 

@@ -91,10 +91,12 @@ def _keys(K, V, kbase, bh, j0, n_keys, n_block, bias_s, skb, skn, skd, svb, svn,
 
 @_jit
 def _gfwd_kernel(Q, K, V, O, LSE, QIDX, KIDX, sqb, sqn, sqd, skb, skn, skd, svb, svn, svd,
-                 sob, son, sod, n_q, n_tiles, tile_rows, n_keys, n_block, bias_s, qk_scale,
-                 HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    """One chunk of BLOCK_M rows of one tile: o and LSE (natural log) over its key list."""
+                 sob, son, sod, slb, n_q, n_tiles, tile_rows, n_keys, n_block, bias_s, qk_scale,
+                 MERGE: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """One chunk of BLOCK_M rows of one tile: o and LSE (natural log, batch stride slb) over
+    its key list. MERGE: O and LSE already hold an attention of these rows over other keys;
+    the two are merged through their LSEs in place (each row is one program's)."""
     bh = tl.program_id(1).to(tl.int64)
     tile, qi, in_q = _rows(QIDX, bh, tl.program_id(0), n_q, n_tiles, tile_rows, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
@@ -112,9 +114,21 @@ def _gfwd_kernel(Q, K, V, O, LSE, QIDX, KIDX, sqb, sqn, sqd, skb, skn, skd, svb,
         s = tl.where(in_k[None, :], s, -float("inf"))
         acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, qk_scale, IEEE)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    tl.store(O + bh * sob + qi[:, None] * son + offs_v[None, :] * sod,
-             (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=in_q[:, None])  # fmt: skip
-    tl.store(LSE + bh * n_q + qi, (m_i + tl.log2(l_safe)) / 1.4426950408889634, mask=in_q)
+    o = acc / l_safe[:, None]
+    lse2 = m_i + tl.log2(l_safe)  # log2 units
+    o_ptrs = O + bh * sob + qi[:, None] * son + offs_v[None, :] * sod
+    if MERGE:
+        o_prev = tl.load(o_ptrs, mask=in_q[:, None], other=0.0).to(tl.float32)
+        l_prev = tl.load(LSE + bh * slb + qi, mask=in_q, other=0.0) * 1.4426950408889634
+        mx = tl.maximum(l_prev, lse2)
+        mx = tl.where(mx == -float("inf"), 0.0, mx)
+        w1 = tl.exp2(l_prev - mx)
+        w2 = tl.exp2(lse2 - mx)
+        tot = w1 + w2
+        o = (o_prev * w1[:, None] + o * w2[:, None]) / tot[:, None]
+        lse2 = mx + tl.log2(tot)
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=in_q[:, None])
+    tl.store(LSE + bh * slb + qi, lse2 / 1.4426950408889634, mask=in_q)
 
 
 @_jit
@@ -301,20 +315,30 @@ def _tiles(q: torch.Tensor) -> tuple[int, int, int, int]:
     return 64, 64, 4, 3  # H100, 131k causal D=128: fwd 54.2 ms against 57.8 with 64x32/4/2
 
 
-def _forward(q, k, v, q_index, k_index, n_block: int, log_w: float, scale: float):
+def _forward(q, k, v, q_index, k_index, n_block: int, log_w: float, scale: float, into=None):
+    """(o, lse) of the gathered attention. ``into`` = (o, lse) (BH, Nq, Dv) and (BH, Nq) fp32
+    (any strides; lse's last stride 1): attention of the same rows over other keys, merged
+    with this one in place through the LSEs (no o or lse of its own, no merge pass), and
+    returned."""
     bh, nq, d = q.shape
     dv = v.shape[-1]
     n_tiles, n_keys = k_index.shape[1], k_index.shape[2]
     tile_rows = q_index.shape[1] // max(n_tiles, 1)
     bm, bn, warps, stages = _tiles(q)
-    o = torch.empty((bh, nq, dv), dtype=q.dtype, device=q.device)
-    lse = torch.empty((bh, nq), dtype=torch.float32, device=q.device)
+    if into is not None:
+        o, lse = into
+        if lse.stride(-1) != 1:
+            raise ValueError("gathered forward: the LSE to merge into needs a unit row stride")
+    else:
+        o = torch.empty((bh, nq, dv), dtype=q.dtype, device=q.device)
+        lse = torch.empty((bh, nq), dtype=torch.float32, device=q.device)
     grid = (n_tiles * _cdiv(tile_rows, bm), bh)
     if all(grid):
         launch(_gfwd_kernel, grid, q, k, v, o, lse, q_index, k_index, *q.stride(), *k.stride(),
-               *v.stride(), *o.stride(), nq, n_tiles, tile_rows, n_keys, n_block, log_w / scale,
-               scale * _LOG2E, HEAD_D=d, HEAD_DV=dv, BLOCK_M=bm, BLOCK_N=bn,
-               IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)  # fmt: skip
+               *v.stride(), *o.stride(), lse.stride(0), nq, n_tiles, tile_rows, n_keys, n_block,
+               log_w / scale, scale * _LOG2E, MERGE=into is not None, HEAD_D=d, HEAD_DV=dv,
+               BLOCK_M=bm, BLOCK_N=bn, IEEE=q.dtype == torch.float32, num_warps=warps,
+               num_stages=stages)  # fmt: skip
     return o, lse
 
 
@@ -498,6 +522,43 @@ def _merge_bwd_kernel(DO, DL, O, L, O12, L12, O3, L3, DO12, DL12, DO3, DL3, n, h
     tl.store(DL12 + bh * n + r, dl1, mask=ok)
     tl.store(DO3 + row3, (do * w3[:, None]).to(DO3.dtype.element_ty), mask=second[:, None])
     tl.store(DL3 + bh * (n - h) + r3, dl3, mask=second)
+
+
+@_jit
+def _merge_into_kernel(O12, L12, O3, L3, n, h, DV: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows [h, n) of (O12, L12) merged in place with rows [0, n - h) of (O3, L3) through the
+    LSEs. All contiguous: O* (BH, rows, DV), L* (BH, rows) fp32."""
+    bh = tl.program_id(1).to(tl.int64)
+    r3 = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = r3 < n - h
+    offs = tl.arange(0, DV)
+    row = (bh * n + h + r3[:, None]) * DV + offs[None, :]
+    o1 = tl.load(O12 + row, mask=ok[:, None], other=0.0).to(tl.float32)
+    l1 = tl.load(L12 + bh * n + h + r3, mask=ok, other=0.0)
+    o3 = tl.load(O3 + (bh * (n - h) + r3[:, None]) * DV + offs[None, :], mask=ok[:, None],
+                 other=0.0).to(tl.float32)  # fmt: skip
+    l3 = tl.load(L3 + bh * (n - h) + r3, mask=ok, other=0.0)
+    mx = tl.maximum(l1, l3)
+    mx = tl.where(mx == -float("inf"), 0.0, mx)
+    e1 = tl.exp(l1 - mx)
+    e3 = tl.exp(l3 - mx)
+    tot = e1 + e3
+    o = (o1 * e1[:, None] + o3 * e3[:, None]) / tot[:, None]
+    tl.store(O12 + row, o.to(O12.dtype.element_ty), mask=ok[:, None])
+    tl.store(L12 + bh * n + h + r3, mx + tl.log(tot), mask=ok)
+
+
+def merge_into(o12, l12, o3, l3):
+    """:func:`merge_forward` in place: the last N - h rows of o12 (BH, N, Dv) and l12 (BH, N)
+    (both contiguous) merged with o3, l3; the first h rows are left as they are."""
+    bh, n, dv = o12.shape
+    h = n - o3.shape[1]
+    o3, l3 = o3.contiguous(), l3.contiguous()
+    block = 16 if _INTERPRET else 32
+    if bh and n > h:
+        launch(_merge_into_kernel, (_cdiv(n - h, block), bh), o12, l12, o3, l3, n, h, DV=dv,
+               BLOCK=block)  # fmt: skip
+    return o12, l12
 
 
 def merge_forward(o12, l12, o3, l3):

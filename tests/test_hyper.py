@@ -133,7 +133,8 @@ def test_triton_inner_matches_the_reference_inner_with_gradients(causal, n, monk
 
     calls = []
     fused = hyper_kernels._forward  # the gathered forward, inside autograd or not
-    monkeypatch.setattr(hyper_kernels, "_forward", lambda *a: calls.append(1) or fused(*a))
+    monkeypatch.setattr(hyper_kernels, "_forward",
+                        lambda *a, **kw: calls.append(1) or fused(*a, **kw))  # fmt: skip
     q, k, v = qkv(b=1, n=n, h=2, hkv=1, requires_grad=True)
     outs = []
     for inner in ("flash", "reference"):
@@ -237,7 +238,8 @@ def test_fused_causal_recursion_equals_the_recorded_one(dtype, b, n, monkeypatch
     for name, x, y in zip(("o", "lse", "dq", "dk", "dv"), fused, recorded):
         assert x.dtype == y.dtype and x.shape == y.shape
         torch.testing.assert_close(x, y, **tol, msg=lambda e, name=name: f"{name}: {e}")
-    with torch.no_grad():  # without autograd: the same forward, nothing recorded
+    monkeypatch.setattr(H, "_FUSED_CAUSAL", True)
+    with torch.no_grad():  # without autograd: the same fused forward, nothing recorded
         attn = hyper(inner="flash", min_seq_len=8, block_size=8, sample_size=4, seed=5)
         o = attn(q, k, v, causal=True)
     torch.testing.assert_close(o, fused[0], rtol=0, atol=0)
