@@ -113,6 +113,18 @@ def _hyper(n=16384, d=128, block=256, samples=256):
     torch.autograd.grad(
         (out, lse), (o12, l12, o3, l3), (torch.zeros_like(out), torch.zeros_like(lse))
     )
+    # the fused causal recursion's variants: the forward merging into earlier rows in place,
+    # the backward adding into the recursion's buffers from row views of the top level's
+    # dO / LSE / Delta, and the in-place merge of the exact level
+    big = torch.zeros(2, 2 * n, d, dtype=torch.bfloat16)
+    big_l = torch.zeros(2, 2 * n)
+    hyper_kernels._forward(q, k, v, q_index, k_index, block, 3.0, d**-0.5,
+                           into=(big[:, n:], big_l[:, n:]))  # fmt: skip
+    bufs = tuple(torch.zeros(2, 2 * n, d, dtype=torch.bfloat16)[:, n:] for _ in range(3))
+    hyper_kernels._backward(big[:, n:], None, q, k, v, None, big_l[:, n:], q_index, k_index,
+                            block, 3.0, d**-0.5, out=bufs, delta=big_l[:, n:])  # fmt: skip
+    hyper_kernels.row_delta(o, torch.zeros_like(o))
+    hyper_kernels.merge_into(big, big_l, o3.detach(), l3.detach())
 
 
 _OPTS: dict = {}  # --opts: tile options for the simplicial launchers (simplicial._OPTIONS)
