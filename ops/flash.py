@@ -466,6 +466,18 @@ def _forward(q, k, v, causal: bool, scale: float, opts: dict):
     return o, lse
 
 
+def _row_delta(o, do, dlse, tiles: _Tiles) -> torch.Tensor:
+    """(B, H, Nq) fp32: rowsum(dO * O) - dLSE, the backward's Delta, in one pass. o contiguous
+    (B, Nq, H, D); do (B, Nq, H, D) any strides; dlse (B, H, Nq) or None."""
+    b, nq, h, d = o.shape
+    delta = torch.empty((b, h, nq), dtype=torch.float32, device=o.device)
+    dlse = None if dlse is None else dlse.contiguous()  # tiny
+    _launch(_delta_kernel, (_cdiv(nq, tiles.block_m), b * h), o, do,
+            delta if dlse is None else dlse, delta, *do.stride(), nq, h,
+            tiles=tiles, HAS_DLSE=dlse is not None, HEAD_D=d)  # fmt: skip
+    return delta
+
+
 def _backward(do, dlse, q, k, v, o, lse, causal: bool, scale: float, opts: dict, delta=None):
     """Gradients of sum(o * do) + sum(lse * dlse); dk/dv already summed over GQA groups.
     ``delta`` (rowsum(dO * O) - dLSE, contiguous (B, H, Nq) fp32, as ``lse``) may be given:
@@ -475,11 +487,7 @@ def _backward(do, dlse, q, k, v, o, lse, causal: bool, scale: float, opts: dict,
     nk, hkv = k.shape[1], k.shape[2]
     tiles = _tiles(opts, d, q.dtype, backward=True)
     if delta is None:
-        delta = torch.empty_like(lse)  # (B, H, Nq) fp32: rowsum(dO * O) - dLSE
-        dlse = None if dlse is None else dlse.contiguous()  # (B, H, Nq), tiny
-        _launch(_delta_kernel, (_cdiv(nq, tiles.block_m), b * h), o, do,
-                delta if dlse is None else dlse, delta, *do.stride(), nq, h,
-                tiles=tiles, HAS_DLSE=dlse is not None, HEAD_D=d)  # fmt: skip
+        delta = _row_delta(o, do, dlse, tiles)
     dq = torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((b, nk, hkv, d), dtype=k.dtype, device=k.device)
     dv = torch.empty((b, nk, hkv, d), dtype=v.dtype, device=v.device)

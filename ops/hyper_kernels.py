@@ -37,10 +37,9 @@ from .flash import (
     _LOG2E,
     KernelAttention,
     _cdiv,
-    _delta_kernel,
     _dot,
     _jit,
-    _launch,
+    _row_delta,
     _softmax_update,
     _Tiles,
     tl,
@@ -90,6 +89,19 @@ def _keys(K, V, kbase, bh, j0, n_keys, n_block, bias_s, skb, skn, skd, svb, svn,
 
 
 @_jit
+def _merge_rows(o1, l1, o2, l2):
+    """Two attentions of the same rows over disjoint keys, (BM, DV) outputs and LSEs in log2
+    units, merged through their LSEs: (o fp32, lse in log2 units)."""
+    mx = tl.maximum(l1, l2)
+    mx = tl.where(mx == -float("inf"), 0.0, mx)
+    w1 = tl.exp2(l1 - mx)
+    w2 = tl.exp2(l2 - mx)
+    tot = w1 + w2
+    o = (o1.to(tl.float32) * w1[:, None] + o2.to(tl.float32) * w2[:, None]) / tot[:, None]
+    return o, mx + tl.log2(tot)
+
+
+@_jit
 def _gfwd_kernel(Q, K, V, O, LSE, QIDX, KIDX, sqb, sqn, sqd, skb, skn, skd, svb, svn, svd,
                  sob, son, sod, slb, n_q, n_tiles, tile_rows, n_keys, n_block, bias_s, qk_scale,
                  MERGE: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
@@ -118,15 +130,9 @@ def _gfwd_kernel(Q, K, V, O, LSE, QIDX, KIDX, sqb, sqn, sqd, skb, skn, skd, svb,
     lse2 = m_i + tl.log2(l_safe)  # log2 units
     o_ptrs = O + bh * sob + qi[:, None] * son + offs_v[None, :] * sod
     if MERGE:
-        o_prev = tl.load(o_ptrs, mask=in_q[:, None], other=0.0).to(tl.float32)
+        o_prev = tl.load(o_ptrs, mask=in_q[:, None], other=0.0)
         l_prev = tl.load(LSE + bh * slb + qi, mask=in_q, other=0.0) * 1.4426950408889634
-        mx = tl.maximum(l_prev, lse2)
-        mx = tl.where(mx == -float("inf"), 0.0, mx)
-        w1 = tl.exp2(l_prev - mx)
-        w2 = tl.exp2(lse2 - mx)
-        tot = w1 + w2
-        o = (o_prev * w1[:, None] + o * w2[:, None]) / tot[:, None]
-        lse2 = mx + tl.log2(tot)
+        o, lse2 = _merge_rows(o_prev, l_prev, o, lse2)
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=in_q[:, None])
     tl.store(LSE + bh * slb + qi, lse2 / 1.4426950408889634, mask=in_q)
 
@@ -153,8 +159,7 @@ def _row_state(Q, DO, LSE, DELTA, QIDX, bh, pid, sqb, sqn, sqd, sdob, slb, n_q, 
 @_jit
 def _gdq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QIDX, KIDX, sqb, sqn, sqd, skb, skn, skd, svb, svn,
                 svd, sdqb, sdob, slb, n_q, n_tiles, tile_rows, n_keys, n_block, bias_s, qk_scale,
-                scale,
-                ACC: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+                scale, ACC: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """One chunk of rows: dQ over its tile's key list (each query is in one tile: no atomics).
     DQ (BH, Nq, D): rows packed, batch stride sdqb. ACC: added to what DQ holds (in fp32,
@@ -204,8 +209,8 @@ def _kv_grads(Q, DO, LSE, DELTA, QIDX, bh, tile, run, k, v, shift, in_k, dk, dv,
 @_jit
 def _gdkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SK, SV, CNT, RUN, QIDX, KIDX, sqb, sqn, sqd,
                   skb, skn, skd, svb, svn, svd, sdkb, sdvb, sdob, slb, n_q, n_k, n_tiles,
-                  tile_rows, n_keys,
-                  n_block, bias_s, qk_scale, scale, inv_scale, SAMPLES: tl.constexpr,
+                  tile_rows, n_keys, n_block, bias_s, qk_scale, scale, inv_scale,
+                  SAMPLES: tl.constexpr,
                   ACC: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """One (tile, chunk of BLOCK_N of the block part, or of the sampled part, of its list).
@@ -372,17 +377,11 @@ def _runs(q_index, k_index, n_q: int, n_k: int, n_block: int):
 
 
 def row_delta(o, do, dlse=None):
-    """(BH, N) fp32: rowsum(dO * O) - dLSE (flash's kernel). o contiguous (BH, N, Dv); do any
-    strides; dlse (BH, N) or None."""
-    bh, n, dv = o.shape
-    delta = torch.empty((bh, n), dtype=torch.float32, device=o.device)
-    dlse = None if dlse is None else dlse.contiguous()
-    bm = 16 if _INTERPRET else 64
-    if bh and n:
-        _launch(_delta_kernel, (_cdiv(n, bm), bh), o, do, delta if dlse is None else dlse,
-                delta, do.stride(0), do.stride(1), 0, do.stride(2), n, 1,
-                tiles=_Tiles(bm, 16, 4, 1), HAS_DLSE=dlse is not None, HEAD_D=dv)  # fmt: skip
-    return delta
+    """(BH, N) fp32: rowsum(dO * O) - dLSE (flash's pass, one head). o contiguous (BH, N, Dv);
+    do any strides; dlse (BH, N) or None."""
+    tiles = _Tiles(16 if _INTERPRET else 64, 16, 4, 1)
+    dlse = None if dlse is None else dlse.unsqueeze(1)
+    return _row_delta(o.unsqueeze(2), do.unsqueeze(2), dlse, tiles).squeeze(1)
 
 
 def _backward(do, dlse, q, k, v, o, lse, q_index, k_index, n_block: int, log_w: float,
@@ -464,34 +463,6 @@ def gathered_attention(q, k, v, q_index, k_index, n_block: int, weight: float, s
 
 
 @_jit
-def _merge_fwd_kernel(O12, L12, O3, L3, O, L, n, h, DV: tl.constexpr, BLOCK: tl.constexpr):
-    """Rows [0, h) of (O12, L12) copied; rows [h, n) merged with row r - h of (O3, L3) through
-    the LSEs. All contiguous: O* (BH, rows, DV), L* (BH, rows) fp32."""
-    bh = tl.program_id(1).to(tl.int64)
-    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    offs = tl.arange(0, DV)
-    ok = r < n
-    second = ok & (r >= h)
-    o1 = tl.load(O12 + (bh * n + r[:, None]) * DV + offs[None, :], mask=ok[:, None], other=0.0)
-    l1 = tl.load(L12 + bh * n + r, mask=ok, other=0.0)
-    r3 = tl.where(second, r - h, 0)
-    o3 = tl.load(O3 + (bh * (n - h) + r3[:, None]) * DV + offs[None, :], mask=second[:, None],
-                 other=0.0)  # fmt: skip
-    l3 = tl.load(L3 + bh * (n - h) + r3, mask=second, other=-float("inf"))
-    mx = tl.maximum(l1, l3)
-    mx = tl.where(mx == -float("inf"), 0.0, mx)
-    e1 = tl.exp(l1 - mx)
-    e3 = tl.exp(l3 - mx)
-    lse = mx + tl.log(e1 + e3)
-    w1 = tl.where(second, tl.exp(l1 - lse), 1.0)
-    w3 = tl.where(second, tl.exp(l3 - lse), 0.0)
-    o = o1.to(tl.float32) * w1[:, None] + o3.to(tl.float32) * w3[:, None]
-    tl.store(O + (bh * n + r[:, None]) * DV + offs[None, :], o.to(O.dtype.element_ty),
-             mask=ok[:, None])  # fmt: skip
-    tl.store(L + bh * n + r, tl.where(second, lse, l1), mask=ok)
-
-
-@_jit
 def _merge_bwd_kernel(DO, DL, O, L, O12, L12, O3, L3, DO12, DL12, DO3, DL3, n, h,
                       HAS_DL: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """Gradients of the merge: with w = exp(lse_part - lse), d o_part = w dO and d lse_part =
@@ -533,24 +504,20 @@ def _merge_into_kernel(O12, L12, O3, L3, n, h, DV: tl.constexpr, BLOCK: tl.const
     ok = r3 < n - h
     offs = tl.arange(0, DV)
     row = (bh * n + h + r3[:, None]) * DV + offs[None, :]
-    o1 = tl.load(O12 + row, mask=ok[:, None], other=0.0).to(tl.float32)
-    l1 = tl.load(L12 + bh * n + h + r3, mask=ok, other=0.0)
+    o1 = tl.load(O12 + row, mask=ok[:, None], other=0.0)
+    l1 = tl.load(L12 + bh * n + h + r3, mask=ok, other=0.0) * 1.4426950408889634
     o3 = tl.load(O3 + (bh * (n - h) + r3[:, None]) * DV + offs[None, :], mask=ok[:, None],
-                 other=0.0).to(tl.float32)  # fmt: skip
-    l3 = tl.load(L3 + bh * (n - h) + r3, mask=ok, other=0.0)
-    mx = tl.maximum(l1, l3)
-    mx = tl.where(mx == -float("inf"), 0.0, mx)
-    e1 = tl.exp(l1 - mx)
-    e3 = tl.exp(l3 - mx)
-    tot = e1 + e3
-    o = (o1 * e1[:, None] + o3 * e3[:, None]) / tot[:, None]
+                 other=0.0)  # fmt: skip
+    l3 = tl.load(L3 + bh * (n - h) + r3, mask=ok, other=0.0) * 1.4426950408889634
+    o, lse2 = _merge_rows(o1, l1, o3, l3)
     tl.store(O12 + row, o.to(O12.dtype.element_ty), mask=ok[:, None])
-    tl.store(L12 + bh * n + h + r3, mx + tl.log(tot), mask=ok)
+    tl.store(L12 + bh * n + h + r3, lse2 / 1.4426950408889634, mask=ok)
 
 
 def merge_into(o12, l12, o3, l3):
-    """:func:`merge_forward` in place: the last N - h rows of o12 (BH, N, Dv) and l12 (BH, N)
-    (both contiguous) merged with o3, l3; the first h rows are left as they are."""
+    """:func:`merge_halves` in place, without autograd: the last N - h rows of o12 (BH, N, Dv)
+    and l12 (BH, N) (both contiguous) merged with o3, l3; the first h rows are left as they
+    are."""
     bh, n, dv = o12.shape
     h = n - o3.shape[1]
     o3, l3 = o3.contiguous(), l3.contiguous()
@@ -561,41 +528,11 @@ def merge_into(o12, l12, o3, l3):
     return o12, l12
 
 
-def merge_forward(o12, l12, o3, l3):
-    """:func:`merge_halves` without autograd: (o, lse)."""
-    bh, n, dv = o12.shape
-    h = n - o3.shape[1]
-    o12, l12, o3, l3 = (x.contiguous() for x in (o12, l12, o3, l3))
-    o = torch.empty_like(o12)
-    lse = torch.empty_like(l12)
-    block = 16 if _INTERPRET else 32
-    if bh and n:
-        launch(_merge_fwd_kernel, (_cdiv(n, block), bh), o12, l12, o3, l3, o, lse, n, h,
-               DV=dv, BLOCK=block)  # fmt: skip
-    return o, lse
-
-
-def merge_backward(do, dl, o, lse, o12, l12, o3, l3):
-    """Gradients of :func:`merge_forward` (``do`` given, ``dl`` may be None; the saved tensors
-    contiguous, as merge_forward used them): (d o12, d l12, d o3, d l3)."""
-    bh, n, dv = o.shape
-    do = do.contiguous()
-    dl = None if dl is None else dl.contiguous()
-    d12, dl12 = torch.empty_like(o12), torch.empty_like(l12)
-    d3, dl3 = torch.empty_like(o3), torch.empty_like(l3)
-    block = 16 if _INTERPRET else 32
-    if bh and n:
-        launch(_merge_bwd_kernel, (_cdiv(n, block), bh),
-               do, dl if dl is not None else lse, o, lse, o12, l12, o3, l3, d12, dl12, d3,
-               dl3, n, n - o3.shape[1], HAS_DL=dl is not None, DV=dv, BLOCK=block)  # fmt: skip
-    return d12, dl12, d3, dl3
-
-
 class _MergeHalves(torch.autograd.Function):
     @staticmethod
     def forward(ctx, o12, l12, o3, l3):
         o12, l12, o3, l3 = (x.contiguous() for x in (o12, l12, o3, l3))
-        o, lse = merge_forward(o12, l12, o3, l3)
+        o, lse = merge_into(o12.clone(), l12.clone(), o3, l3)
         ctx.save_for_backward(o, lse, o12, l12, o3, l3)
         ctx.set_materialize_grads(False)
         return o, lse
@@ -605,8 +542,17 @@ class _MergeHalves(torch.autograd.Function):
         o, lse, o12, l12, o3, l3 = ctx.saved_tensors
         if do is None and dl is None:
             return None, None, None, None
-        do = torch.zeros_like(o) if do is None else do
-        return merge_backward(do, dl, o, lse, o12, l12, o3, l3)
+        bh, n, dv = o.shape
+        do = torch.zeros_like(o) if do is None else do.contiguous()
+        dl = None if dl is None else dl.contiguous()
+        d12, dl12 = torch.empty_like(o12), torch.empty_like(l12)
+        d3, dl3 = torch.empty_like(o3), torch.empty_like(l3)
+        block = 16 if _INTERPRET else 32
+        if bh and n:
+            launch(_merge_bwd_kernel, (_cdiv(n, block), bh),
+                   do, dl if dl is not None else lse, o, lse, o12, l12, o3, l3, d12, dl12, d3,
+                   dl3, n, n - o3.shape[1], HAS_DL=dl is not None, DV=dv, BLOCK=block)  # fmt: skip
+        return d12, dl12, d3, dl3
 
 
 def merge_halves(o12, lse12, o3, lse3):

@@ -38,13 +38,13 @@ from .flash import (
     KernelAttention,
     _cdiv,
     _check_scale,
-    _delta_kernel,
     _dkdv_update,
     _dot,
     _dq_update,
     _jit,
     _launch,
     _load_kv,
+    _row_delta,
     _softmax_update,
     _TensorDescriptor,
     _tiles,
@@ -384,11 +384,7 @@ def _backward(do, dlse, q, k, v, o, lse, win, scale: float, opts: dict):
     hkv = k.shape[2]
     ksize, dil, stride, causal = win
     tiles = _tiles(opts, d, q.dtype, backward=True)
-    delta = torch.empty_like(lse)  # (B, H, N) fp32: rowsum(dO * O) - dLSE
-    dlse = None if dlse is None else dlse.contiguous()  # (B, H, N), tiny
-    _launch(_delta_kernel, (_cdiv(n, tiles.block_m), b * h), o, do,
-            delta if dlse is None else dlse, delta, *do.stride(), n, h,
-            tiles=tiles, HAS_DLSE=dlse is not None, HEAD_D=d)  # fmt: skip
+    delta = _row_delta(o, do, dlse, tiles)  # (B, H, N) fp32: rowsum(dO * O) - dLSE
     dq = torch.empty((b, n, h, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((b, n, hkv, d), dtype=k.dtype, device=k.device)
     dv = torch.empty((b, n, hkv, d), dtype=v.dtype, device=v.device)

@@ -41,7 +41,7 @@ import torch
 
 from . import simplicial_kernels as K
 from .contract import check_kernel_support
-from .flash import _INTERPRET, _LOG2E, _cdiv, _delta_kernel, _launch, _Tiles
+from .flash import _INTERPRET, _LOG2E, _cdiv, _row_delta, _Tiles
 from .launch import launch
 
 _HEAD_DIMS = (16, 32, 64, 128)
@@ -320,11 +320,7 @@ def _backward(do, dlse, q, k1, k2, v1, v2, o, lse, causal, w1, w2, scale, opts):
     n1, hkv, n2 = k1.shape[1], k1.shape[2], k2.shape[1]
     kernel, tiles = _bwd_tiles(opts, d, q.dtype, h // hkv)
     bm, _, _, warps, stages, hp = tiles[0]
-    delta = torch.empty_like(lse)  # (B, H, Nq): rowsum(dO * O) - dLSE
-    dlse = None if dlse is None else dlse.contiguous()
-    _launch(_delta_kernel, (_cdiv(nq, bm), b * h), o, do, delta if dlse is None else dlse, delta,
-            *do.stride(), nq, h, tiles=_Tiles(bm, 16, warps, stages), HAS_DLSE=dlse is not None,
-            HEAD_D=d)  # fmt: skip
+    delta = _row_delta(o, do, dlse, _Tiles(bm, 16, warps, stages))  # rowsum(dO * O) - dLSE
     dq = torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device)
     dk1, dv1, dk2, dv2 = (torch.empty((b, n, hkv, d), dtype=q.dtype, device=q.device)
                           for n in (n1, n1, n2, n2))  # fmt: skip
