@@ -110,10 +110,10 @@ class ImageDataConfig:
     # (data.augment_kernels; the same values as the torch ops, +13-37% images/s for
     # EfficientViT-M0 on an H100, docs/benchmarks.md); false: the torch ops
     fused_augment: bool = True
-    # data.decode=gpu: the JPEG decoder. torchvision: decode_jpeg (nvJPEG, per-image host calls
-    # around one hardware decode); nvimgcodec: NVIDIA nvImageCodec, the batch in one call
-    # (pip install 'nvidia-nvimgcodec-cu13[nvjpeg]'; data/nvimgcodec_decode.py; not yet
-    # measured on a GPU)
+    # data.decode=gpu: the JPEG decoder. torchvision: decode_jpeg (nvJPEG), the faster;
+    # nvimgcodec: NVIDIA nvImageCodec, the batch in one call, PIL's pixels within rounding but
+    # ~10% slower training (pip install 'nvidia-nvimgcodec-cu13[nvjpeg]';
+    # data/nvimgcodec_decode.py; docs/benchmarks.md)
     gpu_decoder: str = "torchvision"
 
 
@@ -150,7 +150,7 @@ def check_image_config(cfg: ImageDataConfig) -> None:
                          "decodes on the device); with decode=cpu the loader's workers "
                          "already run in processes of their own")  # fmt: skip
     if getattr(cfg, "gpu_decoder", "torchvision") not in GPU_DECODERS:
-        raise ValueError(f"data.gpu_decoder must be torchvision or nvimgcodec, got "
+        raise ValueError(f"data.gpu_decoder must be one of {GPU_DECODERS}, got "
                          f"{cfg.gpu_decoder!r}")  # fmt: skip
     if int(cfg.num_workers) < 0:
         raise ValueError(f"data.num_workers must be >= 0, got {cfg.num_workers!r}")
