@@ -278,7 +278,7 @@ class _Hyper:
         the two halves recurse as one batch (BH*2, N/2, D): each level of the recursion is one
         non-causal call and the leaves one exact call, not 2^level calls of their own."""
         bh, n, d = q.shape
-        if n <= self.min_len or k.shape[1] != n:  # (unequal lengths: bottom-right, exact)
+        if self._exact_causal(n) or k.shape[1] != n:  # (unequal lengths: bottom-right, exact)
             return self._exact(q, k, v, scale, True)
         if self._fuses_causal(q, v):
             if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
@@ -300,6 +300,13 @@ class _Hyper:
         o2, lse2 = _merge(o12[:, h:], lse12[:, h:], o3, lse3)
         return torch.cat([o12[:, :h], o2], 1), torch.cat([lse12[:, :h], lse2], 1)
 
+    def _exact_causal(self, n: int) -> bool:
+        """Whether causal attention over n tokens is exact: n <= min_seq_len, or both halves
+        are (then the recursion's three pieces, two causal halves and the second half's
+        queries on the first half's keys, all exact, are one exact causal attention; computed
+        as one, it needs no merge and no adding of gradients, and its tiles run longer)."""
+        return n - n // 2 <= self.min_len
+
     # ------------------------------------------------------------------ fused recursion
     def _fuses_causal(self, q, v) -> bool:
         """Whether the causal recursion runs as one autograd step: the Triton core, and every
@@ -307,7 +314,7 @@ class _Hyper:
         if not (_FUSED_CAUSAL and self.fused and hyper_kernels.supported(q, v)):
             return False
         n = q.shape[1]
-        while n > self.min_len:
+        while not self._exact_causal(n):
             if n % 2:
                 return False
             n //= 2
@@ -333,24 +340,20 @@ class _Hyper:
         :meth:`causal`'s): (o, lse, record), the record (with ``keep``) holding what
         :meth:`_fused_backward` needs, level by level: each piece's inputs and index lists,
         none of the pieces' outputs. Each level's output is its halves' output buffer, the
-        second half's rows merged in place with the non-causal part (in the gathered kernel
-        itself where it runs): no merge pass, no new buffer."""
+        second half's rows merged in place with the non-causal part by the gathered kernel
+        itself: no merge pass, no new buffer. The deepest level is exact causal attention in
+        one flash call (:meth:`_exact_causal`)."""
         bh, n, _ = q.shape
-        if n <= self.min_len:
+        if self._exact_causal(n):
             o, lse = self._flash(q, k, v, scale, True)
             return o, lse, ({"qkv": (q, k, v)} if keep else None)
         *halves, q2, k1, v1 = _split_level(q, k, v)
         o, lse, child = self._fused_forward(*halves, scale, keep)
         # the halves' outputs become this level's: the second half's rows merge in place
         o, lse = o.reshape(bh, n, -1), lse.reshape(bh, n)
-        h = n // 2
-        plan = None
-        if k1.shape[1] <= self.min_len:
-            o3, lse3 = self._flash(q2, k1, v1, scale, False)
-            hyper_kernels.merge_into(o, lse, o3.to(o.dtype), lse3)
-        else:
-            plan = self._kernel_plan(*self._layout(q2, k1))
-            hyper_kernels._forward(q2, k1, v1, *plan, scale, into=(o[:, h:], lse[:, h:]))
+        h = n // 2  # > min_seq_len (else the level is exact): the gathered kernel
+        plan = self._kernel_plan(*self._layout(q2, k1))
+        hyper_kernels._forward(q2, k1, v1, *plan, scale, into=(o[:, h:], lse[:, h:]))
         rec = {"child": child, "qkv": (q2, k1, v1), "plan": plan} if keep else None
         return o, lse, rec
 
@@ -376,15 +379,8 @@ class _Hyper:
         del grads
         q2, k1, v1 = rec.pop("qkv")
         out = (dq[:, h:], dk[:, :h], dvv[:, :h])
-        plan = rec.pop("plan")
-        rows = (do[:, h:], lse[:, h:], delta[:, h:])
-        if plan is None:
-            for acc, g in zip(out, self._flash_grads(rows[0], q2, k1, v1, *rows[1:], scale,
-                                                     False)):  # fmt: skip
-                acc.add_(g)
-        else:
-            hyper_kernels._backward(rows[0], None, q2, k1, v1, None, rows[1], *plan, scale,
-                                    out=out, delta=rows[2])  # fmt: skip
+        hyper_kernels._backward(do[:, h:], None, q2, k1, v1, None, lse[:, h:], *rec.pop("plan"),
+                                scale, out=out, delta=delta[:, h:])  # fmt: skip
         return dq, dk, dvv
 
     # ------------------------------------------------------------------ the contract

@@ -97,8 +97,8 @@ def _options(text: str) -> dict:
     return out
 
 
-# (block_m, block_n, warps, stages); the first of each list is the default (_tiles)
-_DKDV_TILES = [(64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2),
+# (block_m, block_n, warps, stages); the first of each list is the default (_bwd_tiles)
+_DKDV_TILES = [(32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 2),
                (64, 128, 8, 2), (32, 128, 8, 2), (128, 32, 4, 2)]  # fmt: skip
 _DQ_TILES = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 2), (64, 128, 8, 2),
              (32, 64, 4, 3)]  # fmt: skip

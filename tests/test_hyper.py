@@ -34,6 +34,30 @@ def test_below_min_seq_len_it_is_exact(causal):
     torch.testing.assert_close(lse, rl, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("inner", ["reference", "flash"])
+@pytest.mark.parametrize("n", [32, 31])
+def test_causal_up_to_twice_min_seq_len_is_one_exact_call(inner, n, monkeypatch):
+    """Causal attention whose halves are both within min_seq_len is exact (its recursion's
+    three pieces are all exact): one call of the inner backend, no draws, equal to exact
+    attention, through the plain and the fused (Triton core) paths."""
+    from ops import hyper as H
+
+    q, k, v = qkv(n=n, requires_grad=True)
+    attn = hyper(min_seq_len=16, inner=inner)
+    calls = []
+    for name in ("_exact", "_flash", "_layout"):
+        real = getattr(H._Hyper, name)
+        monkeypatch.setattr(H._Hyper, name, lambda *a, real=real, name=name:
+                            calls.append(name) or real(*a))  # fmt: skip
+    o, lse = attn(q, k, v, causal=True, return_lse=True)
+    r, rl = REF(q, k, v, causal=True, return_lse=True)
+    assert calls == ["_exact"]
+    torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, rl, rtol=1e-5, atol=1e-5)
+    gq = torch.autograd.grad(o.sum(), q)[0]
+    torch.testing.assert_close(gq, torch.autograd.grad(r.sum(), q)[0], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("lsh_bits", [0, 3])
 @pytest.mark.parametrize(
@@ -191,7 +215,7 @@ def test_causal_level_inputs_give_the_gradients_of_plain_slicing(b, grad_kv, mon
     real = H._LevelInputs.apply
     monkeypatch.setattr(H._LevelInputs, "apply", lambda *a: calls.append(1) or real(*a))
     new = grads()
-    assert len(calls) == 3  # levels at 64, 32, 16 tokens
+    assert len(calls) == 2  # levels at 64 and 32 tokens (16: two halves of 8, exact)
 
     def plain(q, k, v):
         bh, n, d = q.shape
@@ -211,8 +235,8 @@ def test_fused_causal_recursion_equals_the_recorded_one(dtype, b, n, monkeypatch
     """The causal recursion as one autograd step (the Triton core; each level's non-causal
     gradients added into the halves' buffers in the kernels, fp16) against the same recursion
     recorded by autograd level by level, with the same draws: o, LSE and the gradients of all
-    three inputs. Levels at 64/32/16 tokens with min_seq_len=8 include one whose keys are
-    few enough for the exact kernel (16 -> 8) and gathered ones. fp16 rounds each sum once
+    three inputs. With min_seq_len=8 the levels at 64 and 32 tokens are gathered, and the
+    16-token pieces (two halves of 8) exact causal calls. fp16 rounds each sum once
     where the recorded path rounds twice: fp16 tolerance there."""
     from ops import hyper as H
 
