@@ -113,9 +113,9 @@ def _merge_rows(o1, l1, o2, l2):
 
 
 @_jit
-def _gfwd_kernel(Q, K, V, O, LSE, QIDX, KIDX, FILL, sqb, sqn, sqd, skb, skn, skd, svb, svn, svd,
-                 sob, son, sod, slb, n_q, n_tiles, tile_rows, n_keys, n_block, bias_s, qk_scale,
-                 MERGE: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+def _gfwd_kernel(Q, K, V, O, LSE, QIDX, KIDX, FILL, sqb, sqn, sqd, skb, skn, skd, svb, svn,
+                 svd, sob, son, sod, slb, n_q, n_tiles, tile_rows, n_keys, n_block, bias_s,
+                 qk_scale, MERGE: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """One chunk of BLOCK_M rows of one tile: o and LSE (natural log, batch stride slb) over
     its key list. MERGE: O and LSE already hold an attention of these rows over other keys;
@@ -171,9 +171,9 @@ def _row_state(Q, DO, LSE, DELTA, QIDX, bh, pid, sqb, sqn, sqd, sdob, slb, n_q, 
 
 
 @_jit
-def _gdq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QIDX, KIDX, FILL, sqb, sqn, sqd, skb, skn, skd, svb, svn,
-                svd, sdqb, sdob, slb, n_q, n_tiles, tile_rows, n_keys, n_block, bias_s, qk_scale,
-                scale, ACC: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+def _gdq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QIDX, KIDX, FILL, sqb, sqn, sqd, skb, skn, skd, svb,
+                svn, svd, sdqb, sdob, slb, n_q, n_tiles, tile_rows, n_keys, n_block, bias_s,
+                qk_scale, scale, ACC: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """One chunk of rows: dQ over its tile's key list (each query is in one tile: no atomics).
     DQ (BH, Nq, D): rows packed, batch stride sdqb. ACC: added to what DQ holds (in fp32,
@@ -202,8 +202,8 @@ def _gdq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QIDX, KIDX, FILL, sqb, sqn, sqd, sk
 
 
 @_jit
-def _kv_grads(Q, DO, LSE, DELTA, QIDX, bh, tile, sub_end, k, v, shift, in_k, dk, dv, sqb, sqn, sqd,
-              sdob, slb, n_q, n_tiles, tile_rows, qk_scale, HEAD_D: tl.constexpr,
+def _kv_grads(Q, DO, LSE, DELTA, QIDX, bh, tile, sub_end, k, v, shift, in_k, dk, dv, sqb, sqn,
+              sqd, sdob, slb, n_q, n_tiles, tile_rows, qk_scale, HEAD_D: tl.constexpr,
               HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               IEEE: tl.constexpr):  # fmt: skip
     """dk + dK (without the scale), dv + dV of one key chunk (fp32 (BN, D*)), summed in
@@ -223,15 +223,16 @@ def _kv_grads(Q, DO, LSE, DELTA, QIDX, bh, tile, sub_end, k, v, shift, in_k, dk,
 
 
 @_jit
-def _gdkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SK, SV, CNT, RUN, QIDX, KIDX, FILL, sqb, sqn, sqd,
-                  skb, skn, skd, svb, svn, svd, sdkb, sdvb, sdob, slb, n_q, n_k, n_tiles,
+def _gdkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SK, SV, CNT, RUN, QIDX, KIDX, FILL, sqb, sqn,
+                  sqd, skb, skn, skd, svb, svn, svd, sdkb, sdvb, sdob, slb, n_q, n_k, n_tiles,
                   tile_rows, n_keys, n_block, bias_s, qk_scale, scale, inv_scale,
                   SAMPLES: tl.constexpr,
                   ACC: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """One (tile, chunk of BLOCK_N of the block part, or of the sampled part, of its list).
     A tile that leads a run (RUN[tile] > 0 tiles with this same list) sums dK, dV over the
-    run's rows, up to its last tile's last query (FILL); the others do nothing. Sampled part: atomic adds into the fp32 sums SK, SV.
+    run's rows, up to its last tile's last query (FILL); the others do nothing. Sampled part:
+    atomic adds into the fp32 sums SK, SV.
     Block part, launched after it: a key in one run's block only (CNT == 1) has all of its
     sampled gradient in SK, SV already; the sums start from it and are stored plainly in DK, DV
     (which may be SK, SV themselves). Other keys add into SK, SV, copied out by
@@ -367,11 +368,11 @@ def _forward(q, k, v, q_index, k_index, n_block: int, log_w: float, scale: float
     grid = (n_tiles * _cdiv(tile_rows, bm), bh)
     if all(grid):
         fill = _tile_fill(q_index, nq, n_tiles)
-        launch(_gfwd_kernel, grid, q, k, v, o, lse, q_index, k_index, fill, *q.stride(), *k.stride(),
-               *v.stride(), *o.stride(), lse.stride(0), nq, n_tiles, tile_rows, n_keys, n_block,
-               log_w / scale, scale * _LOG2E, MERGE=into is not None, HEAD_D=d, HEAD_DV=dv,
-               BLOCK_M=bm, BLOCK_N=bn, IEEE=q.dtype == torch.float32, num_warps=warps,
-               num_stages=stages)  # fmt: skip
+        launch(_gfwd_kernel, grid, q, k, v, o, lse, q_index, k_index, fill, *q.stride(),
+               *k.stride(), *v.stride(), *o.stride(), lse.stride(0), nq, n_tiles, tile_rows,
+               n_keys, n_block, log_w / scale, scale * _LOG2E, MERGE=into is not None,
+               HEAD_D=d, HEAD_DV=dv, BLOCK_M=bm, BLOCK_N=bn, IEEE=q.dtype == torch.float32,
+               num_warps=warps, num_stages=stages)  # fmt: skip
     return o, lse
 
 
