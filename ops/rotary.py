@@ -178,22 +178,30 @@ def _carope_block(LOGF, CARRY, slb, slt, slh, n_t, n_kv, HALF: tl.constexpr,
 
 @_jit
 def _carope_carry_kernel(LOGF, CARRY, slb, slt, slh, n_t, n_kv, HALF: tl.constexpr,
-                         HALF_P: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+                         HALF_P: tl.constexpr, BLOCK_T: tl.constexpr,
+                         NB: tl.constexpr):  # fmt: skip
     """One (batch, kv head): the phase prefix (sum of f_t ** i over the earlier blocks) at the
     start of every token block, (B, Hkv, n_blocks, HP). Light (log_f only): the rotation
-    kernels then run every block in parallel."""
+    kernels then run every block in parallel. NB blocks a step: their sums, and an exclusive
+    cumsum over them (a serial walk of one block a step was latency-bound: 25-45 us a layer
+    of GPT-2 at T=1024 for a few MB of reads)."""
     b = tl.program_id(0).to(tl.int64)
     hk = tl.program_id(1)
     n_blocks = tl.cdiv(n_t, BLOCK_T)
     offs_i = tl.arange(0, HALF_P)
+    offs_b = tl.arange(0, NB)
     carry_base = CARRY + (b * n_kv + hk) * n_blocks * HALF_P
     carry = tl.zeros([HALF_P], dtype=tl.float32)
-    for blk in range(n_blocks):
-        tl.store(carry_base + blk * HALF_P + offs_i, carry)
-        offs_t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-        pw, phase, mask = _carope_phase(LOGF, b * slb + hk * slh, slt, offs_t, offs_i, carry,
-                                        n_t, HALF)  # fmt: skip
-        carry = tl.max(phase, 0)  # phases never decrease (pw >= 0): the block's last prefix
+    for c0 in range(0, n_blocks, NB):
+        offs_t = c0 * BLOCK_T + tl.arange(0, NB * BLOCK_T)
+        pw, _, _ = _carope_phase(LOGF, b * slb + hk * slh, slt, offs_t, offs_i, carry, n_t,
+                                 HALF)  # fmt: skip
+        sums = tl.sum(tl.reshape(pw, (NB, BLOCK_T, HALF_P)), 1)  # (NB, HP): each block's
+        starts = carry[None, :] + tl.cumsum(sums, 0) - sums  # sum of the blocks before
+        blk = c0 + offs_b
+        tl.store(carry_base + blk[:, None] * HALF_P + offs_i[None, :], starts,
+                 mask=(blk < n_blocks)[:, None])  # fmt: skip
+        carry += tl.sum(sums, 0)
 
 
 @_jit
@@ -250,29 +258,39 @@ def _carope_bwd_body(GQ, GK, GV, Q, K, LOGF, CARRY, DQ, DK, DV, DLOGF, DSUM, sgq
 
 @_jit
 def _carope_suffix_kernel(LOGF, DSUM, DLOGF, slb, slt, slh, n_t, n_kv, HALF: tl.constexpr,
-                          HALF_P: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
-    """One (batch, kv head): walk the blocks from the end, carrying suffix = the total d phase
-    of the later blocks, and add its term sum_i suffix_i * i * f_t ** i to d log_f."""
+                          HALF_P: tl.constexpr, BLOCK_T: tl.constexpr,
+                          NB: tl.constexpr):  # fmt: skip
+    """One (batch, kv head): walk the blocks from the end, NB a step, carrying suffix = the
+    total d phase of the later blocks, and add its term sum_i suffix_i * i * f_t ** i to
+    d log_f (each block's own suffix: the carried one + a reverse exclusive cumsum over the
+    step's blocks)."""
     b = tl.program_id(0).to(tl.int64)
     hk = tl.program_id(1)
     n_blocks = tl.cdiv(n_t, BLOCK_T)
+    n_steps = tl.cdiv(n_blocks, NB)
     offs_i = tl.arange(0, HALF_P)
+    offs_b = tl.arange(0, NB)
     in_i = offs_i < HALF
     base = DSUM + (b * n_kv + hk) * n_blocks * HALF_P
     suffix = tl.zeros([HALF_P], dtype=tl.float32)
-    for r in range(n_blocks):
-        blk = n_blocks - 1 - r
-        offs_t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+    for r in range(n_steps):
+        c0 = (n_steps - 1 - r) * NB
+        blk = c0 + offs_b
+        ds = tl.load(base + blk[:, None] * HALF_P + offs_i[None, :],
+                     mask=(blk < n_blocks)[:, None], other=0.0)  # (NB, HP)  # fmt: skip
+        later = suffix[None, :] + tl.cumsum(ds, 0, reverse=True) - ds  # (NB, HP)
+        offs_t = c0 * BLOCK_T + tl.arange(0, NB * BLOCK_T)
         in_t = offs_t < n_t
         log_f = tl.load(LOGF + b * slb + hk * slh + offs_t.to(tl.int64) * slt, mask=in_t,
                         other=0.0)  # fmt: skip
         ipw = tl.where(in_t[:, None] & in_i[None, :],
                        offs_i.to(tl.float32)[None, :]
                        * tl.exp(log_f[:, None] * offs_i.to(tl.float32)[None, :]), 0.0)  # fmt: skip
+        extra = tl.sum(tl.reshape(ipw, (NB, BLOCK_T, HALF_P)) * later[:, None, :], 2)
         ptr = DLOGF + (b * n_t + offs_t) * n_kv + hk
-        extra = tl.sum(ipw * suffix[None, :], 1)
-        tl.store(ptr, tl.load(ptr, mask=in_t, other=0.0) + extra, mask=in_t)
-        suffix += tl.load(base + blk * HALF_P + offs_i)
+        tl.store(ptr, tl.load(ptr, mask=in_t, other=0.0) + tl.reshape(extra, (NB * BLOCK_T,)),
+                 mask=in_t)  # fmt: skip
+        suffix += tl.sum(ds, 0)
 
 
 @_jit
@@ -322,6 +340,12 @@ def _opts(block_t, num_warps, default_block_t: int) -> tuple[int, int]:
 def _launch(kernel, grid, *args, num_warps: int, **constexprs):
     if all(grid):  # empty sequences or batches: nothing to do
         launch(kernel, grid, *args, **constexprs, num_warps=num_warps)
+
+
+def _scan_blocks(block_t: int) -> int:
+    """Token blocks the carry and suffix scans take a step: 128 tokens (16 under the
+    interpreter, so that the CPU tests' short sequences span several steps)."""
+    return max(1, (16 if _INTERPRET else 128) // block_t)
 
 
 def _half(d: int) -> dict:
@@ -404,7 +428,7 @@ def _carope_fwd(q, k, log_f, block_t, num_warps):
     carry = torch.empty((b, hkv, n_blocks, half["HALF_P"]), dtype=torch.float32,
                         device=q.device)  # fmt: skip
     _launch(_carope_carry_kernel, (b, hkv), log_f, carry, *log_f.stride(), t, hkv,
-            num_warps=num_warps, BLOCK_T=block_t, **half)  # fmt: skip
+            num_warps=num_warps, BLOCK_T=block_t, NB=_scan_blocks(block_t), **half)  # fmt: skip
     _launch(_carope_fwd_kernel, (n_blocks, b, hkv), q, k, log_f, qo, ko, carry, *q.stride(),
             *k.stride(), *log_f.stride(), t, h, hkv, num_warps=num_warps, BLOCK_T=block_t,
             **half)  # fmt: skip
@@ -423,7 +447,8 @@ def _carope_bwd(kernel, grads, q, k, log_f, carry, outs, out_strides, block_t, n
             *strides, *q.stride(), *k.stride(), *out_strides, *log_f.stride(), t, h, hkv,
             num_warps=num_warps, BLOCK_T=block_t, **_half(d))  # fmt: skip
     _launch(_carope_suffix_kernel, (b, hkv), log_f, dsum, dlog_f, *log_f.stride(), t, hkv,
-            num_warps=num_warps, BLOCK_T=block_t, **_half(d))  # fmt: skip
+            num_warps=num_warps, BLOCK_T=block_t, NB=_scan_blocks(block_t),
+            **_half(d))  # fmt: skip
     return dlog_f
 
 

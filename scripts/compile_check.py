@@ -172,6 +172,19 @@ def _augment():
     agc_kernel.adaptive_clip_fused_(ps, 0.02)  # the trainer's AGC (optim.fused_agc)
 
 
+def _rotary(b=32, t=1024, h=12, d=64, block_t=32, num_warps=4):
+    """GPT-2's fused-qkv RoPE and CARoPE, forward and backward (scripts/bench_rotary.py)."""
+    qkv = torch.zeros(b, t, 3 * h * d, dtype=torch.bfloat16)
+    q, k, v = rotary.split_qkv(qkv, h, h)
+    cos = sin = torch.zeros(t, d // 2)
+    rotary._rope(q, k, cos, sin, False, block_t, num_warps)
+    log_f = torch.zeros(b, t, h)
+    _, _, carry = rotary._carope_fwd(q, k, log_f, block_t, num_warps)
+    dqkv = torch.empty_like(qkv)
+    rotary._carope_bwd(rotary._carope_qkv_bwd_kernel, (q, k, v), q, k, log_f, carry, (dqkv,),
+                       dqkv.stride()[:2], block_t, num_warps)  # fmt: skip
+
+
 # name -> launches of the benchmark cases (scripts/bench_attention.py) at one head / batch
 CASES = {
     "flash": lambda: (_flash(4096, 64, True, tma=True), _flash(4096, 128, True, tma=False)),
@@ -185,6 +198,7 @@ CASES = {
         _simplicial(1024, 12, 12, 64, 64, 64),
     ),
     "augment": _augment,
+    "rotary": _rotary,
     # M0's three stages at 224 (maps 14, 7, 4) and M5's widest (7/5/3/3 kernels, Cs 96)
     "cga": lambda: (
         _cga(4, 16, 7, (5, 5, 5, 5), 14),
