@@ -272,7 +272,8 @@ def _bwd_tiles(opts: dict, d: int, dtype: torch.dtype, group: int) -> tuple[str,
     if _INTERPRET:
         bases = [_tiles(opts, d, dtype, group, backward=True)[2:5]] * 3
     else:
-        bases = _BWD_PACKED1[dtype == torch.float32]
+        bases = [BWD_PACKED1_TILES.get(name) or base for name, base in
+                 zip(("dq", "dk1dv1", "dk2dv2"), _BWD_PACKED1[dtype == torch.float32])]  # fmt: skip
     return "packed1", [(ftiles[0], 1, *_given(opts, _PACKED1_OPTIONS, base), ftiles[5])
                        for base in bases]  # fmt: skip
 
@@ -284,6 +285,16 @@ def _bwd_tiles(opts: dict, d: int, dtype: torch.dtype, group: int) -> tuple[str,
 _BWD_PACKED1 = {
     False: ((64, 8, 1), (32, 8, 2), (32, 8, 1)),
     True: ((16, 16, 1), (32, 8, 1), (16, 8, 1)),
+}
+
+
+# Per-kernel overrides of those defaults on the GPU, (block_n2, num_warps, num_stages) or None;
+# options given to the backend still come first. For the tile sweep of
+# scripts/bench_simplicial.py --sweep-bwd-tiles.
+BWD_PACKED1_TILES: dict[str, tuple[int, int, int] | None] = {
+    "dq": None,
+    "dk1dv1": None,
+    "dk2dv2": None,
 }
 
 

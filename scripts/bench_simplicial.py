@@ -1,7 +1,7 @@
 """2-simplicial attention speed (issue 7): TFLOP/s of our Triton kernels against dense SDPA.
 
     python scripts/bench_simplicial.py [--out bench_simplicial.json] [--dtype bf16]
-        [--cases window_gqa,gpt2] [--no-bwd] [--bwd-kernels auto,packed1]
+        [--cases window_gqa,gpt2] [--no-bwd] [--bwd-kernels auto,packed1] [--sweep-bwd-tiles]
 
 Cases (causal, heads-last (B, N, H, D)):
   window_gqa: B=4, 64 q heads on 1 k/v head, D=128, N=16384, w1=32, w2=512 (Fast and Simplex's
@@ -110,6 +110,60 @@ def _print(rows: list[dict]) -> None:
         print(f"{r['case']:<11} {r['kernel']:<30} {r['fwd_ms']:9.2f} {r['fwd_tflops']:9.1f} {bwd}")
 
 
+# (block_n2, num_warps, num_stages) candidates of each packed1 backward kernel; the first is
+# the default (ops/simplicial.py _BWD_PACKED1)
+_SWEEP = {  # offline (ptxas sm_90, Triton 3.6, D=128 bf16): docs/benchmarks.md
+    "dq": [(64, 8, 1), (32, 8, 1), (32, 4, 1), (32, 4, 2), (64, 8, 2), (64, 4, 1)],
+    "dk1dv1": [(32, 8, 2), (32, 8, 1), (64, 8, 1), (64, 8, 2), (32, 4, 1), (16, 4, 1)],
+    "dk2dv2": [(32, 8, 1), (32, 8, 2), (64, 8, 1), (64, 4, 1), (32, 4, 1), (16, 4, 1)],
+}
+_KERNEL_NAMES = {"dq": "_dq_packed1_kernel", "dk1dv1": "_dk1dv1_packed1_kernel",
+                 "dk2dv2": "_dk2dv2_packed1_kernel"}  # fmt: skip
+
+
+def _sweep_bwd_tiles(name: str, dtype, reps: int = 2) -> list[dict]:
+    """Each packed1 backward kernel's GPU time (torch.profiler, mean of ``reps`` backward
+    passes) with each candidate tile configuration, the other two at their defaults; the
+    defaults are not changed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ops import simplicial
+
+    b, h, hkv, d, n, w1, w2, _ = CASES[name]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    xs = [torch.randn(b, n, h, d, device="cuda", generator=g).to(dtype).requires_grad_()]
+    xs += [torch.randn(b, n, hkv, d, device="cuda", generator=g).to(dtype).requires_grad_()
+           for _ in range(4)]  # fmt: skip
+    attn = ops.build_simplicial(w1=w1, w2=w2, bwd_kernel="packed1")
+    out = attn(*xs, causal=True)
+    grad = torch.randn_like(out)
+    flops = 4 * b * h * n * d * w1 * w2
+    rows = []
+    for kernel, configs in _SWEEP.items():
+        for cfg in configs:
+            simplicial.BWD_PACKED1_TILES[kernel] = cfg
+            row = {"case": name, "kernel": kernel, "tiles": cfg}
+            try:
+                torch.autograd.grad(out, xs, grad, retain_graph=True)  # compile
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(reps):
+                        torch.autograd.grad(out, xs, grad, retain_graph=True)
+                    torch.cuda.synchronize()
+                times = {e.key: e.self_device_time_total / reps / 1e3
+                         for e in prof.key_averages()}  # fmt: skip
+                row["ms"] = times.get(_KERNEL_NAMES[kernel], float("nan"))
+                row["backward_ms"] = sum(times.values())
+                row["backward_tflops"] = 3.5 * flops / row["backward_ms"] / 1e9
+            except Exception as e:  # out of shared memory, a compile failure: report, go on
+                row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
+                torch.cuda.empty_cache()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        simplicial.BWD_PACKED1_TILES[kernel] = None
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_simplicial.json")
@@ -119,10 +173,24 @@ def main() -> None:
     ap.add_argument("--bwd-kernels", default="auto",
                     help="comma list of bwd_kernel values for the head-packed rows, e.g. "
                     "auto,packed1 (each a row)")  # fmt: skip
+    ap.add_argument("--sweep-bwd-tiles", action="store_true",
+                    help="time each packed1 backward kernel (torch.profiler) with each candidate "
+                    "tile config of _SWEEP on the first case, then exit")  # fmt: skip
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_simplicial needs a CUDA GPU (the CPU tests cover correctness)")
     from scripts.bench_attention import _env
+
+    if args.sweep_bwd_tiles:
+        case = args.cases.split(",")[0]
+        rows = _sweep_bwd_tiles(case, DTYPES[args.dtype])
+        env = _env(dtype=args.dtype, case=CASES[case][:7])
+        Path(args.out).write_text(json.dumps({"env": env, "sweep": rows}, indent=2))
+        print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, {args.dtype}, causal")
+        for r in rows:
+            ms = f"{r['ms']:9.2f} ms" if "ms" in r else r["error"]
+            print(f"{r['kernel']:<7} {str(r['tiles']):<14} {ms}")
+        return
 
     rows = []
     for name in args.cases.split(","):

@@ -317,6 +317,21 @@ def test_errors_name_the_problem():
         torch.autograd.grad(ops.build_simplicial(bwd_kernel="packed1")(*xs).sum(), xs)
 
 
+def test_packed1_backward_tile_overrides_replace_one_kernels_defaults(monkeypatch):
+    """BWD_PACKED1_TILES (the tile sweep's hook) replaces one packed1 backward kernel's GPU
+    defaults and no other's; options given to the backend still come first."""
+    from ops import simplicial as S
+
+    monkeypatch.setattr(S, "_INTERPRET", False)
+    base = [t[2:5] for t in S._bwd_tiles({"bwd_kernel": "packed1"}, 128, torch.bfloat16, 64)[1]]
+    assert base == list(S._BWD_PACKED1[False])
+    monkeypatch.setitem(S.BWD_PACKED1_TILES, "dk2dv2", (64, 4, 1))
+    got = [t[2:5] for t in S._bwd_tiles({"bwd_kernel": "packed1"}, 128, torch.bfloat16, 64)[1]]
+    assert got == [base[0], base[1], (64, 4, 1)]
+    given = S._bwd_tiles({"bwd_kernel": "packed1", "num_warps": 2}, 128, torch.bfloat16, 64)[1]
+    assert [t[3] for t in given] == [2, 2, 2]
+
+
 _COMPILE = """
 import os, sys
 os.environ.pop("TRITON_INTERPRET", None)
