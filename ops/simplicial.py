@@ -298,6 +298,12 @@ BWD_PACKED1_TILES: dict[str, tuple[int, int, int] | None] = {
 }
 
 
+# The packed1 dK2/dV2 kernel accumulating dK2^T, dV2^T (TRANSPOSED): every product then has 64+
+# rows whatever block_n2. Correct (CPU tests); off until timed (bench_simplicial.py
+# --sweep-bwd-tiles times both).
+DK2_TRANSPOSED = False
+
+
 def _windows(w1, w2) -> tuple[int, int]:
     return (K._NO_WINDOW if w1 is None else w1), (K._NO_WINDOW if w2 is None else w2)
 
@@ -348,6 +354,8 @@ def _backward(do, dlse, q, k1, k2, v1, v2, o, lse, causal, w1, w2, scale, opts):
                      IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)  # fmt: skip
         if kernel == "packed1":
             del const["BLOCK_N1"], const["HEADS"]
+            if x == 2 and DK2_TRANSPOSED:
+                const["TRANSPOSED"] = True
         if all(grid):
             launch(kern, grid, q, k1, k2, v1, v2, do, lse, delta, *out, *args, **const)
     return dq, dk1, dk2, dv1, dv2

@@ -497,9 +497,13 @@ def _dq_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DQ, sqb, sqn, sqh, sqd
 
 @_jit
 def _dk2_packed1_keys(q, do, lse, delta, k2, v2, bias, dk, dv, k1_ptr, v1_ptr, s1n, t1n, lo1,
-                      hi1, qk_scale, MASKED: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+                      hi1, qk_scale, MASKED: tl.constexpr, IEEE: tl.constexpr,
+                      TRANSPOSED: tl.constexpr):  # fmt: skip
     """One (position, head block) of ``_dk2dv2_packed1_kernel`` over the k1 keys [lo1, hi1),
-    k1_j/v1_j read one key ahead; ``bias`` (0 or -inf per k2 key) only where MASKED."""
+    k1_j/v1_j read one key ahead; ``bias`` (0 or -inf per k2 key) only where MASKED.
+    TRANSPOSED: dk, dv are dK2^T, dV2^T (D, BN2) and every product has the heads or D as its
+    rows (S as in the forward, then dV2^T += c^T @ P): no product with BLOCK_N2 rows, which
+    is under the 64 a Hopper warp-group instruction takes when BLOCK_N2 = 32."""
     k1 = tl.load(k1_ptr, mask=lo1 < hi1, other=0.0)
     v1 = tl.load(v1_ptr, mask=lo1 < hi1, other=0.0)
     for j in range(lo1, hi1):
@@ -509,13 +513,22 @@ def _dk2_packed1_keys(q, do, lse, delta, k2, v2, bias, dk, dv, k1_ptr, v1_ptr, s
         v1_next = tl.load(v1_ptr, mask=j + 1 < hi1, other=0.0)
         a = q * k1[None, :]
         c = do * v1[None, :]
-        st = _dot(k2, tl.trans(a), IEEE) * qk_scale
-        if MASKED:
-            st = st + bias[:, None]
-        pt = tl.exp2(st - lse[None, :])  # (BN2, BM) = P^T
-        dst = pt * (_dot(v2, tl.trans(c), IEEE) - delta[None, :])
-        dv = _dot_acc(pt.to(c.dtype), c, dv, IEEE)
-        dk = _dot_acc(dst.to(a.dtype), a, dk, IEEE)
+        if TRANSPOSED:
+            s = _dot(a, tl.trans(k2), IEEE) * qk_scale
+            if MASKED:
+                s = s + bias[None, :]
+            p = tl.exp2(s - lse[:, None])  # (BM, BN2)
+            ds = p * (_dot(c, tl.trans(v2), IEEE) - delta[:, None])
+            dv = _dot_acc(tl.trans(c), p.to(c.dtype), dv, IEEE)
+            dk = _dot_acc(tl.trans(a), ds.to(a.dtype), dk, IEEE)
+        else:
+            st = _dot(k2, tl.trans(a), IEEE) * qk_scale
+            if MASKED:
+                st = st + bias[:, None]
+            pt = tl.exp2(st - lse[None, :])  # (BN2, BM) = P^T
+            dst = pt * (_dot(v2, tl.trans(c), IEEE) - delta[None, :])
+            dv = _dot_acc(pt.to(c.dtype), c, dv, IEEE)
+            dk = _dot_acc(dst.to(a.dtype), a, dk, IEEE)
         k1, v1 = k1_next, v1_next
     return dk, dv
 
@@ -525,11 +538,12 @@ def _dk2dv2_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK2, DV2, sqb, sqn
                            s1b, s1n, s1h, s1d, s2b, s2n, s2h, s2d, t1b, t1n, t1h, t1d,
                            t2b, t2n, t2h, t2d, sdb, sdn, sdh, sdd, n_q, n1, n2, n_heads, group,
                            w1, w2, qk_scale, scale, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N2: tl.constexpr,
-                           IEEE: tl.constexpr):  # fmt: skip
+                           BLOCK_M: tl.constexpr, BLOCK_N2: tl.constexpr, IEEE: tl.constexpr,
+                           TRANSPOSED: tl.constexpr = False):  # fmt: skip
     """dK2, dV2 of one (k2 tile, batch * kv head): over the positions i that see a key of the
     tile, the head blocks of the group and the k1 keys j of i's window, with a = q_i * k1_j and
-    c = dO_i * v1_j as (BLOCK_M, D) rows: P^T from k2 @ a^T, dV2 += P^T @ c, dK2 += dS^T @ a."""
+    c = dO_i * v1_j as (BLOCK_M, D) rows: P^T from k2 @ a^T, dV2 += P^T @ c, dK2 += dS^T @ a
+    (TRANSPOSED: P from a @ k2^T, dV2^T += c^T @ P, dK2^T += a^T @ dS)."""
     start_n = tl.program_id(0) * BLOCK_N2
     b, hk = _kv_ids(tl.program_id(1), n_heads, group)
     offs2 = start_n + tl.arange(0, BLOCK_N2)
@@ -537,8 +551,12 @@ def _dk2dv2_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK2, DV2, sqb, sqn
     r = tl.arange(0, BLOCK_M)
     k2 = _rows(K2 + b * s2b + hk * s2h, offs2, n2, s2n, s2d, HEAD_D)
     v2 = _rows(V2 + b * t2b + hk * t2h, offs2, n2, t2n, t2d, HEAD_D)
-    dk = tl.zeros([BLOCK_N2, HEAD_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N2, HEAD_D], dtype=tl.float32)
+    if TRANSPOSED:
+        dk = tl.zeros([HEAD_D, BLOCK_N2], dtype=tl.float32)
+        dv = tl.zeros([HEAD_D, BLOCK_N2], dtype=tl.float32)
+    else:
+        dk = tl.zeros([BLOCK_N2, HEAD_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N2, HEAD_D], dtype=tl.float32)
     k1_0 = K1 + b * s1b + hk * s1h + offs_d * s1d
     v1_0 = V1 + b * t1b + hk * t1h + offs_d * t1d
     lo, hi = _query_range(start_n, n_q, w2, CAUSAL, 1, BLOCK_N2)
@@ -557,11 +575,16 @@ def _dk2dv2_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK2, DV2, sqb, sqn
             lse, delta = _row_stats(LSE, DELTA, b, heads, pos, n_q, n_heads)
             if full:
                 dk, dv = _dk2_packed1_keys(q, do, lse, delta, k2, v2, 0.0, dk, dv, k1_i, v1_i,
-                                           s1n, t1n, lo1, hi1, qk_scale, False, IEEE)  # fmt: skip
+                                           s1n, t1n, lo1, hi1, qk_scale, False, IEEE,
+                                           TRANSPOSED)  # fmt: skip
             else:
                 bias = _k2_bias(i, offs2, n2, w2, CAUSAL)
                 dk, dv = _dk2_packed1_keys(q, do, lse, delta, k2, v2, bias, dk, dv, k1_i, v1_i,
-                                           s1n, t1n, lo1, hi1, qk_scale, True, IEEE)  # fmt: skip
+                                           s1n, t1n, lo1, hi1, qk_scale, True, IEEE,
+                                           TRANSPOSED)  # fmt: skip
+    if TRANSPOSED:
+        dk = tl.trans(dk)
+        dv = tl.trans(dv)
     out = ((b * n2 + offs2[:, None]) * (n_heads // group) + hk) * HEAD_D + offs_d[None, :]
     tl.store(DK2 + out, (dk * scale).to(DK2.dtype.element_ty), mask=offs2[:, None] < n2)
     tl.store(DV2 + out, dv.to(DV2.dtype.element_ty), mask=offs2[:, None] < n2)

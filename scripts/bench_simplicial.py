@@ -116,9 +116,12 @@ _SWEEP = {  # offline (ptxas sm_90, Triton 3.6, D=128 bf16): docs/benchmarks.md
     "dq": [(64, 8, 1), (32, 8, 1), (32, 4, 1), (32, 4, 2), (64, 8, 2), (64, 4, 1)],
     "dk1dv1": [(32, 8, 2), (32, 8, 1), (64, 8, 1), (64, 8, 2), (32, 4, 1), (16, 4, 1)],
     "dk2dv2": [(32, 8, 1), (32, 8, 2), (64, 8, 1), (64, 4, 1), (32, 4, 1), (16, 4, 1)],
+    # the same kernel accumulating dK2^T, dV2^T (ops.simplicial.DK2_TRANSPOSED)
+    "dk2dv2_t": [(32, 8, 1), (16, 4, 1), (32, 4, 1), (16, 8, 1), (64, 8, 1)],
 }
 _KERNEL_NAMES = {"dq": "_dq_packed1_kernel", "dk1dv1": "_dk1dv1_packed1_kernel",
-                 "dk2dv2": "_dk2dv2_packed1_kernel"}  # fmt: skip
+                 "dk2dv2": "_dk2dv2_packed1_kernel",
+                 "dk2dv2_t": "_dk2dv2_packed1_kernel"}  # fmt: skip
 
 
 def _sweep_bwd_tiles(name: str, dtype, reps: int = 2) -> list[dict]:
@@ -140,8 +143,10 @@ def _sweep_bwd_tiles(name: str, dtype, reps: int = 2) -> list[dict]:
     flops = 4 * b * h * n * d * w1 * w2
     rows = []
     for kernel, configs in _SWEEP.items():
+        hook = kernel.removesuffix("_t")
+        simplicial.DK2_TRANSPOSED = kernel == "dk2dv2_t"
         for cfg in configs:
-            simplicial.BWD_PACKED1_TILES[kernel] = cfg
+            simplicial.BWD_PACKED1_TILES[hook] = cfg
             row = {"case": name, "kernel": kernel, "tiles": cfg}
             try:
                 torch.autograd.grad(out, xs, grad, retain_graph=True)  # compile
@@ -160,7 +165,8 @@ def _sweep_bwd_tiles(name: str, dtype, reps: int = 2) -> list[dict]:
                 torch.cuda.empty_cache()
             rows.append(row)
             print(json.dumps(row), flush=True)
-        simplicial.BWD_PACKED1_TILES[kernel] = None
+        simplicial.BWD_PACKED1_TILES[hook] = None
+    simplicial.DK2_TRANSPOSED = False
     return rows
 
 

@@ -21,7 +21,7 @@ KNOWN: set = set()
 @pytest.mark.skipif(not PTXAS.exists(), reason="this Triton has no CUDA backend / ptxas")
 def test_attention_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cases = "flash,na1d,na2d,hyper,simplicial"
+    cases = "flash,na1d,na2d,hyper,simplicial,rotary"
     run = subprocess.run([sys.executable, "scripts/compile_check.py", "--cases", cases], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
     compiled = re.findall(r"^\S+\s+(\w+)\s+regs", run.stdout, re.M)
@@ -31,6 +31,7 @@ def test_attention_kernels_compile_for_sm90():
     unexpected = [name for name in failed if (version, name) not in KNOWN]
     assert not unexpected, run.stdout
     assert {"_fwd_kernel", "_dkdv_kernel", "_dq_kernel", "_dkdv_nd_kernel", "_gdkdv_kernel",
-            "_dk1dv1_kernel"} <= set(compiled)  # fmt: skip
+            "_dk1dv1_kernel", "_carope_carry_kernel",
+            "_carope_suffix_kernel"} <= set(compiled)  # fmt: skip
     if failed:
         pytest.xfail(f"known Triton {version} failure: {sorted(set(failed))}")

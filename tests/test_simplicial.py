@@ -135,7 +135,7 @@ P1_BWD = {
 
 
 @pytest.mark.parametrize("case", PACKED1_CASES, ids=[c[0] for c in PACKED1_CASES])
-@pytest.mark.parametrize("bwd", [None, "tiled"])
+@pytest.mark.parametrize("bwd", [None, "tiled", "transposed"])
 def test_fp32_packed1_matches_float64_reference(case, bwd, monkeypatch):
     """fp32: the one-position forward's out and LSE and the backward on them (auto: the
     one-position backward kernels, as the forward; 'tiled': the general ones) within 1e-5 of the float64
@@ -145,6 +145,9 @@ def test_fp32_packed1_matches_float64_reference(case, bwd, monkeypatch):
     _, b, nq, n1, n2, h, hkv, causal, w1, w2, options = case
     names, real = [], S.launch
     monkeypatch.setattr(S, "launch", lambda k, *a, **kw: (names.append(k.fn.__name__), real(k, *a, **kw)))  # fmt: skip
+    if bwd == "transposed":  # the dK2/dV2 kernel accumulating dK2^T, dV2^T
+        monkeypatch.setattr(S, "DK2_TRANSPOSED", True)
+        bwd = None
     xs = make(b, nq, n1, n2, h, hkv, seed=nq + n1 + 3 * n2, gain=1.0)
     go, w, ref = targets(xs, causal, w1, w2)
     got = run(ops.build_simplicial(w1=w1, w2=w2, bwd_kernel=bwd, **options), xs, causal, go, w)
@@ -351,7 +354,7 @@ def compile_(fn, d, dtype, group, backward):
         kind = "tiled" if fn is K._fwd_kernel else "packed1"
         _, (bm, bn1, bn2, warps, stages, hp) = S._fwd_tiles({"fwd_kernel": kind}, d, dtype, group)
     consts = dict(CAUSAL=True, HEAD_D=d, BLOCK_M=bm, BLOCK_N1=bn1, BLOCK_N2=bn2, HEADS=hp,
-                  IEEE=dtype == torch.float32)
+                  IEEE=dtype == torch.float32, TRANSPOSED=False)
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
     sig = {n: "constexpr" if n in consts else ("*fp32" if n in ("LSE", "DELTA") else ptr)
