@@ -150,12 +150,18 @@ def _rope_qkv_bwd_kernel(GQ, GK, GV, DQKV, COS, SIN, sgqb, sgqt, sgqh, sgqd, sgk
 
 
 @_jit
-def _carope_phase(LOGF, l_off, slt, offs_t, offs_i, carry, n_t, HALF: tl.constexpr):
-    """Powers f_t ** i = exp(i log_f[t]) and phases carry + cumsum_t (both (BT, HP), 0 off-range)."""
+def _carope_powers(LOGF, l_off, slt, offs_t, offs_i, n_t, HALF: tl.constexpr):
+    """Powers f_t ** i = exp(i log_f[t]) ((BT, HP), 0 off-range) and their mask."""
     in_t = offs_t < n_t
     mask = in_t[:, None] & (offs_i < HALF)[None, :]
     log_f = tl.load(LOGF + l_off + offs_t.to(tl.int64) * slt, mask=in_t, other=0.0)
-    pw = tl.where(mask, tl.exp(log_f[:, None] * offs_i.to(tl.float32)[None, :]), 0.0)
+    return tl.where(mask, tl.exp(log_f[:, None] * offs_i.to(tl.float32)[None, :]), 0.0), mask
+
+
+@_jit
+def _carope_phase(LOGF, l_off, slt, offs_t, offs_i, carry, n_t, HALF: tl.constexpr):
+    """Powers f_t ** i and phases carry + cumsum_t (both (BT, HP), 0 off-range)."""
+    pw, mask = _carope_powers(LOGF, l_off, slt, offs_t, offs_i, n_t, HALF)
     return pw, carry[None, :] + tl.cumsum(pw, 0), mask
 
 
@@ -194,8 +200,7 @@ def _carope_carry_kernel(LOGF, CARRY, slb, slt, slh, n_t, n_kv, HALF: tl.constex
     carry = tl.zeros([HALF_P], dtype=tl.float32)
     for c0 in range(0, n_blocks, NB):
         offs_t = c0 * BLOCK_T + tl.arange(0, NB * BLOCK_T)
-        pw, _, _ = _carope_phase(LOGF, b * slb + hk * slh, slt, offs_t, offs_i, carry, n_t,
-                                 HALF)  # fmt: skip
+        pw, _ = _carope_powers(LOGF, b * slb + hk * slh, slt, offs_t, offs_i, n_t, HALF)
         sums = tl.sum(tl.reshape(pw, (NB, BLOCK_T, HALF_P)), 1)  # (NB, HP): each block's
         starts = carry[None, :] + tl.cumsum(sums, 0) - sums  # sum of the blocks before
         blk = c0 + offs_b
@@ -270,7 +275,6 @@ def _carope_suffix_kernel(LOGF, DSUM, DLOGF, slb, slt, slh, n_t, n_kv, HALF: tl.
     n_steps = tl.cdiv(n_blocks, NB)
     offs_i = tl.arange(0, HALF_P)
     offs_b = tl.arange(0, NB)
-    in_i = offs_i < HALF
     base = DSUM + (b * n_kv + hk) * n_blocks * HALF_P
     suffix = tl.zeros([HALF_P], dtype=tl.float32)
     for r in range(n_steps):
@@ -281,11 +285,8 @@ def _carope_suffix_kernel(LOGF, DSUM, DLOGF, slb, slt, slh, n_t, n_kv, HALF: tl.
         later = suffix[None, :] + tl.cumsum(ds, 0, reverse=True) - ds  # (NB, HP)
         offs_t = c0 * BLOCK_T + tl.arange(0, NB * BLOCK_T)
         in_t = offs_t < n_t
-        log_f = tl.load(LOGF + b * slb + hk * slh + offs_t.to(tl.int64) * slt, mask=in_t,
-                        other=0.0)  # fmt: skip
-        ipw = tl.where(in_t[:, None] & in_i[None, :],
-                       offs_i.to(tl.float32)[None, :]
-                       * tl.exp(log_f[:, None] * offs_i.to(tl.float32)[None, :]), 0.0)  # fmt: skip
+        pw, _ = _carope_powers(LOGF, b * slb + hk * slh, slt, offs_t, offs_i, n_t, HALF)
+        ipw = pw * offs_i.to(tl.float32)[None, :]  # i * f_t ** i
         extra = tl.sum(tl.reshape(ipw, (NB, BLOCK_T, HALF_P)) * later[:, None, :], 2)
         ptr = DLOGF + (b * n_t + offs_t) * n_kv + hk
         tl.store(ptr, tl.load(ptr, mask=in_t, other=0.0) + tl.reshape(extra, (NB * BLOCK_T,)),
