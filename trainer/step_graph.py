@@ -102,7 +102,7 @@ class StepGraph:
     def _run(self, name: str):
         """Replay graph ``name`` (or, uncaptured, run its work) and return its output."""
         if not self.capture:
-            return {"step": self._body, "micro": self._micro, "update": self._update}[name]()
+            return dict(self._steps())[name]()
         self.graphs[name].replay()
         return self.outputs[name]
 
