@@ -279,11 +279,13 @@ def _bwd_tiles(opts: dict, d: int, dtype: torch.dtype, group: int) -> tuple[str,
 
 
 # packed1 backward GPU defaults (block_n2, num_warps, num_stages) of dQ, dK1/dV1, dK2/dV2 by
-# [fp32]. ptxas for sm_90 via Triton 3.6 at D=128: bf16 (BLOCK_M=64) 246, 254, 228 registers,
-# no spills; fp32 (BLOCK_M=32, IEEE dots) the fewest spills found: 296, 0, 168 B. bf16 timed
-# on an H100 (window_gqa of bench_simplicial.py): 117.5 TFLOP/s, the tiled backward 77.4.
+# [fp32]. bf16: the fastest of the tile sweep on an H100 (window_gqa, `bench_simplicial.py
+# --sweep-bwd-tiles`, docs/benchmarks.md): 108.7, 220.5 and 191.5 ms (dK2/dV2 transposed, see
+# DK2_TRANSPOSED) against 229.2, 376.2 and 442.7 for the 8-warp tiles ptxas had picked for no
+# spills; one warpgroup for the 64 head rows wins although these spill a little. fp32
+# (BLOCK_M=32, IEEE dots): the fewest spills found (296, 0, 168 B), not timed.
 _BWD_PACKED1 = {
-    False: ((64, 8, 1), (32, 8, 2), (32, 8, 1)),
+    False: ((64, 4, 1), (32, 4, 2), (32, 4, 1)),
     True: ((16, 16, 1), (32, 8, 1), (16, 8, 1)),
 }
 
@@ -299,9 +301,10 @@ BWD_PACKED1_TILES: dict[str, tuple[int, int, int] | None] = {
 
 
 # The packed1 dK2/dV2 kernel accumulating dK2^T, dV2^T (TRANSPOSED): every product then has 64+
-# rows whatever block_n2. Correct (CPU tests); off until timed (bench_simplicial.py
-# --sweep-bwd-tiles times both).
-DK2_TRANSPOSED = False
+# rows whatever block_n2, so it runs on Hopper's warpgroup MMA. None (default): transposed for
+# fp16/bf16 (191.5 ms against 250.5 for the best plain tiles, H100 window_gqa), plain for fp32
+# (not timed); True/False force one form (the tests and the tile sweep use both).
+DK2_TRANSPOSED: bool | None = None
 
 
 def _windows(w1, w2) -> tuple[int, int]:
@@ -354,7 +357,8 @@ def _backward(do, dlse, q, k1, k2, v1, v2, o, lse, causal, w1, w2, scale, opts):
                      IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)  # fmt: skip
         if kernel == "packed1":
             del const["BLOCK_N1"], const["HEADS"]
-            if x == 2 and DK2_TRANSPOSED:
+            transposed = q.dtype != torch.float32 if DK2_TRANSPOSED is None else DK2_TRANSPOSED
+            if x == 2 and transposed:
                 const["TRANSPOSED"] = True
         if all(grid):
             launch(kern, grid, q, k1, k2, v1, v2, do, lse, delta, *out, *args, **const)

@@ -110,14 +110,15 @@ def _print(rows: list[dict]) -> None:
         print(f"{r['case']:<11} {r['kernel']:<30} {r['fwd_ms']:9.2f} {r['fwd_tflops']:9.1f} {bwd}")
 
 
-# (block_n2, num_warps, num_stages) candidates of each packed1 backward kernel; the first is
-# the default (ops/simplicial.py _BWD_PACKED1)
-_SWEEP = {  # offline (ptxas sm_90, Triton 3.6, D=128 bf16): docs/benchmarks.md
-    "dq": [(64, 8, 1), (32, 8, 1), (32, 4, 1), (32, 4, 2), (64, 8, 2), (64, 4, 1)],
-    "dk1dv1": [(32, 8, 2), (32, 8, 1), (64, 8, 1), (64, 8, 2), (32, 4, 1), (16, 4, 1)],
-    "dk2dv2": [(32, 8, 1), (32, 8, 2), (64, 8, 1), (64, 4, 1), (32, 4, 1), (16, 4, 1)],
+# (block_n2, num_warps, num_stages) candidates of each packed1 backward kernel, the 16-bit
+# default first (ops/simplicial.py _BWD_PACKED1; 16-bit runs dK2/dV2 transposed, dk2dv2_t). The
+# second sweep's list; the first's (the offline ptxas picks, 8 warps): docs/benchmarks.md
+_SWEEP = {
+    "dq": [(64, 4, 1), (64, 4, 2), (128, 4, 1), (32, 4, 1), (64, 2, 1), (128, 8, 1)],
+    "dk1dv1": [(32, 4, 2), (32, 4, 1), (64, 4, 1), (64, 4, 2), (32, 2, 1), (16, 4, 2)],
+    "dk2dv2": [(64, 4, 1), (64, 4, 2), (128, 4, 1), (64, 2, 1)],
     # the same kernel accumulating dK2^T, dV2^T (ops.simplicial.DK2_TRANSPOSED)
-    "dk2dv2_t": [(32, 8, 1), (16, 4, 1), (32, 4, 1), (16, 8, 1), (64, 8, 1)],
+    "dk2dv2_t": [(32, 4, 1), (32, 4, 2), (64, 4, 1), (64, 4, 2), (32, 2, 1), (16, 2, 1)],
 }
 _KERNEL_NAMES = {"dq": "_dq_packed1_kernel", "dk1dv1": "_dk1dv1_packed1_kernel",
                  "dk2dv2": "_dk2dv2_packed1_kernel",
@@ -166,7 +167,7 @@ def _sweep_bwd_tiles(name: str, dtype, reps: int = 2) -> list[dict]:
             rows.append(row)
             print(json.dumps(row), flush=True)
         simplicial.BWD_PACKED1_TILES[hook] = None
-    simplicial.DK2_TRANSPOSED = False
+    simplicial.DK2_TRANSPOSED = None
     return rows
 
 
