@@ -76,8 +76,10 @@ def _params(kernel):
 
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` with the compiled kernel cached by specialization."""
-    if _INTERPRET or not isinstance(kernel, _JITFunction) or torch.compiler.is_compiling():
-        kernel[grid](*args, **kwargs)  # (under torch.compile, Dynamo captures this call)
+    # is_compiling() first: under torch.compile, Dynamo captures ``kernel[grid](...)`` itself,
+    # but it cannot evaluate isinstance() on the kernel and breaks the graph there
+    if _INTERPRET or torch.compiler.is_compiling() or not isinstance(kernel, _JITFunction):
+        kernel[grid](*args, **kwargs)
         return
     try:  # ints by value (finer than Triton's key, and cheap); the rest by _spec
         key = (id(kernel), tuple([a if type(a) is int else _spec(a) for a in args]),

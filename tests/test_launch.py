@@ -75,6 +75,33 @@ def test_second_launch_of_a_key_goes_to_the_compiled_kernel_with_all_arguments(m
     assert calls[1][2][0] is x
 
 
+def test_under_torch_compile_launch_only_calls_kernel_grid(monkeypatch):
+    """While Dynamo traces, launch() must do nothing but ``kernel[grid](...)``, which Dynamo
+    captures as a user kernel: it cannot evaluate isinstance() on a Triton kernel and broke
+    the graph there, once per launch (GPT-2's compiled step split at every rotary kernel).
+    Here the type check raises if it is reached."""
+
+    class Raises(type):
+        def __instancecheck__(cls, obj):
+            raise AssertionError("launch() checked the kernel's type while compiling")
+
+    class NoJit(metaclass=Raises):
+        pass
+
+    calls = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: calls.append((grid, a, kw))
+
+    monkeypatch.setattr(L, "_INTERPRET", False)
+    monkeypatch.setattr(L, "_JITFunction", NoJit)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    x = torch.zeros(4)
+    L.launch(Kernel(), (2,), x, 5, BLOCK=16)
+    assert calls == [((2,), (x, 5), {"BLOCK": 16})]
+
+
 # Triton's compiled launch binds a kernel's arguments in a generated function whose locals
 # (params, specialization, options) and globals (backend, specialize_impl, JITCallable) shadow
 # a parameter of the same name: that argument then reaches the specializer as the wrong object

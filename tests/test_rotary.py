@@ -376,6 +376,8 @@ def test_compiled_model_gradients_equal_eager_gpu(pos_name):
     model = build_model(cfg, ops.build("sdpa"), PosConfig(name=pos_name, kernel="triton")).cuda()
     idx = torch.randint(0, 50257, (4, 257), device="cuda")
     results = []
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     for fn in (model, torch.compile(model)):
         model.zero_grad(set_to_none=True)
         for _ in range(2):  # the second call runs the compiled graph warm
@@ -383,6 +385,10 @@ def test_compiled_model_gradients_equal_eager_gpu(pos_name):
             loss = fn(idx[:, :-1], idx[:, 1:])
             loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    # one graph: the kernel launches are captured, not broken at (ops.launch)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(
+        torch._dynamo.utils.counters["graph_break"]
+    )
     (l0, g0), (l1, g1) = results
     torch.testing.assert_close(l1, l0, rtol=1e-4, atol=1e-4)
     for a, b in zip(g1, g0):
