@@ -14,7 +14,12 @@ model equals the RoPE model exactly at initialisation (tested).
 
 Choices the paper leaves open are options: ``carope_input`` (``layer``: this layer's normalised
 input, the default; ``embedding``: the token embedding), ``carope_shared`` (one W for all layers)
-and ``carope_bias``. Under grouped-query attention W has one column per k/v head and the q heads
+and ``carope_bias``. ``carope_proj`` sets the precision of the frequency projection x_t W + b:
+``autocast`` (default) follows autocast like every other linear layer (a bf16 GEMM under bf16
+autocast, fp32 otherwise), ``fp32`` computes it in fp32 always. The phase arithmetic (powers,
+the cumulative sum, cos/sin) is fp32 in both. Under bf16 autocast the bf16 projection moves a
+phase by about as much as rounding q and k to bf16 moves them, and saves an fp32 copy of the
+normalised input a layer, forward and backward (docs/benchmarks.md). Under grouped-query attention W has one column per k/v head and the q heads
 of a group share its phase (a rotation must be the same for a q head and the k head it reads).
 """
 
@@ -32,6 +37,7 @@ from ops import rotary as rotary_ops
 POSITIONS = ("none", "learned", "sinusoidal", "rope", "carope")
 KERNELS = ("auto", "torch", "triton")
 CAROPE_INPUTS = ("layer", "embedding")
+CAROPE_PROJ = ("autocast", "fp32")
 
 
 @dataclasses.dataclass
@@ -41,6 +47,7 @@ class PosConfig:
     carope_input: str = "layer"  # layer | embedding
     carope_shared: bool = False  # one W (d_model, n_kv_heads) for all layers
     carope_bias: bool = True  # bias b inside the softplus (needed for RoPE equality at init)
+    carope_proj: str = "autocast"  # frequency projection: autocast (bf16 under bf16 autocast) | fp32
     # auto (triton on CUDA, else torch) | torch | triton (ops/rotary.py: one fused pass over q, k)
     kernel: str = "auto"
 
@@ -248,7 +255,12 @@ class CARoPE(NoPositions):
             raise ValueError(
                 f"pos.carope_input={cfg.carope_input!r}; valid: {', '.join(CAROPE_INPUTS)}"
             )
+        if cfg.carope_proj not in CAROPE_PROJ:
+            raise ValueError(
+                f"pos.carope_proj={cfg.carope_proj!r}; valid: {', '.join(CAROPE_PROJ)}"
+            )
         self.input, self.head_dim, self.base = cfg.carope_input, head_dim, cfg.base
+        self.proj_fp32 = cfg.carope_proj == "fp32"
         self.kernel = cfg.kernel
         n_proj = 1 if cfg.carope_shared else n_layers
         self.proj = nn.ModuleList(
@@ -268,13 +280,20 @@ class CARoPE(NoPositions):
                 nn.init.constant_(p.bias, math.log(math.expm1(target)))
 
     def log_frequencies(self, layer: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """log f(x_t)_h = -log(softplus(x_t W + b) + 1), (B, T, Hkv) in fp32 (fp64 for fp64)."""
+        """log f(x_t)_h = -log(softplus(x_t W + b) + 1), (B, T, Hkv) in fp32 (fp64 for fp64);
+        x_t W + b as ``carope_proj`` says (autocast's dtype, or fp32)."""
         proj = self.proj[layer % len(self.proj)]
         src = x if self.input == "layer" else x0
-        cdt = torch.promote_types(src.dtype, torch.float32)  # fp32 under bf16 autocast too
-        bias = None if proj.bias is None else proj.bias.to(cdt)
+        cdt = torch.promote_types(src.dtype, torch.float32)
+        if self.proj_fp32:  # fp32 under bf16 autocast too
+            with torch.autocast(src.device.type, enabled=False):
+                z = F.linear(src.to(cdt), proj.weight.to(cdt))  # (B, T, Hkv)
+        else:
+            z = F.linear(src, proj.weight)  # autocast's dtype where it is on
         with torch.autocast(src.device.type, enabled=False):
-            z = F.linear(src.to(cdt), proj.weight.to(cdt), bias)  # (B, T, Hkv)
+            z = z.to(cdt)
+            if proj.bias is not None:  # in fp32: the init's RoPE frequencies stay exact
+                z = z + proj.bias.to(cdt)
             return -torch.log1p(F.softplus(z))
 
     def phases(self, layer: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:

@@ -88,6 +88,35 @@ def test_carope_gradients_match_finite_differences(shared, bias):
     assert torch.autograd.gradcheck(f, (x, q, k, *params), eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
+def test_carope_projection_precision_under_autocast():
+    """carope_proj: 'fp32' computes x W in fp32 under bf16 autocast (equal to no autocast),
+    'autocast' as a bf16 GEMM (close: bf16 rounding of x and W); log f is fp32 either way, the
+    bias is added in fp32 (W = 0 gives RoPE's frequencies exactly), bad values are refused."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 9, 16)
+    got, plain = {}, {}
+    for proj in ("fp32", "autocast"):
+        pos = CARoPE(PosConfig(name="carope", carope_proj=proj), d_model=16, n_kv_heads=2,
+                     head_dim=8, n_layers=1)  # fmt: skip
+        want_init = pos.log_frequencies(0, x, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            init = pos.log_frequencies(0, x, x)
+        assert init.dtype == torch.float32
+        assert torch.equal(init, want_init)  # W = 0: only the fp32 bias
+        with torch.no_grad():
+            pos.proj[0].weight.normal_(0, 0.3)
+        plain[proj] = pos.log_frequencies(0, x, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got[proj] = pos.log_frequencies(0, x, x)
+        assert got[proj].dtype == torch.float32
+    assert torch.equal(got["fp32"], plain["fp32"])
+    err = (got["autocast"] - plain["autocast"]).abs().max().item()
+    assert 0 < err < 5e-3, err
+    with pytest.raises(ValueError, match="carope_proj='fp16'.*autocast, fp32"):
+        CARoPE(PosConfig(name="carope", carope_proj="fp16"), d_model=16, n_kv_heads=2,
+               head_dim=8, n_layers=1)  # fmt: skip
+
+
 def test_rotation_is_norm_preserving_and_relative():
     rope = RotaryPositions(8, 10000.0)
     q = torch.randn(1, 12, 2, 8, dtype=torch.float64)
