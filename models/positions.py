@@ -47,7 +47,7 @@ class PosConfig:
     carope_input: str = "layer"  # layer | embedding
     carope_shared: bool = False  # one W (d_model, n_kv_heads) for all layers
     carope_bias: bool = True  # bias b inside the softplus (needed for RoPE equality at init)
-    carope_proj: str = "autocast"  # frequency projection: autocast (bf16 under bf16 autocast) | fp32
+    carope_proj: str = "autocast"  # x W precision: autocast (bf16 under bf16 autocast) | fp32
     # auto (triton on CUDA, else torch) | torch | triton (ops/rotary.py: one fused pass over q, k)
     kernel: str = "auto"
 
