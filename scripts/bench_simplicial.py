@@ -125,7 +125,7 @@ _KERNEL_NAMES = {"dq": "_dq_packed1_kernel", "dk1dv1": "_dk1dv1_packed1_kernel",
                  "dk2dv2_t": "_dk2dv2_packed1_kernel"}  # fmt: skip
 
 
-def _sweep_bwd_tiles(name: str, dtype, reps: int = 2) -> list[dict]:
+def _sweep_bwd_tiles(name: str, dtype, reps: int = 2, kernels=None) -> list[dict]:
     """Each packed1 backward kernel's GPU time (torch.profiler, mean of ``reps`` backward
     passes) with each candidate tile configuration, the other two at their defaults; the
     defaults are not changed."""
@@ -144,8 +144,11 @@ def _sweep_bwd_tiles(name: str, dtype, reps: int = 2) -> list[dict]:
     flops = 4 * b * h * n * d * w1 * w2
     rows = []
     for kernel, configs in _SWEEP.items():
+        if kernels and kernel not in kernels:
+            continue
         hook = kernel.removesuffix("_t")
-        simplicial.DK2_TRANSPOSED = kernel == "dk2dv2_t"
+        # the form swept; the others at their defaults (None), so backward_ms is the total
+        simplicial.DK2_TRANSPOSED = {"dk2dv2": False, "dk2dv2_t": True}.get(kernel)
         for cfg in configs:
             simplicial.BWD_PACKED1_TILES[hook] = cfg
             row = {"case": name, "kernel": kernel, "tiles": cfg}
@@ -183,6 +186,8 @@ def main() -> None:
     ap.add_argument("--sweep-bwd-tiles", action="store_true",
                     help="time each packed1 backward kernel (torch.profiler) with each candidate "
                     "tile config of _SWEEP on the first case, then exit")  # fmt: skip
+    ap.add_argument("--sweep-kernels", default="",
+                    help="comma list of _SWEEP entries to sweep (default: all)")  # fmt: skip
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_simplicial needs a CUDA GPU (the CPU tests cover correctness)")
@@ -190,7 +195,10 @@ def main() -> None:
 
     if args.sweep_bwd_tiles:
         case = args.cases.split(",")[0]
-        rows = _sweep_bwd_tiles(case, DTYPES[args.dtype])
+        kernels = [k for k in args.sweep_kernels.split(",") if k]
+        if unknown := set(kernels) - set(_SWEEP):
+            sys.exit(f"--sweep-kernels: unknown {sorted(unknown)}; known: {', '.join(_SWEEP)}")
+        rows = _sweep_bwd_tiles(case, DTYPES[args.dtype], kernels=kernels)
         env = _env(dtype=args.dtype, case=CASES[case][:7])
         Path(args.out).write_text(json.dumps({"env": env, "sweep": rows}, indent=2))
         print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, {args.dtype}, causal")
