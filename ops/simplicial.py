@@ -279,13 +279,14 @@ def _bwd_tiles(opts: dict, d: int, dtype: torch.dtype, group: int) -> tuple[str,
 
 
 # packed1 backward GPU defaults (block_n2, num_warps, num_stages) of dQ, dK1/dV1, dK2/dV2 by
-# [fp32]. bf16: the fastest of the tile sweep on an H100 (window_gqa, `bench_simplicial.py
-# --sweep-bwd-tiles`, docs/benchmarks.md): 108.7, 220.5 and 191.5 ms (dK2/dV2 transposed, see
-# DK2_TRANSPOSED) against 229.2, 376.2 and 442.7 for the 8-warp tiles ptxas had picked for no
-# spills; one warpgroup for the 64 head rows wins although these spill a little. fp32
-# (BLOCK_M=32, IEEE dots): the fewest spills found (296, 0, 168 B), not timed.
+# [fp32]. bf16: the fastest of the tile sweeps (window_gqa, `bench_simplicial.py
+# --sweep-bwd-tiles`, docs/benchmarks.md): on an H100 108.7, 220.5 (2 stages) and 191.5 ms
+# (dK2/dV2 transposed, see DK2_TRANSPOSED) against 229.2, 376.2 and 442.7 for the 8-warp tiles
+# ptxas had picked for no spills (one warpgroup for the 64 head rows wins although these spill
+# a little); dK1/dV1 with 3 stages 215.1 against 222.8 for 2 on an H200. fp32 (BLOCK_M=32,
+# IEEE dots): the fewest spills found (296, 0, 168 B), not timed.
 _BWD_PACKED1 = {
-    False: ((64, 4, 1), (32, 4, 2), (32, 4, 1)),
+    False: ((64, 4, 1), (32, 4, 3), (32, 4, 1)),
     True: ((16, 16, 1), (32, 8, 1), (16, 8, 1)),
 }
 

@@ -115,7 +115,7 @@ def _print(rows: list[dict]) -> None:
 # second sweep's list; the first's (the offline ptxas picks, 8 warps): docs/benchmarks.md
 _SWEEP = {
     "dq": [(64, 4, 1), (64, 4, 2), (128, 4, 1), (32, 4, 1), (64, 2, 1), (128, 8, 1)],
-    "dk1dv1": [(32, 4, 2), (32, 4, 1), (64, 4, 1), (64, 4, 2), (32, 2, 1), (16, 4, 2)],
+    "dk1dv1": [(32, 4, 3), (32, 4, 2), (32, 4, 1), (32, 4, 4), (64, 4, 1)],
     "dk2dv2": [(64, 4, 1), (64, 4, 2), (128, 4, 1), (64, 2, 1)],
     # the same kernel accumulating dK2^T, dV2^T (ops.simplicial.DK2_TRANSPOSED)
     "dk2dv2_t": [(32, 4, 1), (32, 4, 2), (64, 4, 1), (64, 4, 2), (32, 2, 1), (16, 2, 1)],
