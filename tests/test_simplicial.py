@@ -135,7 +135,7 @@ P1_BWD = {
 
 
 @pytest.mark.parametrize("case", PACKED1_CASES, ids=[c[0] for c in PACKED1_CASES])
-@pytest.mark.parametrize("bwd", [None, "tiled", "transposed"])
+@pytest.mark.parametrize("bwd", [None, "tiled", "transposed", "fused"])
 def test_fp32_packed1_matches_float64_reference(case, bwd, monkeypatch):
     """fp32: the one-position forward's out and LSE and the backward on them (auto: the
     one-position backward kernels, as the forward; 'tiled': the general ones) within 1e-5 of the float64
@@ -145,13 +145,18 @@ def test_fp32_packed1_matches_float64_reference(case, bwd, monkeypatch):
     _, b, nq, n1, n2, h, hkv, causal, w1, w2, options = case
     names, real = [], S.launch
     monkeypatch.setattr(S, "launch", lambda k, *a, **kw: (names.append(k.fn.__name__), real(k, *a, **kw)))  # fmt: skip
+    want = ["_fwd_packed1_kernel", *P1_BWD[bwd != "tiled"]]
     if bwd == "transposed":  # the dK2/dV2 kernel accumulating dK2^T, dV2^T
         monkeypatch.setattr(S, "DK2_TRANSPOSED", True)
+        bwd = None
+    elif bwd == "fused":  # dK1/dV1 inside the dK2/dV2 kernel, with atomics
+        monkeypatch.setattr(S, "FUSED_DK1", True)
+        want[2:] = ["_dkv_packed1_fused_kernel"]
         bwd = None
     xs = make(b, nq, n1, n2, h, hkv, seed=nq + n1 + 3 * n2, gain=1.0)
     go, w, ref = targets(xs, causal, w1, w2)
     got = run(ops.build_simplicial(w1=w1, w2=w2, bwd_kernel=bwd, **options), xs, causal, go, w)
-    assert names == ["_fwd_packed1_kernel", *P1_BWD[bwd is None]], names
+    assert names == want, names
     for name, x, r in zip(NAMES, got, ref):
         torch.testing.assert_close(x.double(), r, rtol=1e-5, atol=1e-5, msg=name)
 
@@ -168,10 +173,14 @@ def test_fp16_kernels_close_to_float64_reference():
         assert rel_err(x, r) < 4e-3, f"{name}: relative error {rel_err(x, r):.3g}"
 
 
-def test_fp16_packed1_close_to_float64_reference(monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+def test_fp16_packed1_close_to_float64_reference(fused, monkeypatch):
     """fp16, 16 q heads on 1 kv head (one position per tile): the packed1 forward and backward
-    (v1 * v2, k2 * k1 also rounded to fp16), within the fp16 bound above."""
+    (v1 * v2, k2 * k1 also rounded to fp16), within the fp16 bound above; dK1/dV1 by its own
+    kernel or inside the dK2/dV2 kernel (FUSED_DK1)."""
     import ops.simplicial as S
+
+    monkeypatch.setattr(S, "FUSED_DK1", fused)
 
     names, real = [], S.launch
     monkeypatch.setattr(S, "launch", lambda k, *a, **kw: (names.append(k.fn.__name__), real(k, *a, **kw)))  # fmt: skip
@@ -179,7 +188,10 @@ def test_fp16_packed1_close_to_float64_reference(monkeypatch):
     go, w, ref = targets(xs, True, 5, 12)
     attn = ops.build_simplicial(w1=5, w2=12, fwd_kernel="packed1", bwd_kernel="packed1")
     got = run(attn, xs, True, go, w)
-    assert names == ["_fwd_packed1_kernel", *P1_BWD[True]], names
+    want = ["_fwd_packed1_kernel", *P1_BWD[True]]
+    if fused:
+        want[2:] = ["_dkv_packed1_fused_kernel"]
+    assert names == want, names
     for name, x, r in zip(NAMES, got, ref):
         assert rel_err(x, r) < 4e-3, f"{name}: relative error {rel_err(x, r):.3g}"
 
