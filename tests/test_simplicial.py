@@ -420,3 +420,22 @@ def test_gpu_compiled_kernels_close_to_reference(dtype):
             assert rel_err(x, r) < 3e-2, f"{name}: relative error {rel_err(x, r):.3g}"
         again = run(attn, xs, causal, go, w)
         assert all(torch.equal(x, y) for x, y in zip(got, again))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_fused_dk1_close_to_reference(dtype, monkeypatch):
+    """FUSED_DK1 (dK1/dV1 from the dK2/dV2 kernel, fp32 atomics) on the GPU: windowed GQA with
+    64 q heads per kv head at D=128 and the default tiles, against float64; dK1/dV1 close to
+    the separate kernel's (the atomics' order may change the last bits, nothing more)."""
+    import ops.simplicial as S
+
+    xs = make(2, 200, 200, 200, 64, 1, d=128, dtype=dtype, device="cuda", gain=1.0)
+    go, w, ref = targets(xs, True, 32, 128)
+    attn = ops.build_simplicial(w1=32, w2=128)
+    plain = run(attn, xs, True, go, w)
+    monkeypatch.setattr(S, "FUSED_DK1", True)
+    got = run(attn, xs, True, go, w)
+    for name, x, r, p in zip(NAMES, got, ref, plain):
+        assert rel_err(x, r) < 3e-2, f"{name}: relative error {rel_err(x, r):.3g}"
+        assert rel_err(x, p.double()) < 1e-2, f"{name}: {rel_err(x, p.double()):.3g} from plain"
