@@ -102,6 +102,40 @@ def test_under_torch_compile_launch_only_calls_kernel_grid(monkeypatch):
     assert calls == [((2,), (x, 5), {"BLOCK": 16})]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("attn", ["flash", "hyper", "simplicial"])
+def test_compiled_model_through_launch_equals_eager_gpu(attn):
+    """A GPT-2 with our attention kernels (and the Triton RoPE) under torch.compile: Dynamo
+    captures every launch() (no graph break) and the loss and gradients equal eager's."""
+    from models import GPT2Config, PosConfig, build_model
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(name="nano", n_layer=2, n_head=4, d_model=128, max_seq_len=256,
+                     loss="torch")  # fmt: skip
+    options = {"hyper": dict(min_seq_len=64, block_size=64, sample_size=64),  # its kernels
+               "simplicial": dict(every=2, w1=16, w2=32)}.get(attn, {})  # fmt: skip
+    backend = ops.build(attn, **options)
+    model = build_model(cfg, backend, PosConfig(name="rope", kernel="triton")).cuda()
+    idx = torch.randint(0, 50257, (2, 257), device="cuda")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    results = []
+    for fn in (model, torch.compile(model)):
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = fn(idx[:, :-1], idx[:, 1:])
+            loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    assert not breaks, breaks
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=2e-3, atol=2e-3)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-3)
+
+
 # Triton's compiled launch binds a kernel's arguments in a generated function whose locals
 # (params, specialization, options) and globals (backend, specialize_impl, JITCallable) shadow
 # a parameter of the same name: that argument then reaches the specializer as the wrong object
