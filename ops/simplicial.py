@@ -308,7 +308,7 @@ BWD_PACKED1_TILES: dict[str, tuple[int, int, int] | None] = {
 DK2_TRANSPOSED: bool | None = None
 
 
-# dK1/dV1 inside the (transposed) dK2/dV2 kernel, ``_dkv_packed1_fused_kernel``: the scores and
+# dK1/dV1 inside the (transposed) dK2/dV2 kernel (its FUSED form): the scores and
 # dS that kernel forms anyway give each k1 key's share, added to fp32 buffers with atomics, so
 # the dK1/dV1 kernel (four of the backward's eleven tile products) is not launched. Not
 # deterministic (the atomics' order). Off until timed (bench_simplicial.py --sweep-bwd-tiles
@@ -363,8 +363,7 @@ def _backward(do, dlse, q, k1, k2, v1, v2, o, lse, causal, w1, w2, scale, opts):
     fused = kernel == "packed1" and FUSED_DK1
     if fused:  # dK1/dV1 accumulated in fp32 by the dK2/dV2 kernel
         acc1 = torch.zeros((2, b, n1, hkv, d), dtype=torch.float32, device=q.device)
-        kernels = (kernels[0], None, K._dkv_packed1_fused_kernel)
-        outs = (outs[0], (), (acc1[0], acc1[1], dk2, dv2))
+        kernels = (kernels[0], None, kernels[2])
     for x, (kern, out, (bm, bn1, bn2, warps, stages, hp)) in enumerate(zip(kernels, outs, tiles)):
         if kern is None:
             continue
@@ -374,8 +373,10 @@ def _backward(do, dlse, q, k1, k2, v1, v2, o, lse, causal, w1, w2, scale, opts):
         if kernel == "packed1":
             del const["BLOCK_N1"], const["HEADS"]
             transposed = q.dtype != torch.float32 if DK2_TRANSPOSED is None else DK2_TRANSPOSED
-            if x == 2 and transposed and not fused:
+            if x == 2 and (transposed or fused):
                 const["TRANSPOSED"] = True
+            if x == 2 and fused:
+                const.update(FUSED=True, DK1=acc1[0], DV1=acc1[1])
         if all(grid):
             launch(kern, grid, q, k1, k2, v1, v2, do, lse, delta, *out, *args, **const)
     if fused:

@@ -151,7 +151,7 @@ def test_fp32_packed1_matches_float64_reference(case, bwd, monkeypatch):
         bwd = None
     elif bwd == "fused":  # dK1/dV1 inside the dK2/dV2 kernel, with atomics
         monkeypatch.setattr(S, "FUSED_DK1", True)
-        want[2:] = ["_dkv_packed1_fused_kernel"]
+        want[2:] = ["_dk2dv2_packed1_kernel"]
         bwd = None
     xs = make(b, nq, n1, n2, h, hkv, seed=nq + n1 + 3 * n2, gain=1.0)
     go, w, ref = targets(xs, causal, w1, w2)
@@ -190,7 +190,7 @@ def test_fp16_packed1_close_to_float64_reference(fused, monkeypatch):
     got = run(attn, xs, True, go, w)
     want = ["_fwd_packed1_kernel", *P1_BWD[True]]
     if fused:
-        want[2:] = ["_dkv_packed1_fused_kernel"]
+        want[2:] = ["_dk2dv2_packed1_kernel"]
     assert names == want, names
     for name, x, r in zip(NAMES, got, ref):
         assert rel_err(x, r) < 4e-3, f"{name}: relative error {rel_err(x, r):.3g}"
