@@ -16,11 +16,12 @@ Choices the paper leaves open are options: ``carope_input`` (``layer``: this lay
 input, the default; ``embedding``: the token embedding), ``carope_shared`` (one W for all layers)
 and ``carope_bias``. ``carope_proj`` sets the precision of the frequency projection x_t W + b:
 ``autocast`` (default) follows autocast like every other linear layer (a bf16 GEMM under bf16
-autocast, fp32 otherwise), ``fp32`` computes it in fp32 always. The phase arithmetic (powers,
-the cumulative sum, cos/sin) is fp32 in both. Under bf16 autocast the bf16 projection moves a
-phase by about as much as rounding q and k to bf16 moves them, and saves an fp32 copy of the
-normalised input a layer, forward and backward (docs/benchmarks.md). Under grouped-query attention W has one column per k/v head and the q heads
-of a group share its phase (a rotation must be the same for a q head and the k head it reads).
+autocast, fp32 otherwise), ``fp32`` computes it in fp32 always. The bias and the phase
+arithmetic (powers, the cumulative sum, cos/sin) are fp32 in both. Under bf16 autocast the
+bf16 GEMM saves an fp32 copy of the normalised input a layer, forward and backward
+(docs/benchmarks.md, with a short training check of both settings). Under grouped-query
+attention W has one column per k/v head and the q heads of a group share its phase (a rotation
+must be the same for a q head and the k head it reads).
 """
 
 from __future__ import annotations

@@ -13,15 +13,15 @@ k/v head and, at one position, one window: with 64 heads per k/v head a tile is 
 and the key loops cover exactly the windows, no causal slack). One program per (position tile,
 batch * head block) in the forward and dQ kernels, per (k1 tile, batch * kv head) and (k2 tile,
 batch * kv head) in the dK1/dV1 and dK2/dV2 kernels, which loop over the q heads of their GQA
-group (no atomics, deterministic). When a tile is one position (HEADS == BLOCK_M) the forward
+group (no atomics, deterministic, except the opt-in FUSED form below). When a tile is one position (HEADS == BLOCK_M) the forward
 has its own kernel, ``_fwd_packed1_kernel``: k1_j and v1_j are then single vectors, so each key
 j is two plain dots, (q * k1_j) @ k2^T and P @ (v2 * v1_j), into one (BLOCK_M, D) accumulator,
 without the (BLOCK_M, BLOCK_N1, D) temporary of ``_fwd_kernel``; so has the backward
 (``*_packed1_kernel``: dQ per position, dK2/dV2 per k2 tile, dK1/dV1 per k1 key, each looping
 over what its block meets; opt-in, the dK2/dV2 kernel's FUSED form takes dK1/dV1's share from
-its own products and adds it with atomics). Every kernel recomputes P from the saved LSE; the backward pass
-uses dP_ijk = <dO_i, v1_j * v2_k>, the same trilinear form as the scores (rows B = dO_i * v1_j),
-and Delta_i = rowsum(dO * O) - dLSE_i, so the LSE is differentiable.
+its own products and adds it with atomics). Every kernel recomputes P from the saved LSE; the
+backward pass uses dP_ijk = <dO_i, v1_j * v2_k>, the same trilinear form as the scores (rows
+B = dO_i * v1_j), and Delta_i = rowsum(dO * O) - dLSE_i, so the LSE is differentiable.
 
 Masks: row i sees j iff j < N1 and, when causal, i - w1 < j <= i (same for k with N2, w2); no
 window is w = 2**30. Causal needs Nq = N1 = N2 (checked by the caller).
