@@ -124,7 +124,8 @@ _SWEEP = {
 }
 _KERNEL_NAMES = {"dq": "_dq_packed1_kernel", "dk1dv1": "_dk1dv1_packed1_kernel",
                  "dk2dv2": "_dk2dv2_packed1_kernel",
-                 "dk2dv2_t": "_dk2dv2_packed1_kernel", "dkv_fused": "_dk2dv2_packed1_kernel"}  # fmt: skip
+                 "dk2dv2_t": "_dk2dv2_packed1_kernel",
+                 "dkv_fused": "_dk2dv2_packed1_kernel"}  # fmt: skip
 
 
 def _sweep_bwd_tiles(name: str, dtype, reps: int = 2, kernels=None) -> list[dict]:
