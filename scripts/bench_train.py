@@ -1,6 +1,6 @@
 """Training throughput of GPT-2 124M: our trainer's step per position encoding vs a minimal GPT-2.
 
-    python scripts/bench_train.py [--pos learned rope carope] [--loss auto] [--batch 32] [--seq 1024]
+    python scripts/bench_train.py [--pos learned rope carope carope:fp32] [--loss auto] [--batch 32]
 
 Each variant is compiled, runs bf16 autocast and fused AdamW with gradient clipping. The
 minimal loop reads the loss back every step (as build-nanogpt-style loops print it); ours reads
@@ -119,7 +119,9 @@ def make_ours_step(pos, loss, args, dev):
     cfg = GPT2Config(
         name="gpt2_small", n_layer=12, n_head=12, d_model=768, max_seq_len=args.seq, loss=loss
     )
-    model = build_model(cfg, ops.build("sdpa"), PosConfig(name=pos, kernel=args.kernel)).to(dev)
+    name, _, proj = pos.partition(":")  # carope:fp32 -> pos.carope_proj=fp32
+    pos_cfg = PosConfig(name=name, kernel=args.kernel, **({"carope_proj": proj} if proj else {}))
+    model = build_model(cfg, ops.build("sdpa"), pos_cfg).to(dev)
     # the trainer's own schema (defaults + these overrides), so new optim keys reach the bench
     optim_cfg = OptimConfig(lr=6e-4, min_lr=6e-5, warmup_steps=10, weight_decay=0.1,
                             betas=[0.9, 0.95], eps=1e-8, grad_clip=1.0)  # fmt: skip
@@ -186,7 +188,9 @@ def main():
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--pos", nargs="+", default=["learned", "rope", "carope"])
+    ap.add_argument("--pos", nargs="+", default=["learned", "rope", "carope"],
+                    help="ours: pos.name, each a variant; carope:fp32 / carope:autocast also "
+                    "set pos.carope_proj")  # fmt: skip
     ap.add_argument("--no-minimal", action="store_true")
     ap.add_argument("--tuning", action="store_true", help="ours: trainer.compile_tuning=true")
     ap.add_argument(
@@ -249,12 +253,12 @@ def main():
         f"\n{env['gpu']} | torch {env['torch']} | triton {env['triton']} | B={args.batch} T={args.seq} bf16 compiled"
     )
     print(
-        f"{'impl':<8} {'pos':<8} {'loss':<6} {'sync':>5} {'ms/step':>8} {'tok/s':>10} {'MFU':>6} {'vs minimal':>10}"
+        f"{'impl':<8} {'pos':<15} {'loss':<6} {'sync':>5} {'ms/step':>8} {'tok/s':>10} {'MFU':>6} {'vs minimal':>10}"
     )
     for r in rows:
         rel = f"{r['tokens_per_s'] / base:.3f}x" if base else "-"
         print(
-            f"{r['impl']:<8} {r['pos']:<8} {r['loss']:<6} {r['flush_every']:>5} {r['ms_per_step']:8.1f} {r['tokens_per_s']:10,.0f} "
+            f"{r['impl']:<8} {r['pos']:<15} {r['loss']:<6} {r['flush_every']:>5} {r['ms_per_step']:8.1f} {r['tokens_per_s']:10,.0f} "
             f"{100 * r['mfu']:5.1f}% {rel:>10}"
         )
 
