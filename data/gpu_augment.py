@@ -537,7 +537,8 @@ class GpuImagePipeline:
         # side streams the decoder takes in turn (data.decode_slots). A batch's images are
         # held, with an event after the kernels that read them, until its slot decodes again
         # (see ``decode``): with one slot the next decode waits for the last batch's
-        # augmentation to finish on the GPU; with more it waits for one slots - 1 batches older
+        # augmentation to finish on the GPU; with n slots, for the augmentation of the batch
+        # n - 1 before it
         self.decode_slots = 1
         self._slot = 0  # the next decode's
         self._held: dict[int, list] = {}  # slot -> [(event, decoded images)], CUDA batches
