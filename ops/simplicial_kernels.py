@@ -508,8 +508,9 @@ def _dk2_packed1_keys(q, do, lse, delta, k2, v2, bias, dk, dv, k1_ptr, v1_ptr, s
     is under the 64 a Hopper warp-group instruction takes when BLOCK_N2 = 32.
     FUSED (with TRANSPOSED): X = dO^T @ P and Y = q^T @ dS give dV2^T += v1_j * X and
     dK2^T += k1_j * Y (c^T @ P = diag(v1_j) dO^T @ P) and k1 key j's share from this tile,
-    sum_k v2_k * X[:, k] and sum_k k2_k * Y[:, k] (k2t, v2t: the tile as (D, BN2) fp32),
-    added to DV1 / DK1 at o1 + j * o1n with atomics."""
+    sum_k v2_k * X[:, k] and sum_k k2_k * Y[:, k] (k2t, v2t: the tile as (D, BN2)), added to
+    DV1 / DK1 at o1 + j * o1n with atomics; S and dP from q @ (k2 * k1_j)^T and
+    dO @ (v2 * v1_j)^T, so no (BLOCK_M, D) rows q * k1_j, dO * v1_j."""
     k1 = tl.load(k1_ptr, mask=lo1 < hi1, other=0.0)
     v1 = tl.load(v1_ptr, mask=lo1 < hi1, other=0.0)
     for j in range(lo1, hi1):
@@ -517,25 +518,31 @@ def _dk2_packed1_keys(q, do, lse, delta, k2, v2, bias, dk, dv, k1_ptr, v1_ptr, s
         v1_ptr += t1n
         k1_next = tl.load(k1_ptr, mask=j + 1 < hi1, other=0.0)
         v1_next = tl.load(v1_ptr, mask=j + 1 < hi1, other=0.0)
-        a = q * k1[None, :]
-        c = do * v1[None, :]
-        if TRANSPOSED:
+        if FUSED:  # k1_j, v1_j folded into the k2 tile (as dQ does): q and dO stay as they are
+            s = _dot(q, tl.trans(k2 * k1[None, :]), IEEE) * qk_scale
+            if MASKED:
+                s = s + bias[None, :]
+            p = tl.exp2(s - lse[:, None])  # (BM, BN2)
+            ds = p * (_dot(do, tl.trans(v2 * v1[None, :]), IEEE) - delta[:, None])
+            x = _dot(tl.trans(do), p.to(do.dtype), IEEE)  # (D, BN2)
+            y = _dot(tl.trans(q), ds.to(q.dtype), IEEE)
+            dv += v1.to(tl.float32)[:, None] * x
+            dk += k1.to(tl.float32)[:, None] * y
+            tl.atomic_add(DV1 + o1 + j * o1n, tl.sum(x * v2t, 1), sem="relaxed")
+            tl.atomic_add(DK1 + o1 + j * o1n, tl.sum(y * k2t, 1), sem="relaxed")
+        elif TRANSPOSED:
+            a = q * k1[None, :]
+            c = do * v1[None, :]
             s = _dot(a, tl.trans(k2), IEEE) * qk_scale
             if MASKED:
                 s = s + bias[None, :]
             p = tl.exp2(s - lse[:, None])  # (BM, BN2)
             ds = p * (_dot(c, tl.trans(v2), IEEE) - delta[:, None])
-            if FUSED:
-                x = _dot(tl.trans(do), p.to(do.dtype), IEEE)  # (D, BN2)
-                y = _dot(tl.trans(q), ds.to(q.dtype), IEEE)
-                dv += v1.to(tl.float32)[:, None] * x
-                dk += k1.to(tl.float32)[:, None] * y
-                tl.atomic_add(DV1 + o1 + j * o1n, tl.sum(x * v2t, 1), sem="relaxed")
-                tl.atomic_add(DK1 + o1 + j * o1n, tl.sum(y * k2t, 1), sem="relaxed")
-            else:
-                dv = _dot_acc(tl.trans(c), p.to(c.dtype), dv, IEEE)
-                dk = _dot_acc(tl.trans(a), ds.to(a.dtype), dk, IEEE)
+            dv = _dot_acc(tl.trans(c), p.to(c.dtype), dv, IEEE)
+            dk = _dot_acc(tl.trans(a), ds.to(a.dtype), dk, IEEE)
         else:
+            a = q * k1[None, :]
+            c = do * v1[None, :]
             st = _dot(k2, tl.trans(a), IEEE) * qk_scale
             if MASKED:
                 st = st + bias[:, None]
@@ -579,9 +586,9 @@ def _dk2dv2_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK2, DV2, sqb, sqn
     k1_0 = K1 + b * s1b + hk * s1h + offs_d * s1d
     v1_0 = V1 + b * t1b + hk * t1h + offs_d * t1d
     n_kv = n_heads // group
-    # FUSED only (dead code otherwise): the tile as (D, BN2) fp32, DK1/DV1 row offsets (int64)
-    k2t = tl.trans(k2).to(tl.float32)
-    v2t = tl.trans(v2).to(tl.float32)
+    # FUSED only (dead code otherwise): the tile as (D, BN2), DK1/DV1 row offsets (int64)
+    k2t = tl.trans(k2)
+    v2t = tl.trans(v2)
     o1 = (b * n1 * n_kv + hk) * HEAD_D + offs_d
     o1n = n_kv * HEAD_D + b * 0
     lo, hi = _query_range(start_n, n_q, w2, CAUSAL, 1, BLOCK_N2)
