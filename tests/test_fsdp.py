@@ -159,3 +159,21 @@ def test_init_from_takes_the_weights_only(tmp_path):
     assert rb[1]["lr"] == records(tmp_path / "a")[1]["lr"]  # the schedule starts over
     with pytest.raises(ValueError, match="written by another model"):
         train(tmp_path / "d", *short, "model.d_model=64", f"trainer.init_from={ckpt}")
+
+
+def test_ddp_takes_the_bucket_size(tmp_path):
+    """trainer.ddp_bucket_mb reaches DDP (a one-rank gloo group; ``enabled`` is what makes
+    parallelize wrap the model), and a size that is not positive is refused."""
+    import torch.distributed as dist
+
+    rc = config_lib.load(compose_cfg(["trainer.device=cpu", *GPT2, "trainer.ddp_bucket_mb=4"]))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = build_model(rc.model, ops.build(rc.attn.name, **rc.attn.options), rc.pos)
+        ddp = par.parallelize(model, rc.trainer, DistInfo(world_size=2), say=print)
+        assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel) and ddp.module is model
+        assert ddp.bucket_bytes_cap == 4 * 1024 * 1024
+    finally:
+        dist.destroy_process_group()
+    with pytest.raises(ValueError, match="trainer.ddp_bucket_mb=0"):
+        config_lib.validate(config_lib.load(compose_cfg(["trainer.ddp_bucket_mb=0"])))

@@ -6,7 +6,11 @@ is only asked for its list of transformer blocks (``transformer_blocks``: ``mode
 GPT-2 and our LLM, ``hf.base_model.layers`` of transformers models); nothing in ``models/``
 knows about parallelism.
 
-- **DDP** (``trainer.parallel=ddp``, the default): as before; the whole model compiled.
+- **DDP** (``trainer.parallel=ddp``, the default): the whole model compiled, then wrapped;
+  gradients all-reduced in buckets of ``trainer.ddp_bucket_mb`` (100 MiB; DDP's 25 gave 1.3%
+  fewer tokens/s on two H100s). Compiling the DDP module instead (Dynamo then cuts the backward
+  at the buckets so that all-reduces overlap it), ``gradient_as_bucket_view`` and a bf16
+  all-reduce were measured too and gave nothing or less (docs/benchmarks.md).
 - **FSDP2** (``trainer.parallel=fsdp``): ``fully_shard`` on every block, then on the root
   (embedding, final norm, LM head and tied weights). The last block keeps its parameters
   gathered after the forward (the backward starts with it). On CUDA with bf16 the parameters are
@@ -181,7 +185,9 @@ def parallelize(model: nn.Module, t, info, say=print) -> nn.Module:
     train_model = model if per_block else compile_model(model, t)
     if info.enabled:
         ids = [info.device.index] if info.device.type == "cuda" else None
-        train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=ids)
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=ids, bucket_cap_mb=t.ddp_bucket_mb
+        )
     return train_model
 
 
