@@ -308,14 +308,6 @@ BWD_PACKED1_TILES: dict[str, tuple[int, int, int] | None] = {
 DK2_TRANSPOSED: bool | None = None
 
 
-# dK1/dV1 inside the (transposed) dK2/dV2 kernel (its FUSED form): the scores and
-# dS that kernel forms anyway give each k1 key's share, added to fp32 buffers with atomics, so
-# the dK1/dV1 kernel (four of the backward's eleven tile products) is not launched. Not
-# deterministic (the atomics' order). Off until timed (bench_simplicial.py --sweep-bwd-tiles
-# times it as dkv_fused).
-FUSED_DK1 = False
-
-
 def _windows(w1, w2) -> tuple[int, int]:
     return (K._NO_WINDOW if w1 is None else w1), (K._NO_WINDOW if w2 is None else w2)
 
@@ -360,28 +352,17 @@ def _backward(do, dlse, q, k1, k2, v1, v2, o, lse, causal, w1, w2, scale, opts):
     else:
         kernels = (K._dq_kernel, K._dk1dv1_kernel, K._dk2dv2_kernel)
     outs = ((dq,), (dk1, dv1), (dk2, dv2))
-    fused = kernel == "packed1" and FUSED_DK1
-    if fused:  # dK1/dV1 accumulated in fp32 by the dK2/dV2 kernel
-        acc1 = torch.zeros((2, b, n1, hkv, d), dtype=torch.float32, device=q.device)
-        kernels = (kernels[0], None, kernels[2])
     for x, (kern, out, (bm, bn1, bn2, warps, stages, hp)) in enumerate(zip(kernels, outs, tiles)):
-        if kern is None:
-            continue
         grid = (_cdiv((nq, n1, n2)[x], (bm // hp, bn1, bn2)[x]), b * (h // hp if x == 0 else hkv))
         const = dict(CAUSAL=causal, HEAD_D=d, BLOCK_M=bm, BLOCK_N1=bn1, BLOCK_N2=bn2, HEADS=hp,
                      IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)  # fmt: skip
         if kernel == "packed1":
             del const["BLOCK_N1"], const["HEADS"]
             transposed = q.dtype != torch.float32 if DK2_TRANSPOSED is None else DK2_TRANSPOSED
-            if x == 2 and (transposed or fused):
+            if x == 2 and transposed:
                 const["TRANSPOSED"] = True
-            if x == 2 and fused:
-                const.update(FUSED=True, DK1=acc1[0], DV1=acc1[1])
         if all(grid):
             launch(kern, grid, q, k1, k2, v1, v2, do, lse, delta, *out, *args, **const)
-    if fused:
-        dk1.copy_(acc1[0] * scale)
-        dv1.copy_(acc1[1])
     return dq, dk1, dk2, dv1, dv2
 
 

@@ -13,15 +13,14 @@ k/v head and, at one position, one window: with 64 heads per k/v head a tile is 
 and the key loops cover exactly the windows, no causal slack). One program per (position tile,
 batch * head block) in the forward and dQ kernels, per (k1 tile, batch * kv head) and (k2 tile,
 batch * kv head) in the dK1/dV1 and dK2/dV2 kernels, which loop over the q heads of their GQA
-group (no atomics, deterministic, except the opt-in FUSED form below). When a tile is one
-position (HEADS == BLOCK_M) the forward has its own kernel, ``_fwd_packed1_kernel``: k1_j and v1_j are then single vectors, so each key
+group (no atomics, deterministic). When a tile is one position (HEADS == BLOCK_M) the forward
+has its own kernel, ``_fwd_packed1_kernel``: k1_j and v1_j are then single vectors, so each key
 j is two plain dots, (q * k1_j) @ k2^T and P @ (v2 * v1_j), into one (BLOCK_M, D) accumulator,
 without the (BLOCK_M, BLOCK_N1, D) temporary of ``_fwd_kernel``; so has the backward
 (``*_packed1_kernel``: dQ per position, dK2/dV2 per k2 tile, dK1/dV1 per k1 key, each looping
-over what its block meets; opt-in, the dK2/dV2 kernel's FUSED form takes dK1/dV1's share from
-its own products and adds it with atomics). Every kernel recomputes P from the saved LSE; the
-backward pass uses dP_ijk = <dO_i, v1_j * v2_k>, the same trilinear form as the scores (rows
-B = dO_i * v1_j), and Delta_i = rowsum(dO * O) - dLSE_i, so the LSE is differentiable.
+over what its block meets). Every kernel recomputes P from the saved LSE; the backward pass
+uses dP_ijk = <dO_i, v1_j * v2_k>, the same trilinear form as the scores (rows B = dO_i * v1_j),
+and Delta_i = rowsum(dO * O) - dLSE_i, so the LSE is differentiable.
 
 Masks: row i sees j iff j < N1 and, when causal, i - w1 < j <= i (same for k with N2, w2); no
 window is w = 2**30. Causal needs Nq = N1 = N2 (checked by the caller).
@@ -499,18 +498,12 @@ def _dq_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DQ, sqb, sqn, sqh, sqd
 @_jit
 def _dk2_packed1_keys(q, do, lse, delta, k2, v2, bias, dk, dv, k1_ptr, v1_ptr, s1n, t1n, lo1,
                       hi1, qk_scale, MASKED: tl.constexpr, IEEE: tl.constexpr,
-                      TRANSPOSED: tl.constexpr, FUSED: tl.constexpr, k2t, v2t, DK1, DV1, o1,
-                      o1n):  # fmt: skip
+                      TRANSPOSED: tl.constexpr):  # fmt: skip
     """One (position, head block) of ``_dk2dv2_packed1_kernel`` over the k1 keys [lo1, hi1),
     k1_j/v1_j read one key ahead; ``bias`` (0 or -inf per k2 key) only where MASKED.
     TRANSPOSED: dk, dv are dK2^T, dV2^T (D, BN2) and every product has the heads or D as its
     rows (S as in the forward, then dV2^T += c^T @ P): no product with BLOCK_N2 rows, which
-    is under the 64 a Hopper warp-group instruction takes when BLOCK_N2 = 32.
-    FUSED (with TRANSPOSED): X = dO^T @ P and Y = q^T @ dS give dV2^T += v1_j * X and
-    dK2^T += k1_j * Y (c^T @ P = diag(v1_j) dO^T @ P) and k1 key j's share from this tile,
-    sum_k v2_k * X[:, k] and sum_k k2_k * Y[:, k] (k2t, v2t: the tile as (D, BN2)), added to
-    DV1 / DK1 at o1 + j * o1n with atomics; S and dP from q @ (k2 * k1_j)^T and
-    dO @ (v2 * v1_j)^T, so no (BLOCK_M, D) rows q * k1_j, dO * v1_j."""
+    is under the 64 a Hopper warp-group instruction takes when BLOCK_N2 = 32."""
     k1 = tl.load(k1_ptr, mask=lo1 < hi1, other=0.0)
     v1 = tl.load(v1_ptr, mask=lo1 < hi1, other=0.0)
     for j in range(lo1, hi1):
@@ -518,21 +511,9 @@ def _dk2_packed1_keys(q, do, lse, delta, k2, v2, bias, dk, dv, k1_ptr, v1_ptr, s
         v1_ptr += t1n
         k1_next = tl.load(k1_ptr, mask=j + 1 < hi1, other=0.0)
         v1_next = tl.load(v1_ptr, mask=j + 1 < hi1, other=0.0)
-        if FUSED:  # k1_j, v1_j folded into the k2 tile (as dQ does): q and dO stay as they are
-            s = _dot(q, tl.trans(k2 * k1[None, :]), IEEE) * qk_scale
-            if MASKED:
-                s = s + bias[None, :]
-            p = tl.exp2(s - lse[:, None])  # (BM, BN2)
-            ds = p * (_dot(do, tl.trans(v2 * v1[None, :]), IEEE) - delta[:, None])
-            x = _dot(tl.trans(do), p.to(do.dtype), IEEE)  # (D, BN2)
-            y = _dot(tl.trans(q), ds.to(q.dtype), IEEE)
-            dv += v1.to(tl.float32)[:, None] * x
-            dk += k1.to(tl.float32)[:, None] * y
-            tl.atomic_add(DV1 + o1 + j * o1n, tl.sum(x * v2t, 1), sem="relaxed")
-            tl.atomic_add(DK1 + o1 + j * o1n, tl.sum(y * k2t, 1), sem="relaxed")
-        elif TRANSPOSED:
-            a = q * k1[None, :]
-            c = do * v1[None, :]
+        a = q * k1[None, :]
+        c = do * v1[None, :]
+        if TRANSPOSED:
             s = _dot(a, tl.trans(k2), IEEE) * qk_scale
             if MASKED:
                 s = s + bias[None, :]
@@ -541,8 +522,6 @@ def _dk2_packed1_keys(q, do, lse, delta, k2, v2, bias, dk, dv, k1_ptr, v1_ptr, s
             dv = _dot_acc(tl.trans(c), p.to(c.dtype), dv, IEEE)
             dk = _dot_acc(tl.trans(a), ds.to(a.dtype), dk, IEEE)
         else:
-            a = q * k1[None, :]
-            c = do * v1[None, :]
             st = _dot(k2, tl.trans(a), IEEE) * qk_scale
             if MASKED:
                 st = st + bias[:, None]
@@ -560,16 +539,11 @@ def _dk2dv2_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK2, DV2, sqb, sqn
                            t2b, t2n, t2h, t2d, sdb, sdn, sdh, sdd, n_q, n1, n2, n_heads, group,
                            w1, w2, qk_scale, scale, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N2: tl.constexpr, IEEE: tl.constexpr,
-                           TRANSPOSED: tl.constexpr = False, FUSED: tl.constexpr = False,
-                           DK1=None, DV1=None):  # fmt: skip
+                           TRANSPOSED: tl.constexpr = False):  # fmt: skip
     """dK2, dV2 of one (k2 tile, batch * kv head): over the positions i that see a key of the
     tile, the head blocks of the group and the k1 keys j of i's window, with a = q_i * k1_j and
     c = dO_i * v1_j as (BLOCK_M, D) rows: P^T from k2 @ a^T, dV2 += P^T @ c, dK2 += dS^T @ a
-    (TRANSPOSED: P from a @ k2^T, dV2^T += c^T @ P, dK2^T += a^T @ dS). FUSED (needs
-    TRANSPOSED): also dK1, dV1, the tile's share of every k1 key its positions see added to
-    the fp32, zero-filled, contiguous (B, N1, Hkv, D) DK1, DV1 with atomics (unscaled; the
-    caller scales DK1 and casts), four tile products a (position, key) where the dK1/dV1
-    kernel recomputes S and dP for four more."""
+    (TRANSPOSED: P from a @ k2^T, dV2^T += c^T @ P, dK2^T += a^T @ dS)."""
     start_n = tl.program_id(0) * BLOCK_N2
     b, hk = _kv_ids(tl.program_id(1), n_heads, group)
     offs2 = start_n + tl.arange(0, BLOCK_N2)
@@ -585,12 +559,6 @@ def _dk2dv2_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK2, DV2, sqb, sqn
         dv = tl.zeros([BLOCK_N2, HEAD_D], dtype=tl.float32)
     k1_0 = K1 + b * s1b + hk * s1h + offs_d * s1d
     v1_0 = V1 + b * t1b + hk * t1h + offs_d * t1d
-    n_kv = n_heads // group
-    # FUSED only (dead code otherwise): the tile as (D, BN2), DK1/DV1 row offsets (int64)
-    k2t = tl.trans(k2)
-    v2t = tl.trans(v2)
-    o1 = (b * n1 * n_kv + hk) * HEAD_D + offs_d
-    o1n = n_kv * HEAD_D + b * 0
     lo, hi = _query_range(start_n, n_q, w2, CAUSAL, 1, BLOCK_N2)
     for i in range(lo, hi):
         lo1, hi1 = _key_range(i, n1, w1, CAUSAL, 1, 1)
@@ -608,18 +576,16 @@ def _dk2dv2_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK2, DV2, sqb, sqn
             if full:
                 dk, dv = _dk2_packed1_keys(q, do, lse, delta, k2, v2, 0.0, dk, dv, k1_i, v1_i,
                                            s1n, t1n, lo1, hi1, qk_scale, False, IEEE,
-                                           TRANSPOSED, FUSED, k2t, v2t, DK1, DV1, o1,
-                                           o1n)  # fmt: skip
+                                           TRANSPOSED)  # fmt: skip
             else:
                 bias = _k2_bias(i, offs2, n2, w2, CAUSAL)
                 dk, dv = _dk2_packed1_keys(q, do, lse, delta, k2, v2, bias, dk, dv, k1_i, v1_i,
                                            s1n, t1n, lo1, hi1, qk_scale, True, IEEE,
-                                           TRANSPOSED, FUSED, k2t, v2t, DK1, DV1, o1,
-                                           o1n)  # fmt: skip
+                                           TRANSPOSED)  # fmt: skip
     if TRANSPOSED:
         dk = tl.trans(dk)
         dv = tl.trans(dv)
-    out = ((b * n2 + offs2[:, None]) * n_kv + hk) * HEAD_D + offs_d[None, :]
+    out = ((b * n2 + offs2[:, None]) * (n_heads // group) + hk) * HEAD_D + offs_d[None, :]
     tl.store(DK2 + out, (dk * scale).to(DK2.dtype.element_ty), mask=offs2[:, None] < n2)
     tl.store(DV2 + out, dv.to(DV2.dtype.element_ty), mask=offs2[:, None] < n2)
 

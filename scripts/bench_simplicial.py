@@ -119,13 +119,10 @@ _SWEEP = {
     "dk2dv2": [(64, 4, 1), (64, 4, 2), (128, 4, 1), (64, 2, 1)],
     # the same kernel accumulating dK2^T, dV2^T (ops.simplicial.DK2_TRANSPOSED)
     "dk2dv2_t": [(32, 4, 1), (32, 4, 2), (64, 4, 1), (64, 4, 2), (32, 2, 1), (16, 2, 1)],
-    # dK1/dV1 inside the dK2/dV2 kernel (ops.simplicial.FUSED_DK1): no dK1/dV1 kernel
-    "dkv_fused": [(32, 4, 1), (16, 4, 1), (32, 8, 1), (32, 4, 2)],
 }
 _KERNEL_NAMES = {"dq": "_dq_packed1_kernel", "dk1dv1": "_dk1dv1_packed1_kernel",
                  "dk2dv2": "_dk2dv2_packed1_kernel",
-                 "dk2dv2_t": "_dk2dv2_packed1_kernel",
-                 "dkv_fused": "_dk2dv2_packed1_kernel"}  # fmt: skip
+                 "dk2dv2_t": "_dk2dv2_packed1_kernel"}  # fmt: skip
 
 
 def _sweep_bwd_tiles(name: str, dtype, reps: int = 2, kernels=None) -> list[dict]:
@@ -149,10 +146,9 @@ def _sweep_bwd_tiles(name: str, dtype, reps: int = 2, kernels=None) -> list[dict
     for kernel, configs in _SWEEP.items():
         if kernels and kernel not in kernels:
             continue
-        hook = "dk2dv2" if kernel == "dkv_fused" else kernel.removesuffix("_t")
+        hook = kernel.removesuffix("_t")
         # the form swept; the others at their defaults (None), so backward_ms is the total
         simplicial.DK2_TRANSPOSED = {"dk2dv2": False, "dk2dv2_t": True}.get(kernel)
-        simplicial.FUSED_DK1 = kernel == "dkv_fused"
         for cfg in configs:
             simplicial.BWD_PACKED1_TILES[hook] = cfg
             row = {"case": name, "kernel": kernel, "tiles": cfg}
@@ -174,7 +170,7 @@ def _sweep_bwd_tiles(name: str, dtype, reps: int = 2, kernels=None) -> list[dict
             rows.append(row)
             print(json.dumps(row), flush=True)
         simplicial.BWD_PACKED1_TILES[hook] = None
-    simplicial.DK2_TRANSPOSED, simplicial.FUSED_DK1 = None, False
+    simplicial.DK2_TRANSPOSED = None
     return rows
 
 

@@ -135,7 +135,7 @@ P1_BWD = {
 
 
 @pytest.mark.parametrize("case", PACKED1_CASES, ids=[c[0] for c in PACKED1_CASES])
-@pytest.mark.parametrize("bwd", [None, "tiled", "transposed", "fused"])
+@pytest.mark.parametrize("bwd", [None, "tiled", "transposed"])
 def test_fp32_packed1_matches_float64_reference(case, bwd, monkeypatch):
     """fp32: the one-position forward's out and LSE and the backward on them (auto: the
     one-position backward kernels, as the forward; 'tiled': the general ones) within 1e-5 of the float64
@@ -148,10 +148,6 @@ def test_fp32_packed1_matches_float64_reference(case, bwd, monkeypatch):
     want = ["_fwd_packed1_kernel", *P1_BWD[bwd != "tiled"]]
     if bwd == "transposed":  # the dK2/dV2 kernel accumulating dK2^T, dV2^T
         monkeypatch.setattr(S, "DK2_TRANSPOSED", True)
-        bwd = None
-    elif bwd == "fused":  # dK1/dV1 inside the dK2/dV2 kernel, with atomics
-        monkeypatch.setattr(S, "FUSED_DK1", True)
-        want[2:] = ["_dk2dv2_packed1_kernel"]
         bwd = None
     xs = make(b, nq, n1, n2, h, hkv, seed=nq + n1 + 3 * n2, gain=1.0)
     go, w, ref = targets(xs, causal, w1, w2)
@@ -173,14 +169,10 @@ def test_fp16_kernels_close_to_float64_reference():
         assert rel_err(x, r) < 4e-3, f"{name}: relative error {rel_err(x, r):.3g}"
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_fp16_packed1_close_to_float64_reference(fused, monkeypatch):
+def test_fp16_packed1_close_to_float64_reference(monkeypatch):
     """fp16, 16 q heads on 1 kv head (one position per tile): the packed1 forward and backward
-    (v1 * v2, k2 * k1 also rounded to fp16), within the fp16 bound above; dK1/dV1 by its own
-    kernel or inside the dK2/dV2 kernel (FUSED_DK1)."""
+    (v1 * v2, k2 * k1 also rounded to fp16), within the fp16 bound above."""
     import ops.simplicial as S
-
-    monkeypatch.setattr(S, "FUSED_DK1", fused)
 
     names, real = [], S.launch
     monkeypatch.setattr(S, "launch", lambda k, *a, **kw: (names.append(k.fn.__name__), real(k, *a, **kw)))  # fmt: skip
@@ -188,10 +180,7 @@ def test_fp16_packed1_close_to_float64_reference(fused, monkeypatch):
     go, w, ref = targets(xs, True, 5, 12)
     attn = ops.build_simplicial(w1=5, w2=12, fwd_kernel="packed1", bwd_kernel="packed1")
     got = run(attn, xs, True, go, w)
-    want = ["_fwd_packed1_kernel", *P1_BWD[True]]
-    if fused:
-        want[2:] = ["_dk2dv2_packed1_kernel"]
-    assert names == want, names
+    assert names == ["_fwd_packed1_kernel", *P1_BWD[True]], names
     for name, x, r in zip(NAMES, got, ref):
         assert rel_err(x, r) < 4e-3, f"{name}: relative error {rel_err(x, r):.3g}"
 
@@ -366,11 +355,10 @@ def compile_(fn, d, dtype, group, backward, **extra):
         kind = "tiled" if fn is K._fwd_kernel else "packed1"
         _, (bm, bn1, bn2, warps, stages, hp) = S._fwd_tiles({"fwd_kernel": kind}, d, dtype, group)
     consts = dict(CAUSAL=True, HEAD_D=d, BLOCK_M=bm, BLOCK_N1=bn1, BLOCK_N2=bn2, HEADS=hp,
-                  IEEE=dtype == torch.float32, **{"TRANSPOSED": False, "FUSED": False, **extra})
+                  IEEE=dtype == torch.float32, **{"TRANSPOSED": False, **extra})
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
-    f32 = ("LSE", "DELTA", "DK1", "DV1") if consts.get("FUSED") else ("LSE", "DELTA")
-    sig = {n: "constexpr" if n in consts else ("*fp32" if n in f32 else ptr)
+    sig = {n: "constexpr" if n in consts else ("*fp32" if n in ("LSE", "DELTA") else ptr)
            if n[0].isupper() else "fp32" if "scale" in n else "i32" for n in fn.arg_names}
     triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": warps, "num_stages": stages})
@@ -382,7 +370,6 @@ for fn in (K._dq_kernel, K._dk1dv1_kernel, K._dk2dv2_kernel):
 for fn in (K._dq_packed1_kernel, K._dk1dv1_packed1_kernel, K._dk2dv2_packed1_kernel):
     compile_(fn, 128, torch.bfloat16, 64, True)
 compile_(K._dk2dv2_packed1_kernel, 128, torch.bfloat16, 64, True, TRANSPOSED=True)
-compile_(K._dk2dv2_packed1_kernel, 128, torch.bfloat16, 64, True, TRANSPOSED=True, FUSED=True)
 print("compiled")
 """
 
@@ -390,7 +377,7 @@ print("compiled")
 def test_kernels_compile_for_h100_without_a_gpu():
     """The interpreter accepts programs the compiler rejects: compile every kernel for sm_90
     (default tiles: both forwards and the packed1 backward head-packed D=128 bf16, its dK2/dV2
-    kernel plain, transposed and fused too, the tiled backward sequence-tiled D=64 fp16) in a
+    kernel plain and transposed, the tiled backward sequence-tiled D=64 fp16) in a
     process without TRITON_INTERPRET; ptxas ships with Triton, no GPU needed."""
     import os
     import subprocess
@@ -423,22 +410,3 @@ def test_gpu_compiled_kernels_close_to_reference(dtype):
             assert rel_err(x, r) < 3e-2, f"{name}: relative error {rel_err(x, r):.3g}"
         again = run(attn, xs, causal, go, w)
         assert all(torch.equal(x, y) for x, y in zip(got, again))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_fused_dk1_close_to_reference(dtype, monkeypatch):
-    """FUSED_DK1 (dK1/dV1 from the dK2/dV2 kernel, fp32 atomics) on the GPU: windowed GQA with
-    64 q heads per kv head at D=128 and the default tiles, against float64; dK1/dV1 close to
-    the separate kernel's (the atomics' order may change the last bits, nothing more)."""
-    import ops.simplicial as S
-
-    xs = make(2, 200, 200, 200, 64, 1, d=128, dtype=dtype, device="cuda", gain=1.0)
-    go, w, ref = targets(xs, True, 32, 128)
-    attn = ops.build_simplicial(w1=32, w2=128)
-    plain = run(attn, xs, True, go, w)
-    monkeypatch.setattr(S, "FUSED_DK1", True)
-    got = run(attn, xs, True, go, w)
-    for name, x, r, p in zip(NAMES, got, ref, plain):
-        assert rel_err(x, r) < 3e-2, f"{name}: relative error {rel_err(x, r):.3g}"
-        assert rel_err(x, p.double()) < 1e-2, f"{name}: {rel_err(x, p.double()):.3g} from plain"
