@@ -505,7 +505,6 @@ class Decoded:
 
     images: list[torch.Tensor]
     index: int | None
-    slot: int = 0  # the decoding side stream (GpuImagePipeline.decode_slots)
 
 
 class GpuImagePipeline:
@@ -532,16 +531,9 @@ class GpuImagePipeline:
         # each RandAugment family in one Triton launch, equal to the torch ops bit for bit;
         # None: on CUDA devices (True also runs them under the interpreter on a CPU)
         self.fused_ops: bool | None = None
-        self._streams: dict = {}  # (device, slot) -> decoding side stream
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}  # decoding side streams
         self.decoder = "torchvision"  # or "nvimgcodec" (data.gpu_decoder; see decode_batch)
-        # side streams the decoder takes in turn (data.decode_slots). A batch's images are
-        # held, with an event after the kernels that read them, until its slot decodes again
-        # (see ``decode``): with one slot the next decode waits for the last batch's
-        # augmentation to finish on the GPU; with n slots, for the augmentation of the batch
-        # n - 1 before it
-        self.decode_slots = 1
-        self._slot = 0  # the next decode's
-        self._held: dict[int, list] = {}  # slot -> [(event, decoded images)], CUDA batches
+        self._held: list = []  # (event, decoded images) of CUDA batches being transformed
         self._lock = threading.Lock()
 
     def _batched(self, images: list[torch.Tensor]) -> bool:
@@ -565,30 +557,23 @@ class GpuImagePipeline:
 
     def decode(self, data, device, train: bool = False) -> Decoded:
         """Stage one: decode the batch (nvJPEG on CUDA). A train batch takes the next batch
-        index (which fixes its random draws), so stage two may run in another thread.
-
-        On CUDA the batch is decoded on the next slot's side stream, after the batches that
-        slot decoded before have been read (their events): only then may nvJPEG's writes
-        land in their blocks (see ``decode_batch``)."""
+        index (which fixes its random draws), so stage two may run in another thread."""
         device = torch.device(device)
-        if int(self.decode_slots) < 1:
-            raise ValueError(f"decode_slots must be >= 1, got {self.decode_slots!r}")
         with self._lock:  # stages in threads of their own, eval batches from the loop
             index = None
             if train:
                 index, self.batches = self.batches, self.batches + 1
-            slot, self._slot = self._slot, (self._slot + 1) % int(self.decode_slots)
-            held = self._held.pop(slot, [])
-            if device.type == "cuda" and (device, slot) not in self._streams:
-                self._streams[device, slot] = torch.cuda.Stream(device)
-        for done, _ in held:  # this slot's earlier batches read by now? Then their blocks
+            if device.type != "cuda":
+                return Decoded(decode_batch(data, device, decoder=self.decoder), index)
+            if device not in self._streams:
+                self._streams[device] = torch.cuda.Stream(device)
+            held, self._held = self._held, []
+        for done, _ in held:  # earlier batches' images, read by now? Then their blocks
             done.synchronize()  # may take nvJPEG's writes (see decode_batch)
         del held
-        if device.type != "cuda":
-            return Decoded(decode_batch(data, device, decoder=self.decoder), index, slot)
-        images = decode_batch(data, device, self._streams[device, slot], record=False,
+        images = decode_batch(data, device, self._streams[device], record=False,
                               decoder=self.decoder)  # fmt: skip
-        return Decoded(images, index, slot)
+        return Decoded(images, index)
 
     def augment(self, batch: Decoded) -> torch.Tensor:
         """Stage two: crop, flip and RandAugment (train) or the eval resize and crop."""
@@ -601,7 +586,7 @@ class GpuImagePipeline:
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(images[0].device))
             with self._lock:
-                self._held.setdefault(batch.slot, []).append((done, images))
+                self._held.append((done, images))
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return x.to(torch.uint8, memory_format=fmt)
 
@@ -659,7 +644,6 @@ def build_gpu_pipeline(cfg, seed: int = 0, rank: int = 0) -> GpuImagePipeline | 
                             seed=seed, rank=rank, channels_last=bool(cfg.channels_last))  # fmt: skip
     pipe.fused_ops = None if getattr(cfg, "fused_augment", True) else False
     pipe.decoder = getattr(cfg, "gpu_decoder", "torchvision")
-    pipe.decode_slots = int(getattr(cfg, "decode_slots", 1))
     if pipe.decoder == "nvimgcodec":
         from .nvimgcodec_decode import INSTALL_HINT, available
 

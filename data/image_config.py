@@ -99,11 +99,6 @@ class ImageDataConfig:
     # data.decode=gpu: batches decoded ahead, by two background threads on side streams, while
     # the step runs (data.background.Ahead); 0 decodes them in the training loop
     decode_ahead: int = 2
-    # data.decode=gpu on CUDA: side streams the decoder takes in turn. 1: a batch is decoded
-    # once the previous batch's augmentation has run on the GPU (its images' blocks are then
-    # free for nvJPEG); n > 1: once the batch n - 1 before it has (decoding overlaps the
-    # augmentation; n batches of decoded images held). Not yet timed (docs/benchmarks.md)
-    decode_slots: int = 1
     # data.decode=gpu: the loader, the decoding and the augmentation in a child process of their
     # own (data.process_ahead; batches through shared CUDA buffers), so that their host work
     # does not share the training step's GIL (+20-25% images/s for EfficientViT-M0 on an H100,
@@ -150,8 +145,6 @@ def check_image_config(cfg: ImageDataConfig) -> None:
         raise ValueError(f"data.aug_repeats must be >= 1, got {cfg.aug_repeats!r}")
     if int(cfg.decode_ahead) < 0:
         raise ValueError(f"data.decode_ahead must be >= 0, got {cfg.decode_ahead!r}")
-    if int(getattr(cfg, "decode_slots", 1)) < 1:
-        raise ValueError(f"data.decode_slots must be >= 1, got {cfg.decode_slots!r}")
     if getattr(cfg, "decode_process", None) and getattr(cfg, "decode", "cpu") != "gpu":
         raise ValueError("data.decode_process=true needs data.decode=gpu (the child process "
                          "decodes on the device); with decode=cpu the loader's workers "

@@ -163,9 +163,6 @@ def main() -> None:
     ap.add_argument("--modes", default="float,uint8",
                     help="float (workers normalise), uint8 (device normalises), gpu (device "
                     "decodes and augments), nvimgcodec (gpu with data.gpu_decoder=nvimgcodec)")  # fmt: skip
-    ap.add_argument("--decode-slots", default="1",
-                    help="comma list of data.decode_slots for the gpu modes, each a column "
-                    "(gpu:s3 = gpu with 3 slots)")  # fmt: skip
     ap.add_argument("--stages", action="store_true",
                     help="also time data.decode=gpu's stages one at a time (read, decode, "
                     "augment)")  # fmt: skip
@@ -186,21 +183,17 @@ def main() -> None:
         dest = Path(args.keep) if args.keep else Path(tmp.name)
         root = str(generate_folder(dest, args.generate, (w, h), args.from_packed))
         print(f"generated {args.generate} JPEGs of {w}x{h} in {time.perf_counter() - t:.0f} s")
-    slots = [int(x) for x in args.decode_slots.split(",") if x]
-    cols = [(m, 1) for m in modes if m in ("float", "uint8")]
-    cols += [(m, n) for m in modes if m in ("gpu", "nvimgcodec") for n in slots]
-    labels = [m if n == 1 else f"{m}:s{n}" for m, n in cols]
     rows = []
-    for (mode, n_slots), label in zip(cols, labels):
+    for mode in modes:
         for nw in workers:
             cfg = ImageDataConfig(name="bench", kind="folder", root=root, img_size=args.img_size,
                                   num_workers=nw, device_normalize=mode != "float",
                                   decode="cpu" if mode in ("float", "uint8") else "gpu",
                                   gpu_decoder="nvimgcodec" if mode == "nvimgcodec" else "torchvision",
-                                  decode_slots=n_slots, persistent_workers=False)  # fmt: skip
+                                  persistent_workers=False)  # fmt: skip
             cell = time_cell(cfg, args.batch, args.batches, device)
-            rows.append({"mode": label, "workers": nw, "decode_slots": n_slots, **cell})
-            print(f"{label:<6} workers {nw:>3}: {cell['images_per_s']:8,.0f} images/s "
+            rows.append({"mode": mode, "workers": nw, **cell})
+            print(f"{mode:<6} workers {nw:>3}: {cell['images_per_s']:8,.0f} images/s "
                   f"({cell['batch_mb']:.0f} MB a batch)", flush=True)  # fmt: skip
             if mode in ("gpu", "nvimgcodec") and args.stages:
                 stages = time_stages(cfg, args.batch, args.batches, device)
@@ -214,10 +207,10 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     print(f"\n{env['device']} | {env['cpus']} CPUs | torch {env['torch']} | batch {args.batch}, "
           f"{args.img_size}² train pipeline; images/s")  # fmt: skip
-    print(f"{'workers':>8}" + "".join(f"{m:>12}" for m in labels))
+    print(f"{'workers':>8}" + "".join(f"{m:>12}" for m in modes))
     by = {(r["mode"], r["workers"]): r["images_per_s"] for r in rows}
     for nw in workers:
-        print(f"{nw:>8}" + "".join(f"{by[(m, nw)]:>12,.0f}" for m in labels))
+        print(f"{nw:>8}" + "".join(f"{by[(m, nw)]:>12,.0f}" for m in modes))
     tmp.cleanup()
 
 

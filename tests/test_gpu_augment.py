@@ -24,7 +24,6 @@ from data import (
     build_gpu_pipeline,
     build_image_loaders,
     build_transforms,
-    check_image_config,
     decode_in_process,
     make_image_folder,
     to_device,
@@ -577,72 +576,6 @@ def test_trainer_with_gpu_decode_resumes_exactly(tmp_path, folder):
     assert ckpt["data"] == {"epoch": 0, "batch": 2, "augment": {"batches": 2}}
     d = run("d", "data.decode_process=true")
     assert (d["val_loss"], d["ema_val_loss"]) == (a["val_loss"], a["ema_val_loss"])
-
-
-def test_decode_slots_rotate_and_wait_for_their_own_batches(folder):
-    """decode_slots: decodes take the slots in turn, and a decode waits only for the events
-    of its own slot's earlier batches (held until then), not the others'; the batches are
-    the same whatever the number of slots; bad values are refused."""
-
-    class Event:
-        def __init__(self, name, log):
-            self.name, self.log = name, log
-
-        def synchronize(self):
-            self.log.append(self.name)
-
-    cfg = _gpu_cfg(folder)
-    train, *_ = build_image_loaders(cfg, 6, seed=0)
-    data, _ = next(iter(train))
-    pipe = build_gpu_pipeline(replace(cfg, decode_slots=3), seed=1)
-    assert pipe.decode_slots == 3
-    log: list = []
-    pipe._held = {k: [(Event(f"slot{k}", log), [])] for k in range(3)}
-    slots = []
-    for want in (["slot0"], ["slot0", "slot1"], ["slot0", "slot1", "slot2"]):
-        slots.append(pipe.decode(data, "cpu", train=True).slot)
-        assert log == want
-    assert slots == [0, 1, 2] and pipe.decode(data, "cpu").slot == 0 and not pipe._held
-    one = build_gpu_pipeline(cfg, seed=1)
-    three = build_gpu_pipeline(replace(cfg, decode_slots=3), seed=1)
-    for _ in range(4):
-        assert torch.equal(one(data, "cpu", train=True), three(data, "cpu", train=True))
-    with pytest.raises(ValueError, match="data.decode_slots must be >= 1"):
-        check_image_config(replace(cfg, decode_slots=0))
-
-
-@pytest.mark.gpu
-def test_cuda_decode_slots_give_the_same_batches(folder):
-    """On CUDA with the two pipeline threads (data.background.Ahead, two batches ahead):
-    three decoding slots hand out the batches one slot does, bit for bit."""
-    from trainer.tasks import _decoded
-
-    cfg = _gpu_cfg(folder, auto_augment="rand-m9-mstd0.5-inc1")
-    train, *_ = build_image_loaders(cfg, 6, seed=0)
-    batches = [b for _, b in zip(range(6), iter(train))]
-
-    class Source:
-        def __init__(self):
-            self.i = 0
-
-        def next_batch(self):
-            self.i += 1
-            return batches[(self.i - 1) % len(batches)]
-
-        def state_dict(self):
-            return {"i": self.i}
-
-        def load_state_dict(self, state):
-            self.i = state["i"]
-
-    outs = []
-    for slots in (1, 3):
-        pipe = build_gpu_pipeline(replace(cfg, decode_slots=slots), seed=3)
-        src = _decoded(Source(), pipe, "cuda", ahead=2)
-        outs.append([src.next_batch()[0].cpu() for _ in range(12)])
-        src.close()
-        src.source.close()
-    assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
 @pytest.mark.gpu
