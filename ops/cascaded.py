@@ -99,6 +99,8 @@ if triton is not None:
                         K2: tl.constexpr, K3: tl.constexpr, KK: tl.constexpr, WS: tl.constexpr,
                         T: tl.constexpr, CS: tl.constexpr, CP: tl.constexpr,
                         KD: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+        # floats arrive as fp64 where torch.compile's Inductor launches the kernel
+        scale_log2e = tl.cast(scale_log2e, tl.float32)
         pid = tl.program_id(0)
         b = pid // NWIN
         win = pid % NWIN

@@ -203,6 +203,8 @@ def _fwd_kernel(Q, K, V, O, LSE, sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, sv
                 BLOCK_N: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
     """One (query tile, batch*head): O = softmax(q k^T * scale) v and LSE (natural log).
     TMA: q, K/V and O tiles move through the descriptors QD, KD, VD, OD (``_tma_ok``)."""
+    # floats arrive as fp64 where torch.compile's Inductor launches the kernel
+    qk_scale = tl.cast(qk_scale, tl.float32)
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // n_heads).to(tl.int64)
@@ -292,6 +294,9 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqn, sqh, sqd, skb, skn, 
                  CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """One (key tile, batch*kv head): dK, dV summed over the q heads of the GQA group."""
+    # floats arrive as fp64 where torch.compile's Inductor launches the kernel
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    scale = tl.cast(scale, tl.float32)
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
     n_kv = n_heads // group
@@ -349,6 +354,9 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqn, sqh, sqd, skb, skn, skh, s
                CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """One (query tile, batch*head): dQ = scale * dS K, looping over key tiles like forward."""
+    # floats arrive as fp64 where torch.compile's Inductor launches the kernel
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    scale = tl.cast(scale, tl.float32)
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // n_heads).to(tl.int64)

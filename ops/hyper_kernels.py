@@ -121,6 +121,9 @@ def _gfwd_kernel(Q, K, V, O, LSE, QIDX, KIDX, FILL, sqb, sqn, sqd, skb, skn, skd
     its key list. MERGE: O and LSE already hold an attention of these rows over other keys;
     the two are merged through their LSEs in place (each row is one program's). A chunk past
     its tile's last query (FILL) does nothing."""
+    # floats arrive as fp64 where torch.compile's Inductor launches the kernel
+    bias_s = tl.cast(bias_s, tl.float32)
+    qk_scale = tl.cast(qk_scale, tl.float32)
     bh = tl.program_id(1).to(tl.int64)
     if _chunk_empty(FILL, bh, tl.program_id(0), n_tiles, tile_rows, BLOCK_M):
         return
@@ -178,6 +181,10 @@ def _gdq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QIDX, KIDX, FILL, sqb, sqn, sqd, sk
     """One chunk of rows: dQ over its tile's key list (each query is in one tile: no atomics).
     DQ (BH, Nq, D): rows packed, batch stride sdqb. ACC: added to what DQ holds (in fp32,
     rounded once). A chunk past its tile's last query (FILL) does nothing."""
+    # floats arrive as fp64 where torch.compile's Inductor launches the kernel
+    bias_s = tl.cast(bias_s, tl.float32)
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    scale = tl.cast(scale, tl.float32)
     bh = tl.program_id(1).to(tl.int64)
     if _chunk_empty(FILL, bh, tl.program_id(0), n_tiles, tile_rows, BLOCK_M):
         return
@@ -238,6 +245,11 @@ def _gdkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SK, SV, CNT, RUN, QIDX, KIDX,
     (which may be SK, SV themselves). Other keys add into SK, SV, copied out by
     _gfinish_kernel. SK, SV: contiguous (BH, Nk, D*); DK, DV: rows packed, batch strides
     sdkb, sdvb; ACC: added to what DK, DV hold. CNT (BH, Nk) int32."""
+    # floats arrive as fp64 where torch.compile's Inductor launches the kernel
+    bias_s = tl.cast(bias_s, tl.float32)
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    scale = tl.cast(scale, tl.float32)
+    inv_scale = tl.cast(inv_scale, tl.float32)
     bh = tl.program_id(1).to(tl.int64)
     if SAMPLES:
         j_lo = n_block

@@ -133,6 +133,8 @@ def _fwd_kernel(Q, K, V, O, LSE, sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, sv
                 CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """One (query tile, dilation group, batch*head): O and LSE (natural log) of its queries."""
+    # floats arrive as fp64 where torch.compile's Inductor launches the kernel
+    qk_scale = tl.cast(qk_scale, tl.float32)
     g = tl.program_id(1)
     bh = tl.program_id(2)
     b = (bh // n_heads).to(tl.int64)
@@ -189,6 +191,8 @@ def _fwd_tma_kernel(q_desc, k_desc, v_desc, o_desc, LSE, n, n_heads, group, dil,
     """``_fwd_kernel`` through tensor descriptors of the (B, N/d, d, H, D) view (N % d == 0):
     q, K/V and o tiles move by TMA, which frees the registers and instructions of pointer
     arithmetic (1.41 -> 1.16 ms on the 1-D k=2049 case, docs/benchmarks.md)."""
+    # floats arrive as fp64 where torch.compile's Inductor launches the kernel
+    qk_scale = tl.cast(qk_scale, tl.float32)
     g = tl.program_id(1)
     bh = tl.program_id(2)
     b = bh // n_heads
@@ -245,6 +249,9 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqn, sqh, sqd, skb, skn, 
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """One (key tile, dilation group, batch*kv head): dK, dV summed over the GQA group's q
     heads, visiting only the query range whose windows can include these keys."""
+    # floats arrive as fp64 where torch.compile's Inductor launches the kernel
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    scale = tl.cast(scale, tl.float32)
     g = tl.program_id(1)
     bhk = tl.program_id(2)
     n_kv = n_heads // group
@@ -304,6 +311,9 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqn, sqh, sqd, skb, skn, skh, s
                qk_scale, scale, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """One (query tile, dilation group, batch*head): dQ = scale * dS K over its key range."""
+    # floats arrive as fp64 where torch.compile's Inductor launches the kernel
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    scale = tl.cast(scale, tl.float32)
     g = tl.program_id(1)
     bh = tl.program_id(2)
     b = (bh // n_heads).to(tl.int64)

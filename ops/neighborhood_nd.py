@@ -226,6 +226,8 @@ def _fwd_nd_kernel(Q, K, V, O, LSE, sqb, sqx, sqy, sqz, sqh, sqd, skb, skx, sky,
     """One (query box, dilation groups, batch*head): O and LSE (natural log) of its queries.
     TMA: q, K/V boxes and O move through the tensor descriptors QD, KD, VD, OD (see
     ``_tma_ok``, ``_tma_desc``), else through pointers."""
+    # floats arrive as fp64 where torch.compile's Inductor launches the kernel
+    qk_scale = tl.cast(qk_scale, tl.float32)
     tx, ty, tz = _split3(tl.program_id(0), nty, ntz)
     gx, gy, gz = _split3(tl.program_id(1), dly, dlz)
     bh = tl.program_id(2)
@@ -309,6 +311,9 @@ def _dq_nd_kernel(Q, K, V, DO, LSE, DELTA, DQ, O, DLSE, sqb, sqx, sqy, sqz, sqh,
     Delta = rowsum(dO * O) - dLSE) as DELTA (B, H, N, 2) (no separate launch): the dK/dV
     kernel, launched after, reads both with one 8-byte load a query instead of two loads and
     a multiply (its per-tile integer work is what bounds it)."""
+    # floats arrive as fp64 where torch.compile's Inductor launches the kernel
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    scale = tl.cast(scale, tl.float32)
     tx, ty, tz = _split3(tl.program_id(0), nty, ntz)
     gx, gy, gz = _split3(tl.program_id(1), dly, dlz)
     bh = tl.program_id(2)
@@ -382,6 +387,9 @@ def _dkdv_nd_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqx, sqy, sqz, sqh, sq
                     SIMPLE: tl.constexpr):  # fmt: skip
     """One (key box, dilation groups, batch*kv head): dK, dV summed over the GQA group's q
     heads, over the query span whose windows can reach these keys (per-axis binary search)."""
+    # floats arrive as fp64 where torch.compile's Inductor launches the kernel
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    scale = tl.cast(scale, tl.float32)
     tx, ty, tz = _split3(tl.program_id(0), nty, ntz)
     gx, gy, gz = _split3(tl.program_id(1), dly, dlz)
     bhk = tl.program_id(2)

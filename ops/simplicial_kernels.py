@@ -131,6 +131,8 @@ def _fwd_kernel(Q, K1, K2, V1, V2, O, LSE, sqb, sqn, sqh, sqd, s1b, s1n, s1h, s1
                 IEEE: tl.constexpr):  # fmt: skip
     """One (position tile, batch * head block): O (B, Nq, H, D) contiguous and LSE (natural
     log), by an online softmax over all (k1 chunk, k2 tile) blocks in the window."""
+    # floats arrive as fp64 where torch.compile's Inductor launches the kernel
+    qk_scale = tl.cast(qk_scale, tl.float32)
     start_p, b, h0, offs_m, heads = _row_ids(tl.program_id(0), tl.program_id(1), n_heads,
                                              BLOCK_M, HEADS)  # fmt: skip
     hk = h0 // group
@@ -238,6 +240,8 @@ def _fwd_packed1_kernel(Q, K1, K2, V1, V2, O, LSE, sqb, sqn, sqh, sqd, s1b, s1n,
     inner over the k1 keys j of i's window: S = (q * k1_j) @ k2^T and acc = acc * alpha +
     P @ (v2 * v1_j), one online softmax over all (j, k). Tiles wholly inside i's k2 window
     skip the mask."""
+    # floats arrive as fp64 where torch.compile's Inductor launches the kernel
+    qk_scale = tl.cast(qk_scale, tl.float32)
     i, b, h0, offs_m, heads = _row_ids(tl.program_id(0), tl.program_id(1), n_heads,
                                        BLOCK_M, BLOCK_M)  # fmt: skip
     hk = h0 // group
@@ -284,6 +288,9 @@ def _dq_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DQ, sqb, sqn, sqh, sqd, s1b, s
                BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, HEADS: tl.constexpr,
                IEEE: tl.constexpr):  # fmt: skip
     """One (position tile, batch * head block): dQ_i = scale * sum_j k1_j * (dS @ k2)_ij."""
+    # floats arrive as fp64 where torch.compile's Inductor launches the kernel
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    scale = tl.cast(scale, tl.float32)
     start_p, b, h0, offs_m, heads = _row_ids(tl.program_id(0), tl.program_id(1), n_heads,
                                              BLOCK_M, HEADS)  # fmt: skip
     hk = h0 // group
@@ -325,6 +332,9 @@ def _dk1dv1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK1, DV1, sqb, sqn, sqh, s
     """One (k1 tile, batch*kv head): dK1_j = scale * sum_i q_i * (dS @ k2)_ij and
     dV1_j = sum_i dO_i * (P @ v2)_ij, summed over the q heads of the GQA group (HEADS of
     them per row tile)."""
+    # floats arrive as fp64 where torch.compile's Inductor launches the kernel
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    scale = tl.cast(scale, tl.float32)
     start_n = tl.program_id(0) * BLOCK_N1
     bhk = tl.program_id(1)
     n_kv = n_heads // group
@@ -376,6 +386,9 @@ def _dk2dv2_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK2, DV2, sqb, sqn, sqh, s
                    HEADS: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """One (k2 tile, batch*kv head): dK2 = scale * dS^T @ (q * k1) and dV2 = P^T @ (dO * v1),
     the (i, j) pairs as rows, summed over the q heads of the GQA group."""
+    # floats arrive as fp64 where torch.compile's Inductor launches the kernel
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    scale = tl.cast(scale, tl.float32)
     start_n = tl.program_id(0) * BLOCK_N2
     bhk = tl.program_id(1)
     n_kv = n_heads // group
@@ -470,6 +483,9 @@ def _dq_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DQ, sqb, sqn, sqh, sqd
                        IEEE: tl.constexpr):  # fmt: skip
     """dQ of one position i x BLOCK_M heads. Per k2 tile and k1 key j, with kk = k2 * k1_j and
     vv = v2 * v1_j: S = q @ kk^T, dP = dO @ vv^T, dS = P * (dP - Delta), dq += dS @ kk."""
+    # floats arrive as fp64 where torch.compile's Inductor launches the kernel
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    scale = tl.cast(scale, tl.float32)
     i, b, h0, offs_m, heads = _row_ids(tl.program_id(0), tl.program_id(1), n_heads,
                                        BLOCK_M, BLOCK_M)  # fmt: skip
     hk = h0 // group
@@ -544,6 +560,9 @@ def _dk2dv2_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK2, DV2, sqb, sqn
     tile, the head blocks of the group and the k1 keys j of i's window, with a = q_i * k1_j and
     c = dO_i * v1_j as (BLOCK_M, D) rows: P^T from k2 @ a^T, dV2 += P^T @ c, dK2 += dS^T @ a
     (TRANSPOSED: P from a @ k2^T, dV2^T += c^T @ P, dK2^T += a^T @ dS)."""
+    # floats arrive as fp64 where torch.compile's Inductor launches the kernel
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    scale = tl.cast(scale, tl.float32)
     start_n = tl.program_id(0) * BLOCK_N2
     b, hk = _kv_ids(tl.program_id(1), n_heads, group)
     offs2 = start_n + tl.arange(0, BLOCK_N2)
@@ -600,6 +619,9 @@ def _dk1dv1_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK1, DV1, sqb, sqn
     """dK1, dV1 of one (k1 key j, batch * kv head): over the positions i that see j and the
     head blocks of the group, u = P @ v2 and w = dS @ k2 summed over i's k2 tiles, then
     dV1_j += sum_h dO * u and dK1_j += sum_h q * w. Each (i, j, k) score is computed once."""
+    # floats arrive as fp64 where torch.compile's Inductor launches the kernel
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    scale = tl.cast(scale, tl.float32)
     j = tl.program_id(0)
     b, hk = _kv_ids(tl.program_id(1), n_heads, group)
     offs_d = tl.arange(0, HEAD_D)

@@ -220,8 +220,10 @@ _LAUNCHING = (
 )  # modules calling launch
 
 
-def _signature(kernel, args, kwargs):
-    """ASTSource arguments for one recorded launch, specialized as Triton's launcher does."""
+def _signature(kernel, args, kwargs, float_type="fp32"):
+    """ASTSource arguments for one recorded launch, specialized as Triton's launcher does
+    (``float_type``: what Python floats become; Triton's launcher makes them fp32, Inductor
+    fp64 when torch.compile captures the launch)."""
     values = dict(zip(kernel.arg_names, args))
     values.update(kwargs)
     sig, const, attrs = {}, {}, {}
@@ -241,7 +243,7 @@ def _signature(kernel, args, kwargs):
             if val % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif type(val) is float:
-            sig[p.name] = "fp32"
+            sig[p.name] = float_type
         else:
             raise TypeError(f"{kernel.fn.__name__}: argument {p.name} of type {type(val)}")
     return sig, const, attrs
@@ -320,6 +322,13 @@ def main() -> int:
         "block_m=32,block_n2=32,num_warps=4,num_stages=2,fwd_kernel=tiled (to find "
         "spill-free tiles)",
     )
+    ap.add_argument(
+        "--float",
+        default="fp32",
+        choices=("fp32", "fp64"),
+        help="type of Python float arguments: fp32 as Triton's launcher passes them, fp64 as "
+        "Inductor does when torch.compile captures the launch",
+    )
     args = ap.parse_args()
     _OPTS.update({k: int(v) if v.isdigit() else v
                   for k, v in (kv.split("=") for kv in args.opts.split(",") if kv)})  # fmt: skip
@@ -345,7 +354,7 @@ def main() -> int:
             name = kernel.fn.__name__
             if args.only not in name:
                 continue
-            sig, const, attrs = _signature(kernel, a, kw)
+            sig, const, attrs = _signature(kernel, a, kw, args.float)
             key = (name, repr(sorted(sig.items())), repr(sorted(const.items())), repr(attrs))
             if key in seen:
                 continue

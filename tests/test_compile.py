@@ -19,11 +19,16 @@ KNOWN: set = set()
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="this Triton has no CUDA backend / ptxas")
-def test_attention_kernels_compile_for_sm90():
+@pytest.mark.parametrize("float_type", ["fp32", "fp64"])
+def test_attention_kernels_compile_for_sm90(float_type):
+    """Float arguments as Triton's launcher passes them (fp32), and as Inductor does when
+    torch.compile captures the launch (fp64): the kernels cast them to fp32 first, else fp64
+    flows into the fp32 accumulators and the forward kernels do not compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cases = "flash,na1d,na2d,hyper,simplicial,rotary"
-    run = subprocess.run([sys.executable, "scripts/compile_check.py", "--cases", cases], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    cases = "flash,na1d,na2d,hyper,simplicial,rotary,cga"
+    run = subprocess.run([sys.executable, "scripts/compile_check.py", "--cases", cases,
+                          "--float", float_type], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=900)  # fmt: skip
     compiled = re.findall(r"^\S+\s+(\w+)\s+regs", run.stdout, re.M)
     failed = re.findall(r"^\S+\s+(\w+)\s+FAILED", run.stdout, re.M)
     assert compiled, run.stdout + run.stderr[-2000:]
@@ -32,6 +37,6 @@ def test_attention_kernels_compile_for_sm90():
     assert not unexpected, run.stdout
     assert {"_fwd_kernel", "_dkdv_kernel", "_dq_kernel", "_dkdv_nd_kernel", "_gdkdv_kernel",
             "_dk1dv1_kernel", "_carope_carry_kernel",
-            "_carope_suffix_kernel"} <= set(compiled)  # fmt: skip
+            "_carope_suffix_kernel", "_cga_fwd_kernel"} <= set(compiled)  # fmt: skip
     if failed:
         pytest.xfail(f"known Triton {version} failure: {sorted(set(failed))}")

@@ -32,6 +32,9 @@ from ops.launch import launch
 
 @triton.jit
 def _agc_kernel(pbase, gbase, units, offsets, n_params, gsq, clip, eps, BLOCK: tl.constexpr):
+    # floats arrive as fp64 where torch.compile's Inductor launches the kernel
+    clip = tl.cast(clip, tl.float32)
+    eps = tl.cast(eps, tl.float32)
     u = tl.program_id(0)
     k = tl.load(units + u * 3)  # the unit's parameter
     within = tl.load(units + u * 3 + 1)
