@@ -443,7 +443,11 @@ _TMA_MIN_SCORES = 1 << 26
 
 
 def _want_tma(opts: dict, scores: int) -> bool:
-    """The ``tma`` option: True / False, or None (auto) by the launch's useful scores."""
+    """The ``tma`` option: True / False, or None (auto) by the launch's useful scores. Under
+    torch.compile always False: Inductor then launches the kernel itself, and how it takes
+    our tensor-descriptor arguments has not run on a GPU here (the pointer path has)."""
+    if torch.compiler.is_compiling():
+        return False
     tma = opts.get("tma")
     return scores >= _TMA_MIN_SCORES if tma is None else bool(tma)
 

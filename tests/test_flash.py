@@ -250,3 +250,16 @@ def test_tma_option_auto_by_launch_size():
         ops.build(name, tma=None)
         with pytest.raises(ValueError, match="tma"):
             ops.build(name, tma="yes")
+
+
+def test_no_tensor_descriptors_under_torch_compile():
+    """Under torch.compile the forward takes the pointer path (Inductor launches the kernel,
+    and its handling of tensor-descriptor arguments has not run on a GPU); eager keeps the
+    option."""
+    from ops import flash
+
+    def want(x):
+        return x + int(flash._want_tma({"tma": True}, 1 << 30))
+
+    assert want(torch.zeros(())).item() == 1
+    assert torch.compile(want, backend="eager")(torch.zeros(())).item() == 0
