@@ -104,7 +104,7 @@ def test_under_torch_compile_launch_only_calls_kernel_grid(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("attn", ["flash", "hyper", "simplicial"])
+@pytest.mark.parametrize("attn", ["flash", "hyper", "simplicial", "neighborhood"])
 def test_compiled_model_through_launch_equals_eager_gpu(attn):
     """A GPT-2 with our attention kernels (and the Triton RoPE) under torch.compile: Dynamo
     captures every launch() (no graph break) and the loss and gradients equal eager's."""
@@ -114,7 +114,8 @@ def test_compiled_model_through_launch_equals_eager_gpu(attn):
     cfg = GPT2Config(name="nano", n_layer=2, n_head=4, d_model=128, max_seq_len=256,
                      loss="torch")  # fmt: skip
     options = {"hyper": dict(min_seq_len=64, block_size=64, sample_size=64),  # its kernels
-               "simplicial": dict(every=2, w1=16, w2=32)}.get(attn, {})  # fmt: skip
+               "simplicial": dict(every=2, w1=16, w2=32),
+               "neighborhood": dict(kernel_size=65)}.get(attn, {})  # fmt: skip
     backend = ops.build(attn, **options)
     model = build_model(cfg, backend, PosConfig(name="rope", kernel="triton")).cuda()
     idx = torch.randint(0, 50257, (2, 257), device="cuda")
