@@ -396,10 +396,18 @@ class _Hyper:
         rep = h // hkv  # GQA: every q head uses its group's k/v
         kx, vx = (x.repeat_interleave(rep, dim=2) if rep > 1 else x for x in (k, v))
         flat = [x.permute(0, 2, 1, 3).reshape(b * h, x.shape[1], x.shape[-1]) for x in (q, kx, vx)]
-        fn = self.causal if causal else self.noncausal
-        o, lse = fn(*flat, scale)
+        o, lse = _opaque(self.causal if causal else self.noncausal, *flat, scale)
         o = o.reshape(b, h, nq, -1).permute(0, 2, 1, 3).to(q.dtype)
         return (o, lse.reshape(b, h, nq).float()) if return_lse else o
+
+
+@torch.compiler.disable
+def _opaque(fn, q, k, v, scale):
+    """``fn(q, k, v, scale)`` run eagerly under ``torch.compile``: the layout's sizes depend on
+    the hashed data (the number of query tiles is read back from the GPU) and the draws come
+    from the backend's own ``torch.Generator``, which Dynamo cannot trace. A compiled model
+    breaks its graph around each HyperAttention call instead and computes the same thing."""
+    return fn(q, k, v, scale)
 
 
 class _CausalHyper(torch.autograd.Function):

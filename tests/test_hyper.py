@@ -365,3 +365,25 @@ def test_gathered_kernels_dk_dv_block_and_sampled_parts(dtype, run_tiles, monkey
     unused = perm[torch.tensor([52, 53, 54, *range(58, 64)])]
     for x in got[1:]:  # keys in no list get exactly zero; keys only sampled do not
         assert x.dtype == dtype and (x[0, unused] == 0).all() and x[0, perm[55]].any()
+
+
+def test_under_torch_compile_it_runs_eagerly_with_the_same_draws():
+    """Dynamo cannot trace the backend's torch.Generator nor the data-dependent tile count:
+    under torch.compile the call runs eagerly (one deliberate graph break, ``_opaque``) and
+    gives what eager gives with the same seed, sampled path and gradients included."""
+    q, k, v = qkv(n=64, requires_grad=True)
+
+    def step(attn, fn_of):
+        out = fn_of(lambda q, k, v: attn(q, k, v, causal=True) * 2 + 1)(q, k, v)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        return out.detach(), grads
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager = step(hyper(), lambda f: f)
+    compiled = step(hyper(), lambda f: torch.compile(f, backend="aot_eager", fullgraph=False))
+    breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    assert breaks and all("_opaque" in key for key in breaks), breaks
+    torch.testing.assert_close(compiled[0], eager[0])
+    for a, b in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(a, b)

@@ -107,7 +107,8 @@ def test_under_torch_compile_launch_only_calls_kernel_grid(monkeypatch):
 @pytest.mark.parametrize("attn", ["flash", "hyper", "simplicial", "neighborhood"])
 def test_compiled_model_through_launch_equals_eager_gpu(attn):
     """A GPT-2 with our attention kernels (and the Triton RoPE) under torch.compile: Dynamo
-    captures every launch() (no graph break) and the loss and gradients equal eager's."""
+    captures every launch() (no graph break; HyperAttention breaks the graph around its own
+    call only, on purpose: see ``ops.hyper._opaque``) and the loss and gradients equal eager's."""
     from models import GPT2Config, PosConfig, build_model
 
     torch.manual_seed(0)
@@ -130,6 +131,8 @@ def test_compiled_model_through_launch_equals_eager_gpu(attn):
             loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    if attn == "hyper":
+        breaks = {k: n for k, n in breaks.items() if "_opaque" not in k}
     assert not breaks, breaks
     (l0, g0), (l1, g1) = results
     torch.testing.assert_close(l1, l0, rtol=2e-3, atol=2e-3)
