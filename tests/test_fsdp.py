@@ -177,3 +177,29 @@ def test_ddp_takes_the_bucket_size(tmp_path):
         dist.destroy_process_group()
     with pytest.raises(ValueError, match="trainer.ddp_bucket_mb=0"):
         config_lib.validate(config_lib.load(compose_cfg(["trainer.ddp_bucket_mb=0"])))
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_ddp_split_graphs_sets_dynamos_ddp_optimizer(tmp_path, split):
+    """trainer.ddp_split_graphs decides whether Dynamo cuts a compiled model under DDP at the
+    buckets (``torch._dynamo.config.optimize_ddp``, read when it compiles, inside DDP)."""
+    import torch._dynamo
+    import torch.distributed as dist
+
+    over = [
+        "trainer.device=cpu",
+        *GPT2,
+        "trainer.compile=true",
+        f"trainer.ddp_split_graphs={split}",
+    ]
+    rc = config_lib.load(compose_cfg(over))
+    before = torch._dynamo.config.optimize_ddp
+    torch._dynamo.config.optimize_ddp = not split
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = build_model(rc.model, ops.build(rc.attn.name, **rc.attn.options), rc.pos)
+        par.parallelize(model, rc.trainer, DistInfo(world_size=2), say=print)
+        assert torch._dynamo.config.optimize_ddp is split
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.config.optimize_ddp = before

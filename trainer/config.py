@@ -78,6 +78,11 @@ class TrainerConfig:
     # default is 25): GPT-2 124M on two H100s, 1.87-1.89x one GPU's tokens/s against 1.84x
     # (docs/benchmarks.md, "Data-parallel scaling")
     ddp_bucket_mb: float = 100.0
+    # with compile under DDP: let Dynamo cut the compiled model into one graph per bucket
+    # (``torch._dynamo.config.optimize_ddp``), so that each bucket's all-reduce starts while
+    # the backward of the earlier layers runs. false (default): one graph, the all-reduces after
+    # the backward; measured faster on two H200s (docs/benchmarks.md, "Data-parallel scaling")
+    ddp_split_graphs: bool = False
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32

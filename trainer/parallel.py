@@ -8,9 +8,13 @@ knows about parallelism.
 
 - **DDP** (``trainer.parallel=ddp``, the default): the whole model compiled, then wrapped;
   gradients all-reduced in buckets of ``trainer.ddp_bucket_mb`` (100 MiB; DDP's 25 gave 1.3%
-  fewer tokens/s on two H100s). Compiling the DDP module instead (Dynamo then cuts the backward
-  at the buckets so that all-reduces overlap it), ``gradient_as_bucket_view`` and a bf16
-  all-reduce were measured too and gave nothing or less (docs/benchmarks.md).
+  fewer tokens/s on two H100s). Dynamo compiles the model at its first call, inside DDP's
+  forward, where it would cut the graph at every bucket (``optimize_ddp``) so that each
+  bucket's all-reduce overlaps the rest of the backward; ``trainer.ddp_split_graphs=false``
+  (default) keeps one graph, the all-reduces after the backward, measured 0.5-1.3% faster a
+  step on two H200s. ``gradient_as_bucket_view``, ``broadcast_buffers=False``, zeroing
+  gradients in place and a bf16 all-reduce were measured too and gave nothing or less
+  (docs/benchmarks.md).
 - **FSDP2** (``trainer.parallel=fsdp``): ``fully_shard`` on every block, then on the root
   (embedding, final norm, LM head and tied weights). The last block keeps its parameters
   gathered after the forward (the backward starts with it). On CUDA with bf16 the parameters are
@@ -184,6 +188,10 @@ def parallelize(model: nn.Module, t, info, say=print) -> nn.Module:
         return apply_fsdp(model, info, t.precision)
     train_model = model if per_block else compile_model(model, t)
     if info.enabled:
+        if t.compile:  # Dynamo compiles at the first call, inside DDP's forward: it reads this
+            import torch._dynamo as dynamo
+
+            dynamo.config.optimize_ddp = bool(t.ddp_split_graphs)
         ids = [info.device.index] if info.device.type == "cuda" else None
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=ids, bucket_cap_mb=t.ddp_bucket_mb
