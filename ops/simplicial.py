@@ -307,6 +307,11 @@ BWD_PACKED1_TILES: dict[str, tuple[int, int, int] | None] = {
 # (not timed); True/False force one form (the tests and the tile sweep use both).
 DK2_TRANSPOSED: bool | None = None
 
+# The packed1 dK1/dV1 kernel reading q and dO again after its k2 loop (RELOAD) rather than
+# holding them in registers through it: fewer spills offline (352 B against 744 at the 16-bit
+# default tiles, sm_90), not yet timed, so off; the tile sweep times both (dk1dv1_r).
+DK1_RELOAD: bool = False
+
 
 def _windows(w1, w2) -> tuple[int, int]:
     return (K._NO_WINDOW if w1 is None else w1), (K._NO_WINDOW if w2 is None else w2)
@@ -361,6 +366,8 @@ def _backward(do, dlse, q, k1, k2, v1, v2, o, lse, causal, w1, w2, scale, opts):
             transposed = q.dtype != torch.float32 if DK2_TRANSPOSED is None else DK2_TRANSPOSED
             if x == 2 and transposed:
                 const["TRANSPOSED"] = True
+            if x == 1 and DK1_RELOAD:
+                const["RELOAD"] = True
         if all(grid):
             launch(kern, grid, q, k1, k2, v1, v2, do, lse, delta, *out, *args, **const)
     return dq, dk1, dk2, dv1, dv2

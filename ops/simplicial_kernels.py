@@ -77,12 +77,14 @@ def _rows(base, offs, n, sn, sd, HEAD_D: tl.constexpr):
 
 
 @_jit
-def _qrows(base, pos, heads, n_q, sn, sh, sd, HEAD_D: tl.constexpr):
+def _qrows(base, pos, heads, n_q, sn, sh, sd, HEAD_D: tl.constexpr,
+           VOLATILE: tl.constexpr = False):  # fmt: skip
     """(BLOCK_M, D) query-side rows, row r = (position pos[r], q head heads[r]) of one batch;
-    positions at or past n_q read 0."""
+    positions at or past n_q read 0. VOLATILE: a fresh load, which the compiler may not replace
+    by the registers of an earlier load of the same rows."""
     offs_d = tl.arange(0, HEAD_D)
     ptrs = base + pos[:, None].to(tl.int64) * sn + heads[:, None] * sh + offs_d[None, :] * sd
-    return tl.load(ptrs, mask=pos[:, None] < n_q, other=0.0)
+    return tl.load(ptrs, mask=pos[:, None] < n_q, other=0.0, volatile=VOLATILE)
 
 
 @_jit
@@ -615,10 +617,12 @@ def _dk1dv1_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK1, DV1, sqb, sqn
                            t2b, t2n, t2h, t2d, sdb, sdn, sdh, sdd, n_q, n1, n2, n_heads, group,
                            w1, w2, qk_scale, scale, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N2: tl.constexpr,
-                           IEEE: tl.constexpr):  # fmt: skip
+                           IEEE: tl.constexpr, RELOAD: tl.constexpr = False):  # fmt: skip
     """dK1, dV1 of one (k1 key j, batch * kv head): over the positions i that see j and the
     head blocks of the group, u = P @ v2 and w = dS @ k2 summed over i's k2 tiles, then
-    dV1_j += sum_h dO * u and dK1_j += sum_h q * w. Each (i, j, k) score is computed once."""
+    dV1_j += sum_h dO * u and dK1_j += sum_h q * w. Each (i, j, k) score is computed once.
+    RELOAD: q and dO read again after the k2 loop (volatile loads) instead of kept through it:
+    at the 16-bit default tiles ptxas then spills 352 B, not 744 (sm_90, Triton 3.6)."""
     # floats arrive as fp64 where torch.compile's Inductor launches the kernel
     qk_scale = tl.cast(qk_scale, tl.float32)
     scale = tl.cast(scale, tl.float32)
@@ -653,7 +657,11 @@ def _dk1dv1_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK1, DV1, sqb, sqn
                 ds = p * (_dot(c, tl.trans(v2), IEEE) - delta[:, None])
                 u = _dot_acc(p.to(v2.dtype), v2, u, IEEE)
                 w = _dot_acc(ds.to(k2.dtype), k2, w, IEEE)
+            if RELOAD:  # q and dO from memory again: not held in registers through the loop
+                do = _qrows(DO + b * sdb, pos, heads, n_q, sdn, sdh, sdd, HEAD_D, True)
             dv += tl.sum(do.to(tl.float32) * u, 0)
+            if RELOAD:
+                q = _qrows(Q + b * sqb, pos, heads, n_q, sqn, sqh, sqd, HEAD_D, True)
             dk += tl.sum(q.to(tl.float32) * w, 0)
     out = ((b * n1 + j) * (n_heads // group) + hk) * HEAD_D + offs_d
     tl.store(DK1 + out, (dk * scale).to(DK1.dtype.element_ty))

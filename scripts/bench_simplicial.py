@@ -116,11 +116,14 @@ def _print(rows: list[dict]) -> None:
 _SWEEP = {
     "dq": [(64, 4, 1), (64, 4, 2), (128, 4, 1), (32, 4, 1), (64, 2, 1), (128, 8, 1)],
     "dk1dv1": [(32, 4, 3), (32, 4, 2), (32, 4, 1), (32, 4, 4), (64, 4, 1)],
+    # the same kernel reading q and dO again after its k2 loop (ops.simplicial.DK1_RELOAD)
+    "dk1dv1_r": [(32, 4, 3), (32, 4, 2), (32, 4, 1), (32, 4, 4)],
     "dk2dv2": [(64, 4, 1), (64, 4, 2), (128, 4, 1), (64, 2, 1)],
     # the same kernel accumulating dK2^T, dV2^T (ops.simplicial.DK2_TRANSPOSED)
     "dk2dv2_t": [(32, 4, 1), (32, 4, 2), (64, 4, 1), (64, 4, 2), (32, 2, 1), (16, 2, 1)],
 }
 _KERNEL_NAMES = {"dq": "_dq_packed1_kernel", "dk1dv1": "_dk1dv1_packed1_kernel",
+                 "dk1dv1_r": "_dk1dv1_packed1_kernel",
                  "dk2dv2": "_dk2dv2_packed1_kernel",
                  "dk2dv2_t": "_dk2dv2_packed1_kernel"}  # fmt: skip
 
@@ -146,9 +149,10 @@ def _sweep_bwd_tiles(name: str, dtype, reps: int = 2, kernels=None) -> list[dict
     for kernel, configs in _SWEEP.items():
         if kernels and kernel not in kernels:
             continue
-        hook = kernel.removesuffix("_t")
+        hook = kernel.removesuffix("_t").removesuffix("_r")
         # the form swept; the others at their defaults (None), so backward_ms is the total
         simplicial.DK2_TRANSPOSED = {"dk2dv2": False, "dk2dv2_t": True}.get(kernel)
+        simplicial.DK1_RELOAD = kernel == "dk1dv1_r"
         for cfg in configs:
             simplicial.BWD_PACKED1_TILES[hook] = cfg
             row = {"case": name, "kernel": kernel, "tiles": cfg}
@@ -171,6 +175,7 @@ def _sweep_bwd_tiles(name: str, dtype, reps: int = 2, kernels=None) -> list[dict
             print(json.dumps(row), flush=True)
         simplicial.BWD_PACKED1_TILES[hook] = None
     simplicial.DK2_TRANSPOSED = None
+    simplicial.DK1_RELOAD = False
     return rows
 
 

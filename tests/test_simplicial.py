@@ -135,24 +135,30 @@ P1_BWD = {
 
 
 @pytest.mark.parametrize("case", PACKED1_CASES, ids=[c[0] for c in PACKED1_CASES])
-@pytest.mark.parametrize("bwd", [None, "tiled", "transposed"])
+@pytest.mark.parametrize("bwd", [None, "tiled", "transposed", "reload"])
 def test_fp32_packed1_matches_float64_reference(case, bwd, monkeypatch):
     """fp32: the one-position forward's out and LSE and the backward on them (auto: the
-    one-position backward kernels, as the forward; 'tiled': the general ones) within 1e-5 of the float64
-    reference, LSE gradient included; the expected kernels are the ones launched."""
+    one-position backward kernels, as the forward; 'tiled': the general ones; 'transposed'
+    and 'reload': the packed1 dK2/dV2 and dK1/dV1 kernels' other forms) within 1e-5 of the
+    float64 reference, LSE gradient included; the expected kernels are the ones launched."""
     import ops.simplicial as S
 
     _, b, nq, n1, n2, h, hkv, causal, w1, w2, options = case
-    names, real = [], S.launch
-    monkeypatch.setattr(S, "launch", lambda k, *a, **kw: (names.append(k.fn.__name__), real(k, *a, **kw)))  # fmt: skip
+    names, reload, real = [], [], S.launch
+    monkeypatch.setattr(S, "launch", lambda k, *a, **kw: (names.append(k.fn.__name__), reload.append(kw.get("RELOAD", False)), real(k, *a, **kw)))  # fmt: skip
     want = ["_fwd_packed1_kernel", *P1_BWD[bwd != "tiled"]]
+    want_reload = [False, False, bwd == "reload", False]
     if bwd == "transposed":  # the dK2/dV2 kernel accumulating dK2^T, dV2^T
         monkeypatch.setattr(S, "DK2_TRANSPOSED", True)
+        bwd = None
+    if bwd == "reload":  # dK1/dV1 reading q and dO again after its k2 loop
+        monkeypatch.setattr(S, "DK1_RELOAD", True)
         bwd = None
     xs = make(b, nq, n1, n2, h, hkv, seed=nq + n1 + 3 * n2, gain=1.0)
     go, w, ref = targets(xs, causal, w1, w2)
     got = run(ops.build_simplicial(w1=w1, w2=w2, bwd_kernel=bwd, **options), xs, causal, go, w)
     assert names == want, names
+    assert reload == want_reload, reload
     for name, x, r in zip(NAMES, got, ref):
         torch.testing.assert_close(x.double(), r, rtol=1e-5, atol=1e-5, msg=name)
 
