@@ -193,6 +193,9 @@ def main() -> None:
                     "tile config of _SWEEP on the first case, then exit")  # fmt: skip
     ap.add_argument("--sweep-kernels", default="",
                     help="comma list of _SWEEP entries to sweep (default: all)")  # fmt: skip
+    ap.add_argument("--dk1-reload", action="store_true",
+                    help="the rows with ops.simplicial.DK1_RELOAD on (dK1/dV1 reads q and dO "
+                    "again after its k2 loop)")  # fmt: skip
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_simplicial needs a CUDA GPU (the CPU tests cover correctness)")
@@ -212,13 +215,18 @@ def main() -> None:
             print(f"{r['kernel']:<7} {str(r['tiles']):<14} {ms}")
         return
 
+    if args.dk1_reload:
+        from ops import simplicial
+
+        simplicial.DK1_RELOAD = True
     rows = []
     for name in args.cases.split(","):
         if name not in CASES:
             sys.exit(f"unknown case {name!r}; valid: {', '.join(CASES)}")
         rows += _rows(name, DTYPES[args.dtype], not args.no_bwd, args.bwd_kernels.split(","))
         torch.cuda.empty_cache()
-    env = _env(dtype=args.dtype, cases={k: CASES[k][:7] for k in args.cases.split(",")})
+    env = _env(dtype=args.dtype, cases={k: CASES[k][:7] for k in args.cases.split(",")},
+               dk1_reload=args.dk1_reload)  # fmt: skip
     Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, {args.dtype}, causal")
     _print(rows)
