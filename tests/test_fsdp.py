@@ -203,3 +203,21 @@ def test_ddp_split_graphs_sets_dynamos_ddp_optimizer(tmp_path, split):
     finally:
         dist.destroy_process_group()
         torch._dynamo.config.optimize_ddp = before
+
+
+def test_flat_all_reduce_on_two_processes_trains_like_one_process_and_like_ddp(tmp_path):
+    """trainer.ddp_flat=true (no DDP wrapper: one all-reduce of a flat gradient buffer after
+    the step's backward) on two gloo processes follows the one-process run (two micro-batches
+    a step there, one on each rank here), as DDP does; and it refuses parallel=fsdp."""
+    common = ["trainer.device=cpu", "trainer.max_steps=4", "trainer.eval_every=4",
+              "trainer.log_every=1", "trainer.ckpt_every=1000"]  # fmt: skip
+    one, ddp, flat = tmp_path / "one", tmp_path / "ddp", tmp_path / "flat"
+    train(one, *common)
+    run_two_processes(train, [(ddp, common), (flat, [*common, "trainer.ddp_flat=true"])],
+                      TIMEOUT_S)  # fmt: skip
+    r1, rd, rf = records(one), records(ddp), records(flat)
+    assert sorted(rf) == sorted(r1) and "val_loss" in rf[4]
+    assert_same_run(r1, rd, sorted(r1))
+    assert_same_run(r1, rf, sorted(r1))
+    with pytest.raises(ValueError, match="trainer.ddp_flat=true replaces DDP"):
+        config_lib.validate(config_lib.load(compose_cfg(["trainer.ddp_flat=true", *FSDP])))

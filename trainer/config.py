@@ -83,6 +83,9 @@ class TrainerConfig:
     # the backward of the earlier layers runs. false (default): one graph, the all-reduces after
     # the backward; measured faster on two H200s (docs/benchmarks.md, "Data-parallel scaling")
     ddp_split_graphs: bool = False
+    # data parallelism without DDP: one all-reduce of all gradients, as one flat buffer, after
+    # the step's last backward (trainer/parallel.py FlatDataParallel); not timed yet
+    ddp_flat: bool = False
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
@@ -178,6 +181,9 @@ def _validate_parallel(rc: RunConfig) -> None:
         raise ValueError(f"trainer.parallel={t.parallel!r}; valid: ddp, fsdp")
     if not t.ddp_bucket_mb > 0:
         raise ValueError(f"trainer.ddp_bucket_mb={t.ddp_bucket_mb}: use a positive size in MiB")
+    if t.ddp_flat and t.parallel != "ddp":
+        raise ValueError(f"trainer.ddp_flat=true replaces DDP; it needs trainer.parallel=ddp, "
+                         f"got {t.parallel}")  # fmt: skip
     if t.parallel != "fsdp":
         return
     if t.ema_decay is not None:

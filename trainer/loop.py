@@ -197,6 +197,7 @@ def _train_step(task, train_model, opt, accum, autocast, info, rc, step, max_ste
                 loss = task.loss(train_model, batch)
             (loss / accum).backward()
         loss_acc += loss.detach()
+    par.reduce_gradients(train_model)  # (trainer.ddp_flat: the all-reduce; else nothing)
     norm = clip_gradients(task.model, rc.optim)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -346,6 +347,8 @@ def _peak_memory_gib(info) -> float | None:
 
 def _parallel(t, info) -> str:
     mode = t.parallel if info.enabled else "1 process"
+    if info.enabled and t.parallel == "ddp" and t.ddp_flat:
+        mode = "data parallel, one flat all-reduce (trainer.ddp_flat)"
     return mode + (", activation checkpointing" if t.activation_checkpointing else "")
 
 

@@ -15,6 +15,9 @@ knows about parallelism.
   step on two H200s. ``gradient_as_bucket_view``, ``broadcast_buffers=False``, zeroing
   gradients in place and a bf16 all-reduce were measured too and gave nothing or less
   (docs/benchmarks.md).
+- **Flat all-reduce** (``trainer.ddp_flat=true``, with ``parallel=ddp``): no DDP wrapper.
+  After the step's last backward, the gradients are copied into one flat buffer, all-reduced
+  once and copied back (:class:`FlatDataParallel`); not timed yet against DDP.
 - **FSDP2** (``trainer.parallel=fsdp``): ``fully_shard`` on every block, then on the root
   (embedding, final norm, LM head and tied weights). The last block keeps its parameters
   gathered after the forward (the backward starts with it). On CUDA with bf16 the parameters are
@@ -192,11 +195,67 @@ def parallelize(model: nn.Module, t, info, say=print) -> nn.Module:
             import torch._dynamo as dynamo
 
             dynamo.config.optimize_ddp = bool(t.ddp_split_graphs)
+        if t.ddp_flat:
+            return FlatDataParallel(train_model, model)
         ids = [info.device.index] if info.device.type == "cuda" else None
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=ids, bucket_cap_mb=t.ddp_bucket_mb
         )
     return train_model
+
+
+class FlatDataParallel(nn.Module):
+    """Data parallelism without DDP's reducer (``trainer.ddp_flat=true``): the ranks start from
+    rank 0's parameters, and after the step's last backward :meth:`reduce_gradients` copies
+    every gradient into one flat buffer per dtype, all-reduces it once and copies the mean
+    back: a few launches a step where DDP's reducer makes two copies per parameter, one
+    bucket at a time. Nothing overlaps the backward (as with DDP and a model compiled into one
+    graph, ``trainer.ddp_split_graphs=false``). Buffers are not broadcast at each forward; the
+    trainer gives every rank rank 0's before evaluating and checkpointing
+    (:func:`broadcast_buffers`), as it does under DDP."""
+
+    def __init__(self, module: nn.Module, model: nn.Module):
+        super().__init__()
+        self.module = module  # what runs (the compiled model, or the model)
+        params = [p for p in model.parameters() if p.requires_grad]  # (tied ones once)
+        self._groups: dict = {}
+        for p in params:
+            self._groups.setdefault((p.dtype, p.device), []).append(p)
+        with torch.no_grad():
+            for group in self._groups.values():
+                flat = torch.cat([p.detach().reshape(-1) for p in group])
+                dist.broadcast(flat, src=0)
+                torch._foreach_copy_(group, _views(flat, group))
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        """Every gradient replaced by its mean over the ranks (a missing one counts as 0)."""
+        world = dist.get_world_size()
+        for group in self._groups.values():
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            flat.div_(world)  # (gloo has no average: the sum of the shares)
+            dist.all_reduce(flat)
+            views = _views(flat, group)
+            torch._foreach_copy_(grads, views)
+            for p, g in zip(group, grads):
+                if p.grad is None:
+                    p.grad = g
+
+
+def _views(flat: torch.Tensor, like: list) -> list:
+    """``flat`` cut into views shaped as the tensors of ``like``, in order."""
+    return [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in like]), like)]
+
+
+def reduce_gradients(train_model: nn.Module) -> None:
+    """After the step's last backward: the flat all-reduce of :class:`FlatDataParallel`;
+    nothing for DDP (its reducer did it in the backward), FSDP and single processes."""
+    if isinstance(train_model, FlatDataParallel):
+        train_model.reduce_gradients()
 
 
 def _coordinate_descent_tuning() -> None:
