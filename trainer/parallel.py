@@ -16,8 +16,9 @@ knows about parallelism.
   gradients in place and a bf16 all-reduce were measured too and gave nothing or less
   (docs/benchmarks.md).
 - **Flat all-reduce** (``trainer.ddp_flat=true``, with ``parallel=ddp``): no DDP wrapper.
-  After the step's last backward, the gradients are copied into one flat buffer, all-reduced
-  once and copied back (:class:`FlatDataParallel`); not timed yet against DDP.
+  After the step's last backward, the gradients are copied into one flat buffer and
+  all-reduced once; the gradients become views of it (:class:`FlatDataParallel`); not timed
+  yet against DDP.
 - **FSDP2** (``trainer.parallel=fsdp``): ``fully_shard`` on every block, then on the root
   (embedding, final norm, LM head and tied weights). The last block keeps its parameters
   gathered after the forward (the backward starts with it). On CUDA with bf16 the parameters are
@@ -207,9 +208,9 @@ def parallelize(model: nn.Module, t, info, say=print) -> nn.Module:
 class FlatDataParallel(nn.Module):
     """Data parallelism without DDP's reducer (``trainer.ddp_flat=true``): the ranks start from
     rank 0's parameters, and after the step's last backward :meth:`reduce_gradients` copies
-    every gradient into one flat buffer per dtype, all-reduces it once and copies the mean
-    back: a few launches a step where DDP's reducer makes two copies per parameter, one
-    bucket at a time. Nothing overlaps the backward (as with DDP and a model compiled into one
+    every gradient into one flat buffer per dtype, all-reduces it once (the mean) and makes
+    the gradients views of it: a few launches a step where DDP's reducer makes two copies per
+    parameter, one bucket at a time. Nothing overlaps the backward (as with DDP and a model compiled into one
     graph, ``trainer.ddp_split_graphs=false``). Buffers are not broadcast at each forward; the
     trainer gives every rank rank 0's before evaluating and checkpointing
     (:func:`broadcast_buffers`), as it does under DDP."""
@@ -232,18 +233,18 @@ class FlatDataParallel(nn.Module):
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
-        """Every gradient replaced by its mean over the ranks (a missing one counts as 0)."""
-        world = dist.get_world_size()
+        """Every gradient replaced by its mean over the ranks (a missing one counts as 0, and its
+        parameter then gets the mean: DDP would stop on a parameter without a gradient). The
+        new gradients are views of the reduced buffer: no copy back."""
+        average = dist.get_backend() == "nccl"  # (gloo has no average: the sum of shares)
         for group in self._groups.values():
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group]
             flat = torch.cat([g.reshape(-1) for g in grads])
-            flat.div_(world)  # (gloo has no average: the sum of the shares)
-            dist.all_reduce(flat)
-            views = _views(flat, group)
-            torch._foreach_copy_(grads, views)
-            for p, g in zip(group, grads):
-                if p.grad is None:
-                    p.grad = g
+            if not average:
+                flat.div_(dist.get_world_size())
+            dist.all_reduce(flat, op=dist.ReduceOp.AVG if average else dist.ReduceOp.SUM)
+            for p, view in zip(group, _views(flat, group)):
+                p.grad = view
 
 
 def _views(flat: torch.Tensor, like: list) -> list:
