@@ -236,10 +236,11 @@ class FlatDataParallel(nn.Module):
         """Every gradient replaced by its mean over the ranks (a missing one counts as 0, and its
         parameter then gets the mean: DDP would stop on a parameter without a gradient). The
         new gradients are views of the reduced buffer: no copy back."""
-        average = dist.get_backend() == "nccl"  # (gloo has no average: the sum of shares)
+        nccl = "nccl" in str(dist.get_backend())
         for group in self._groups.values():
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group]
             flat = torch.cat([g.reshape(-1) for g in grads])
+            average = nccl and flat.is_cuda  # (gloo has no average: the sum of shares)
             if not average:
                 flat.div_(dist.get_world_size())
             dist.all_reduce(flat, op=dist.ReduceOp.AVG if average else dist.ReduceOp.SUM)
