@@ -33,9 +33,17 @@ from models import GPT2Config, PosConfig, build_model  # noqa: E402
 from scripts.bench_attention import _env  # noqa: E402
 from trainer.config import OptimConfig, TrainerConfig  # noqa: E402
 from trainer.distributed import DistInfo  # noqa: E402
-from trainer.loop import _flush, _train_step, autocast_factory, compile_model  # noqa: E402
+from trainer.loop import (  # noqa: E402
+    _flush,
+    _graph_step,
+    _train_step,
+    autocast_factory,
+    clip_gradients,
+    compile_model,
+)
 from trainer.monitor import peak_flops  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
+from trainer.step_graph import StepGraph  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- minimal GPT-2
@@ -119,6 +127,9 @@ def make_ours_step(pos, loss, args, dev):
     cfg = GPT2Config(
         name="gpt2_small", n_layer=12, n_head=12, d_model=768, max_seq_len=args.seq, loss=loss
     )
+    pos, _, extra = pos.partition("+")  # rope+graph: the step as one CUDA graph
+    if extra not in ("", "graph"):
+        raise SystemExit(f"--pos {pos}+{extra}: the only suffix is +graph (trainer.step_graph)")
     name, _, proj = pos.partition(":")  # carope:fp32 -> pos.carope_proj=fp32
     pos_cfg = PosConfig(name=name, kernel=args.kernel, **({"carope_proj": proj} if proj else {}))
     model = build_model(cfg, ops.build("sdpa"), pos_cfg).to(dev)
@@ -135,14 +146,18 @@ def make_ours_step(pos, loss, args, dev):
     autocast = autocast_factory("auto", dev)
     counter, pending = [0], []
 
+    graph = None
+    if extra == "graph":  # trainer.step_graph=true: forward, backward, clipping, AdamW replayed
+        graph = StepGraph(task, compiled, opt, lambda: clip_gradients(model, optim_cfg),
+                          autocast_factory("auto", dev, cache_enabled=False), dev)  # fmt: skip
+
     def step():  # as train.py runs it: losses read back (and NaN-checked) every 10 steps
         counter[0] += 1
-        pending.append(
-            (
-                counter[0],
-                *_train_step(task, compiled, opt, 1, autocast, info, rc, counter[0], 10_000),
-            )
-        )
+        if graph is None:
+            out = _train_step(task, compiled, opt, 1, autocast, info, rc, counter[0], 10_000)
+        else:
+            out = _graph_step(task, graph, rc, counter[0], 10_000)
+        pending.append((counter[0], *out))
         if counter[0] % args.flush_every == 0:
             _flush(pending, info)
 
@@ -190,7 +205,8 @@ def main():
     )
     ap.add_argument("--pos", nargs="+", default=["learned", "rope", "carope"],
                     help="ours: pos.name, each a variant; carope:fp32 / carope:autocast also "
-                    "set pos.carope_proj")  # fmt: skip
+                    "set pos.carope_proj; a +graph suffix (rope+graph) replays the step as one "
+                    "CUDA graph (trainer.step_graph)")  # fmt: skip
     ap.add_argument("--no-minimal", action="store_true")
     ap.add_argument("--tuning", action="store_true", help="ours: trainer.compile_tuning=true")
     ap.add_argument(

@@ -67,6 +67,31 @@ def test_graph_step_trains_as_the_eager_step(tmp_path, accum):
                 assert b[key] == pytest.approx(a[key], rel=2e-3, abs=1e-5), (a["step"], key)
 
 
+@pytest.mark.gpu
+def test_compiled_gpt2_graph_step_trains_as_the_eager_step(tmp_path):
+    """GPT-2 compiled (Triton RoPE, fused linear + cross-entropy) with the whole step as one
+    CUDA graph: the same losses and gradient norms, step by step, as the eager loop
+    (scripts/bench_train.py times it as ``--pos rope+graph``)."""
+    from trainer import run
+
+    from .helpers import TINY
+
+    got = {}
+    for graph in (False, True):
+        d = tmp_path / f"graph_{graph}"
+        run(compose_cfg([*TINY, "pos=rope", "trainer.device=cuda", "trainer.compile=true",
+                         f"trainer.step_graph={graph}", "trainer.global_batch_tokens=128",
+                         "trainer.max_steps=10", "trainer.log_every=1", "trainer.eval_every=10",
+                         f"trainer.run_dir={d}"]))  # fmt: skip
+        got[graph] = [json.loads(line) for line in open(d / "metrics.jsonl")]
+    eager, graph = got[False], got[True]
+    assert [r["step"] for r in eager] == [r["step"] for r in graph]
+    for a, b in zip(eager, graph):
+        for key in ("loss", "grad_norm", "lr", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=2e-3, abs=1e-5), (a["step"], key)
+
+
 def test_the_warm_up_before_the_capture_is_undone():
     """The capture's warm-up steps change weights, BatchNorm statistics, the optimizer's state
     and the RNG; after the undo, a step gives what the first step of an untouched copy gives
