@@ -3,6 +3,7 @@ FSDP2 + checkpointing train like one process; checkpoints written under FSDP loa
 (and in eval) and continue the run; a sharded run continues a single process's checkpoint;
 checkpointing alone leaves the gradients (and hyper's random draws) unchanged."""
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -161,20 +162,26 @@ def test_init_from_takes_the_weights_only(tmp_path):
         train(tmp_path / "d", *short, "model.d_model=64", f"trainer.init_from={ckpt}")
 
 
-def test_ddp_takes_the_bucket_size(tmp_path):
-    """trainer.ddp_bucket_mb reaches DDP (a one-rank gloo group; ``enabled`` is what makes
-    parallelize wrap the model), and a size that is not positive is refused."""
+@contextlib.contextmanager
+def _parallelized(tmp_path, overrides):
+    """(model, parallelize's module) of GPT2 on the CPU in a one-rank gloo group
+    (``DistInfo(world_size=2)``: ``enabled`` is what makes parallelize wrap the model)."""
     import torch.distributed as dist
 
-    rc = config_lib.load(compose_cfg(["trainer.device=cpu", *GPT2, "trainer.ddp_bucket_mb=4"]))
+    rc = config_lib.load(compose_cfg(["trainer.device=cpu", *GPT2, *overrides]))
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         model = build_model(rc.model, ops.build(rc.attn.name, **rc.attn.options), rc.pos)
-        ddp = par.parallelize(model, rc.trainer, DistInfo(world_size=2), say=print)
-        assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel) and ddp.module is model
-        assert ddp.bucket_bytes_cap == 4 * 1024 * 1024
+        yield model, par.parallelize(model, rc.trainer, DistInfo(world_size=2), say=print)
     finally:
         dist.destroy_process_group()
+
+
+def test_ddp_takes_the_bucket_size(tmp_path):
+    """trainer.ddp_bucket_mb reaches DDP, and a size that is not positive is refused."""
+    with _parallelized(tmp_path, ["trainer.ddp_bucket_mb=4"]) as (model, ddp):
+        assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel) and ddp.module is model
+        assert ddp.bucket_bytes_cap == 4 * 1024 * 1024
     with pytest.raises(ValueError, match="trainer.ddp_bucket_mb=0"):
         config_lib.validate(config_lib.load(compose_cfg(["trainer.ddp_bucket_mb=0"])))
 
@@ -184,24 +191,13 @@ def test_ddp_split_graphs_sets_dynamos_ddp_optimizer(tmp_path, split):
     """trainer.ddp_split_graphs decides whether Dynamo cuts a compiled model under DDP at the
     buckets (``torch._dynamo.config.optimize_ddp``, read when it compiles, inside DDP)."""
     import torch._dynamo
-    import torch.distributed as dist
 
-    over = [
-        "trainer.device=cpu",
-        *GPT2,
-        "trainer.compile=true",
-        f"trainer.ddp_split_graphs={split}",
-    ]
-    rc = config_lib.load(compose_cfg(over))
     before = torch._dynamo.config.optimize_ddp
     torch._dynamo.config.optimize_ddp = not split
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        model = build_model(rc.model, ops.build(rc.attn.name, **rc.attn.options), rc.pos)
-        par.parallelize(model, rc.trainer, DistInfo(world_size=2), say=print)
-        assert torch._dynamo.config.optimize_ddp is split
+        with _parallelized(tmp_path, ["trainer.compile=true", f"trainer.ddp_split_graphs={split}"]):
+            assert torch._dynamo.config.optimize_ddp is split
     finally:
-        dist.destroy_process_group()
         torch._dynamo.config.optimize_ddp = before
 
 

@@ -210,9 +210,9 @@ class FlatDataParallel(nn.Module):
     rank 0's parameters, and after the step's last backward :meth:`reduce_gradients` copies
     every gradient into one flat buffer per dtype, all-reduces it once (the mean) and makes
     the gradients views of it: a few launches a step where DDP's reducer makes two copies per
-    parameter, one bucket at a time. Nothing overlaps the backward (as with DDP and a model compiled into one
-    graph, ``trainer.ddp_split_graphs=false``). Buffers are not broadcast at each forward; the
-    trainer gives every rank rank 0's before evaluating and checkpointing
+    parameter, one bucket at a time. Nothing overlaps the backward (as with DDP and a model
+    compiled into one graph, ``trainer.ddp_split_graphs=false``). Buffers are not broadcast at
+    each forward; the trainer gives every rank rank 0's before evaluating and checkpointing
     (:func:`broadcast_buffers`), as it does under DDP."""
 
     def __init__(self, module: nn.Module, model: nn.Module):
@@ -227,6 +227,7 @@ class FlatDataParallel(nn.Module):
                 flat = torch.cat([p.detach().reshape(-1) for p in group])
                 dist.broadcast(flat, src=0)
                 torch._foreach_copy_(group, _views(flat, group))
+        self._nccl = "nccl" in str(dist.get_backend())  # (gloo has no average)
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -236,11 +237,10 @@ class FlatDataParallel(nn.Module):
         """Every gradient replaced by its mean over the ranks (a missing one counts as 0, and its
         parameter then gets the mean: DDP would stop on a parameter without a gradient). The
         new gradients are views of the reduced buffer: no copy back."""
-        nccl = "nccl" in str(dist.get_backend())
-        for group in self._groups.values():
+        for (_, device), group in self._groups.items():
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group]
             flat = torch.cat([g.reshape(-1) for g in grads])
-            average = nccl and flat.is_cuda  # (gloo has no average: the sum of shares)
+            average = self._nccl and device.type == "cuda"  # (else the sum of shares)
             if not average:
                 flat.div_(dist.get_world_size())
             dist.all_reduce(flat, op=dist.ReduceOp.AVG if average else dist.ReduceOp.SUM)
