@@ -152,7 +152,7 @@ def _sweep_bwd_tiles(name: str, dtype, reps: int = 2, kernels=None) -> list[dict
         hook = kernel.removesuffix("_t").removesuffix("_r")
         # the form swept; the others at their defaults (None), so backward_ms is the total
         simplicial.DK2_TRANSPOSED = {"dk2dv2": False, "dk2dv2_t": True}.get(kernel)
-        simplicial.DK1_RELOAD = kernel == "dk1dv1_r"
+        simplicial.DK1_RELOAD = {"dk1dv1": False, "dk1dv1_r": True}.get(kernel)
         for cfg in configs:
             simplicial.BWD_PACKED1_TILES[hook] = cfg
             row = {"case": name, "kernel": kernel, "tiles": cfg}
@@ -175,7 +175,7 @@ def _sweep_bwd_tiles(name: str, dtype, reps: int = 2, kernels=None) -> list[dict
             print(json.dumps(row), flush=True)
         simplicial.BWD_PACKED1_TILES[hook] = None
     simplicial.DK2_TRANSPOSED = None
-    simplicial.DK1_RELOAD = False
+    simplicial.DK1_RELOAD = None
     return rows
 
 
@@ -193,9 +193,12 @@ def main() -> None:
                     "tile config of _SWEEP on the first case, then exit")  # fmt: skip
     ap.add_argument("--sweep-kernels", default="",
                     help="comma list of _SWEEP entries to sweep (default: all)")  # fmt: skip
-    ap.add_argument("--dk1-reload", action="store_true",
-                    help="the rows with ops.simplicial.DK1_RELOAD on (dK1/dV1 reads q and dO "
-                    "again after its k2 loop)")  # fmt: skip
+    ap.add_argument("--dk1-plain", action="store_true",
+                    help="the rows with ops.simplicial.DK1_RELOAD off (dK1/dV1 holds q and dO "
+                    "through its k2 loop, as before the 16-bit default read them again)")  # fmt: skip
+    ap.add_argument("--bwd-streams", action="store_true",
+                    help="the rows with ops.simplicial.BWD_STREAMS on (dK2/dV2 and dK1/dV1 on "
+                    "side streams beside dQ)")  # fmt: skip
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_simplicial needs a CUDA GPU (the CPU tests cover correctness)")
@@ -215,10 +218,10 @@ def main() -> None:
             print(f"{r['kernel']:<7} {str(r['tiles']):<14} {ms}")
         return
 
-    if args.dk1_reload:
-        from ops import simplicial
+    from ops import simplicial
 
-        simplicial.DK1_RELOAD = True
+    simplicial.DK1_RELOAD = False if args.dk1_plain else None
+    simplicial.BWD_STREAMS = args.bwd_streams
     rows = []
     for name in args.cases.split(","):
         if name not in CASES:
@@ -226,7 +229,7 @@ def main() -> None:
         rows += _rows(name, DTYPES[args.dtype], not args.no_bwd, args.bwd_kernels.split(","))
         torch.cuda.empty_cache()
     env = _env(dtype=args.dtype, cases={k: CASES[k][:7] for k in args.cases.split(",")},
-               dk1_reload=args.dk1_reload)  # fmt: skip
+               dk1_plain=args.dk1_plain, bwd_streams=args.bwd_streams)  # fmt: skip
     Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, {args.dtype}, causal")
     _print(rows)

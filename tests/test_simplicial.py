@@ -416,3 +416,40 @@ def test_gpu_compiled_kernels_close_to_reference(dtype):
             assert rel_err(x, r) < 3e-2, f"{name}: relative error {rel_err(x, r):.3g}"
         again = run(attn, xs, causal, go, w)
         assert all(torch.equal(x, y) for x, y in zip(got, again))
+
+
+@pytest.mark.gpu
+def test_gpu_backward_on_side_streams_equals_one_stream(monkeypatch):
+    """BWD_STREAMS (dK2/dV2 and dK1/dV1 on side streams beside dQ) gives the one-stream
+    gradients bit for bit, and the caller's stream sees them finished; also inside a CUDA graph
+    capture, where the side streams must fork from and join the capturing stream."""
+    import ops.simplicial as S
+
+    xs = make(2, 200, 200, 200, 64, 1, d=128, dtype=torch.bfloat16, device="cuda", gain=1.0)
+    go, w, _ = targets(xs, True, 32, 128)
+    attn = ops.build_simplicial(w1=32, w2=128, bwd_kernel="packed1")
+    serial = run(attn, xs, True, go, w)
+    monkeypatch.setattr(S, "BWD_STREAMS", True)
+    assert all(torch.equal(x, y) for x, y in zip(serial, run(attn, xs, True, go, w)))
+    xs = [t.detach().requires_grad_() for t in xs]
+    grads = [torch.empty_like(x) for x in xs]
+
+    def step():  # forward and backward, both captured (autograd runs on the forward's stream)
+        out, lse = attn(*xs, causal=True, return_lse=True)
+        loss = (out.double() * go).sum() + (lse.double() * w).sum()
+        for g, x in zip(grads, torch.autograd.grad(loss, xs)):
+            g.copy_(x)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for g in grads:
+        g.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(x, y) for x, y in zip(serial[2:], grads)), "graph replay differs"
