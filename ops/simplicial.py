@@ -37,8 +37,6 @@ v2 * v1 and dO * v1).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from . import simplicial_kernels as K
@@ -316,12 +314,6 @@ DK2_TRANSPOSED: bool | None = None
 # (not timed); True/False force one form (the tests and the tile sweep use both).
 DK1_RELOAD: bool | None = None
 
-# The three packed1 backward kernels are independent once Delta is known. BWD_STREAMS: launch
-# dK2/dV2 (the fewest, longest programs) and dK1/dV1 on side streams and dQ on the caller's, so
-# each kernel's last partial wave overlaps the next kernel's programs instead of idling SMs.
-# Off until timed; eager launches only (under torch.compile the launches are the graph's).
-BWD_STREAMS: bool = False
-
 
 def _windows(w1, w2) -> tuple[int, int]:
     return (K._NO_WINDOW if w1 is None else w1), (K._NO_WINDOW if w2 is None else w2)
@@ -367,11 +359,7 @@ def _backward(do, dlse, q, k1, k2, v1, v2, o, lse, causal, w1, w2, scale, opts):
     else:
         kernels = (K._dq_kernel, K._dk1dv1_kernel, K._dk2dv2_kernel)
     outs = ((dq,), (dk1, dv1), (dk2, dv2))
-    side = None
-    if BWD_STREAMS and kernel == "packed1" and q.is_cuda and not torch.compiler.is_compiling():
-        side = _SideStreams(q.device)
-    for x in (2, 1, 0) if side else (0, 1, 2):
-        kern, out, (bm, bn1, bn2, warps, stages, hp) = kernels[x], outs[x], tiles[x]
+    for x, (kern, out, (bm, bn1, bn2, warps, stages, hp)) in enumerate(zip(kernels, outs, tiles)):
         grid = (_cdiv((nq, n1, n2)[x], (bm // hp, bn1, bn2)[x]), b * (h // hp if x == 0 else hkv))
         const = dict(CAUSAL=causal, HEAD_D=d, BLOCK_M=bm, BLOCK_N1=bn1, BLOCK_N2=bn2, HEADS=hp,
                      IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)  # fmt: skip
@@ -384,35 +372,8 @@ def _backward(do, dlse, q, k1, k2, v1, v2, o, lse, causal, w1, w2, scale, opts):
             if x == 1 and reload:
                 const["RELOAD"] = True
         if all(grid):
-            with side.stream(x) if side else contextlib.nullcontext():
-                launch(kern, grid, q, k1, k2, v1, v2, do, lse, delta, *out, *args, **const)
-    if side:
-        side.join()
+            launch(kern, grid, q, k1, k2, v1, v2, do, lse, delta, *out, *args, **const)
     return dq, dk1, dk2, dv1, dv2
-
-
-class _SideStreams:
-    """dK2/dV2 and dK1/dV1 on two side streams that wait for the caller's stream (Delta, the
-    inputs) and that it waits for before the gradients are used; dQ on the caller's stream.
-    ``_backward`` then launches dK2/dV2 first and dQ last: the GPU starts a kernel's programs
-    as the one before it frees SMs, so the finest-grained kernel fills the last gaps."""
-
-    _pool: dict = {}
-
-    def __init__(self, device):
-        if device not in self._pool:
-            self._pool[device] = [torch.cuda.Stream(device) for _ in range(2)]
-        self.main = torch.cuda.current_stream(device)
-        self.side = self._pool[device]
-        for s in self.side:
-            s.wait_stream(self.main)
-
-    def stream(self, x: int):
-        return torch.cuda.stream(self.main if x == 0 else self.side[x - 1])
-
-    def join(self) -> None:
-        for s in self.side:
-            self.main.wait_stream(s)
 
 
 class _Simplicial(torch.autograd.Function):

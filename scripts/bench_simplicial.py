@@ -196,9 +196,6 @@ def main() -> None:
     ap.add_argument("--dk1-plain", action="store_true",
                     help="the rows with ops.simplicial.DK1_RELOAD off (dK1/dV1 holds q and dO "
                     "through its k2 loop, as before the 16-bit default read them again)")  # fmt: skip
-    ap.add_argument("--bwd-streams", action="store_true",
-                    help="the rows with ops.simplicial.BWD_STREAMS on (dK2/dV2 and dK1/dV1 on "
-                    "side streams beside dQ)")  # fmt: skip
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_simplicial needs a CUDA GPU (the CPU tests cover correctness)")
@@ -221,7 +218,6 @@ def main() -> None:
     from ops import simplicial
 
     simplicial.DK1_RELOAD = False if args.dk1_plain else None
-    simplicial.BWD_STREAMS = args.bwd_streams
     rows = []
     for name in args.cases.split(","):
         if name not in CASES:
@@ -229,7 +225,7 @@ def main() -> None:
         rows += _rows(name, DTYPES[args.dtype], not args.no_bwd, args.bwd_kernels.split(","))
         torch.cuda.empty_cache()
     env = _env(dtype=args.dtype, cases={k: CASES[k][:7] for k in args.cases.split(",")},
-               dk1_plain=args.dk1_plain, bwd_streams=args.bwd_streams)  # fmt: skip
+               dk1_plain=args.dk1_plain)  # fmt: skip
     Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, {args.dtype}, causal")
     _print(rows)
