@@ -20,22 +20,30 @@ With ``shuffle=True`` each epoch permutes the shard order with
 ``default_rng((seed, epoch))`` and, inside each shard, permutes its documents
 (split after every EOT, the EOT staying with the document it ends) with
 ``default_rng((seed, epoch, shard_index))``.
+
+Shard changes happen off the training thread: when a shard is first read, the next one in the
+stream (the next epoch's first at an epoch's end) is loaded and shuffled in a background
+thread, so a step that crosses into it finds it ready. Decompressed ``.bin.xz`` shards are kept
+(up to ``_RAW_KEEP_BYTES`` in all), so a new epoch reshuffles without decompressing again.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data.shards import load_tokens
+from data.shards import load_tokens, shard_suffix
 from data.tokenizer import EOT
 
 _STATE_SETTINGS = ("seed", "world_size", "batch_size", "seq_len", "num_shards", "shuffle")
 _CACHE_SHARDS = 2  # the current shard and the one a boundary-spanning batch reaches into
+_RAW_KEEP_BYTES = 2 << 30  # decompressed .bin.xz shards kept for later epochs, in all
 
 
 def _positive_int(name: str, value: int) -> int:
@@ -82,7 +90,9 @@ class TokenLoader:
     """Deterministic, resumable packed batches from token shards (paths or in-memory arrays).
 
     Path shards are loaded lazily with ``load_tokens``; at most two shards (the
-    current one and the next, for batches that cross a boundary) are held.
+    current one and the next, for batches that cross a boundary) are held, plus the one
+    being prepared ahead (``prefetch``: in a background thread; off, the training thread loads
+    each shard when it reaches it) and decompressed ``.bin.xz`` shards (``_RAW_KEEP_BYTES``).
     """
 
     def __init__(
@@ -95,6 +105,7 @@ class TokenLoader:
         world_size: int = 1,
         seed: int = 0,
         shuffle: bool = True,
+        prefetch: bool = True,
     ) -> None:
         if isinstance(shards, (str, Path, np.ndarray)) or len(shards) == 0:
             raise ValueError("TokenLoader: shards must be a non-empty list of paths or arrays")
@@ -104,13 +115,17 @@ class TokenLoader:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
-        self.shuffle = bool(shuffle)
+        self.shuffle, self.prefetch = bool(shuffle), bool(prefetch)
         self._shards = [
             Path(s) if isinstance(s, (str, Path)) else _check_tokens(s, f"shards[{i}]")
             for i, s in enumerate(shards)
         ]
         self.epoch = self.shard_pos = self.offset = 0
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._pending: dict[tuple[int, int], Future] = {}  # the shard prepared ahead
+        self._pool: ThreadPoolExecutor | None = None
+        self._raw: dict[int, np.ndarray] = {}  # decompressed .bin.xz shards by index
+        self._raw_lock = threading.Lock()
 
     # ------------------------------------------------------------------ stream
 
@@ -133,25 +148,59 @@ class TokenLoader:
         src = self._shards[index]
         if isinstance(src, np.ndarray):
             return src
+        with self._raw_lock:
+            kept = self._raw.get(index)
+        if kept is not None:
+            return kept
         tokens = load_tokens(src)
         if tokens.size == 0:
             raise ValueError(f"TokenLoader: token shard {src} is empty")
+        if shard_suffix(src) == ".bin.xz":  # decompressed in memory (the others are mapped)
+            with self._raw_lock:
+                if sum(t.nbytes for t in self._raw.values()) + tokens.nbytes <= _RAW_KEEP_BYTES:
+                    self._raw[index] = tokens
         return tokens
 
-    def _shard(self, epoch: int, pos: int) -> np.ndarray:
-        """Tokens of the ``pos``-th shard of ``epoch`` (documents shuffled if enabled), cached."""
+    def _key(self, epoch: int, pos: int) -> tuple[tuple[int, int], int]:
         index = int(self.shard_order(epoch)[pos])
-        key = (epoch if self.shuffle else 0, index)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+        return (epoch if self.shuffle else 0, index), index
+
+    def _prepare(self, epoch: int, index: int) -> np.ndarray:
+        """The shard's tokens as the stream reads them (documents shuffled if enabled); runs in
+        the prefetch thread for the shard ahead."""
         tokens = self._raw_shard(index)
         if self.shuffle:
             tokens = shuffle_documents(tokens, np.random.default_rng((self.seed, epoch, index)))
+        return tokens
+
+    def _shard(self, epoch: int, pos: int) -> np.ndarray:
+        """Tokens of the ``pos``-th shard of ``epoch`` (documents shuffled if enabled), cached;
+        a shard read for the first time starts preparing the next one (``prefetch``)."""
+        key, index = self._key(epoch, pos)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        job = self._pending.pop(key, None)
+        tokens = job.result() if job is not None else self._prepare(epoch, index)
         self._cache[key] = tokens
         while len(self._cache) > _CACHE_SHARDS:
             self._cache.popitem(last=False)
+        if self.prefetch:
+            pos += 1
+            if pos == self.num_shards:
+                epoch, pos = epoch + 1, 0
+            self._ahead(epoch, pos)
         return tokens
+
+    def _ahead(self, epoch: int, pos: int) -> None:
+        """Start preparing shard ``pos`` of ``epoch`` in the background (one at a time)."""
+        key, index = self._key(epoch, pos)
+        if key in self._cache or key in self._pending:
+            return
+        self._pending.clear()  # a shard no longer next (after a resume): dropped when done
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-ahead")
+        self._pending[key] = self._pool.submit(self._prepare, epoch, index)
 
     def _walk(
         self, cursor: tuple[int, int, int], n: int, collect: bool

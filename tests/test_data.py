@@ -7,6 +7,7 @@ import json
 import lzma
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,6 +227,33 @@ def test_unshuffled_batches_follow_the_stream_across_shards_and_epochs():
         assert np.array_equal(x.numpy().ravel(), stream[i * step : (i + 1) * step])
         assert np.array_equal(y.numpy().ravel(), stream[i * step + 1 : (i + 1) * step + 1])
     assert loader.epoch == 25 * step // sum(s.size for s in shards)
+
+
+def test_next_shard_is_prepared_in_a_background_thread_with_the_same_batches(tmp_path, monkeypatch):
+    """prefetch (default): after the first shard every shard is loaded in the shard-ahead
+    thread, not the training thread; the batches equal those of a loader without it over
+    several shuffled epochs; a decompressed .bin.xz shard is read once for all epochs."""
+    import threading
+
+    import data.loader as loader_mod
+
+    shards = [write_shard(tmp_path / f"s{i}{suffix}", token_docs(12, 50 + i))
+              for i, suffix in enumerate((".bin.xz", ".bin", ".bin.xz"))]  # fmt: skip
+    loads, real = [], loader_mod.load_tokens
+    monkeypatch.setattr(loader_mod, "load_tokens", lambda path: (loads.append((Path(path).name, threading.current_thread().name)), real(path))[1])  # fmt: skip
+    plain = TokenLoader(shards, batch_size=3, seq_len=16, seed=5, prefetch=False)
+    want = take(plain, 70)
+    assert plain.epoch >= 3
+    assert {thread for _, thread in loads} == {threading.current_thread().name}
+    loads.clear()
+    ahead = TokenLoader(shards, batch_size=3, seq_len=16, seed=5)
+    got = take(ahead, 70)
+    assert all(torch.equal(a, b) for pair in zip(want, got) for a, b in zip(*pair))
+    assert loads[0][1] == threading.current_thread().name
+    assert loads[1:] and all(t.startswith("shard-ahead") for _, t in loads[1:]), loads
+    names = [name for name, _ in loads]
+    assert names.count("s0.bin.xz") == names.count("s2.bin.xz") == 1, names
+    assert names.count("s1.bin") >= 3  # memory-mapped shards are opened again each epoch
 
 
 def test_shuffle_permutes_whole_documents_deterministically():
