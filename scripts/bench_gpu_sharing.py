@@ -1,6 +1,7 @@
 """How a training step and the GPU image pipeline slow each other down on one GPU.
 
     python scripts/bench_gpu_sharing.py --root GEN [--workers 15] [--seconds 15] [--variant m0]
+        [--step graph] [--step-sms N]
 
 ``data.decode=gpu`` decodes (nvJPEG) and augments on the same GPU that trains. Alone, the
 pipeline and the step each run at some images/s; together each gets less. This script measures
@@ -21,6 +22,14 @@ side streams.
 
 ``--in-flight`` (default 2) paces the step as a training loop is paced by its data: at most that
 many steps are queued on the device.
+
+``--step-sms N`` runs the step on a stream of a CUDA green context of N SMs (warm-up and graph
+capture included), so that the remaining SMs are never taken by the step. The pipeline stays in
+the device's primary context and may use every SM. This tests a reading of the eleventh
+session's profile: nvJPEG (as torchvision drives it) waits on the host ~240 times a batch for
+small per-image kernels, and each of those kernels queues behind the step's. With SMs the step
+cannot take, they would start at once. Needs a torch whose ``GreenContext`` has ``Stream()``
+and a driver that supports green contexts.
 
 If phase 3's two rates add up like running one after the other (1/r3 = 1/r1 + 1/r2 in time
 per image), the GPU serialises the two processes. Prints a table and writes JSON. Runs on the
@@ -98,7 +107,8 @@ class Step:
     (the whole step, forward, backward and AdamW, captured in one CUDA graph and replayed: the
     host's work a step is one launch)."""
 
-    def __init__(self, variant: str, batch: int, img_size: int, device, mode: str):
+    def __init__(self, variant: str, batch: int, img_size: int, device, mode: str,
+                 stream=None):  # fmt: skip
         import torch
 
         import ops
@@ -121,6 +131,16 @@ class Step:
         self.x = x.to(device).contiguous(memory_format=torch.channels_last)
         self.y = torch.randint(0, 1000, (batch,), generator=g).to(device)
         self.graph = None
+        self.stream = stream  # None: the current stream
+        if stream is not None:  # the model and batch were made on the current stream
+            stream.wait_stream(torch.cuda.current_stream(device))
+
+    def _on_stream(self):
+        import contextlib
+
+        import torch
+
+        return contextlib.nullcontext() if self.stream is None else torch.cuda.stream(self.stream)
 
     def _step(self) -> None:
         import torch
@@ -135,7 +155,7 @@ class Step:
         backward makes them in the graph's memory (PyTorch's whole-network capture)."""
         import torch
 
-        side = torch.cuda.Stream(self.dev)
+        side = self.stream or torch.cuda.Stream(self.dev)
         side.wait_stream(torch.cuda.current_stream(self.dev))
         with torch.cuda.stream(side):
             for _ in range(3):
@@ -144,21 +164,45 @@ class Step:
         torch.cuda.current_stream(self.dev).wait_stream(side)
         self.opt.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=self.stream):  # kernels of the green context
             self._step()
 
     def __call__(self) -> None:
         import torch
 
-        if self.mode == "graph":
-            if self.graph is None:
-                self._capture()
-            self.graph.replay()
-            return
-        if self.mode == "compile":
-            torch.compiler.cudagraph_mark_step_begin()
-        self._step()
-        self.opt.zero_grad(set_to_none=True)
+        with self._on_stream():
+            if self.mode == "graph":
+                if self.graph is None:
+                    self._capture()
+                self.graph.replay()
+                return
+            if self.mode == "compile":
+                torch.compiler.cudagraph_mark_step_begin()
+            self._step()
+            self.opt.zero_grad(set_to_none=True)
+
+
+def green_stream(num_sms: int, device):
+    """(context, stream): a CUDA green context of ``num_sms`` SMs on ``device`` and a stream whose
+    kernels run only on those SMs. Clear errors where this torch or driver cannot."""
+    import torch
+
+    total = torch.cuda.get_device_properties(device).multi_processor_count
+    if not 0 < num_sms < total:
+        raise ValueError(f"--step-sms {num_sms}: use 1 .. {total - 1} (the GPU has {total} SMs)")
+    try:
+        from torch.cuda.green_contexts import GreenContext
+    except ImportError as e:
+        raise RuntimeError(f"--step-sms needs torch.cuda.green_contexts ({e})") from e
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        ctx = GreenContext.create(num_sms=num_sms, device_id=index)
+    except TypeError:  # older signature: create(num_sms, device_id)
+        ctx = GreenContext.create(num_sms, index)
+    if not hasattr(ctx, "Stream"):
+        raise RuntimeError(f"torch {torch.__version__}: GreenContext has no Stream(); "
+                           "--step-sms needs a torch that has it")  # fmt: skip
+    return ctx, ctx.Stream()
 
 
 def time_steps(step: Step, go, stop, in_flight: int = 0) -> tuple[int, float]:
@@ -177,7 +221,7 @@ def time_steps(step: Step, go, stop, in_flight: int = 0) -> tuple[int, float]:
         step()
         if cuda and in_flight > 0:
             done.append(torch.cuda.Event())
-            done[-1].record()
+            done[-1].record(step.stream)  # None: the current stream
         n += step.batch
     _sync(step.dev)
     return n, time.perf_counter() - t0
@@ -246,6 +290,8 @@ def main() -> None:
     )
     ap.add_argument("--in-flight", type=int, default=2,
                     help="steps queued on the device at most (0: unpaced)")  # fmt: skip
+    ap.add_argument("--step-sms", type=int, default=None,
+                    help="run the step on a CUDA green context of this many SMs")  # fmt: skip
     ap.add_argument("--out", default="bench_gpu_sharing.json")
     args = ap.parse_args()
     if not (ROOT / args.root).exists() and not Path(args.root).exists():
@@ -255,7 +301,13 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mode = args.step or ("compile" if device.type == "cuda" else "eager")
-    step = Step(args.variant, args.batch, args.img_size, device, mode)
+    green = None
+    if args.step_sms is not None:
+        if device.type != "cuda":
+            ap.error("--step-sms needs a CUDA GPU")
+        green = green_stream(args.step_sms, device)  # the context must outlive its stream
+    step = Step(args.variant, args.batch, args.img_size, device, mode,
+                stream=green[1] if green else None)  # fmt: skip
     t = time.perf_counter()
     for _ in range(args.warm_steps):
         step()
@@ -265,6 +317,7 @@ def main() -> None:
            "torch": torch.__version__, "cpus": os.cpu_count(), "variant": args.variant,
            "batch": args.batch, "img_size": args.img_size, "workers": args.workers,
            "step": mode, "seconds": args.seconds, "in_flight": args.in_flight,
+           "step_sms": args.step_sms,
            "date": time.strftime("%Y-%m-%d")}  # fmt: skip
     rows = []
     for name, with_step, pipeline in (("pipeline alone (process)", False, "process"),
@@ -280,7 +333,9 @@ def main() -> None:
     serial = 1.0 / (1.0 / alone["pipeline"] + 1.0 / alone["step"])
     Path(args.out).write_text(json.dumps({"env": env, "rows": rows, "serial": serial}, indent=2))
     print(f"\n{env['device']} | torch {env['torch']} | {args.variant}, batch {args.batch}, "
-          f"{args.img_size}², step {mode}, {args.in_flight or 'unpaced'} in flight, "
+          f"{args.img_size}², step {mode}"
+          f"{f' on {args.step_sms} SMs' if args.step_sms else ''}, "
+          f"{args.in_flight or 'unpaced'} in flight, "
           f"{args.workers} workers; images/s")  # fmt: skip
     print(f"{'phase':<36}{'step':>10}{'pipeline':>10}")
     for r in rows:
