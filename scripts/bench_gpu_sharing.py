@@ -28,8 +28,8 @@ capture included), so that the remaining SMs are never taken by the step. The pi
 the device's primary context and may use every SM. This tests a reading of the eleventh
 session's profile: nvJPEG (as torchvision drives it) waits on the host ~240 times a batch for
 small per-image kernels, and each of those kernels queues behind the step's. With SMs the step
-cannot take, they would start at once. Needs a torch whose ``GreenContext`` has ``Stream()``
-and a driver that supports green contexts.
+cannot take, they would start at once. The trainer has the same as ``trainer.step_sms``
+(``trainer/sm_partition.py``, whose needs apply).
 
 If phase 3's two rates add up like running one after the other (1/r3 = 1/r1 + 1/r2 in time
 per image), the GPU serialises the two processes. Prints a table and writes JSON. Runs on the
@@ -182,29 +182,6 @@ class Step:
             self.opt.zero_grad(set_to_none=True)
 
 
-def green_stream(num_sms: int, device):
-    """(context, stream): a CUDA green context of ``num_sms`` SMs on ``device`` and a stream whose
-    kernels run only on those SMs. Clear errors where this torch or driver cannot."""
-    import torch
-
-    total = torch.cuda.get_device_properties(device).multi_processor_count
-    if not 0 < num_sms < total:
-        raise ValueError(f"--step-sms {num_sms}: use 1 .. {total - 1} (the GPU has {total} SMs)")
-    try:
-        from torch.cuda.green_contexts import GreenContext
-    except ImportError as e:
-        raise RuntimeError(f"--step-sms needs torch.cuda.green_contexts ({e})") from e
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    try:
-        ctx = GreenContext.create(num_sms=num_sms, device_id=index)
-    except TypeError:  # older signature: create(num_sms, device_id)
-        ctx = GreenContext.create(num_sms, index)
-    if not hasattr(ctx, "Stream"):
-        raise RuntimeError(f"torch {torch.__version__}: GreenContext has no Stream(); "
-                           "--step-sms needs a torch that has it")  # fmt: skip
-    return ctx, ctx.Stream()
-
-
 def time_steps(step: Step, go, stop, in_flight: int = 0) -> tuple[int, float]:
     """Run steps until ``stop``. ``in_flight`` > 0: before launching a step, wait until at most
     that many earlier steps are still queued on the device (a training loop is paced so by its
@@ -305,6 +282,8 @@ def main() -> None:
     if args.step_sms is not None:
         if device.type != "cuda":
             ap.error("--step-sms needs a CUDA GPU")
+        from trainer.sm_partition import green_stream
+
         green = green_stream(args.step_sms, device)  # the context must outlive its stream
     step = Step(args.variant, args.batch, args.img_size, device, mode,
                 stream=green[1] if green else None)  # fmt: skip

@@ -22,6 +22,7 @@ from . import checkpoint as ckpt_lib
 from . import config as config_lib
 from . import distributed as dist_lib
 from . import parallel as par
+from . import sm_partition
 from .monitor import Monitor, Throughput, peak_flops
 from .optim import WeightEMA, adaptive_clip_, build_optimizer, lr_at
 from .parallel import compile_model  # noqa: F401  (scripts/bench_train.py imports it from here)
@@ -256,6 +257,7 @@ def _run(rc, info) -> dict:
     accum = config_lib.validate(rc, info.world_size)
     if t.step_graph:
         check_step_graph(rc, info.world_size, info.device)
+    sm_partition.check(t.step_sms, info.device)
     run_dir = Path(t.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_dict = config_lib.to_dict(rc)
@@ -293,8 +295,9 @@ def _run(rc, info) -> dict:
         _truncate_metrics(run_dir / "metrics.jsonl", step)
     monitor = Monitor(rc, run_dir, info.is_main, config_dict, wandb_id=extras.get("wandb_id"))
     try:
-        return _loop(rc, info, task, train_model, opt, manager, monitor, step, accum, run_dir,
-                     config_dict)  # fmt: skip
+        with sm_partition.on_sms(t.step_sms, info.device):  # trainer.step_sms: null, as it is
+            return _loop(rc, info, task, train_model, opt, manager, monitor, step, accum,
+                         run_dir, config_dict)  # fmt: skip
     finally:
         monitor.close()
         close = getattr(task.train_loader, "close", None)  # threads or a process decoding ahead

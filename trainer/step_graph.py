@@ -35,6 +35,8 @@ import warnings
 
 import torch
 
+from .sm_partition import capture_stream
+
 
 def check(rc, world_size: int, device: torch.device) -> None:
     """Raise ValueError where ``trainer.step_graph`` cannot run."""
@@ -173,7 +175,8 @@ class StepGraph:
             # thread_local: the data pipeline's threads (data.decode_process=false) go on
             # issuing their own work (nvJPEG's synchronising calls included) while this thread
             # captures
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, stream=capture_stream(dev),  # trainer.step_sms
+                                  capture_error_mode="thread_local"):  # fmt: skip
                 self.outputs[name] = fn()
             self.graphs[name] = graph
         if [p.grad.data_ptr() for p in self._params()] != grads:

@@ -1,0 +1,104 @@
+"""trainer.step_sms: the loop on a CUDA green context of N SMs (trainer/sm_partition.py)."""
+
+import json
+
+import pytest
+import torch
+
+from trainer import sm_partition
+
+from .helpers import compose_cfg
+
+DIGITS = [
+    "experiment=efficientvit_m0_digits",
+    "logger=none",
+    "trainer.progress=false",
+    "trainer.micro_batch=32",
+]
+
+
+@pytest.mark.parametrize("bad", [0, -3, True, 2.5, "8"])
+def test_check_refuses_what_is_not_a_number_of_sms(bad):
+    with pytest.raises(ValueError, match=r"trainer.step_sms=.*: use null \(all SMs\) or a number"):
+        sm_partition.check(bad, torch.device("cuda", 0))
+
+
+def test_check_needs_cuda_and_passes_null():
+    sm_partition.check(None, torch.device("cpu"))
+    sm_partition.check(100, torch.device("cuda", 0))  # (no device is touched)
+    with pytest.raises(ValueError, match="it needs a CUDA device .*resolved to cpu"):
+        sm_partition.check(100, torch.device("cpu"))
+
+
+def test_null_leaves_the_stream_as_it_is():
+    with sm_partition.on_sms(None, torch.device("cpu")) as stream:
+        assert stream is None
+
+
+def test_the_trainer_refuses_it_on_the_cpu_before_building(tmp_path):
+    from trainer import run
+
+    cfg = compose_cfg([*DIGITS, "trainer.device=cpu", "trainer.step_sms=64",
+                       f"trainer.run_dir={tmp_path}"])  # fmt: skip
+    with pytest.raises(ValueError, match="trainer.step_sms=64: it needs a CUDA device"):
+        run(cfg)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.gpu
+def test_green_stream_limits_a_kernel_to_its_sms():
+    """A kernel of one block per SM, each spinning a fixed time: on all SMs one wave, on a
+    green context of a quarter of them about four waves, so about four times as long."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _spin(out, n_iter):
+        acc = tl.program_id(0).to(tl.float32)
+        for _ in range(n_iter):
+            acc = acc * 0.999 + 1.0
+        tl.store(out + tl.program_id(0), acc)
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    out = torch.empty(sms, device=dev)
+
+    def ms(stream):
+        with torch.cuda.stream(stream):
+            _spin[(sms,)](out, 200_000, num_warps=1)  # compile, warm
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            _spin[(sms,)](out, 200_000, num_warps=1)
+            end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    ctx, green = sm_partition.green_stream(sms // 4, dev)
+    full, part = ms(torch.cuda.Stream(dev)), ms(green)
+    assert 2.5 < part / full < 6, (full, part)
+    del ctx
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graph", [False, True])
+def test_training_on_part_of_the_sms_trains_as_on_all(tmp_path, graph):
+    """The same losses, gradient norms and validation as on all SMs, step by step, eager and
+    with the step captured as CUDA graphs (captured on the green context's stream)."""
+    from trainer import run
+
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    got = {}
+    for part in (None, sms // 2):
+        d = tmp_path / f"sms_{part}"
+        run(compose_cfg([*DIGITS, "trainer.device=cuda", f"trainer.step_graph={graph}",
+                         f"trainer.step_sms={'null' if part is None else part}",
+                         "trainer.max_steps=12", "trainer.epochs=null", "trainer.log_every=1",
+                         "trainer.eval_every=12", "optim.schedule_unit=step",
+                         f"trainer.run_dir={d}"]))  # fmt: skip
+        got[part] = [json.loads(line) for line in open(d / "metrics.jsonl")]
+    whole, part = got[None], got[sms // 2]
+    assert [r["step"] for r in whole] == [r["step"] for r in part]
+    for a, b in zip(whole, part):
+        for key in ("loss", "grad_norm", "lr", "val_loss", "ema_val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=2e-3, abs=1e-5), (a["step"], key)
