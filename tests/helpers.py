@@ -26,6 +26,40 @@ TINY = [
 ]
 
 
+# EfficientViT-M0 on scikit-learn's digits, a batch of 32, no progress bar.
+DIGITS = [
+    "experiment=efficientvit_m0_digits",
+    "logger=none",
+    "trainer.progress=false",
+    "trainer.micro_batch=32",
+]
+
+
+def digits_metrics(run_dir, *overrides) -> list[dict]:
+    """metrics.jsonl of 12 logged steps of DIGITS on the GPU (validation at step 12)."""
+    import json
+
+    from trainer import run
+
+    run(compose_cfg([*DIGITS, "trainer.device=cuda", "trainer.max_steps=12", "trainer.epochs=null",
+                     "trainer.log_every=1", "trainer.eval_every=12", "optim.schedule_unit=step",
+                     f"trainer.run_dir={run_dir}", *overrides]))  # fmt: skip
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_same_training(a: list[dict], b: list[dict], rel: float = 2e-3) -> None:
+    """The same steps, and losses, gradient norms, learning rates and validation losses
+    within ``rel``, step by step."""
+    import pytest
+
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        for key in ("loss", "grad_norm", "lr", "val_loss", "ema_val_loss"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=rel, abs=1e-5), (x["step"], key)
+
+
 def compose_cfg(overrides=(), config_name="config"):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides))

@@ -1,20 +1,11 @@
 """trainer.step_sms: the loop on a CUDA green context of N SMs (trainer/sm_partition.py)."""
 
-import json
-
 import pytest
 import torch
 
 from trainer import sm_partition
 
-from .helpers import compose_cfg
-
-DIGITS = [
-    "experiment=efficientvit_m0_digits",
-    "logger=none",
-    "trainer.progress=false",
-    "trainer.micro_batch=32",
-]
+from .helpers import DIGITS, assert_same_training, compose_cfg, digits_metrics
 
 
 @pytest.mark.parametrize("bad", [0, -3, True, 2.5, "8"])
@@ -84,21 +75,8 @@ def test_green_stream_limits_a_kernel_to_its_sms():
 def test_training_on_part_of_the_sms_trains_as_on_all(tmp_path, graph):
     """The same losses, gradient norms and validation as on all SMs, step by step, eager and
     with the step captured as CUDA graphs (captured on the green context's stream)."""
-    from trainer import run
-
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    got = {}
-    for part in (None, sms // 2):
-        d = tmp_path / f"sms_{part}"
-        run(compose_cfg([*DIGITS, "trainer.device=cuda", f"trainer.step_graph={graph}",
-                         f"trainer.step_sms={'null' if part is None else part}",
-                         "trainer.max_steps=12", "trainer.epochs=null", "trainer.log_every=1",
-                         "trainer.eval_every=12", "optim.schedule_unit=step",
-                         f"trainer.run_dir={d}"]))  # fmt: skip
-        got[part] = [json.loads(line) for line in open(d / "metrics.jsonl")]
-    whole, part = got[None], got[sms // 2]
-    assert [r["step"] for r in whole] == [r["step"] for r in part]
-    for a, b in zip(whole, part):
-        for key in ("loss", "grad_norm", "lr", "val_loss", "ema_val_loss"):
-            if key in a:
-                assert b[key] == pytest.approx(a[key], rel=2e-3, abs=1e-5), (a["step"], key)
+    got = [digits_metrics(tmp_path / f"sms_{part}", f"trainer.step_graph={graph}",
+                          f"trainer.step_sms={part}")
+           for part in ("null", sms // 2)]  # fmt: skip
+    assert_same_training(*got)

@@ -9,14 +9,7 @@ import torch
 from trainer import config as config_lib
 from trainer.step_graph import check
 
-from .helpers import compose_cfg
-
-DIGITS = [
-    "experiment=efficientvit_m0_digits",
-    "logger=none",
-    "trainer.progress=false",
-    "trainer.micro_batch=32",
-]
+from .helpers import DIGITS, assert_same_training, compose_cfg, digits_metrics
 
 
 def test_check_names_every_reason_it_cannot_run():
@@ -48,23 +41,10 @@ def test_graph_step_trains_as_the_eager_step(tmp_path, accum):
     """Same losses, gradient norms and accuracies, step by step, as the eager step (bf16,
     AGC, EMA, mixup): the warm-up before the capture leaves no trace; with accumulation the
     micro-step graph adds into the gradients that the update graph reads and zeroes."""
-    from trainer import run
-
-    got = {}
-    for graph in (False, True):
-        d = tmp_path / f"graph_{graph}"
-        run(compose_cfg([*DIGITS, "trainer.device=cuda", f"trainer.step_graph={graph}",
-                         f"trainer.global_batch={32 * accum}",
-                         "trainer.max_steps=12", "trainer.epochs=null", "trainer.log_every=1",
-                         "trainer.eval_every=12", "optim.schedule_unit=step",
-                         f"trainer.run_dir={d}"]))  # fmt: skip
-        got[graph] = [json.loads(line) for line in open(d / "metrics.jsonl")]
-    eager, graph = got[False], got[True]
-    assert [r["step"] for r in eager] == [r["step"] for r in graph]
-    for a, b in zip(eager, graph):
-        for key in ("loss", "grad_norm", "lr", "val_loss", "ema_val_loss"):
-            if key in a:
-                assert b[key] == pytest.approx(a[key], rel=2e-3, abs=1e-5), (a["step"], key)
+    got = [digits_metrics(tmp_path / f"graph_{graph}", f"trainer.step_graph={graph}",
+                          f"trainer.global_batch={32 * accum}")
+           for graph in (False, True)]  # fmt: skip
+    assert_same_training(*got)
 
 
 @pytest.mark.gpu
