@@ -38,8 +38,10 @@ def test_the_trainer_refuses_it_on_the_cpu_before_building(tmp_path):
 
 @pytest.mark.gpu
 def test_green_stream_limits_a_kernel_to_its_sms():
-    """A kernel of one block per SM, each spinning a fixed time: on all SMs one wave, on a
-    green context of a quarter of them about four waves, so about four times as long."""
+    """A kernel that keeps every SM's issue slots busy (4 blocks of 32 warps per SM, a chain
+    of dependent FMAs in each thread) takes time in proportion to the work over the SMs: on a
+    green context of a quarter of them (rounded up to the architecture's granule) about 3-4
+    times as long as on all."""
     import triton
     import triton.language as tl
 
@@ -52,14 +54,14 @@ def test_green_stream_limits_a_kernel_to_its_sms():
 
     dev = torch.device("cuda", torch.cuda.current_device())
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    out = torch.empty(sms, device=dev)
+    out = torch.empty(4 * sms, device=dev)
 
     def ms(stream):
         with torch.cuda.stream(stream):
-            _spin[(sms,)](out, 200_000, num_warps=1)  # compile, warm
+            _spin[(4 * sms,)](out, 20_000, num_warps=32)  # compile, warm
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            _spin[(sms,)](out, 200_000, num_warps=1)
+            _spin[(4 * sms,)](out, 20_000, num_warps=32)
             end.record()
         end.synchronize()
         return start.elapsed_time(end)
