@@ -87,7 +87,8 @@ class TrainerConfig:
     # the backward; measured faster on two H200s (docs/benchmarks.md, "Data-parallel scaling")
     ddp_split_graphs: bool = False
     # data parallelism without DDP: one all-reduce of all gradients, as one flat buffer, after
-    # the step's last backward (trainer/parallel.py FlatDataParallel); not timed yet
+    # the step's last backward (trainer/parallel.py FlatDataParallel); as fast as DDP on two
+    # H200s, within 0.3% (docs/benchmarks.md, "Data-parallel scaling")
     ddp_flat: bool = False
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     device: str = "auto"  # auto | cpu | cuda
