@@ -8,10 +8,32 @@ from trainer import sm_partition
 from .helpers import DIGITS, assert_same_training, compose_cfg, digits_metrics
 
 
-@pytest.mark.parametrize("bad", [0, -3, True, 2.5, "8"])
-def test_check_refuses_what_is_not_a_number_of_sms(bad):
-    with pytest.raises(ValueError, match=r"trainer.step_sms=.*: use null \(all SMs\) or a number"):
+@pytest.mark.parametrize("bad", [0, -3, -0.5, True, 2.5, "8", float("nan"), float("inf")])
+def test_check_refuses_what_is_not_a_number_or_fraction_of_sms(bad):
+    with pytest.raises(
+        ValueError,
+        match=r"trainer.step_sms=.*: use null \(all SMs\), a number "
+        r"of SMs, or a fraction of them in \(0, 1\)",
+    ):
         sm_partition.check(bad, torch.device("cuda", 0))
+
+
+@pytest.mark.parametrize(("step_sms", "total", "n"), [
+    (120, 132, 120), (120.0, 132, 120), (1, 132, 1),  # a count (the config's float field: 120.0)
+    (0.8, 132, 106), (0.8, 114, 91), (0.5, 132, 66), (0.001, 132, 1),  # a fraction, rounded
+])  # fmt: skip
+def test_sm_count_takes_a_count_or_a_fraction(step_sms, total, n):
+    assert sm_partition.sm_count(step_sms, total) == n
+
+
+@pytest.mark.parametrize(("step_sms", "n"), [(132, 132), (200, 200), (0.999, 132)])
+def test_sm_count_leaves_some_sms_to_the_rest(step_sms, n):
+    with pytest.raises(
+        ValueError,
+        match=rf"trainer.step_sms=.*: {n} SMs, use 1 .. 131 "
+        r"\(this GPU has 132\)",
+    ):
+        sm_partition.sm_count(step_sms, 132)
 
 
 def test_check_needs_cuda_and_passes_null():
@@ -34,6 +56,15 @@ def test_the_trainer_refuses_it_on_the_cpu_before_building(tmp_path):
     with pytest.raises(ValueError, match="trainer.step_sms=64: it needs a CUDA device"):
         run(cfg)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_config_takes_a_fraction_and_refuses_text(tmp_path):
+    from trainer import config as config_lib
+
+    base = [*DIGITS, "trainer.device=cpu", f"trainer.run_dir={tmp_path}"]
+    assert config_lib.load(compose_cfg([*base, "trainer.step_sms=0.8"])).trainer.step_sms == 0.8
+    with pytest.raises(ValueError, match="bad config in 'trainer' at trainer.step_sms"):
+        config_lib.load(compose_cfg([*base, "trainer.step_sms=half"]))
 
 
 @pytest.mark.gpu
@@ -75,10 +106,10 @@ def test_green_stream_limits_a_kernel_to_its_sms():
 @pytest.mark.gpu
 @pytest.mark.parametrize("graph", [False, True])
 def test_training_on_part_of_the_sms_trains_as_on_all(tmp_path, graph):
-    """The same losses, gradient norms and validation as on all SMs, step by step, eager and
-    with the step captured as CUDA graphs (captured on the green context's stream)."""
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    """On half the SMs (``trainer.step_sms=0.5``) the same losses, gradient norms and validation
+    as on all SMs, step by step, eager and with the step captured as CUDA graphs (captured on
+    the green context's stream)."""
     got = [digits_metrics(tmp_path / f"sms_{part}", f"trainer.step_graph={graph}",
                           f"trainer.step_sms={part}")
-           for part in ("null", sms // 2)]  # fmt: skip
+           for part in ("null", 0.5)]  # fmt: skip
     assert_same_training(*got)

@@ -73,9 +73,10 @@ class TrainerConfig:
     # graph and an update graph) captured once as CUDA graphs and replayed: one process, CUDA
     # (trainer/step_graph.py; EfficientViT's images/s on an H100 in docs/benchmarks.md)
     step_graph: bool = False
-    # the loop's GPU work on a CUDA green context of this many SMs, the rest left to other work
-    # such as the GPU image pipeline (trainer/sm_partition.py); null: all SMs
-    step_sms: int | None = None
+    # the loop's GPU work on a CUDA green context of this many SMs (or this fraction of them, in
+    # (0, 1)), the rest left to other work such as the GPU image pipeline
+    # (trainer/sm_partition.py; 1.23-1.35x EfficientViT images/s from JPEGs on an H100); null: all
+    step_sms: float | None = None
     parallel: str = "ddp"  # ddp | fsdp (FSDP2: blocks, then the root; see trainer/parallel.py)
     # DDP's bucket_cap_mb: gradients are all-reduced in buckets of this size. 100 (DDP's own
     # default is 25): GPT-2 124M on two H100s, 1.87-1.89x one GPU's tokens/s against 1.84x

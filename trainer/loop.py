@@ -295,7 +295,7 @@ def _run(rc, info) -> dict:
         _truncate_metrics(run_dir / "metrics.jsonl", step)
     monitor = Monitor(rc, run_dir, info.is_main, config_dict, wandb_id=extras.get("wandb_id"))
     try:
-        with sm_partition.on_sms(t.step_sms, info.device):  # trainer.step_sms: null, as it is
+        with sm_partition.on_sms(t.step_sms, info.device, say):  # trainer.step_sms
             return _loop(rc, info, task, train_model, opt, manager, monitor, step, accum,
                          run_dir, config_dict)  # fmt: skip
     finally:

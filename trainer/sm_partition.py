@@ -5,7 +5,13 @@ stream of a CUDA green context of ``step_sms`` SMs. Work issued on other streams
 primary context, the GPU image pipeline's included (``data.decode=gpu``: nvJPEG, as torchvision
 drives it, waits on the host for small per-image kernels), may use every SM, so it never queues
 behind the step's kernels for lack of one; the step runs on fewer SMs. Opt-in, for the case
-where such a pipeline, not the step, bounds training (docs/benchmarks.md, issue 4's loading).
+where such a pipeline, not the step, bounds training: EfficientViT M0/M2/M5 from JPEGs with
+``data.decode=gpu trainer.step_graph=true`` trained 1.23-1.35x faster on an H100 with the loop on
+96-120 of its 132 SMs (docs/benchmarks.md, "SMs the step cannot take").
+
+``step_sms`` is a number of SMs (an integer from 1 to the GPU's count less one) or a fraction of
+the GPU's SMs in (0, 1) (0.8: 106 of an H100 SXM's 132, 91 of an H100 PCIe's 114), which carries
+across cards. The driver may round the count up to its partition granularity.
 
 Needs a CUDA build whose ``torch.cuda.green_contexts.GreenContext`` has ``Stream()`` and a driver
 with green contexts; anything else is a clear error at start.
@@ -14,18 +20,48 @@ with green contexts; anything else is a clear error at start.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
+
+_USE = "use null (all SMs), a number of SMs, or a fraction of them in (0, 1)"
+
+
+def _form(step_sms) -> tuple[int | None, float | None]:
+    """(count, fraction), one of them set; ValueError for anything else. A whole float is a
+    count (OmegaConf hands the config's ``float`` field 120 as 120.0)."""
+    ok = not isinstance(step_sms, bool) and isinstance(step_sms, (int, float))
+    if ok and math.isfinite(step_sms) and step_sms > 0:
+        if step_sms < 1:
+            return None, float(step_sms)
+        if float(step_sms).is_integer():
+            return int(step_sms), None
+    raise ValueError(f"trainer.step_sms={step_sms!r}: {_USE}")
+
+
+def _show(step_sms) -> str:
+    count, fraction = _form(step_sms)
+    return str(count if count is not None else fraction)
+
+
+def sm_count(step_sms, total: int) -> int:
+    """The number of SMs ``step_sms`` asks for on a GPU of ``total`` SMs (a fraction rounded to
+    the nearest count, at least 1); ValueError where it leaves none to the rest of the work."""
+    count, fraction = _form(step_sms)
+    n = count if count is not None else max(1, round(fraction * total))
+    if not n < total:
+        raise ValueError(f"trainer.step_sms={_show(step_sms)}: {n} SMs, use 1 .. {total - 1} "
+                         f"(this GPU has {total})")  # fmt: skip
+    return n
 
 
 def check(step_sms, device: torch.device) -> None:
     """Raise ValueError where ``trainer.step_sms`` cannot be used (before anything is built)."""
     if step_sms is None:
         return
-    if isinstance(step_sms, bool) or not isinstance(step_sms, int) or step_sms < 1:
-        raise ValueError(f"trainer.step_sms={step_sms!r}: use null (all SMs) or a number of SMs")
+    _form(step_sms)
     if device.type != "cuda":
-        raise ValueError(f"trainer.step_sms={step_sms}: it needs a CUDA device (trainer.device "
+        raise ValueError(f"trainer.step_sms={_show(step_sms)}: it needs a CUDA device (trainer.device "
                          f"resolved to {device.type})")  # fmt: skip
 
 
@@ -52,13 +88,23 @@ def green_stream(num_sms: int, device) -> tuple[object, torch.cuda.Stream]:
 
 
 @contextlib.contextmanager
-def on_sms(step_sms, device):
-    """Run the block's CUDA work on a green context of ``step_sms`` SMs (None: as it is). The
-    block's stream waits for the caller's work before it, the caller's for the block's after."""
+def on_sms(step_sms, device, say=None):
+    """Run the block's CUDA work on a green context of ``step_sms`` SMs, a count or a fraction
+    (None: as it is). The block's stream waits for the caller's work before it, the caller's
+    for the block's after. ``say`` is told the count."""
     if step_sms is None:
         yield None
         return
-    ctx, stream = green_stream(step_sms, device)
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).multi_processor_count
+    n = sm_count(step_sms, total)
+    ctx, stream = green_stream(n, device)
+    if say is not None:
+        say(
+            f"trainer.step_sms={_show(step_sms)}: the loop on a green context of {n} of the "
+            f"GPU's {total} SMs"
+        )
     caller = torch.cuda.current_stream(device)
     stream.wait_stream(caller)
     try:
