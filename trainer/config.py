@@ -75,7 +75,7 @@ class TrainerConfig:
     step_graph: bool = False
     # the loop's GPU work on a CUDA green context of this many SMs (or this fraction of them, in
     # (0, 1)), the rest left to other work such as the GPU image pipeline
-    # (trainer/sm_partition.py; 1.23-1.35x EfficientViT images/s from JPEGs on an H100); null: all
+    # (trainer/sm_partition.py; 1.23-1.34x EfficientViT images/s from JPEGs on an H100); null: all
     step_sms: float | None = None
     parallel: str = "ddp"  # ddp | fsdp (FSDP2: blocks, then the root; see trainer/parallel.py)
     # DDP's bucket_cap_mb: gradients are all-reduced in buckets of this size. 100 (DDP's own

@@ -6,7 +6,7 @@ primary context, the GPU image pipeline's included (``data.decode=gpu``: nvJPEG,
 drives it, waits on the host for small per-image kernels), may use every SM, so it never queues
 behind the step's kernels for lack of one; the step runs on fewer SMs. Opt-in, for the case
 where such a pipeline, not the step, bounds training: EfficientViT M0/M2/M5 from JPEGs with
-``data.decode=gpu trainer.step_graph=true`` trained 1.23-1.35x faster on an H100 with the loop on
+``data.decode=gpu trainer.step_graph=true`` trained 1.23-1.34x faster on an H100 with the loop on
 96-120 of its 132 SMs (docs/benchmarks.md, "SMs the step cannot take").
 
 ``step_sms`` is a number of SMs (an integer from 1 to the GPU's count less one) or a fraction of
