@@ -61,16 +61,21 @@ def check(step_sms, device: torch.device) -> None:
         return
     _form(step_sms)
     if device.type != "cuda":
-        raise ValueError(f"trainer.step_sms={_show(step_sms)}: it needs a CUDA device (trainer.device "
-                         f"resolved to {device.type})")  # fmt: skip
+        raise ValueError(f"trainer.step_sms={_show(step_sms)}: it needs a CUDA device "
+                         f"(trainer.device resolved to {device.type})")  # fmt: skip
+
+
+def _sms_of(device) -> tuple[int, int]:
+    """(device index, number of SMs) of a CUDA device."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return index, torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def green_stream(num_sms: int, device) -> tuple[object, torch.cuda.Stream]:
     """(context, stream): a CUDA green context of ``num_sms`` SMs on ``device`` and a stream
     whose kernels run only on those SMs. Keep the context as long as the stream is used."""
-    device = torch.device(device)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    total = torch.cuda.get_device_properties(index).multi_processor_count
+    index, total = _sms_of(device)
     if not 0 < num_sms < total:
         raise ValueError(f"{num_sms} SMs: use 1 .. {total - 1} (this GPU has {total})")
     try:
@@ -96,9 +101,7 @@ def on_sms(step_sms, device, say=None):
         yield None
         return
     device = torch.device(device)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    total = torch.cuda.get_device_properties(index).multi_processor_count
-    n = sm_count(step_sms, total)
+    n = sm_count(step_sms, total := _sms_of(device)[1])
     ctx, stream = green_stream(n, device)
     if say is not None:
         say(
