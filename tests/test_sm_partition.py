@@ -113,3 +113,13 @@ def test_training_on_part_of_the_sms_trains_as_on_all(tmp_path, graph):
                           f"trainer.step_sms={part}")
            for part in ("null", 0.5)]  # fmt: skip
     assert_same_training(*got)
+
+
+def test_idle_note_says_where_the_freed_sms_go_unused():
+    assert sm_partition.idle_note(None, decode_gpu=False, pipeline_here=False) is None
+    assert sm_partition.idle_note(0.8, decode_gpu=True, pipeline_here=True) is None
+    child = sm_partition.idle_note(0.8, decode_gpu=True, pipeline_here=False)
+    assert child.startswith("trainer.step_sms=0.8: ") and "child process" in child
+    assert "data.decode_process=false" in child
+    none = sm_partition.idle_note(104.0, decode_gpu=False, pipeline_here=False)
+    assert none.startswith("trainer.step_sms=104: ") and "no GPU image pipeline" in none

@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 import ops
+from data import decode_in_process
 
 from . import checkpoint as ckpt_lib
 from . import config as config_lib
@@ -294,6 +295,11 @@ def _run(rc, info) -> dict:
     if info.is_main:
         _truncate_metrics(run_dir / "metrics.jsonl", step)
     monitor = Monitor(rc, run_dir, info.is_main, config_dict, wandb_id=extras.get("wandb_id"))
+    decode_gpu = getattr(rc.data, "decode", "cpu") == "gpu"
+    note = sm_partition.idle_note(t.step_sms, decode_gpu, decode_gpu and not decode_in_process(
+        rc.data, info.device, step_graph=t.step_graph))  # fmt: skip
+    if note:
+        say(note)
     try:
         with sm_partition.on_sms(t.step_sms, info.device, say):  # trainer.step_sms
             return _loop(rc, info, task, train_model, opt, manager, monitor, step, accum,

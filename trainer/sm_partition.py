@@ -55,6 +55,22 @@ def sm_count(step_sms, total: int) -> int:
     return n
 
 
+def idle_note(step_sms, decode_gpu: bool, pipeline_here: bool) -> str | None:
+    """A line for the log where ``step_sms`` leaves SMs to work that cannot use them: the GPU
+    image pipeline in a child process (its own CUDA context, which this process's green context
+    does not partition; measured: no gain), or no GPU pipeline at all. None where it is the
+    measured case, ``data.decode=gpu`` with the pipeline's threads in this process."""
+    if step_sms is None or pipeline_here:
+        return None
+    why = ("the GPU image pipeline runs in a child process (data.decode_process), whose kernels "
+           "a green context of this process does not make room for; data.decode_process=false "
+           "keeps it in threads here" if decode_gpu else
+           "no GPU image pipeline works beside it (data.decode=gpu, its pipeline in threads, is "
+           "the case it is for)")  # fmt: skip
+    return (f"trainer.step_sms={_show(step_sms)}: the loop runs on part of the SMs, but {why}; "
+            "docs/benchmarks.md, \"SMs the step cannot take\"")  # fmt: skip
+
+
 def check(step_sms, device: torch.device) -> None:
     """Raise ValueError where ``trainer.step_sms`` cannot be used (before anything is built)."""
     if step_sms is None:
