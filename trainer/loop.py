@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 import ops
-from data import decode_in_process
+from data import ProcessAhead
 
 from . import checkpoint as ckpt_lib
 from . import config as config_lib
@@ -295,9 +295,9 @@ def _run(rc, info) -> dict:
     if info.is_main:
         _truncate_metrics(run_dir / "metrics.jsonl", step)
     monitor = Monitor(rc, run_dir, info.is_main, config_dict, wandb_id=extras.get("wandb_id"))
-    decode_gpu = getattr(rc.data, "decode", "cpu") == "gpu"
-    note = sm_partition.idle_note(t.step_sms, decode_gpu, decode_gpu and not decode_in_process(
-        rc.data, info.device, step_graph=t.step_graph))  # fmt: skip
+    decode_gpu = getattr(task, "decode", None) is not None  # as built: data.decode=gpu ...
+    here = decode_gpu and not isinstance(task.train_loader, ProcessAhead)  # ... in this process
+    note = sm_partition.idle_note(t.step_sms, decode_gpu, here)
     if note:
         say(note)
     try:
