@@ -249,8 +249,10 @@ def _fwd_tiles(opts: dict, d: int, dtype: torch.dtype, group: int) -> tuple[str,
     return "packed1", (tiles[0], tiles[1], *_given(opts, _PACKED1_OPTIONS, base), tiles[5])
 
 
-def _bwd_tiles(opts: dict, d: int, dtype: torch.dtype, group: int) -> tuple[str, list[tuple]]:
-    """(kernel, [tiles of dQ, dK1/dV1, dK2/dV2]) of the backward, tiles as ``_tiles``:
+def _bwd_tiles(opts: dict, d: int, dtype: torch.dtype, group: int,
+               split: bool = False) -> tuple[str, list[tuple]]:  # fmt: skip
+    """(kernel, [tiles of dQ, dK1/dV1, dK2/dV2]) of the backward, tiles as ``_tiles``
+    (split: of dQ with dK1, dV1 alone, dK2/dV2; see ``DQ_DK1``):
     'packed1' (the three ``*_packed1_kernel``) where asked (bwd_kernel='packed1'; the
     forward's tiles must be one position, heads_per_tile == block_m) or, for 'auto', where the
     forward runs packed1 (1.5x the tiled backward on an H100: docs/benchmarks.md), else
@@ -272,8 +274,10 @@ def _bwd_tiles(opts: dict, d: int, dtype: torch.dtype, group: int) -> tuple[str,
     if _INTERPRET:
         bases = [_tiles(opts, d, dtype, group, backward=True)[2:5]] * 3
     else:
-        bases = [BWD_PACKED1_TILES.get(name) or base for name, base in
-                 zip(("dq", "dk1dv1", "dk2dv2"), _BWD_PACKED1[dtype == torch.float32])]  # fmt: skip
+        names = ("dqdk1", "dv1", "dk2dv2") if split else ("dq", "dk1dv1", "dk2dv2")
+        fp32 = dtype == torch.float32
+        defaults = (*_BWD_SPLIT[fp32], _BWD_PACKED1[fp32][2]) if split else _BWD_PACKED1[fp32]
+        bases = [BWD_PACKED1_TILES.get(name) or base for name, base in zip(names, defaults)]
     return "packed1", [(ftiles[0], 1, *_given(opts, _PACKED1_OPTIONS, base), ftiles[5])
                        for base in bases]  # fmt: skip
 
@@ -291,6 +295,14 @@ _BWD_PACKED1 = {
 }
 
 
+# The split backward's GPU defaults (block_n2, num_warps, num_stages) of dQ with dK1 and of dV1
+# alone (DQ_DK1), by [fp32]; dK2/dV2 as _BWD_PACKED1. Not yet timed.
+_BWD_SPLIT = {
+    False: ((32, 4, 3), (64, 4, 2)),
+    True: ((32, 8, 1), (32, 8, 1)),
+}
+
+
 # Per-kernel overrides of those defaults on the GPU, (block_n2, num_warps, num_stages) or None;
 # options given to the backend still come first. For the tile sweep of
 # scripts/bench_simplicial.py --sweep-bwd-tiles.
@@ -298,7 +310,25 @@ BWD_PACKED1_TILES: dict[str, tuple[int, int, int] | None] = {
     "dq": None,
     "dk1dv1": None,
     "dk2dv2": None,
+    "dqdk1": None,
+    "dv1": None,
 }
+
+# The split packed1 backward: ``_dqdk1_packed1_kernel`` gives dQ and dK1 (both are sums of
+# dS_ijk times the product W = dS @ k2 it forms once; dK1's (D,) rows are fp32 atomic adds) and
+# ``_dk1dv1_packed1_kernel`` with DV1_ONLY gives dV1 (S and P @ v2 only): 3 + 2 tile products
+# per (position, k1 key, k2 tile) where dQ and dK1/dV1 take 3 + 4. The atomics make dK1's
+# rounding depend on the order of the adds, so under torch.use_deterministic_algorithms(True)
+# the backward keeps the separate kernels. None (default): split for fp16/bf16 when not
+# deterministic; True/False force it (the tests and the tile sweep use both).
+DQ_DK1: bool | None = None
+
+
+def _split_bwd(dtype: torch.dtype) -> bool:
+    """Whether the packed1 backward runs split (``DQ_DK1``)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return False
+    return dtype != torch.float32 if DQ_DK1 is None else DQ_DK1
 
 
 # The packed1 dK2/dV2 kernel accumulating dK2^T, dV2^T (TRANSPOSED): every product then has 64+
@@ -346,7 +376,9 @@ def _backward(do, dlse, q, k1, k2, v1, v2, o, lse, causal, w1, w2, scale, opts):
     the GQA group in-kernel."""
     b, nq, h, d = q.shape
     n1, hkv, n2 = k1.shape[1], k1.shape[2], k2.shape[1]
-    kernel, tiles = _bwd_tiles(opts, d, q.dtype, h // hkv)
+    split = _split_bwd(q.dtype)
+    kernel, tiles = _bwd_tiles(opts, d, q.dtype, h // hkv, split)
+    split = split and kernel == "packed1"
     bm, _, _, warps, stages, hp = tiles[0]
     delta = _row_delta(o, do, dlse, _Tiles(bm, 16, warps, stages))  # rowsum(dO * O) - dLSE
     dq = torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device)
@@ -359,6 +391,12 @@ def _backward(do, dlse, q, k1, k2, v1, v2, o, lse, causal, w1, w2, scale, opts):
     else:
         kernels = (K._dq_kernel, K._dk1dv1_kernel, K._dk2dv2_kernel)
     outs = ((dq,), (dk1, dv1), (dk2, dv2))
+    if split:  # dK1 summed over positions by fp32 atomics, in dk1 itself when fp32
+        dk1f = (
+            dk1.zero_() if q.dtype == torch.float32 else torch.zeros_like(dk1, dtype=torch.float32)
+        )
+        kernels = (K._dqdk1_packed1_kernel, *kernels[1:])
+        outs = ((dq, dk1f), (dk1f, dv1), (dk2, dv2))
     for x, (kern, out, (bm, bn1, bn2, warps, stages, hp)) in enumerate(zip(kernels, outs, tiles)):
         grid = (_cdiv((nq, n1, n2)[x], (bm // hp, bn1, bn2)[x]), b * (h // hp if x == 0 else hkv))
         const = dict(CAUSAL=causal, HEAD_D=d, BLOCK_M=bm, BLOCK_N1=bn1, BLOCK_N2=bn2, HEADS=hp,
@@ -371,8 +409,12 @@ def _backward(do, dlse, q, k1, k2, v1, v2, o, lse, causal, w1, w2, scale, opts):
             reload = q.dtype != torch.float32 if DK1_RELOAD is None else DK1_RELOAD
             if x == 1 and reload:
                 const["RELOAD"] = True
+            if x == 1 and split:
+                const["DV1_ONLY"] = True
         if all(grid):
             launch(kern, grid, q, k1, k2, v1, v2, do, lse, delta, *out, *args, **const)
+    if split and dk1f is not dk1:
+        dk1.copy_(dk1f)
     return dq, dk1, dk2, dv1, dv2
 
 

@@ -514,6 +514,61 @@ def _dq_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DQ, sqb, sqn, sqh, sqd
 
 
 @_jit
+def _dqdk1_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DQ, DK1F, sqb, sqn, sqh, sqd,
+                          s1b, s1n, s1h, s1d, s2b, s2n, s2h, s2d, t1b, t1n, t1h, t1d,
+                          t2b, t2n, t2h, t2d, sdb, sdn, sdh, sdd, n_q, n1, n2, n_heads, group,
+                          w1, w2, qk_scale, scale, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N2: tl.constexpr,
+                          IEEE: tl.constexpr):  # fmt: skip
+    """dQ of one position i x BLOCK_M heads and its share of dK1. Per k1 key j (outer) and k2
+    tile (inner), with a = q * k1_j and c = dO * v1_j: S = a @ k2^T, dS = P * (c @ v2^T -
+    Delta) and W_j += dS @ k2; then dQ += k1_j * W_j and dK1_j += sum_h q * W_j (an fp32
+    atomic add of one (D,) row into DK1F). dQ_i = sum_jk dS_ijk k1_j * k2_k and dK1_j =
+    sum_ik dS_ijk q_i * k2_k share the product W, so dQ and dK1 cost three tile products per
+    (i, j, k2 tile), not the seven of the dQ and dK1/dV1 kernels; dV1 is left to
+    ``_dk1dv1_packed1_kernel`` with DV1_ONLY (two products). q and dO are read again for each
+    key (volatile loads) rather than held in registers through the loops."""
+    # floats arrive as fp64 where torch.compile's Inductor launches the kernel
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    scale = tl.cast(scale, tl.float32)
+    i, b, h0, offs_m, heads = _row_ids(tl.program_id(0), tl.program_id(1), n_heads,
+                                       BLOCK_M, BLOCK_M)  # fmt: skip
+    hk = h0 // group
+    lse, delta = _row_stats(LSE, DELTA, b, heads, offs_m, n_q, n_heads)
+    offs_d = tl.arange(0, HEAD_D)
+    dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+    lo1, hi1, lo2, hi2, k1_ptr, v1_ptr = _packed1_ranges(K1, V1, i, b, hk, n1, n2, w1, w2, s1b,
+                                                         s1n, s1h, s1d, t1b, t1n, t1h, t1d,
+                                                         CAUSAL, HEAD_D, BLOCK_N2)  # fmt: skip
+    dk1_row = DK1F + ((b * n1 + lo1) * (n_heads // group) + hk) * HEAD_D + offs_d
+    for _ in range(lo1, hi1):
+        k1 = tl.load(k1_ptr)
+        v1 = tl.load(v1_ptr)
+        q = _qrows(Q + b * sqb, offs_m, heads, n_q, sqn, sqh, sqd, HEAD_D, True)
+        do = _qrows(DO + b * sdb, offs_m, heads, n_q, sdn, sdh, sdd, HEAD_D, True)
+        a = q * k1[None, :]
+        c = do * v1[None, :]
+        w = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+        for s2 in range(lo2, hi2, BLOCK_N2):
+            offs2 = s2 + tl.arange(0, BLOCK_N2)
+            k2 = _rows(K2 + b * s2b + hk * s2h, offs2, n2, s2n, s2d, HEAD_D)
+            v2 = _rows(V2 + b * t2b + hk * t2h, offs2, n2, t2n, t2d, HEAD_D)
+            bias = _k2_bias(i, offs2, n2, w2, CAUSAL)
+            s = _dot(a, tl.trans(k2), IEEE) * qk_scale + bias[None, :]
+            p = tl.exp2(s - lse[:, None])
+            ds = p * (_dot(c, tl.trans(v2), IEEE) - delta[:, None])
+            w = _dot_acc(ds.to(k2.dtype), k2, w, IEEE)
+        dq += w * k1.to(tl.float32)[None, :]
+        q = _qrows(Q + b * sqb, offs_m, heads, n_q, sqn, sqh, sqd, HEAD_D, True)
+        tl.atomic_add(dk1_row, tl.sum(q.to(tl.float32) * w, 0) * scale, sem="relaxed")
+        k1_ptr += s1n
+        v1_ptr += t1n
+        dk1_row += (n_heads // group) * HEAD_D
+    out = ((b * n_q + i) * n_heads + heads[:, None]) * HEAD_D + offs_d[None, :]
+    tl.store(DQ + out, (dq * scale).to(DQ.dtype.element_ty))
+
+
+@_jit
 def _dk2_packed1_keys(q, do, lse, delta, k2, v2, bias, dk, dv, k1_ptr, v1_ptr, s1n, t1n, lo1,
                       hi1, qk_scale, MASKED: tl.constexpr, IEEE: tl.constexpr,
                       TRANSPOSED: tl.constexpr):  # fmt: skip
@@ -617,12 +672,15 @@ def _dk1dv1_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK1, DV1, sqb, sqn
                            t2b, t2n, t2h, t2d, sdb, sdn, sdh, sdd, n_q, n1, n2, n_heads, group,
                            w1, w2, qk_scale, scale, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N2: tl.constexpr,
-                           IEEE: tl.constexpr, RELOAD: tl.constexpr = False):  # fmt: skip
+                           IEEE: tl.constexpr, RELOAD: tl.constexpr = False,
+                           DV1_ONLY: tl.constexpr = False):  # fmt: skip
     """dK1, dV1 of one (k1 key j, batch * kv head): over the positions i that see j and the
     head blocks of the group, u = P @ v2 and w = dS @ k2 summed over i's k2 tiles, then
     dV1_j += sum_h dO * u and dK1_j += sum_h q * w. Each (i, j, k) score is computed once.
     RELOAD: q and dO read again after the k2 loop (volatile loads) instead of kept through it:
-    at the 16-bit default tiles ptxas then spills 352 B, not 744 (sm_90, Triton 3.6)."""
+    at the 16-bit default tiles ptxas then spills 352 B, not 744 (sm_90, Triton 3.6).
+    DV1_ONLY: dV1 alone (S and u = P @ v2, two products; dP, dS and w are not formed), where
+    ``_dqdk1_packed1_kernel`` gives dK1; DK1 is not written."""
     # floats arrive as fp64 where torch.compile's Inductor launches the kernel
     qk_scale = tl.cast(qk_scale, tl.float32)
     scale = tl.cast(scale, tl.float32)
@@ -654,15 +712,19 @@ def _dk1dv1_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK1, DV1, sqb, sqn
                 bias = _k2_bias(i, offs2, n2, w2, CAUSAL)
                 s = _dot(a, tl.trans(k2), IEEE) * qk_scale + bias[None, :]
                 p = tl.exp2(s - lse[:, None])
-                ds = p * (_dot(c, tl.trans(v2), IEEE) - delta[:, None])
+                if not DV1_ONLY:
+                    ds = p * (_dot(c, tl.trans(v2), IEEE) - delta[:, None])
                 u = _dot_acc(p.to(v2.dtype), v2, u, IEEE)
-                w = _dot_acc(ds.to(k2.dtype), k2, w, IEEE)
+                if not DV1_ONLY:
+                    w = _dot_acc(ds.to(k2.dtype), k2, w, IEEE)
             if RELOAD:  # q and dO from memory again: not held in registers through the loop
                 do = _qrows(DO + b * sdb, pos, heads, n_q, sdn, sdh, sdd, HEAD_D, True)
             dv += tl.sum(do.to(tl.float32) * u, 0)
-            if RELOAD:
-                q = _qrows(Q + b * sqb, pos, heads, n_q, sqn, sqh, sqd, HEAD_D, True)
-            dk += tl.sum(q.to(tl.float32) * w, 0)
+            if not DV1_ONLY:
+                if RELOAD:
+                    q = _qrows(Q + b * sqb, pos, heads, n_q, sqn, sqh, sqd, HEAD_D, True)
+                dk += tl.sum(q.to(tl.float32) * w, 0)
     out = ((b * n1 + j) * (n_heads // group) + hk) * HEAD_D + offs_d
-    tl.store(DK1 + out, (dk * scale).to(DK1.dtype.element_ty))
+    if not DV1_ONLY:
+        tl.store(DK1 + out, (dk * scale).to(DK1.dtype.element_ty))
     tl.store(DV1 + out, dv.to(DV1.dtype.element_ty))

@@ -121,11 +121,15 @@ _SWEEP = {
     "dk2dv2": [(64, 4, 1), (64, 4, 2), (128, 4, 1), (64, 2, 1)],
     # the same kernel accumulating dK2^T, dV2^T (ops.simplicial.DK2_TRANSPOSED)
     "dk2dv2_t": [(32, 4, 1), (32, 4, 2), (64, 4, 1), (64, 4, 2), (32, 2, 1), (16, 2, 1)],
+    # the split backward (ops.simplicial.DQ_DK1): dQ with dK1, and dV1 alone
+    "dqdk1": [(32, 4, 3), (32, 4, 1), (32, 4, 2), (64, 4, 1), (16, 4, 3), (16, 4, 1)],
+    "dv1": [(64, 4, 2), (64, 4, 1), (32, 4, 3), (32, 4, 2), (128, 4, 1), (64, 4, 3)],
 }
 _KERNEL_NAMES = {"dq": "_dq_packed1_kernel", "dk1dv1": "_dk1dv1_packed1_kernel",
                  "dk1dv1_r": "_dk1dv1_packed1_kernel",
                  "dk2dv2": "_dk2dv2_packed1_kernel",
-                 "dk2dv2_t": "_dk2dv2_packed1_kernel"}  # fmt: skip
+                 "dk2dv2_t": "_dk2dv2_packed1_kernel",
+                 "dqdk1": "_dqdk1_packed1_kernel", "dv1": "_dk1dv1_packed1_kernel"}  # fmt: skip
 
 
 def _sweep_bwd_tiles(name: str, dtype, reps: int = 2, kernels=None) -> list[dict]:
@@ -153,6 +157,8 @@ def _sweep_bwd_tiles(name: str, dtype, reps: int = 2, kernels=None) -> list[dict
         # the form swept; the others at their defaults (None), so backward_ms is the total
         simplicial.DK2_TRANSPOSED = {"dk2dv2": False, "dk2dv2_t": True}.get(kernel)
         simplicial.DK1_RELOAD = {"dk1dv1": False, "dk1dv1_r": True}.get(kernel)
+        # dq and dk1dv1 are the separate kernels; dk2dv2 runs beside the default split
+        simplicial.DQ_DK1 = {"dq": False, "dk1dv1": False, "dk1dv1_r": False}.get(kernel)
         for cfg in configs:
             simplicial.BWD_PACKED1_TILES[hook] = cfg
             row = {"case": name, "kernel": kernel, "tiles": cfg}
@@ -176,6 +182,7 @@ def _sweep_bwd_tiles(name: str, dtype, reps: int = 2, kernels=None) -> list[dict
         simplicial.BWD_PACKED1_TILES[hook] = None
     simplicial.DK2_TRANSPOSED = None
     simplicial.DK1_RELOAD = None
+    simplicial.DQ_DK1 = None
     return rows
 
 
@@ -196,6 +203,9 @@ def main() -> None:
     ap.add_argument("--dk1-plain", action="store_true",
                     help="the rows with ops.simplicial.DK1_RELOAD off (dK1/dV1 holds q and dO "
                     "through its k2 loop, as before the 16-bit default read them again)")  # fmt: skip
+    ap.add_argument("--separate", action="store_true",
+                    help="the rows with ops.simplicial.DQ_DK1 off (the separate dQ and dK1/dV1 "
+                    "kernels, as before the split backward)")  # fmt: skip
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_simplicial needs a CUDA GPU (the CPU tests cover correctness)")
@@ -218,6 +228,7 @@ def main() -> None:
     from ops import simplicial
 
     simplicial.DK1_RELOAD = False if args.dk1_plain else None
+    simplicial.DQ_DK1 = False if args.separate else None
     rows = []
     for name in args.cases.split(","):
         if name not in CASES:
@@ -225,7 +236,7 @@ def main() -> None:
         rows += _rows(name, DTYPES[args.dtype], not args.no_bwd, args.bwd_kernels.split(","))
         torch.cuda.empty_cache()
     env = _env(dtype=args.dtype, cases={k: CASES[k][:7] for k in args.cases.split(",")},
-               dk1_plain=args.dk1_plain)  # fmt: skip
+               dk1_plain=args.dk1_plain, separate=args.separate)  # fmt: skip
     Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, {args.dtype}, causal")
     _print(rows)

@@ -138,13 +138,18 @@ def _simplicial(n, h, hkv, d, w1, w2):
 
 
 def _simplicial_plain(*case):
-    """The window GQA backward again with dK1/dV1 holding q and dO through its k2 loop
-    (simplicial.DK1_RELOAD=False; the 16-bit default reads them again after it)."""
-    simplicial.DK1_RELOAD = False
+    """The window GQA backward again with the separate dQ and dK1/dV1 kernels
+    (simplicial.DQ_DK1=False; the 16-bit default splits them into dQ with dK1 and dV1 alone),
+    dK1/dV1 once reading q and dO again after its k2 loop (DK1_RELOAD, the 16-bit default) and
+    once holding them through it."""
+    simplicial.DQ_DK1 = False
     try:
+        _simplicial(*case)
+        simplicial.DK1_RELOAD = False
         _simplicial(*case)
     finally:
         simplicial.DK1_RELOAD = None
+        simplicial.DQ_DK1 = None
 
 
 def _cga(heads, cs, window, kernels, side):
