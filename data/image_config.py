@@ -99,9 +99,6 @@ class ImageDataConfig:
     # data.decode=gpu: batches decoded ahead, by two background threads on side streams, while
     # the step runs (data.background.Ahead); 0 decodes them in the training loop
     decode_ahead: int = 2
-    # data.decode=gpu with decode_ahead > 0: a third thread takes the loader's batches from its
-    # workers, so the decoding thread does not wait for them between batches
-    receive_ahead: bool = False
     # data.decode=gpu: the loader, the decoding and the augmentation in a child process of their
     # own (data.process_ahead; batches through shared CUDA buffers), so that their host work
     # does not share the training step's GIL (+20-25% images/s for EfficientViT-M0 on an H100,

@@ -231,48 +231,13 @@ class _Inline:
         return len(self.source)
 
 
-def _received(batch):
-    """data.receive_ahead: the batch as the loader handed it (the thread only takes it)."""
-    return batch
-
-
-class _Received:
-    """data.receive_ahead: ``epochs``' batches taken from the loader by a thread of their own.
-    Its state is the loader's position of the batch last handed out with the pipeline's
-    counter as it is now: read by the decoding thread just after decoding that batch, not by
-    the receiving thread, which runs ahead of the decoding."""
-
-    def __init__(self, epochs, decode, ahead: int):
-        self.ahead = Ahead(epochs, _received, torch.device("cpu"), ahead, name="receive-ahead")
-        self.decode = decode
-
-    def next_batch(self):
-        return self.ahead.next_batch()
-
-    def state_dict(self) -> dict:
-        state = self.ahead.state_dict()
-        if "augment" in state:
-            state["augment"] = self.decode.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.ahead.load_state_dict(state)
-
-    def __len__(self) -> int:
-        return len(self.ahead)
-
-
-def _decoded(epochs, decode, dev, ahead: int, receive: bool = False):
+def _decoded(epochs, decode, dev, ahead: int):
     """``epochs``' encoded batches as (uint8 images, labels) on ``dev``: decoded and augmented
-    by two threads ``ahead`` batches ahead, or in the caller's thread for ``ahead=0``.
-    ``receive`` (with ``ahead``): a third thread takes the batches from the loader's workers,
-    so the decoding thread does not wait for them between batches."""
+    by two threads ``ahead`` batches ahead, or in the caller's thread for ``ahead=0``."""
     dev = torch.device(dev)
     first = functools.partial(_decode_stage, decode, dev)
     second = functools.partial(_augment_stage, decode)
     if ahead:
-        if receive:
-            epochs = _Received(epochs, decode, ahead)
         return Ahead(Ahead(epochs, first, dev, ahead, name="decode-ahead"), second, dev, ahead,
                      name="augment-ahead")  # fmt: skip
     return _Inline(epochs, lambda batch: second(first(batch)))
@@ -285,8 +250,7 @@ def _gpu_train_source(rc, rank: int, world: int, device: str):
     dev = torch.device(device)
     loader, *_ = _image_loaders(rc, rank, world)
     decode = build_gpu_pipeline(rc.data, seed=rc.seed, rank=rank)
-    return _decoded(_Epochs(loader, augment=decode), decode, dev, int(rc.data.decode_ahead),
-                    bool(rc.data.receive_ahead))  # fmt: skip
+    return _decoded(_Epochs(loader, augment=decode), decode, dev, int(rc.data.decode_ahead))
 
 
 def _gpu_train_spec(rc) -> tuple:
@@ -346,8 +310,7 @@ class ClassificationTask:
                     state=self.train_loader.state_dict(), spec=_gpu_train_spec(rc),
                 )  # fmt: skip
             elif self.decode is not None:  # two threads while the step runs (0: in the loop)
-                self.train_loader = _decoded(self.train_loader, self.decode, info.device, ahead,
-                                             bool(rc.data.receive_ahead))  # fmt: skip
+                self.train_loader = _decoded(self.train_loader, self.decode, info.device, ahead)
 
     def next_batch(self):
         images, labels = to_device(
