@@ -28,7 +28,10 @@ head); auto picks the largest power of two dividing the GQA group, at most ``blo
 forward tile of one position (heads_per_tile == block_m) runs its own kernel (option
 ``fwd_kernel``: 'auto' picks it there, 'tiled' keeps the general one). The backward has
 one-position kernels too (option ``bwd_kernel``: 'auto' runs them behind the one-position
-forward, 1.5x the general ones on an H100; 'tiled' keeps the general ones). The backward is the
+forward, 1.5x the general ones on an H100; 'tiled' keeps the general ones); for 16-bit inputs
+they run split (``DQ_DK1``): dQ with dK1, whose rows are fp32 atomic adds, so dK1 is not
+bitwise reproducible except under ``torch.use_deterministic_algorithms(True)``, which keeps
+the separate, atomic-free kernels. The backward is the
 true gradient of the forward, LSE included (tests compare with autograd through the float64
 reference). fp32 uses IEEE dots; fp16/bf16 round q * k1, P and dS to the input dtype before the
 fp32-accumulating dots (the one-position forward also rounds v1 * v2, its backward k2 * k1,
@@ -296,7 +299,8 @@ _BWD_PACKED1 = {
 
 
 # The split backward's GPU defaults (block_n2, num_warps, num_stages) of dQ with dK1 and of dV1
-# alone (DQ_DK1), by [fp32]; dK2/dV2 as _BWD_PACKED1. Not yet timed.
+# alone (DQ_DK1), by [fp32]; dK2/dV2 as _BWD_PACKED1. bf16: the fastest of the sweep
+# (window_gqa, H100, docs/benchmarks.md), 158.9 and 116.8 ms; fp32: not timed.
 _BWD_SPLIT = {
     False: ((32, 4, 3), (64, 4, 2)),
     True: ((32, 8, 1), (32, 8, 1)),
@@ -320,7 +324,9 @@ BWD_PACKED1_TILES: dict[str, tuple[int, int, int] | None] = {
 # per (position, k1 key, k2 tile) where dQ and dK1/dV1 take 3 + 4. The atomics make dK1's
 # rounding depend on the order of the adds, so under torch.use_deterministic_algorithms(True)
 # the backward keeps the separate kernels. None (default): split for fp16/bf16 when not
-# deterministic; True/False force it (the tests and the tile sweep use both).
+# deterministic (H100, window_gqa: backward 469 ms, 262.5 TFLOP/s, against 495.7 ms for the
+# separate kernels in the same call); fp32 keeps them (not timed); True/False force it (the
+# tests and the tile sweep use both).
 DQ_DK1: bool | None = None
 
 
