@@ -454,6 +454,20 @@ def _k2_bias(i, offs2, n2, w2, CAUSAL: tl.constexpr):
 
 
 @_jit
+def _k2_probs(K2, V2, b, hk, i, s2, n2, w2, a, lse, qk_scale, s2b, s2n, s2h, s2d, t2b, t2n, t2h,
+              t2d, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N2: tl.constexpr,
+              IEEE: tl.constexpr):  # fmt: skip
+    """The k2, v2 rows of the tile at s2 and P = exp2(a @ k2^T * qk_scale - lse), masked to
+    position i's k2 window (the tile loop of the key-outer one-position kernels)."""
+    offs2 = s2 + tl.arange(0, BLOCK_N2)
+    k2 = _rows(K2 + b * s2b + hk * s2h, offs2, n2, s2n, s2d, HEAD_D)
+    v2 = _rows(V2 + b * t2b + hk * t2h, offs2, n2, t2n, t2d, HEAD_D)
+    bias = _k2_bias(i, offs2, n2, w2, CAUSAL)
+    s = _dot(a, tl.trans(k2), IEEE) * qk_scale + bias[None, :]
+    return k2, v2, tl.exp2(s - lse[:, None])
+
+
+@_jit
 def _dq_packed1_keys(q, do, lse, delta, k2, v2, bias, dq, k1_ptr, v1_ptr, s1n, t1n, lo1, hi1,
                      qk_scale, MASKED: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """One k2 tile of ``_dq_packed1_kernel`` over the k1 keys [lo1, hi1), k1_j/v1_j read one
@@ -551,12 +565,8 @@ def _dqdk1_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DQ, DK1F, sqb, sqn,
         c = do * v1[None, :]
         w = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
         for s2 in range(lo2, hi2, BLOCK_N2):
-            offs2 = s2 + tl.arange(0, BLOCK_N2)
-            k2 = _rows(K2 + b * s2b + hk * s2h, offs2, n2, s2n, s2d, HEAD_D)
-            v2 = _rows(V2 + b * t2b + hk * t2h, offs2, n2, t2n, t2d, HEAD_D)
-            bias = _k2_bias(i, offs2, n2, w2, CAUSAL)
-            s = _dot(a, tl.trans(k2), IEEE) * qk_scale + bias[None, :]
-            p = tl.exp2(s - lse[:, None])
+            k2, v2, p = _k2_probs(K2, V2, b, hk, i, s2, n2, w2, a, lse, qk_scale, s2b, s2n, s2h,
+                                  s2d, t2b, t2n, t2h, t2d, CAUSAL, HEAD_D, BLOCK_N2, IEEE)  # fmt: skip
             ds = p * (_dot(c, tl.trans(v2), IEEE) - delta[:, None])
             w = _dot_acc(ds.to(k2.dtype), k2, w, IEEE)
         dq += w * k1.to(tl.float32)[None, :]
@@ -707,12 +717,9 @@ def _dk1dv1_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DK1, DV1, sqb, sqn
             u = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
             w = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
             for s2 in range(lo2, hi2, BLOCK_N2):
-                offs2 = s2 + tl.arange(0, BLOCK_N2)
-                k2 = _rows(K2 + b * s2b + hk * s2h, offs2, n2, s2n, s2d, HEAD_D)
-                v2 = _rows(V2 + b * t2b + hk * t2h, offs2, n2, t2n, t2d, HEAD_D)
-                bias = _k2_bias(i, offs2, n2, w2, CAUSAL)
-                s = _dot(a, tl.trans(k2), IEEE) * qk_scale + bias[None, :]
-                p = tl.exp2(s - lse[:, None])
+                k2, v2, p = _k2_probs(K2, V2, b, hk, i, s2, n2, w2, a, lse, qk_scale, s2b, s2n,
+                                      s2h, s2d, t2b, t2n, t2h, t2d, CAUSAL, HEAD_D, BLOCK_N2,
+                                      IEEE)  # fmt: skip
                 if not DV1_ONLY:
                     ds = p * (_dot(c, tl.trans(v2), IEEE) - delta[:, None])
                 u = _dot_acc(p.to(v2.dtype), v2, u, IEEE)
