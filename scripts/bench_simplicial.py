@@ -2,6 +2,7 @@
 
     python scripts/bench_simplicial.py [--out bench_simplicial.json] [--dtype bf16]
         [--cases window_gqa,gpt2] [--no-bwd] [--bwd-kernels auto,packed1] [--sweep-bwd-tiles]
+        [--sweep-kernels dqdk1,dv1] [--separate] [--dk1-plain]
 
 Cases (causal, heads-last (B, N, H, D)):
   window_gqa: B=4, 64 q heads on 1 k/v head, D=128, N=16384, w1=32, w2=512 (Fast and Simplex's
