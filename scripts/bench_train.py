@@ -1,6 +1,7 @@
 """Training throughput of GPT-2 124M: our trainer's step per position encoding vs a minimal GPT-2.
 
     python scripts/bench_train.py [--pos learned rope carope carope:fp32] [--loss auto] [--batch 32]
+        [--tuning] [--compile-mode max-autotune-no-cudagraphs]
 
 Each variant is compiled, runs bf16 autocast and fused AdamW with gradient clipping. The
 minimal loop reads the loss back every step (as build-nanogpt-style loops print it); ours reads
@@ -139,7 +140,8 @@ def make_ours_step(pos, loss, args, dev):
     opt = build_optimizer(model, optim_cfg, dev)
     task = RandomTokens(model, args.batch, args.seq, dev)
     task.model = model
-    trainer_cfg = TrainerConfig(compile=True, compile_tuning=args.tuning)
+    trainer_cfg = TrainerConfig(compile=True, compile_tuning=args.tuning,
+                                compile_mode=args.compile_mode)  # fmt: skip
     compiled = compile_model(model, trainer_cfg)
     rc = SimpleNamespace(optim=optim_cfg, trainer=trainer_cfg)
     info = DistInfo(device=dev)
@@ -209,6 +211,11 @@ def main():
                     "CUDA graph (trainer.step_graph)")  # fmt: skip
     ap.add_argument("--no-minimal", action="store_true")
     ap.add_argument("--tuning", action="store_true", help="ours: trainer.compile_tuning=true")
+    ap.add_argument("--compile-mode", default="default",
+                    choices=["default", "max-autotune-no-cudagraphs"],
+                    help="ours: trainer.compile_mode (max-autotune-no-cudagraphs: Inductor "
+                    "times Triton GEMM templates against cuBLAS and may fuse epilogues into "
+                    "them; the same model, a longer first compile)")  # fmt: skip
     ap.add_argument(
         "--kernel", default="auto", choices=["auto", "torch", "triton"], help="ours: pos.kernel"
     )
@@ -251,6 +258,7 @@ def main():
                 "pos": pos or "learned",
                 "flush_every": 1 if kind == "minimal" else args.flush_every,
                 "compile_tuning": kind != "minimal" and args.tuning,
+                "compile_mode": "default" if kind == "minimal" else args.compile_mode,
                 "pos_kernel": None if kind == "minimal" else args.kernel,
                 "loss": loss,
                 "params": n,
