@@ -13,8 +13,9 @@ k/v head and, at one position, one window: with 64 heads per k/v head a tile is 
 and the key loops cover exactly the windows, no causal slack). One program per (position tile,
 batch * head block) in the forward and dQ kernels, per (k1 tile, batch * kv head) and (k2 tile,
 batch * kv head) in the dK1/dV1 and dK2/dV2 kernels, which loop over the q heads of their GQA
-group (no atomics, deterministic; the one exception is ``_dqdk1_packed1_kernel`` below). When a tile is one position (HEADS == BLOCK_M) the forward
-has its own kernel, ``_fwd_packed1_kernel``: k1_j and v1_j are then single vectors, so each key
+group (no atomics, deterministic; the one exception is ``_dqdk1_packed1_kernel`` below). When
+a tile is one position (HEADS == BLOCK_M) the forward has its own kernel,
+``_fwd_packed1_kernel``: k1_j and v1_j are then single vectors, so each key
 j is two plain dots, (q * k1_j) @ k2^T and P @ (v2 * v1_j), into one (BLOCK_M, D) accumulator,
 without the (BLOCK_M, BLOCK_N1, D) temporary of ``_fwd_kernel``; so has the backward
 (``*_packed1_kernel``: dQ per position, dK2/dV2 per k2 tile, dK1/dV1 per k1 key, each looping
