@@ -567,7 +567,8 @@ def _dqdk1_packed1_kernel(Q, K1, K2, V1, V2, DO, LSE, DELTA, DQ, DK1F, sqb, sqn,
         w = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
         for s2 in range(lo2, hi2, BLOCK_N2):
             k2, v2, p = _k2_probs(K2, V2, b, hk, i, s2, n2, w2, a, lse, qk_scale, s2b, s2n, s2h,
-                                  s2d, t2b, t2n, t2h, t2d, CAUSAL, HEAD_D, BLOCK_N2, IEEE)  # fmt: skip
+                                  s2d, t2b, t2n, t2h, t2d, CAUSAL, HEAD_D, BLOCK_N2,
+                                  IEEE)  # fmt: skip
             ds = p * (_dot(c, tl.trans(v2), IEEE) - delta[:, None])
             w = _dot_acc(ds.to(k2.dtype), k2, w, IEEE)
         dq += w * k1.to(tl.float32)[None, :]
