@@ -501,10 +501,13 @@ _FAMILY_FNS = {"lut": _lut_family, "blend": _blend_family, "affine": _affine}
 @dataclass
 class Decoded:
     """A decoded batch between the pipeline's two stages: the images (uint8 (3, H, W), sizes
-    differ) and, for a train batch, its index (the seed of its draws); None for eval."""
+    differ), for a train batch its index (the seed of its draws; None for eval), and the
+    batch's last images as the loader's workers decoded and cropped them
+    (``data.cpu_decode_share``), if any."""
 
     images: list[torch.Tensor]
     index: int | None
+    crops: torch.Tensor | None = None  # uint8 (k, S, S, 3) the workers cropped, on the device
 
 
 class GpuImagePipeline:
@@ -559,21 +562,32 @@ class GpuImagePipeline:
         """Stage one: decode the batch (nvJPEG on CUDA). A train batch takes the next batch
         index (which fixes its random draws), so stage two may run in another thread."""
         device = torch.device(device)
+        crops = getattr(data, "crops", None)  # data.cpu_decode_share: the workers' crops
+        if crops is not None and not train:
+            raise ValueError("GpuImagePipeline.decode: an eval batch with worker crops "
+                             "(data.cpu_decode_share is for training batches only)")  # fmt: skip
         with self._lock:  # stages in threads of their own, eval batches from the loop
             index = None
             if train:
                 index, self.batches = self.batches, self.batches + 1
             if device.type != "cuda":
-                return Decoded(decode_batch(data, device, decoder=self.decoder), index)
+                images = decode_batch(data, device, decoder=self.decoder) if len(data) else []
+                return Decoded(images, index, None if crops is None else crops.to(device))
             if device not in self._streams:
                 self._streams[device] = torch.cuda.Stream(device)
             held, self._held = self._held, []
         for done, _ in held:  # earlier batches' images, read by now? Then their blocks
             done.synchronize()  # may take nvJPEG's writes (see decode_batch)
         del held
-        images = decode_batch(data, device, self._streams[device], record=False,
-                              decoder=self.decoder)  # fmt: skip
-        return Decoded(images, index)
+        stream = self._streams[device]
+        if crops is not None:  # on the decoding stream, which the caller's then waits for
+            with torch.cuda.stream(stream):
+                crops = crops.to(device, non_blocking=True)
+            torch.cuda.current_stream(device).wait_stream(stream)
+        images = []
+        if len(data):
+            images = decode_batch(data, device, stream, record=False, decoder=self.decoder)
+        return Decoded(images, index, crops)
 
     def augment(self, batch: Decoded) -> torch.Tensor:
         """Stage two: crop, flip and RandAugment (train) or the eval resize and crop."""
@@ -581,35 +595,50 @@ class GpuImagePipeline:
         if batch.index is None:
             x = self.eval_batch(images)
         else:
-            x = self.train_batch(images, batch.index)
-        if images and images[0].is_cuda:  # keep the images until this stream has read them
+            x = self.train_batch(images, batch.index, batch.crops)
+        if x.is_cuda:  # keep the images until this stream has read them
             done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(images[0].device))
+            done.record(torch.cuda.current_stream(x.device))
+            kept = images if batch.crops is None else [*images, batch.crops]
             with self._lock:
-                self._held.append((done, images))
+                self._held.append((done, kept))
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return x.to(torch.uint8, memory_format=fmt)
 
-    def train_batch(self, images: list[torch.Tensor], index: int) -> torch.Tensor:
+    def train_batch(self, images: list[torch.Tensor], index: int,
+                    cropped: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Decoded images -> float (B, 3, S, S): random-resized crop, flip, RandAugment, with
-        the draws of batch ``index``."""
+        the draws of batch ``index``. ``cropped``: uint8 (k, S, S, 3) images already cropped
+        (by the loader's workers), the batch's last k: they take the flip and RandAugment
+        draws of their places, and the draws of the others do not depend on k."""
         rng = np.random.default_rng([self.seed, self.rank, int(index), 0x475055])
-        b, s = len(images), self.img_size
-        hw = np.array([img.shape[-2:] for img in images], dtype=np.int64)
-        u = rng.random((b, 2 * CROP_TRIES + 2))
+        k = 0 if cropped is None else len(cropped)
+        n, s = len(images), self.img_size
+        b = n + k
+        hw = np.array([img.shape[-2:] for img in images], dtype=np.int64).reshape(-1, 2)
+        u = rng.random((b, 2 * CROP_TRIES + 2))[:n]
         top, left, ch, cw = crop_params(hw[:, 0], hw[:, 1], u, self.scale, self.ratio)
         flip = rng.random(b) < self.hflip
-        if self._batched(images):  # one launch for the batch, the flip included
+        parts = []
+        if n and self._batched(images):  # one launch for the batch, the flip included
             boxes = np.stack([top, left, ch, cw], 1)
-            x = resize_batch(images, boxes, np.full((b, 2), s), np.zeros((b, 2)), flip, s)
-        else:
-            crops = [_resize(img[:, t : t + hh, l_ : l_ + ww], (s, s))
-                     for img, t, l_, hh, ww in zip(images, top.tolist(), left.tolist(),
-                                                   ch.tolist(), cw.tolist())]  # fmt: skip
-            x = torch.stack(crops)
-            if flip.any():
-                mask = _host_to(flip, x.device).view(b, 1, 1, 1)
-                x = torch.where(mask, x.flip(-1), x)
+            parts.append(resize_batch(images, boxes, np.full((n, 2), s), np.zeros((n, 2)),
+                                      flip[:n], s))  # fmt: skip
+        elif n:
+            parts.append(torch.stack([
+                _resize(img[:, t : t + hh, l_ : l_ + ww], (s, s))
+                for img, t, l_, hh, ww in zip(images, top.tolist(), left.tolist(),
+                                              ch.tolist(), cw.tolist())]))  # fmt: skip
+        if k:
+            parts.append(cropped.permute(0, 3, 1, 2).float())
+        x = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+        # flips left to do: the worker crops', and every one on the per-image path
+        todo = flip.copy()
+        if n and self._batched(images):
+            todo[:n] = False
+        if todo.any():
+            mask = _host_to(todo, x.device).view(b, 1, 1, 1)
+            x = torch.where(mask, x.flip(-1), x)
         x = x.round_().clamp_(0, 255)
         if self.spec is not None:
             plan = draw_rand_augment(self.spec, rng, b, s, s)

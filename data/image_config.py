@@ -115,6 +115,11 @@ class ImageDataConfig:
     # ~10% slower training (pip install 'nvidia-nvimgcodec-cu13[nvjpeg]';
     # data/nvimgcodec_decode.py; docs/benchmarks.md)
     gpu_decoder: str = "torchvision"
+    # data.decode=gpu: the share of each training batch that the loader workers decode (PIL) and
+    # random-resize-crop themselves, handing out S x S uint8 crops beside the other images'
+    # bytes; the device flips and RandAugments them with the rest. It puts the host's idle
+    # cores to work beside nvJPEG (docs/benchmarks.md); 0 (the default): the device decodes all
+    cpu_decode_share: float = 0.0
 
 
 def _check_prob(name: str, value: float) -> None:
@@ -152,6 +157,12 @@ def check_image_config(cfg: ImageDataConfig) -> None:
     if getattr(cfg, "gpu_decoder", "torchvision") not in GPU_DECODERS:
         raise ValueError(f"data.gpu_decoder must be one of {GPU_DECODERS}, got "
                          f"{cfg.gpu_decoder!r}")  # fmt: skip
+    share = getattr(cfg, "cpu_decode_share", 0.0)
+    if isinstance(share, bool) or not 0.0 <= float(share) <= 1.0:
+        raise ValueError(f"data.cpu_decode_share must be in [0, 1], got {share!r}")
+    if float(share) > 0 and getattr(cfg, "decode", "cpu") != "gpu":
+        raise ValueError("data.cpu_decode_share > 0 needs data.decode=gpu (with decode=cpu the "
+                         "workers already decode every image)")  # fmt: skip
     if int(cfg.num_workers) < 0:
         raise ValueError(f"data.num_workers must be >= 0, got {cfg.num_workers!r}")
     if cfg.kind == "synthetic" and (int(cfg.num_classes) < 1 or int(cfg.synthetic_batches) < 1):

@@ -240,7 +240,8 @@ class _Collate:
 
 
 class EncodedImages(list):
-    """A batch of encoded images: a list of uint8 1-D tensors, views of one buffer ``flat``.
+    """A batch of encoded images: a list of uint8 1-D tensors, views of one buffer ``flat``;
+    ``crops``: the batch's images the workers decoded (``data.cpu_decode_share``) or None.
 
     Pickled (worker -> training process) as that buffer and the sizes, so the receiver maps one
     shared-memory tensor and splits it in one call, instead of rebuilding a tensor per image
@@ -249,24 +250,113 @@ class EncodedImages(list):
 
     flat: torch.Tensor
     sizes: list[int]
+    crops: torch.Tensor | None = None
 
     @classmethod
-    def from_flat(cls, flat: torch.Tensor, sizes: list[int]) -> EncodedImages:
+    def from_flat(cls, flat: torch.Tensor, sizes: list[int], crops=None) -> EncodedImages:
         out = cls(flat.split(sizes))
-        out.flat, out.sizes = flat, list(sizes)
+        out.flat, out.sizes, out.crops = flat, list(sizes), crops
         return out
 
     def __reduce__(self):
-        return (EncodedImages.from_flat, (self.flat, self.sizes))
+        return (EncodedImages.from_flat, (self.flat, self.sizes, self.crops))
 
 
 class _BytesCollate:
-    """(encoded bytes, label) pairs -> (EncodedImages, labels): one block of memory a batch."""
+    """(encoded bytes, label) pairs -> (EncodedImages, labels): one block of memory a batch.
+
+    ``share`` > 0 (``data.cpu_decode_share``, training batches): the last ``round(share * B)``
+    images are decoded here with PIL and random-resize-cropped (:func:`crop_decode_pil`); they
+    ride along as ``images.crops``, uint8 (k, S, S, 3), and the labels keep the batch's order.
+    Their crop draws come from (seed, rank, epoch, batch) when the batch sampler gives that key
+    (:class:`KeyedBatch`, as the trainer's loader does), so a resumed run crops them again
+    alike whatever the workers; otherwise from the worker's own seed."""
+
+    def __init__(self, share: float = 0.0, img_size: int = 224, seed: int = 0, rank: int = 0,
+                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):  # fmt: skip
+        self.share, self.img_size = float(share), int(img_size)
+        self.seed, self.rank = int(seed) % 2**63, int(rank)
+        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self._rng: tuple[int, np.random.Generator] | None = None  # unkeyed: (process seed, rng)
+
+    def _draws(self, key) -> np.random.Generator:
+        if key is not None:
+            return np.random.default_rng([self.seed, self.rank, *map(int, key), 0x435055])
+        seed = torch.initial_seed()  # per worker (and per loader iterator)
+        if self._rng is None or self._rng[0] != seed:
+            self._rng = (seed, np.random.default_rng([self.seed, self.rank, seed, 0x435055]))
+        return self._rng[1]
 
     def __call__(self, batch: list[tuple[torch.Tensor, int]]) -> tuple[list, torch.Tensor]:
-        data = [b for b, _ in batch]
-        images = EncodedImages.from_flat(torch.cat(data), [d.numel() for d in data])
+        k = round(self.share * len(batch))
+        data = [b for b, _ in batch[: len(batch) - k]]
+        flat = torch.cat(data) if data else torch.empty(0, dtype=torch.uint8)
+        images = EncodedImages.from_flat(flat, [d.numel() for d in data])
+        if k:
+            rng = self._draws(getattr(batch, "key", None))
+            images.crops = crop_decode_pil([b for b, _ in batch[-k:]], rng, self.img_size,
+                                           self.scale, self.ratio)  # fmt: skip
         return images, torch.tensor([label for _, label in batch], dtype=torch.int64)
+
+
+class KeyedBatch(list):
+    """A batch of sample indices with ``key`` = (epoch, batch within the epoch): what the
+    trainer's batch sampler yields, so that work done in the workers can be seeded per batch."""
+
+    key: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, indices, key: tuple[int, int]) -> KeyedBatch:
+        out = cls(indices)
+        out.key = (int(key[0]), int(key[1]))
+        return out
+
+
+class _KeyedItems(torch.utils.data.Dataset):
+    """``dataset`` whose batch fetch (``__getitems__``) keeps the batch sampler's ``key``."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.dataset[index]
+
+    def __getitems__(self, indices) -> KeyedBatch:
+        out = KeyedBatch(self.dataset[i] for i in indices)
+        out.key = getattr(indices, "key", None)
+        return out
+
+    def __getattr__(self, name: str):  # num_classes, classes, ... of the wrapped dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def crop_decode_pil(data: list[torch.Tensor], rng: np.random.Generator, size: int,
+                    scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:  # fmt: skip
+    """Encoded images -> uint8 (k, size, size, 3): decoded with PIL (RGB) and cropped as timm's
+    RandomResizedCropAndInterpolation does (the crop, then PIL's bicubic resize), the crop boxes
+    from ``crop_params`` with uniform draws from ``rng``."""
+    import io
+
+    from PIL import Image
+
+    from data.gpu_augment import CROP_TRIES, crop_params
+
+    ims = [Image.open(io.BytesIO(d.numpy().tobytes())) for d in data]
+    hw = np.array([(im.height, im.width) for im in ims], dtype=np.int64).reshape(-1, 2)
+    u = rng.random((len(ims), 2 * CROP_TRIES + 2))
+    top, left, ch, cw = crop_params(hw[:, 0], hw[:, 1], u, scale, ratio)
+    out = np.empty((len(ims), size, size, 3), dtype=np.uint8)
+    for i, im in enumerate(ims):
+        with im:
+            box = (int(left[i]), int(top[i]), int(left[i] + cw[i]), int(top[i] + ch[i]))
+            crop = im.convert("RGB").crop(box).resize((size, size), Image.BICUBIC)
+            out[i] = np.asarray(crop)
+    return torch.from_numpy(out)
 
 
 def _loader_seed(seed: int, rank: int) -> int:
@@ -325,13 +415,17 @@ def build_image_loaders(
         "pin_memory": bool(cfg.pin_memory) and torch.cuda.is_available() and not gpu,
         "collate_fn": _BytesCollate() if gpu else _Collate(bool(cfg.channels_last)),
     }
+    train_collate = common["collate_fn"]
+    if gpu and float(cfg.cpu_decode_share) > 0:  # the workers decode a share of each batch
+        train_collate = _BytesCollate(cfg.cpu_decode_share, cfg.img_size, seed, rank)
+        train = _KeyedItems(train)
     if workers > 0:
         common["persistent_workers"] = bool(cfg.persistent_workers)
     generator = torch.Generator()
     generator.manual_seed(_loader_seed(seed, rank))
-    train_loader = DataLoader(
-        train, batch_size=batch_size, sampler=sampler, drop_last=True, generator=generator, **common
-    )
+    train_kw = {**common, "collate_fn": train_collate}
+    train_loader = DataLoader(train, batch_size=batch_size, sampler=sampler, drop_last=True,
+                              generator=generator, **train_kw)  # fmt: skip
     val_sampler = ShardSampler(len(val), rank, world, shuffle=False, pad=False)
     val_loader = DataLoader(val, batch_size=batch_size, sampler=val_sampler, **common)
     return train_loader, val_loader, train.num_classes, build_mixup(cfg, train.num_classes)
@@ -446,6 +540,7 @@ __all__ = [
     "HFImageDataset",
     "ImageDataConfig",
     "ImageFolderDataset",
+    "KeyedBatch",
     "PackedImageDataset",
     "RepeatAugSampler",
     "ShardSampler",
@@ -457,6 +552,7 @@ __all__ = [
     "build_mixup",
     "build_transforms",
     "check_image_config",
+    "crop_decode_pil",
     "decode_in_process",
     "load_hf_split",
     "make_image_folder",

@@ -166,6 +166,9 @@ def main() -> None:
     ap.add_argument("--stages", action="store_true",
                     help="also time data.decode=gpu's stages one at a time (read, decode, "
                     "augment)")  # fmt: skip
+    ap.add_argument("--cpu-share", type=float, default=0.0,
+                    help="gpu modes: data.cpu_decode_share (the workers decode and crop this "
+                    "share of each batch with PIL)")  # fmt: skip
     ap.add_argument("--out", default="bench_image_loader.json")
     args = ap.parse_args()
     if not args.root and not args.generate:
@@ -185,11 +188,13 @@ def main() -> None:
         print(f"generated {args.generate} JPEGs of {w}x{h} in {time.perf_counter() - t:.0f} s")
     rows = []
     for mode in modes:
+        gpu_mode = mode in ("gpu", "nvimgcodec")
         for nw in workers:
             cfg = ImageDataConfig(name="bench", kind="folder", root=root, img_size=args.img_size,
                                   num_workers=nw, device_normalize=mode != "float",
                                   decode="cpu" if mode in ("float", "uint8") else "gpu",
                                   gpu_decoder="nvimgcodec" if mode == "nvimgcodec" else "torchvision",
+                                  cpu_decode_share=args.cpu_share if gpu_mode else 0.0,
                                   persistent_workers=False)  # fmt: skip
             cell = time_cell(cfg, args.batch, args.batches, device)
             rows.append({"mode": mode, "workers": nw, **cell})
@@ -203,7 +208,8 @@ def main() -> None:
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "cpus": os.cpu_count(), "torch": torch.__version__, "root": args.root or "generated",
            "generate": args.generate, "size": args.size, "batch": args.batch,
-           "img_size": args.img_size, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+           "img_size": args.img_size, "cpu_share": args.cpu_share,
+           "date": time.strftime("%Y-%m-%d")}  # fmt: skip
     Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     print(f"\n{env['device']} | {env['cpus']} CPUs | torch {env['torch']} | batch {args.batch}, "
           f"{args.img_size}² train pipeline; images/s")  # fmt: skip

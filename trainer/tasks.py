@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 import ops
 from data import (
     Ahead,
+    KeyedBatch,
     ProcessAhead,
     batch_spec,
     build_device_prep,
@@ -124,8 +125,8 @@ class _EndlessBatches:
             n = len(order) // bs if self.drop_last else -(-len(order) // bs)
             if n == 0:
                 raise ValueError(f"an epoch of {len(order)} samples has no batch of {bs}")
-            for b in range(skip, n):
-                yield order[b * bs : (b + 1) * bs]
+            for b in range(skip, n):  # keyed: the workers may seed work per batch
+                yield KeyedBatch.of(order[b * bs : (b + 1) * bs], (epoch, b))
             epoch, skip = epoch + 1, 0
 
 
