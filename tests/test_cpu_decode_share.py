@@ -157,7 +157,8 @@ def test_worker_crops_take_their_places_flip(folder):
 def test_trainer_with_a_worker_share_resumes_exactly(tmp_path, folder):
     """The trainer end to end with data.cpu_decode_share (a worker process decoding half of
     each batch, batches decoded ahead by the background threads): stopped at step 2 and
-    resumed, the run ends where an uninterrupted one does."""
+    resumed, the run ends where an uninterrupted one does, and so does the pipeline in a child
+    process."""
     from trainer import run as run_training
 
     from .helpers import compose_cfg
@@ -177,6 +178,8 @@ def test_trainer_with_a_worker_share_resumes_exactly(tmp_path, folder):
     run("b", "trainer.stop_at=2")
     b = run("b")
     assert (b["val_loss"], b["ema_val_loss"]) == (a["val_loss"], a["ema_val_loss"])
+    c = run("c", "data.decode_process=true")  # the pipeline in a child process: the same
+    assert (c["val_loss"], c["ema_val_loss"]) == (a["val_loss"], a["ema_val_loss"])
 
 
 @pytest.mark.gpu
