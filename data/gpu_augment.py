@@ -78,17 +78,13 @@ def decode_batch(
     then keep the outputs until the caller's stream is done with them, as
     :class:`GpuImagePipeline` does with one event a batch rather than a call an image).
 
-    ``decoder="nvimgcodec"``: one nvImageCodec call instead (``data.nvimgcodec_decode``);
-    ``decoder="nvjpeg"``: the batched nvJPEG call queued on ``stream`` without a host wait
-    (``data.nvjpeg_batch``; its writes are ordered on that stream)."""
+    ``decoder="nvimgcodec"``: one nvImageCodec call instead (``data.nvimgcodec_decode``)."""
     device = torch.device(device)
     if decoder not in GPU_DECODERS:
         raise ValueError(f"decoder must be one of {GPU_DECODERS}, got {decoder!r}")
     decode_all = _decode_all
     if decoder == "nvimgcodec":
         from .nvimgcodec_decode import decode_nvimgcodec as decode_all
-    elif decoder == "nvjpeg":
-        from .nvjpeg_batch import decode_nvjpeg as decode_all
     if device.type != "cuda":
         return decode_all(data, device)
     caller = torch.cuda.current_stream(device)
@@ -683,8 +679,4 @@ def build_gpu_pipeline(cfg, seed: int = 0, rank: int = 0) -> GpuImagePipeline | 
 
         if not available():
             raise ImportError(INSTALL_HINT)
-    if pipe.decoder == "nvjpeg" and torch.cuda.is_available():  # (CPUs decode with torchvision)
-        from .nvjpeg_batch import load
-
-        load()  # ImportError naming what the build lacks
     return pipe

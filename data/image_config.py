@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 IMAGE_KINDS = ("folder", "hf", "packed", "digits", "synthetic")
 DECODE_MODES = ("cpu", "gpu")
-GPU_DECODERS = ("torchvision", "nvimgcodec", "nvjpeg")  # data.gpu_decoder
+GPU_DECODERS = ("torchvision", "nvimgcodec")  # data.gpu_decoder
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # = timm.data.IMAGENET_DEFAULT_MEAN
 IMAGENET_STD = (0.229, 0.224, 0.225)  # = timm.data.IMAGENET_DEFAULT_STD
@@ -113,9 +113,7 @@ class ImageDataConfig:
     # data.decode=gpu: the JPEG decoder. torchvision: decode_jpeg (nvJPEG), the faster;
     # nvimgcodec: NVIDIA nvImageCodec, the batch in one call, PIL's pixels within rounding but
     # ~10% slower training (pip install 'nvidia-nvimgcodec-cu13[nvjpeg]';
-    # data/nvimgcodec_decode.py; docs/benchmarks.md); nvjpeg: torchvision's nvJPEG call without
-    # its host synchronisation and lock (a small C library built on first use,
-    # data/nvjpeg_batch.py; not yet timed)
+    # data/nvimgcodec_decode.py; docs/benchmarks.md)
     gpu_decoder: str = "torchvision"
     # data.decode=gpu: the share of each training batch that the loader workers decode (PIL) and
     # random-resize-crop themselves, handing out S x S uint8 crops beside the other images'
