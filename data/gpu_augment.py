@@ -82,6 +82,8 @@ def decode_batch(
     device = torch.device(device)
     if decoder not in GPU_DECODERS:
         raise ValueError(f"decoder must be one of {GPU_DECODERS}, got {decoder!r}")
+    if not len(data):  # every image of the batch came cropped (data.cpu_decode_share=1)
+        return []
     decode_all = _decode_all
     if decoder == "nvimgcodec":
         from .nvimgcodec_decode import decode_nvimgcodec as decode_all
@@ -571,7 +573,7 @@ class GpuImagePipeline:
             if train:
                 index, self.batches = self.batches, self.batches + 1
             if device.type != "cuda":
-                images = decode_batch(data, device, decoder=self.decoder) if len(data) else []
+                images = decode_batch(data, device, decoder=self.decoder)
                 return Decoded(images, index, None if crops is None else crops.to(device))
             if device not in self._streams:
                 self._streams[device] = torch.cuda.Stream(device)
@@ -585,9 +587,7 @@ class GpuImagePipeline:
             with torch.cuda.stream(stream):
                 crops = crops.to(device, non_blocking=True)
             torch.cuda.current_stream(device).wait_stream(stream)
-        images = []
-        if len(data):
-            images = decode_batch(data, device, stream, record=False, decoder=self.decoder)
+        images = decode_batch(data, device, stream, record=False, decoder=self.decoder)
         return Decoded(images, index, crops)
 
     def augment(self, batch: Decoded) -> torch.Tensor:
@@ -621,7 +621,8 @@ class GpuImagePipeline:
         top, left, ch, cw = crop_params(hw[:, 0], hw[:, 1], u, self.scale, self.ratio)
         flip = rng.random(b) < self.hflip
         parts = []
-        if n and self._batched(images):  # one launch for the batch, the flip included
+        batched = n > 0 and self._batched(images)
+        if batched:  # one launch for the batch, the flip included
             boxes = np.stack([top, left, ch, cw], 1)
             parts.append(resize_batch(images, boxes, np.full((n, 2), s), np.zeros((n, 2)),
                                       flip[:n], s))  # fmt: skip
@@ -635,7 +636,7 @@ class GpuImagePipeline:
         x = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
         # flips left to do: the worker crops', and every one on the per-image path
         todo = flip.copy()
-        if n and self._batched(images):
+        if batched:
             todo[:n] = False
         if todo.any():
             mask = _host_to(todo, x.device).view(b, 1, 1, 1)

@@ -83,7 +83,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from data.gpu_augment import GpuImagePipeline, build_gpu_pipeline  # noqa: F401
+from data.gpu_augment import (  # noqa: F401
+    CROP_TRIES,
+    GpuImagePipeline,
+    build_gpu_pipeline,
+    crop_params,
+)
 from data.image_augment import (  # noqa: F401
     BatchMixup,
     DevicePrep,
@@ -343,8 +348,6 @@ def crop_decode_pil(data: list[torch.Tensor], rng: np.random.Generator, size: in
     import io
 
     from PIL import Image
-
-    from data.gpu_augment import CROP_TRIES, crop_params
 
     ims = [Image.open(io.BytesIO(d.numpy().tobytes())) for d in data]
     hw = np.array([(im.height, im.width) for im in ims], dtype=np.int64).reshape(-1, 2)
