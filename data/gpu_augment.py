@@ -7,6 +7,7 @@ normalises, as the CPU path's workers would have. Images stored as raw pixels (b
 PPM, ``scripts/shrink_image_folder.py --format ppm``) are not decoded: the batch's bytes are
 copied to the device once and cropped where they lie.
 
+
 train  timm's RandomResizedCropAndInterpolation (scale (0.08, 1), ratio (3/4, 4/3), bicubic),
        horizontal flip (p 0.5), RandAugment ``rand-...-inc1`` (default rand-m9-mstd0.5-inc1).
 eval   resize the short side to ``floor(S / crop_pct)`` (bicubic), center crop S.
