@@ -3,10 +3,7 @@
 The loader workers only read each image's stored bytes; :class:`GpuImagePipeline` then
 decodes the batch with ``torchvision.io.decode_jpeg`` (batched nvJPEG on CUDA; the CPU
 decoder elsewhere) and builds the uint8 batch (B, 3, S, S) that :class:`DevicePrep`
-normalises, as the CPU path's workers would have. Images stored as raw pixels (binary RGB
-PPM, ``scripts/shrink_image_folder.py --format ppm``) are not decoded: the batch's bytes are
-copied to the device once and cropped where they lie.
-
+normalises, as the CPU path's workers would have:
 
 train  timm's RandomResizedCropAndInterpolation (scale (0.08, 1), ratio (3/4, 4/3), bicubic),
        horizontal flip (p 0.5), RandAugment ``rand-...-inc1`` (default rand-m9-mstd0.5-inc1).
@@ -90,9 +87,6 @@ def decode_batch(
     decode_all = _decode_all
     if decoder == "nvimgcodec":
         from .nvimgcodec_decode import decode_nvimgcodec as decode_all
-    heads = [ppm_header(d) for d in data]
-    if any(h is not None for h in heads):  # raw pixels: copied, not decoded
-        decode_all = _RawOrDecode(heads, decode_all)
     if device.type != "cuda":
         return decode_all(data, device)
     caller = torch.cuda.current_stream(device)
@@ -104,64 +98,6 @@ def decode_batch(
         for img in images:
             img.record_stream(caller)
     return images
-
-
-def ppm_header(data: torch.Tensor) -> tuple[int, int, int] | None:
-    """(height, width, offset of the pixels) of a binary RGB PPM (``P6``, maxval 255: raw
-    8-bit pixels, as ``scripts/shrink_image_folder.py --format ppm`` stores them) held in
-    ``data`` (uint8 1-D), or None for anything else (JPEG, PNG, ...)."""
-    if len(data) < 11 or int(data[0]) != 0x50 or int(data[1]) != 0x36:  # b"P6"
-        return None
-    head = bytes(data[:64].numpy())
-    fields, i, n = [], 2, len(head)
-    while len(fields) < 3:
-        while i < n and head[i : i + 1].isspace():
-            i += 1
-        if i < n and head[i] == 0x23:  # a comment, to the end of its line
-            while i < n and head[i] not in (0x0A, 0x0D):
-                i += 1
-            continue
-        j = i
-        while j < n and head[j : j + 1].isdigit():
-            j += 1
-        if j == i or j >= n or not head[j : j + 1].isspace():
-            return None
-        fields.append(int(head[i:j]))
-        i = j
-    w, h, maxval = fields
-    off = i + 1  # exactly one whitespace byte before the pixels
-    if maxval != 255 or w < 1 or h < 1 or len(data) < off + h * w * 3:
-        return None
-    return h, w, off
-
-
-class _RawOrDecode:
-    """A batch's PPM images as (3, H, W) views of one copy of their bytes on the device (the
-    pixels as stored, interleaved: :func:`resize_batch` reads them in place), the others
-    through ``decode``, in the batch's order."""
-
-    def __init__(self, heads: list, decode) -> None:
-        self.heads, self.decode = heads, decode
-
-    def __call__(self, data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-        raw = [i for i, h in enumerate(self.heads) if h is not None]
-        flat = getattr(data, "flat", None)  # EncodedImages: the batch's bytes are one block
-        if flat is None or len(raw) < len(data):
-            flat = torch.cat([data[i] for i in raw])
-            sizes = [len(data[i]) for i in raw]
-        else:
-            sizes = data.sizes
-        starts = np.cumsum([0, *sizes[:-1]]).tolist()
-        on = flat.to(device, non_blocking=True) if device.type == "cuda" else flat
-        out: list = [None] * len(data)
-        for i, at in zip(raw, starts):
-            h, w, off = self.heads[i]
-            out[i] = on[at + off : at + off + h * w * 3].view(h, w, 3).permute(2, 0, 1)
-        rest = [i for i, h in enumerate(self.heads) if h is None]
-        if rest:
-            for i, img in zip(rest, self.decode([data[i] for i in rest], device)):
-                out[i] = img
-        return out
 
 
 def _decode_all(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:

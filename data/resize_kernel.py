@@ -27,9 +27,8 @@ import triton.language as tl
 
 from ops.launch import launch
 
-# the columns of the per-image geometry table (_CS: a channel's stride, _PS: a pixel's; a row's
-# is width x _PS: planar (3, H, W) images have (H x W, 1), interleaved (H, W, 3) ones (1, 3))
-_OFF, _H, _W, _SY, _SX, _SH, _SW, _OH, _OW, _OY, _OX, _FLIP, _TY, _TX, _CS, _PS = range(16)
+# the columns of the per-image geometry table
+_OFF, _H, _W, _SY, _SX, _SH, _SW, _OH, _OW, _OY, _OX, _FLIP, _TY, _TX = range(14)
 _COLS = 16
 
 
@@ -60,7 +59,8 @@ def _resize_batch_kernel(base, geom, out, S: tl.constexpr, BLOCK: tl.constexpr):
     img = tl.program_id(0)
     g = geom + img * 16
     off = tl.load(g + 0)  # element offset of this image from ``base``
-    w = tl.load(g + 2).to(tl.int32)  # (the height, column 1, only bounds the boxes: host-checked)
+    h = tl.load(g + 1).to(tl.int32)
+    w = tl.load(g + 2).to(tl.int32)
     sy = tl.load(g + 3).to(tl.int32)  # source box: top, left, height, width
     sx = tl.load(g + 4).to(tl.int32)
     sh = tl.load(g + 5).to(tl.int32)
@@ -72,16 +72,14 @@ def _resize_batch_kernel(base, geom, out, S: tl.constexpr, BLOCK: tl.constexpr):
     flip = tl.load(g + 11).to(tl.int32)
     taps_y = tl.load(g + 12).to(tl.int32)
     taps_x = tl.load(g + 13).to(tl.int32)
-    plane = tl.load(g + 14)  # element strides: channel, pixel (a row: w pixels)
-    ps = tl.load(g + 15)
 
     p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = p < S * S
     y, x = p // S, p % S
     y0, ny, cy, iy = _span(y + oy, oh, sh)
     x0, nx, cx, ix = _span(x + ox, ow, sw)
-    row_stride = w.to(tl.int64) * ps
-    src = base + off + (sy + y0).to(tl.int64) * row_stride + (sx + x0).to(tl.int64) * ps
+    src = base + off + (sy + y0).to(tl.int64) * w + (sx + x0)
+    plane = h.to(tl.int64) * w
 
     acc0 = tl.zeros((BLOCK,), tl.float32)
     acc1 = tl.zeros((BLOCK,), tl.float32)
@@ -96,14 +94,13 @@ def _resize_batch_kernel(base, geom, out, S: tl.constexpr, BLOCK: tl.constexpr):
         r0 = tl.zeros((BLOCK,), tl.float32)
         r1 = tl.zeros((BLOCK,), tl.float32)
         r2 = tl.zeros((BLOCK,), tl.float32)
-        row = src + ty * row_stride
+        row = src + ty * w
         for tx in range(0, taps_x):
             ok = inside & (ty < ny) & (tx < nx)
             wx = tl.where(tx < nx, _cubic(((tx + x0).to(tl.float32) - cx + 0.5) * ix), 0.0)
-            at = row + tx * ps
-            r0 += wx * tl.load(at, mask=ok, other=0).to(tl.float32)
-            r1 += wx * tl.load(at + plane, mask=ok, other=0).to(tl.float32)
-            r2 += wx * tl.load(at + 2 * plane, mask=ok, other=0).to(tl.float32)
+            r0 += wx * tl.load(row + tx, mask=ok, other=0).to(tl.float32)
+            r1 += wx * tl.load(row + plane + tx, mask=ok, other=0).to(tl.float32)
+            r2 += wx * tl.load(row + 2 * plane + tx, mask=ok, other=0).to(tl.float32)
         acc0 += wy * r0
         acc1 += wy * r1
         acc2 += wy * r2
@@ -116,17 +113,6 @@ def _resize_batch_kernel(base, geom, out, S: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(dst + 2 * S * S, acc2 / norm, mask=inside)
 
 
-def _layout(im: torch.Tensor) -> tuple[int, int] | None:
-    """(channel stride, pixel stride) of a (3, H, W) image the kernel reads in place: planar
-    or interleaved with rows one after the other; None for any other layout."""
-    h, w = im.shape[-2:]
-    if im.is_contiguous():
-        return h * w, 1
-    if im.permute(1, 2, 0).is_contiguous():
-        return 1, 3
-    return None
-
-
 def _taps(n_src: np.ndarray, n_out: np.ndarray) -> np.ndarray:
     """The widest source window of a resize (PyTorch's ``interp_size`` for antialiasing)."""
     scale = n_src / n_out
@@ -135,9 +121,7 @@ def _taps(n_src: np.ndarray, n_out: np.ndarray) -> np.ndarray:
 
 
 def resize_batch(images, boxes, resized, windows, flip, size: int, block: int = 256):
-    """float32 (B, 3, size, size) from uint8 (3, H, W) ``images`` (one device, any sizes),
-    planar (contiguous) or interleaved (an (H, W, 3) contiguous image permuted: raw pixels as
-    stored, e.g. a PPM file's, read in place; other layouts are copied planar first).
+    """float32 (B, 3, size, size) from uint8 (3, H, W) ``images`` (one device, any sizes).
 
     Image b's source box ``boxes[b] = (top, left, height, width)`` is resized to
     ``resized[b] = (rows, cols)`` with PIL's antialiased bicubic, and the ``size`` x ``size``
@@ -151,13 +135,13 @@ def resize_batch(images, boxes, resized, windows, flip, size: int, block: int = 
     if b == 0:
         raise ValueError("resize_batch: no images")
     device = images[0].device
+    images = [im if im.is_contiguous() else im.contiguous() for im in images]
     for im in images:
         if im.dtype != torch.uint8 or im.dim() != 3 or im.shape[0] != 3 or im.device != device:
             raise ValueError(
                 f"resize_batch: images must be uint8 (3, H, W) on one device, got "
                 f"{tuple(im.shape)} {im.dtype} on {im.device}"
             )
-    images = [im if _layout(im) else im.contiguous() for im in images]
     boxes = np.asarray(boxes, dtype=np.int64).reshape(b, 4)
     resized = np.asarray(resized, dtype=np.int64).reshape(b, 2)
     windows = np.asarray(windows, dtype=np.int64).reshape(b, 2)
@@ -180,7 +164,6 @@ def resize_batch(images, boxes, resized, windows, flip, size: int, block: int = 
     geom[:, _FLIP] = np.asarray(flip, dtype=bool).reshape(b)
     geom[:, _TY] = _taps(boxes[:, 2], resized[:, 0])
     geom[:, _TX] = _taps(boxes[:, 3], resized[:, 1])
-    geom[:, _CS : _PS + 1] = [_layout(im) for im in images]
     table = torch.from_numpy(geom)
     table = table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
     out = torch.empty(b, 3, size, size, dtype=torch.float32, device=device)

@@ -4,7 +4,6 @@ Usage (from the repository root, with the project's virtualenv)::
 
     python -m scripts.shrink_image_folder /data/imagenet /data/imagenet_s256 --short-side 256
     python train.py experiment=efficientvit_m0_imagenet data.root=/data/imagenet_s256 ...
-    python -m scripts.shrink_image_folder /data/imagenet /data/imagenet_raw256 --format ppm
 
 Decoding a JPEG costs about in proportion to its pixels and bytes, and the training crop is
 224x224 whatever the stored size. ImageNet's training JPEGs average about 400x350 pixels and
@@ -23,12 +22,6 @@ side (aspect ratio kept) and encoded in the source's format: JPEG at ``--quality
 small are linked (or copied where a hard link is impossible) byte for byte, and so are the
 other splits (``val/``), so the result is a complete ``data.root``. File and class names are
 kept.
-
-``--format ppm`` stores the training images' pixels uncompressed instead (binary PPM, RGB,
-``<name>.ppm``; at short side 256 about 260 KB an image, 2.3 times ImageNet's JPEGs on disk):
-nothing is left to decode, ``data.decode=gpu`` copies the bytes to the device and crops from
-them in place, and the CPU path reads them with PIL. Every image of the split is written so,
-the small ones too; the resize is the same.
 
 Files are written atomically (``name.tmp``, then renamed) and existing files are skipped, so a
 killed run, started again, continues where it stopped; ``DST/shrink.json`` records the
@@ -56,7 +49,6 @@ from data.image_config import FOLDER_LAYOUT  # noqa: E402
 from data.image_sets import ImageFolderDataset  # noqa: E402
 
 SETTINGS_FILE = "shrink.json"
-FORMATS = ("keep", "ppm")
 _CHUNK = 64  # images per task handed to a worker process
 
 
@@ -71,8 +63,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--short-side", type=int, default=256, help="stored shorter side (pixels)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of resized images")
     p.add_argument("--splits", default="train", help="comma list of splits to shrink")
-    p.add_argument("--format", default="keep", choices=FORMATS,
-                   help="keep: the source's (JPEG at --quality); ppm: raw pixels")  # fmt: skip
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -95,23 +85,11 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def shrink_one(src: Path, dst: Path, short_side: int, quality: int, raw: bool = False) -> str:
-    """Write ``dst`` from ``src``; return "resized", "kept" (linked as is, or with ``raw``
-    written as PPM at its size) or "there"."""
+def shrink_one(src: Path, dst: Path, short_side: int, quality: int) -> str:
+    """Write ``dst`` from ``src``; return "resized", "kept" (linked as is) or "there"."""
     if dst.is_file():
         return "there"
     with Image.open(src) as img:
-        if raw:
-            img = img.convert("RGB")
-            if min(img.size) > short_side:
-                img = img.resize(target_size(*img.size, short_side), Image.BICUBIC)
-                done = "resized"
-            else:
-                done = "kept"
-            tmp = dst.with_name(dst.name + ".tmp")
-            img.save(tmp, format="PPM")
-            os.replace(tmp, dst)
-            return done
         fmt = img.format
         if min(img.size) <= short_side:
             resized = None
@@ -139,12 +117,12 @@ def shrink_one(src: Path, dst: Path, short_side: int, quality: int, raw: bool = 
     return "resized"
 
 
-def _shrink_chunk(job: tuple[list[tuple[str, str]], int, int, bool]) -> list[tuple[str, str]]:
-    pairs, short_side, quality, raw = job
+def _shrink_chunk(job: tuple[list[tuple[str, str]], int, int]) -> list[tuple[str, str]]:
+    pairs, short_side, quality = job
     out = []
     for s, d in pairs:
         try:
-            out.append(("ok", shrink_one(Path(s), Path(d), short_side, quality, raw)))
+            out.append(("ok", shrink_one(Path(s), Path(d), short_side, quality)))
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             Path(d + ".tmp").unlink(missing_ok=True)
             out.append(("failed", f"{s}: {err}"))
@@ -174,14 +152,11 @@ def shrink_folder(
     splits: tuple[str, ...] = ("train",),
     workers: int = 1,
     progress: bool = True,
-    fmt: str = "keep",
 ) -> dict:
     """Write the copy; return counts per outcome and the failures (``"failed"``: messages)."""
     src, dst = Path(src).expanduser().resolve(), Path(dst).expanduser().resolve()
     if short_side < 1:
         raise ShrinkError(f"--short-side must be a positive number of pixels, got {short_side}")
-    if fmt not in FORMATS:
-        raise ShrinkError(f"--format must be one of {FORMATS}, got {fmt!r}")
     if not 1 <= quality <= 100:
         raise ShrinkError(f"--quality must be in 1..100, got {quality}")
     if not src.is_dir():
@@ -203,17 +178,7 @@ def shrink_folder(
             if name in splits or name in ("train", "val"):
                 raise ShrinkError(str(err)) from err
             # another folder beside the splits (not a class folder tree): left out
-    settings = {"short_side": short_side, "quality": quality, "splits": list(splits)}
-    if fmt != "keep":
-        settings["format"] = fmt
-    raw = fmt == "ppm"
-    for name in splits if raw else ():  # a.jpg and a.png of one class would both be a.ppm
-        stems = [os.path.splitext(os.fsdecode(f))[0] for f in sets[name].files]
-        if len(set(stems)) < len(stems):
-            twice = sorted({x for x in stems if stems.count(x) > 1})[:5]
-            raise ShrinkError(f"{name}/: files differing only in extension ({twice}) would "
-                              f"be written to the same .ppm name")  # fmt: skip
-    _check_settings(dst, settings)
+    _check_settings(dst, {"short_side": short_side, "quality": quality, "splits": list(splits)})
 
     counts = {"resized": 0, "kept": 0, "there": 0, "linked": 0, "failed": []}
     for name, ds in sets.items():
@@ -229,11 +194,8 @@ def shrink_folder(
                     _link_or_copy(src / name / r, d)
                     counts["linked"] += 1
             continue
-        out = [os.path.splitext(r)[0] + ".ppm" for r in rel] if raw else rel
-        pairs = [(str(src / name / r), str(dst / name / o)) for r, o in zip(rel, out)]
-        jobs = [
-            (pairs[i : i + _CHUNK], short_side, quality, raw) for i in range(0, len(pairs), _CHUNK)
-        ]
+        pairs = [(str(src / name / r), str(dst / name / r)) for r in rel]
+        jobs = [(pairs[i : i + _CHUNK], short_side, quality) for i in range(0, len(pairs), _CHUNK)]
         bar = tqdm(total=len(pairs), desc=f"shrinking {name}", unit="img", disable=not progress)
         if workers <= 1:
             results = map(_shrink_chunk, jobs)
@@ -268,7 +230,6 @@ def main(argv: list[str] | None = None) -> int:
             splits,
             args.workers,
             not args.no_progress,
-            args.format,
         )
     except ShrinkError as err:
         print(f"shrink_image_folder: {err}", file=sys.stderr)
@@ -276,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = counts.pop("failed")
     print(
         f"{args.dst}: {counts['resized']} resized, {counts['kept']} already small enough "
-        f"({'written as PPM' if args.format == 'ppm' else 'linked'}), {counts['linked']} linked from other splits, {counts['there']} already "
+        f"(linked), {counts['linked']} linked from other splits, {counts['there']} already "
         f"there, {len(failed)} failed",
         file=sys.stderr,
     )

@@ -43,9 +43,8 @@ from data.gpu_augment import (
     decode_batch,
     draw_rand_augment,
     parse_rand_augment,
-    ppm_header,
 )
-from data.resize_kernel import _layout, resize_batch
+from data.resize_kernel import resize_batch
 
 S = 16  # output size of the pipeline tests
 # torchvision 0.29 deprecates its image decoders (in favour of TorchCodec); they still work
@@ -277,29 +276,6 @@ def test_resize_batch_matches_interpolate():
         assert (o - ref).abs().max() < 1e-3
 
 
-def test_resize_batch_reads_interleaved_images_in_place():
-    """Raw (H, W, 3) pixels (a PPM file's), views of one buffer permuted to (3, H, W), read
-    where they lie give the planar copies' result; other layouts are copied first."""
-    shapes = [(37, 50), (12, 9), (64, 30)]
-    planar = _noise_images(shapes, seed=3)
-    flat = torch.cat([im.permute(1, 2, 0).reshape(-1) for im in planar])
-    views, at = [], 0
-    for h, w in shapes:
-        views.append(flat[at : at + h * w * 3].view(h, w, 3).permute(2, 0, 1))
-        at += h * w * 3
-    assert not any(v.is_contiguous() for v in views)
-    assert [_layout(v) for v in views] == [(1, 3)] * 3  # read in place, not copied
-    assert _layout(planar[0]) == (37 * 50, 1)
-    assert all(torch.equal(v, p) for v, p in zip(views, planar))
-    odd = planar[1].transpose(1, 2).contiguous().transpose(1, 2)  # neither layout: copied
-    boxes = [(3, 5, 30, 40), (0, 0, 12, 9), (10, 2, 50, 25)]
-    flip = [True, False, True]
-    want = resize_batch(planar, boxes, [(S, S)] * 3, [(0, 0)] * 3, flip, S)
-    got = resize_batch(views, boxes, [(S, S)] * 3, [(0, 0)] * 3, flip, S)
-    mixed = resize_batch([views[0], odd, planar[2]], boxes, [(S, S)] * 3, [(0, 0)] * 3, flip, S)
-    assert torch.equal(got, want) and torch.equal(mixed, want)
-
-
 def test_pipeline_fused_ops_give_the_same_batches(folder):
     """The whole train transform with RandAugment's families as Triton launches (the
     interpreter here) hands out the same batch as with the torch ops."""
@@ -369,68 +345,6 @@ def test_decode_grey_cmyk_and_png_come_out_rgb():
         ref = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
         assert img.shape == (3, 10, 14) and img.dtype == torch.uint8
         assert np.abs(img.permute(1, 2, 0).numpy().astype(int) - ref).max() <= 1
-
-
-def _ppm(a: np.ndarray, comment: bytes = b"") -> bytes:
-    h, w, _ = a.shape
-    return b"P6\n" + comment + f"{w} {h}\n255\n".encode() + a.tobytes()
-
-
-def test_ppm_header():
-    a = np.zeros((3, 5, 3), np.uint8)
-    assert ppm_header(_tensor(_ppm(a))) == (3, 5, 11)
-    with_comment = _ppm(a, b"# made by PIL\n")
-    assert ppm_header(_tensor(with_comment)) == (3, 5, 11 + 14)
-    assert ppm_header(_tensor(_jpeg(a))) is None
-    assert ppm_header(_tensor(_ppm(a)[:-1])) is None  # truncated
-    assert ppm_header(_tensor(b"P6\n5 3\n65535\n" + bytes(90))) is None  # 16-bit samples
-    assert ppm_header(_tensor(b"P5\n5 3\n255\n" + bytes(15))) is None  # greyscale PGM
-    assert ppm_header(_tensor(b"P6\n5 x3\n255\n" + bytes(45))) is None
-
-
-def test_decode_ppm_views_in_the_batch_order():
-    """Raw PPM pixels come out as views of one copy of the batch's bytes (interleaved, read in
-    place by the resize), beside JPEGs decoded as usual, each in its place: PIL's pixels."""
-    from data.images import EncodedImages
-
-    rng = np.random.default_rng(4)
-    arrs = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((6, 9), (5, 4), (7, 7))]
-    raws = [_ppm(arrs[0]), _jpeg(arrs[1], fmt="PNG"), _ppm(arrs[2], b"# c\n")]
-    for data in (
-        [_tensor(r) for r in raws],  # a plain list, mixed
-        EncodedImages.from_flat(_tensor(b"".join(raws)), [len(r) for r in raws]),
-        EncodedImages.from_flat(_tensor(raws[0] + raws[2]), [len(raws[0]), len(raws[2])]),
-    ):
-        out = decode_batch(data, "cpu")
-        want = arrs if len(data) == 3 else [arrs[0], arrs[2]]
-        for img, a in zip(out, want):
-            assert img.shape == (3, *a.shape[:2]) and img.dtype == torch.uint8
-            assert np.array_equal(img.permute(1, 2, 0).numpy(), a)
-        assert _layout(out[0]) == (1, 3)
-    # all raw and one block: views of that block, nothing copied on this device
-    assert out[0].untyped_storage().data_ptr() == data.flat.untyped_storage().data_ptr()
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_pipeline_from_ppm_equals_from_png(tmp_path, device):
-    """The same pixels stored as PPM and as PNG (both lossless) give the same train and eval
-    batches through the whole GPU path (on CUDA the resize kernel reads the PPM pixels where
-    they lie, interleaved; the PNGs are decoded planar)."""
-    from scripts.shrink_image_folder import shrink_folder
-
-    png = make_image_folder(tmp_path / "png", num_classes=2, train_per_class=3,
-                            val_per_class=2, size=20, ext="png")  # fmt: skip
-    raw = tmp_path / "ppm"
-    shrink_folder(png, raw, 64, splits=("train", "val"), progress=False, fmt="ppm")
-    outs = []
-    for root in (png, raw):
-        cfg = _gpu_cfg(root)
-        train, val, *_ = build_image_loaders(cfg, 6, seed=0)
-        (data, labels), (vdata, vlabels) = next(iter(train)), next(iter(val))
-        pipe = build_gpu_pipeline(cfg, seed=5)
-        outs.append((pipe(data, device, train=True), labels, pipe(vdata, device), vlabels))
-    for a, b in zip(*outs):
-        assert torch.equal(a.cpu(), b.cpu())
 
 
 @pytest.fixture(scope="module")

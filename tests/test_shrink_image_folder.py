@@ -153,35 +153,3 @@ def test_an_undecodable_image_is_reported_and_the_rest_written(src, tmp_path, ca
     assert not (dst / "train/cat/broken.jpg").exists()
     assert (dst / "train/cat/a.jpg").is_file() and (dst / "val/dog/w.jpg").is_file()
     assert not any(n.endswith(".tmp") for _, _, fs in os.walk(dst) for n in fs)
-
-
-def test_ppm_copy_holds_the_resized_pixels_uncompressed(src, tmp_path):
-    dst = tmp_path / "dst"
-    counts = shrink_folder(src, dst, 48, workers=1, progress=False, fmt="ppm")
-    assert counts == {"resized": 5, "kept": 1, "there": 0, "linked": 2, "failed": []}
-    a, b = ImageFolderDataset(src / "train"), ImageFolderDataset(dst / "train")
-    assert a.classes == b.classes and list(a.labels) == list(b.labels)
-    stems = [os.path.splitext(os.fsdecode(f))[0] for f in a.files]
-    assert [os.fsdecode(f) for f in b.files] == [s + ".ppm" for s in stems]
-    for rel in ("cat/a.jpg", "cat/small.jpg", "dog/c.png", "dog/d.jpg", "dog/e.jpg"):
-        with Image.open(src / "train" / rel) as img:
-            img = img.convert("RGB")
-            if min(img.size) > 48:
-                img = img.resize(target_size(*img.size, 48), Image.BICUBIC)
-            want = np.asarray(img)
-        out = dst / "train" / (os.path.splitext(rel)[0] + ".ppm")
-        with Image.open(out) as img:
-            assert img.format == "PPM" and img.mode == "RGB"
-            assert np.array_equal(np.asarray(img), want), rel  # lossless: exactly the resize
-    assert (dst / "val/cat/v.jpg").read_bytes() == (src / "val/cat/v.jpg").read_bytes()
-    assert json.loads((dst / "shrink.json").read_text())["format"] == "ppm"
-    with pytest.raises(ShrinkError, match="other settings"):  # continuing as JPEG: refused
-        shrink_folder(src, dst, 48, workers=1, progress=False)
-
-
-def test_ppm_refuses_names_that_would_collide(src, tmp_path):
-    _photo(60, 60, 9).save(src / "train/cat/a.png")  # beside a.jpg
-    with pytest.raises(ShrinkError, match="same .ppm name"):
-        shrink_folder(src, tmp_path / "dst", 48, progress=False, fmt="ppm")
-    with pytest.raises(ShrinkError, match="--format"):
-        shrink_folder(src, tmp_path / "dst", 48, progress=False, fmt="raw")
