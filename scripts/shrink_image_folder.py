@@ -5,11 +5,11 @@ Usage (from the repository root, with the project's virtualenv)::
     python -m scripts.shrink_image_folder /data/imagenet /data/imagenet_s256 --short-side 256
     python train.py experiment=efficientvit_m0_imagenet data.root=/data/imagenet_s256 ...
 
-Decoding a JPEG costs about in proportion to its pixels and bytes, and the training crop is
+Decoding a JPEG costs more the more pixels and bytes it holds, and the training crop is
 224x224 whatever the stored size. ImageNet's training JPEGs average about 400x350 pixels and
 110 KB; stored with the shorter side at 256 they carry about half the pixels and bytes, and on
-an H100 EfficientViT-M0 and M5 train about 30% faster from them with ``data.decode=gpu``
-(docs/benchmarks.md, twenty-first session). This is what FFCV-style loaders do with their
+an H100 EfficientViT-M0 to M5 train 1.3-1.66x faster from them with ``data.decode=gpu``
+(docs/benchmarks.md, "Images stored smaller"). This is what FFCV-style loaders do with their
 ``max_resolution``. The price: a random-resized crop smaller than the stored image's short side
 is upsampled where the original would have had the pixels (at 256, crops below about 57% of
 the image's area; at ImageNet's typical size, below about 27%). Evaluate on the untouched
