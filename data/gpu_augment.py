@@ -78,6 +78,8 @@ def decode_batch(
     then keep the outputs until the caller's stream is done with them, as
     :class:`GpuImagePipeline` does with one event a batch rather than a call an image).
 
+    ``decoder="nvjpeg"``: the GPU's JPEG engines, the batch in one call into one buffer
+    (``data.nvjpeg_decode``; on a CPU device, torchvision's CPU decoder as for the default).
     ``decoder="nvimgcodec"``: one nvImageCodec call instead (``data.nvimgcodec_decode``)."""
     device = torch.device(device)
     if decoder not in GPU_DECODERS:
@@ -87,6 +89,8 @@ def decode_batch(
     decode_all = _decode_all
     if decoder == "nvimgcodec":
         from .nvimgcodec_decode import decode_nvimgcodec as decode_all
+    elif decoder == "nvjpeg" and device.type == "cuda":  # (elsewhere torchvision's CPU decode)
+        from .nvjpeg_decode import decode_nvjpeg as decode_all
     if device.type != "cuda":
         return decode_all(data, device)
     caller = torch.cuda.current_stream(device)
@@ -537,7 +541,7 @@ class GpuImagePipeline:
         # None: on CUDA devices (True also runs them under the interpreter on a CPU)
         self.fused_ops: bool | None = None
         self._streams: dict[torch.device, torch.cuda.Stream] = {}  # decoding side streams
-        self.decoder = "torchvision"  # or "nvimgcodec" (data.gpu_decoder; see decode_batch)
+        self.decoder = "torchvision"  # nvjpeg, nvimgcodec (data.gpu_decoder; see decode_batch)
         self._held: list = []  # (event, decoded images) of CUDA batches being transformed
         self._lock = threading.Lock()
 
@@ -680,4 +684,8 @@ def build_gpu_pipeline(cfg, seed: int = 0, rank: int = 0) -> GpuImagePipeline | 
 
         if not available():
             raise ImportError(INSTALL_HINT)
+    if pipe.decoder == "nvjpeg" and torch.cuda.is_available():  # (CPU hosts decode on the CPU)
+        from .nvjpeg_decode import _lib
+
+        _lib()  # ImportError naming what is missing
     return pipe

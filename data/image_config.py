@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 IMAGE_KINDS = ("folder", "hf", "packed", "digits", "synthetic")
 DECODE_MODES = ("cpu", "gpu")
-GPU_DECODERS = ("torchvision", "nvimgcodec")  # data.gpu_decoder
+GPU_DECODERS = ("torchvision", "nvjpeg", "nvimgcodec")  # data.gpu_decoder
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # = timm.data.IMAGENET_DEFAULT_MEAN
 IMAGENET_STD = (0.229, 0.224, 0.225)  # = timm.data.IMAGENET_DEFAULT_STD

@@ -9,7 +9,7 @@ GPU, the copy to the device and :class:`data.DevicePrep` (normalisation and rand
 0.25), with ``data.device_normalize`` off (workers hand out normalised float32) and on (uint8),
 and ``--modes ...,gpu`` for ``data.decode=gpu`` (workers read the JPEG bytes; decode with
 nvJPEG, crop, flip and RandAugment on the device: the timed work then includes that GPU work;
-``nvimgcodec``: the same with ``data.gpu_decoder=nvimgcodec``).
+``nvjpeg``, ``nvimgcodec``: the same with that ``data.gpu_decoder``).
 Each cell reads ``--batches`` batches after a warm-up of two batches per worker (worker start-up
 and the prefetched queue left out; keep ``--batches`` well above it). Without an ImageNet folder, ``--generate N`` writes an ImageNet-like folder: N JPEGs
 of ``--size`` (default 500x375, ImageNet's median) at quality 90, upscaled from the images of a
@@ -43,6 +43,8 @@ from data import (  # noqa: E402
     build_image_loaders,
     to_device,
 )
+
+DECODER_MODES = ("nvjpeg", "nvimgcodec")  # --modes that are data.decode=gpu with that decoder
 
 
 def _write_images(args) -> None:
@@ -164,7 +166,7 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--modes", default="float,uint8",
                     help="float (workers normalise), uint8 (device normalises), gpu (device "
-                    "decodes and augments), nvimgcodec (gpu with data.gpu_decoder=nvimgcodec)")  # fmt: skip
+                    "decodes and augments), nvjpeg and nvimgcodec (gpu with that data.gpu_decoder)")  # fmt: skip
     ap.add_argument("--stages", action="store_true",
                     help="also time data.decode=gpu's stages one at a time (read, decode, "
                     "augment)")  # fmt: skip
@@ -177,8 +179,8 @@ def main() -> None:
         ap.error("give --root DIR (ImageNet-style folder) or --generate N")
     workers = [int(w) for w in args.workers.split(",")]
     modes = [m for m in args.modes.split(",") if m]
-    if set(modes) - {"float", "uint8", "gpu", "nvimgcodec"}:
-        ap.error("--modes takes float, uint8, gpu and/or nvimgcodec")
+    if set(modes) - {"float", "uint8", "gpu", *DECODER_MODES}:
+        ap.error("--modes takes float, uint8, gpu, nvjpeg and/or nvimgcodec")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tmp = tempfile.TemporaryDirectory()
     root = args.root
@@ -190,19 +192,19 @@ def main() -> None:
         print(f"generated {args.generate} JPEGs of {w}x{h} in {time.perf_counter() - t:.0f} s")
     rows = []
     for mode in modes:
-        gpu_mode = mode in ("gpu", "nvimgcodec")
+        gpu_mode = mode in ("gpu", *DECODER_MODES)
         for nw in workers:
             cfg = ImageDataConfig(name="bench", kind="folder", root=root, img_size=args.img_size,
                                   num_workers=nw, device_normalize=mode != "float",
                                   decode="cpu" if mode in ("float", "uint8") else "gpu",
-                                  gpu_decoder="nvimgcodec" if mode == "nvimgcodec" else "torchvision",
+                                  gpu_decoder=mode if mode in DECODER_MODES else "torchvision",
                                   cpu_decode_share=args.cpu_share if gpu_mode else 0.0,
                                   persistent_workers=False)  # fmt: skip
             cell = time_cell(cfg, args.batch, args.batches, device)
             rows.append({"mode": mode, "workers": nw, **cell})
             print(f"{mode:<6} workers {nw:>3}: {cell['images_per_s']:8,.0f} images/s "
                   f"({cell['batch_mb']:.0f} MB a batch)", flush=True)  # fmt: skip
-            if mode in ("gpu", "nvimgcodec") and args.stages:
+            if gpu_mode and args.stages:
                 stages = time_stages(cfg, args.batch, args.batches, device)
                 rows[-1]["stages"] = stages
                 print("        stages alone: " + ", ".join(f"{k} {v:,.0f}" for k, v in
