@@ -82,7 +82,17 @@ def library_candidates() -> list[str]:
     return found + ["libnvjpeg.so.13", "libnvjpeg.so.12", "libnvjpeg.so"]
 
 
-def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+_QUICK = ("nvjpegJpegStreamParseHeader", "nvjpegJpegStreamGetFrameDimensions",
+          "nvjpegJpegStreamGetComponentsNum", "nvjpegDecodeBatchedSupported")  # fmt: skip
+"""Calls of microseconds made per image: bound through ``ctypes.PyDLL``, which keeps the GIL.
+Through ``CDLL`` each would release and take it again, and with the pipeline's other threads
+waiting for it, a batch's thousand hand-overs cost more than the parsing."""
+
+
+def _bind(path: str) -> ctypes.CDLL:
+    """The library through ``CDLL`` (calls release the GIL), its per-image calls replaced by
+    the same functions through ``PyDLL`` (they keep it)."""
+    lib, quick = ctypes.CDLL(path), ctypes.PyDLL(path)
     p, i, u, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint, ctypes.c_size_t
     ptr = ctypes.POINTER
     sigs = {
@@ -97,8 +107,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         "nvjpegDecodeBatched": (p, p, p, p, p, p),
     }
     for name, args in sigs.items():
-        fn = getattr(lib, name)
+        fn = getattr(quick if name in _QUICK else lib, name)
         fn.argtypes, fn.restype = list(args), ctypes.c_int
+        setattr(lib, name, fn)
     return lib
 
 
@@ -109,7 +120,7 @@ def _lib() -> ctypes.CDLL:
             errors = []
             for path in library_candidates():
                 try:
-                    _LIB = _bind(ctypes.CDLL(path))
+                    _LIB = _bind(path)
                     break
                 except (OSError, AttributeError) as err:
                     errors.append(f"{path}: {err}")
@@ -163,7 +174,9 @@ def _state(lib: ctypes.CDLL, handle: ctypes.c_void_p, index: int) -> list:
             _check("nvjpegJpegStateCreate", lib.nvjpegJpegStateCreate(handle, ctypes.byref(state)))
             _check("nvjpegJpegStreamCreate",
                    lib.nvjpegJpegStreamCreate(handle, ctypes.byref(stream)))  # fmt: skip
-        per[index] = [state, stream, 0]  # (batch size the state was initialised for)
+        outs = (ctypes.c_uint(), ctypes.c_uint(), ctypes.c_uint(), ctypes.c_int())
+        # (state, stream, batch size the state was initialised for, out-parameters of _parse)
+        per[index] = [state, stream, 0, outs, tuple(ctypes.byref(o) for o in outs)]
     return per[index]
 
 
@@ -189,16 +202,16 @@ def image_descriptors(base: int, offsets, heights, widths) -> np.ndarray:
     return desc
 
 
-def _parse(lib, handle, stream, ptr: int, length: int, dims) -> bool:
-    """Header of one image: its (H, W) into ``dims``; whether the engines decode it."""
+def _parse(lib, handle, slot, ptr: int, length: int) -> tuple[int, int, bool]:
+    """Header of one image: (H, W, whether the engines decode it)."""
+    stream, (w, h, n, ok), (wr, hr, nr, okr) = slot[1], slot[3], slot[4]
     if lib.nvjpegJpegStreamParseHeader(handle, ptr, length, stream):
-        return False  # not a JPEG nvJPEG reads (a PNG, a broken file): the fallback decides
-    w, h, n, ok = ctypes.c_uint(), ctypes.c_uint(), ctypes.c_uint(), ctypes.c_int(1)
-    lib.nvjpegJpegStreamGetFrameDimensions(stream, ctypes.byref(w), ctypes.byref(h))
-    lib.nvjpegJpegStreamGetComponentsNum(stream, ctypes.byref(n))
-    lib.nvjpegDecodeBatchedSupported(handle, stream, ctypes.byref(ok))
-    dims[0], dims[1] = h.value, w.value
-    return ok.value == 0 and n.value == 3 and h.value > 0 and w.value > 0
+        return 0, 0, False  # not a JPEG nvJPEG reads (a PNG, a broken file): the fallback's
+    ok.value = 1
+    lib.nvjpegJpegStreamGetFrameDimensions(stream, wr, hr)
+    lib.nvjpegJpegStreamGetComponentsNum(stream, nr)
+    lib.nvjpegDecodeBatchedSupported(handle, stream, okr)
+    return h.value, w.value, ok.value == 0 and n.value == 3 and h.value > 0 and w.value > 0
 
 
 def decode_nvjpeg(data: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
@@ -218,16 +231,15 @@ def decode_nvjpeg(data: list[torch.Tensor], device: torch.device | str) -> list[
     lib = _lib()
     handle = _handle(lib, index)
     slot = _state(lib, handle, index)
-    state, jstream = slot[0], slot[1]
+    state = slot[0]
     data = [d if d.is_contiguous() else d.contiguous() for d in data]
-    ptrs = np.array([d.data_ptr() for d in data], dtype=np.uint64)
-    lengths = np.array([d.numel() for d in data], dtype=np.uint64)
-    hw = np.zeros((n, 2), dtype=np.int64)
-    ok = np.zeros(n, dtype=bool)
-    dims = [0, 0]
-    for k in range(n):
-        ok[k] = _parse(lib, handle, jstream, int(ptrs[k]), int(lengths[k]), dims)
-        hw[k] = dims
+    ptr_list = [d.data_ptr() for d in data]
+    len_list = [d.numel() for d in data]
+    parsed = [_parse(lib, handle, slot, p, m) for p, m in zip(ptr_list, len_list)]
+    ptrs = np.array(ptr_list, dtype=np.uint64)
+    lengths = np.array(len_list, dtype=np.uint64)
+    hw = np.array([(h, w) for h, w, _ in parsed], dtype=np.int64).reshape(n, 2)
+    ok = np.array([k for _, _, k in parsed], dtype=bool)
     hw_idx = np.flatnonzero(ok)
     out: list[torch.Tensor | None] = [None] * n
     cuda_stream = torch.cuda.current_stream(device)
