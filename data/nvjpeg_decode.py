@@ -57,6 +57,7 @@ _HANDLES: dict[int, ctypes.c_void_p] = {}  # device index -> nvjpegHandle_t
 _LOCAL = threading.local()  # per thread: {device index: (state, jpeg stream, batch size)}
 _KEEP: list = []  # (event, encoded bytes) until the engines have read them
 INTERPOLATED: dict[int, bool] = {}  # device index -> whether chroma is interpolated
+ALLOCATOR = os.environ.get("ATTNLAB_NVJPEG_ALLOCATOR", "cuda")  # or torch (experiment)
 
 
 class NvjpegError(RuntimeError):
@@ -97,6 +98,7 @@ def _bind(path: str) -> ctypes.CDLL:
     ptr = ctypes.POINTER
     sigs = {
         "nvjpegCreateEx": (i, p, p, u, ptr(p)),
+        "nvjpegCreateExV2": (i, p, p, u, ptr(p)),
         "nvjpegJpegStateCreate": (p, ptr(p)),
         "nvjpegJpegStreamCreate": (p, ptr(p)),
         "nvjpegJpegStreamParseHeader": (p, p, sz, p),
@@ -149,10 +151,16 @@ def _handle(lib: ctypes.CDLL, index: int) -> ctypes.c_void_p:
     with _LOCK:
         if index not in _HANDLES:
             h = ctypes.c_void_p()
+            allocs = _allocators(index) if ALLOCATOR == "torch" else (None, None)
             with torch.cuda.device(index):
                 for flags in (FLAG_INTERPOLATED_CHROMA, 0):  # (older nvJPEG lacks the flag)
-                    status = lib.nvjpegCreateEx(BACKEND_HARDWARE, None, None, flags,
-                                                ctypes.byref(h))  # fmt: skip
+                    if allocs[0] is None:
+                        status = lib.nvjpegCreateEx(BACKEND_HARDWARE, None, None, flags,
+                                                    ctypes.byref(h))  # fmt: skip
+                    else:
+                        status = lib.nvjpegCreateExV2(BACKEND_HARDWARE, ctypes.byref(allocs[0]),
+                                                      ctypes.byref(allocs[1]), flags,
+                                                      ctypes.byref(h))  # fmt: skip
                     if not status:
                         INTERPOLATED[index] = bool(flags)
                         break
@@ -162,6 +170,62 @@ def _handle(lib: ctypes.CDLL, index: int) -> ctypes.c_void_p:
                                    f"NVJPEG_STATUS_{STATUS.get(status, status)}); {INSTALL_HINT}")  # fmt: skip
             _HANDLES[index] = h
     return _HANDLES[index]
+
+
+_MALLOC = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
+                           ctypes.c_size_t, ctypes.c_void_p)  # fmt: skip
+_FREE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                         ctypes.c_void_p)  # fmt: skip
+
+
+class _AllocatorV2(ctypes.Structure):  # nvjpegDevAllocatorV2_t and nvjpegPinnedAllocatorV2_t
+    _fields_ = [("malloc", _MALLOC), ("free", _FREE), ("ctx", ctypes.c_void_p)]
+
+
+_PINNED: dict[int, torch.Tensor] = {}  # pinned buffers lent to nvJPEG, by address
+ALLOC_CALLS = {"device": 0, "device_free": 0, "pinned": 0, "pinned_free": 0}
+
+
+def _allocators(index: int):
+    """nvJPEG's device and pinned allocations from PyTorch's caching allocators (stream-ordered,
+    no cudaFree or cudaFreeHost, which would wait for the whole device)."""
+
+    def dev_malloc(ctx, out, size, stream):
+        try:
+            out[0] = torch.cuda.caching_allocator_alloc(max(int(size), 1), index, stream or None)
+        except Exception:  # (a Python error cannot cross into C)
+            return 1
+        ALLOC_CALLS["device"] += 1
+        return 0
+
+    def dev_free(ctx, ptr, size, stream):
+        if ptr:
+            torch.cuda.caching_allocator_delete(ptr)
+        ALLOC_CALLS["device_free"] += 1
+        return 0
+
+    def pin_malloc(ctx, out, size, stream):
+        try:
+            t = torch.empty(max(int(size), 1), dtype=torch.uint8, pin_memory=True)
+        except Exception:
+            return 1
+        _PINNED[t.data_ptr()] = t
+        out[0] = t.data_ptr()
+        ALLOC_CALLS["pinned"] += 1
+        return 0
+
+    def pin_free(ctx, ptr, size, stream):
+        _PINNED.pop(ptr, None)
+        ALLOC_CALLS["pinned_free"] += 1
+        return 0
+
+    funcs = (_MALLOC(dev_malloc), _FREE(dev_free), _MALLOC(pin_malloc), _FREE(pin_free))
+    dev, pin = _AllocatorV2(funcs[0], funcs[1], None), _AllocatorV2(funcs[2], funcs[3], None)
+    _KEEP_ALIVE.append((funcs, dev, pin))
+    return dev, pin
+
+
+_KEEP_ALIVE: list = []  # the callbacks handed to nvJPEG live as long as the process
 
 
 def _state(lib: ctypes.CDLL, handle: ctypes.c_void_p, index: int) -> list:
