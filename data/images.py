@@ -256,15 +256,17 @@ class EncodedImages(list):
     flat: torch.Tensor
     sizes: list[int]
     crops: torch.Tensor | None = None
+    headers: np.ndarray | None = None  # data.gpu_decoder=nvjpeg: (H, W, engines) an image
 
     @classmethod
-    def from_flat(cls, flat: torch.Tensor, sizes: list[int], crops=None) -> EncodedImages:
+    def from_flat(cls, flat: torch.Tensor, sizes: list[int], crops=None,
+                  headers=None) -> EncodedImages:  # fmt: skip
         out = cls(flat.split(sizes))
-        out.flat, out.sizes, out.crops = flat, list(sizes), crops
+        out.flat, out.sizes, out.crops, out.headers = flat, list(sizes), crops, headers
         return out
 
     def __reduce__(self):
-        return (EncodedImages.from_flat, (self.flat, self.sizes, self.crops))
+        return (EncodedImages.from_flat, (self.flat, self.sizes, self.crops, self.headers))
 
 
 class _BytesCollate:
@@ -278,8 +280,8 @@ class _BytesCollate:
     alike whatever the workers; otherwise from the worker's own seed."""
 
     def __init__(self, share: float = 0.0, img_size: int = 224, seed: int = 0, rank: int = 0,
-                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):  # fmt: skip
-        self.share, self.img_size = float(share), int(img_size)
+                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), headers: bool = False):  # fmt: skip
+        self.share, self.img_size, self.headers = float(share), int(img_size), bool(headers)
         self.seed, self.rank = int(seed) % 2**63, int(rank)
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self._rng: tuple[int, np.random.Generator] | None = None  # unkeyed: (process seed, rng)
@@ -297,6 +299,10 @@ class _BytesCollate:
         data = [b for b, _ in batch[: len(batch) - k]]
         flat = torch.cat(data) if data else torch.empty(0, dtype=torch.uint8)
         images = EncodedImages.from_flat(flat, [d.numel() for d in data])
+        if self.headers:  # data.gpu_decoder=nvjpeg: sizes and formats read here, not there
+            from .nvjpeg_decode import headers
+
+            images.headers = headers(data)
         if k:
             rng = self._draws(getattr(batch, "key", None))
             images.crops = crop_decode_pil([b for b, _ in batch[-k:]], rng, self.img_size,
@@ -413,14 +419,16 @@ def build_image_loaders(
         )
     workers = min(int(cfg.num_workers), os.cpu_count() or 1)
     gpu = cfg.decode == "gpu"  # byte batches: the decoders read host memory, no pinning
+    nvjpeg = gpu and getattr(cfg, "gpu_decoder", "torchvision") == "nvjpeg"
     common: dict[str, Any] = {
         "num_workers": workers,
         "pin_memory": bool(cfg.pin_memory) and torch.cuda.is_available() and not gpu,
-        "collate_fn": _BytesCollate() if gpu else _Collate(bool(cfg.channels_last)),
+        "collate_fn": _BytesCollate(headers=nvjpeg) if gpu else _Collate(bool(cfg.channels_last)),
     }
     train_collate = common["collate_fn"]
     if gpu and float(cfg.cpu_decode_share) > 0:  # the workers decode a share of each batch
-        train_collate = _BytesCollate(cfg.cpu_decode_share, cfg.img_size, seed, rank)
+        train_collate = _BytesCollate(cfg.cpu_decode_share, cfg.img_size, seed, rank,
+                                      headers=nvjpeg)  # fmt: skip
         train = _KeyedItems(train)
     if workers > 0:
         common["persistent_workers"] = bool(cfg.persistent_workers)

@@ -31,6 +31,7 @@ import glob
 import os
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -57,7 +58,6 @@ _HANDLES: dict[int, ctypes.c_void_p] = {}  # device index -> nvjpegHandle_t
 _LOCAL = threading.local()  # per thread: {device index: (state, jpeg stream, batch size)}
 _KEEP: list = []  # (event, encoded bytes) until the engines have read them
 INTERPOLATED: dict[int, bool] = {}  # device index -> whether chroma is interpolated
-ALLOCATOR = os.environ.get("ATTNLAB_NVJPEG_ALLOCATOR", "cuda")  # or torch (experiment)
 
 
 class NvjpegError(RuntimeError):
@@ -98,7 +98,6 @@ def _bind(path: str) -> ctypes.CDLL:
     ptr = ctypes.POINTER
     sigs = {
         "nvjpegCreateEx": (i, p, p, u, ptr(p)),
-        "nvjpegCreateExV2": (i, p, p, u, ptr(p)),
         "nvjpegJpegStateCreate": (p, ptr(p)),
         "nvjpegJpegStreamCreate": (p, ptr(p)),
         "nvjpegJpegStreamParseHeader": (p, p, sz, p),
@@ -151,16 +150,10 @@ def _handle(lib: ctypes.CDLL, index: int) -> ctypes.c_void_p:
     with _LOCK:
         if index not in _HANDLES:
             h = ctypes.c_void_p()
-            allocs = _allocators(index) if ALLOCATOR == "torch" else (None, None)
             with torch.cuda.device(index):
                 for flags in (FLAG_INTERPOLATED_CHROMA, 0):  # (older nvJPEG lacks the flag)
-                    if allocs[0] is None:
-                        status = lib.nvjpegCreateEx(BACKEND_HARDWARE, None, None, flags,
-                                                    ctypes.byref(h))  # fmt: skip
-                    else:
-                        status = lib.nvjpegCreateExV2(BACKEND_HARDWARE, ctypes.byref(allocs[0]),
-                                                      ctypes.byref(allocs[1]), flags,
-                                                      ctypes.byref(h))  # fmt: skip
+                    status = lib.nvjpegCreateEx(BACKEND_HARDWARE, None, None, flags,
+                                                ctypes.byref(h))  # fmt: skip
                     if not status:
                         INTERPOLATED[index] = bool(flags)
                         break
@@ -170,62 +163,6 @@ def _handle(lib: ctypes.CDLL, index: int) -> ctypes.c_void_p:
                                    f"NVJPEG_STATUS_{STATUS.get(status, status)}); {INSTALL_HINT}")  # fmt: skip
             _HANDLES[index] = h
     return _HANDLES[index]
-
-
-_MALLOC = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
-                           ctypes.c_size_t, ctypes.c_void_p)  # fmt: skip
-_FREE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
-                         ctypes.c_void_p)  # fmt: skip
-
-
-class _AllocatorV2(ctypes.Structure):  # nvjpegDevAllocatorV2_t and nvjpegPinnedAllocatorV2_t
-    _fields_ = [("malloc", _MALLOC), ("free", _FREE), ("ctx", ctypes.c_void_p)]
-
-
-_PINNED: dict[int, torch.Tensor] = {}  # pinned buffers lent to nvJPEG, by address
-ALLOC_CALLS = {"device": 0, "device_free": 0, "pinned": 0, "pinned_free": 0}
-
-
-def _allocators(index: int):
-    """nvJPEG's device and pinned allocations from PyTorch's caching allocators (stream-ordered,
-    no cudaFree or cudaFreeHost, which would wait for the whole device)."""
-
-    def dev_malloc(ctx, out, size, stream):
-        try:
-            out[0] = torch.cuda.caching_allocator_alloc(max(int(size), 1), index, stream or None)
-        except Exception:  # (a Python error cannot cross into C)
-            return 1
-        ALLOC_CALLS["device"] += 1
-        return 0
-
-    def dev_free(ctx, ptr, size, stream):
-        if ptr:
-            torch.cuda.caching_allocator_delete(ptr)
-        ALLOC_CALLS["device_free"] += 1
-        return 0
-
-    def pin_malloc(ctx, out, size, stream):
-        try:
-            t = torch.empty(max(int(size), 1), dtype=torch.uint8, pin_memory=True)
-        except Exception:
-            return 1
-        _PINNED[t.data_ptr()] = t
-        out[0] = t.data_ptr()
-        ALLOC_CALLS["pinned"] += 1
-        return 0
-
-    def pin_free(ctx, ptr, size, stream):
-        _PINNED.pop(ptr, None)
-        ALLOC_CALLS["pinned_free"] += 1
-        return 0
-
-    funcs = (_MALLOC(dev_malloc), _FREE(dev_free), _MALLOC(pin_malloc), _FREE(pin_free))
-    dev, pin = _AllocatorV2(funcs[0], funcs[1], None), _AllocatorV2(funcs[2], funcs[3], None)
-    _KEEP_ALIVE.append((funcs, dev, pin))
-    return dev, pin
-
-
-_KEEP_ALIVE: list = []  # the callbacks handed to nvJPEG live as long as the process
 
 
 def _state(lib: ctypes.CDLL, handle: ctypes.c_void_p, index: int) -> list:
@@ -239,8 +176,10 @@ def _state(lib: ctypes.CDLL, handle: ctypes.c_void_p, index: int) -> list:
             _check("nvjpegJpegStreamCreate",
                    lib.nvjpegJpegStreamCreate(handle, ctypes.byref(stream)))  # fmt: skip
         outs = (ctypes.c_uint(), ctypes.c_uint(), ctypes.c_uint(), ctypes.c_int())
-        # (state, stream, batch size the state was initialised for, out-parameters of _parse)
-        per[index] = [state, stream, 0, outs, tuple(ctypes.byref(o) for o in outs)]
+        # (state, jpeg stream, batch size the state was initialised for, out-parameters of
+        # _parse, this thread's CUDA stream)
+        per[index] = [state, stream, 0, outs, tuple(ctypes.byref(o) for o in outs),
+                      torch.cuda.Stream(index)]  # fmt: skip
     return per[index]
 
 
@@ -278,10 +217,118 @@ def _parse(lib, handle, slot, ptr: int, length: int) -> tuple[int, int, bool]:
     return h.value, w.value, ok.value == 0 and n.value == 3 and h.value > 0 and w.value > 0
 
 
+def jpeg_header(raw) -> tuple[int, int, bool]:
+    """(H, W, whether the JPEG engines take it) from a JPEG's markers, in Python: what the
+    loader's workers compute for each image (``data.gpu_decoder=nvjpeg``), so that the training
+    process makes no call an image. The engines take 8-bit baseline or extended sequential
+    Huffman JPEGs of three components (YCbCr 4:4:4, 4:2:2, 4:2:0 or 4:4:0) in a single
+    interleaved scan; anything else, or what is not a JPEG, gives ``(0, 0, False)`` or False.
+    ``raw``: bytes or a uint8 array."""
+    b = raw if isinstance(raw, bytes) else bytes(np.asarray(raw, dtype=np.uint8).data)
+    n = len(b)
+    if n < 4 or b[0] != 0xFF or b[1] != 0xD8:
+        return 0, 0, False
+    i, sof, rgb = 2, None, False
+    while i + 4 <= n:
+        if b[i] != 0xFF:
+            return 0, 0, False
+        m = b[i + 1]
+        if m == 0xFF:  # fill byte
+            i += 1
+            continue
+        if m == 0x01 or 0xD0 <= m <= 0xD7:  # markers without a segment
+            i += 2
+            continue
+        seg = (b[i + 2] << 8) | b[i + 3]
+        if m == 0xEE and seg >= 12 and b[i + 4 : i + 9] == b"Adobe" and i + 15 < n:
+            rgb = b[i + 15] == 0  # APP14 transform 0: the components are R, G, B
+        elif 0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC) and i + 10 <= n:  # a frame
+            nc = b[i + 9]
+            samp = tuple(b[i + 11 + 3 * k] for k in range(nc)) if i + 10 + 3 * nc <= n else ()
+            sof = (m, b[i + 4], (b[i + 5] << 8) | b[i + 6], (b[i + 7] << 8) | b[i + 8], nc, samp)
+        elif m == 0xDA:  # the first scan: the frame must be one the engines decode in one scan
+            if sof is None:
+                return 0, 0, False
+            kind, bits, h, w, nc, samp = sof
+            ok = (kind in (0xC0, 0xC1) and bits == 8 and nc == 3 and len(samp) == 3
+                  and samp[0] in (0x11, 0x21, 0x22, 0x12) and samp[1] == samp[2] == 0x11
+                  and not rgb and i + 4 < n and b[i + 4] == 3
+                  and b.find(b"\xff\xda", i + 2 + seg) < 0 and h > 0 and w > 0)  # fmt: skip
+            return h, w, ok
+        elif m == 0xD9:
+            break
+        i += 2 + seg
+    return (sof[2], sof[3], False) if sof else (0, 0, False)
+
+
+def headers(data) -> np.ndarray:
+    """int64 (n, 3): :func:`jpeg_header` of each encoded image (uint8 1-D tensors)."""
+    out = np.zeros((len(data), 3), dtype=np.int64)
+    for k, d in enumerate(data):
+        out[k] = jpeg_header(d.numpy() if isinstance(d, torch.Tensor) else d)
+    return out
+
+
+PARTS = 2
+"""Concurrent ``nvjpegDecodeBatched`` calls a batch is split into, each from a thread and
+CUDA stream of its own: one call keeps the engines partly idle (docs/benchmarks.md)."""
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(PARTS, thread_name_prefix="nvjpeg")
+    return _POOL
+
+
+def _decode_part(lib, handle, index: int, src, lens, desc, after) -> tuple[int, object]:
+    """One ``nvjpegDecodeBatched`` call on this thread's decoder state and CUDA stream, after
+    the event ``after``: (status, an event recorded when it is done)."""
+    slot = _state(lib, handle, index)
+    stream, m = slot[5], len(src)
+    with torch.cuda.device(index):
+        stream.wait_event(after)
+        if slot[2] != m:
+            status = lib.nvjpegDecodeBatchedInitialize(handle, slot[0], m, 1, OUTPUT_RGB)
+            if status:
+                return status, None
+            slot[2] = m
+        status = lib.nvjpegDecodeBatched(handle, slot[0], src.ctypes.data, lens.ctypes.data,
+                                         desc.ctypes.data, stream.cuda_stream)  # fmt: skip
+        if status:
+            slot[2] = 0  # re-initialise the state before its next batch
+            return status, None
+        done = torch.cuda.Event()
+        done.record(stream)
+    return 0, done
+
+
+def _engines(lib, handle, index, ptrs, lengths, desc, caller, parts: int) -> int:
+    """The images in ``parts`` concurrent calls; the caller's stream waits for them. Returns
+    the first failing status, or 0."""
+    start = torch.cuda.Event()
+    start.record(caller)  # the output buffer's earlier users on the caller's stream go first
+    bounds = np.linspace(0, len(ptrs), parts + 1).astype(int)
+    jobs = [(ptrs[a:b], lengths[a:b], desc[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    if len(jobs) == 1:
+        results = [_decode_part(lib, handle, index, *jobs[0], start)]
+    else:
+        futures = [_pool().submit(_decode_part, lib, handle, index, *j, start) for j in jobs]
+        results = [f.result() for f in futures]
+    for _, done in results:
+        if done is not None:
+            caller.wait_event(done)
+    return next((status for status, _ in results if status), 0)
+
+
 def decode_nvjpeg(data: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
     """Encoded images (uint8 1-D CPU tensors) -> RGB uint8 (3, H, W) tensors on the CUDA
-    ``device``, the engines' share in one call on the current stream. EXIF orientation is
-    not applied (as torchvision and PIL leave it)."""
+    ``device``, the engines' share in ``PARTS`` concurrent calls; the caller's current stream
+    waits for them (the outputs may be used on it at once). Image headers come from
+    ``data.headers`` where the loader's workers put them, else :func:`headers` here. EXIF
+    orientation is not applied (as torchvision and PIL leave it)."""
     from .gpu_augment import _decode_one
 
     device = torch.device(device)
@@ -294,47 +341,44 @@ def decode_nvjpeg(data: list[torch.Tensor], device: torch.device | str) -> list[
         return []
     lib = _lib()
     handle = _handle(lib, index)
-    slot = _state(lib, handle, index)
-    state = slot[0]
+    info = getattr(data, "headers", None)
+    if info is None or len(info) != n:
+        info = headers(data)
     data = [d if d.is_contiguous() else d.contiguous() for d in data]
-    ptr_list = [d.data_ptr() for d in data]
-    len_list = [d.numel() for d in data]
-    parsed = [_parse(lib, handle, slot, p, m) for p, m in zip(ptr_list, len_list)]
-    ptrs = np.array(ptr_list, dtype=np.uint64)
-    lengths = np.array(len_list, dtype=np.uint64)
-    hw = np.array([(h, w) for h, w, _ in parsed], dtype=np.int64).reshape(n, 2)
-    ok = np.array([k for _, _, k in parsed], dtype=bool)
-    hw_idx = np.flatnonzero(ok)
+    hw_idx = np.flatnonzero(info[:, 2])
     out: list[torch.Tensor | None] = [None] * n
-    cuda_stream = torch.cuda.current_stream(device)
+    caller = torch.cuda.current_stream(device)
     if len(hw_idx):
-        offsets, total = plane_layout(hw[hw_idx, 0], hw[hw_idx, 1])
+        hs, ws = info[hw_idx, 0], info[hw_idx, 1]
+        offsets, total = plane_layout(hs, ws)
         buf = torch.empty(total, dtype=torch.uint8, device=device)
-        desc = image_descriptors(buf.data_ptr(), offsets, hw[hw_idx, 0], hw[hw_idx, 1])
-        src = np.ascontiguousarray(ptrs[hw_idx])
-        lens = np.ascontiguousarray(lengths[hw_idx])
-        m = len(hw_idx)
-        with torch.cuda.device(index):
-            if slot[2] != m:
-                _check("nvjpegDecodeBatchedInitialize",
-                       lib.nvjpegDecodeBatchedInitialize(handle, state, m, 1, OUTPUT_RGB))  # fmt: skip
-                slot[2] = m
-            status = lib.nvjpegDecodeBatched(handle, state, src.ctypes.data, lens.ctypes.data,
-                                             desc.ctypes.data, cuda_stream.cuda_stream)  # fmt: skip
-        if status:
-            slot[2] = 0  # re-initialise the state before its next batch
-            warnings.warn(f"nvjpegDecodeBatched failed (NVJPEG_STATUS_"
-                          f"{STATUS.get(status, status)}) on a batch of {m}; decoding it image by "
-                          "image instead", RuntimeWarning, stacklevel=2)  # fmt: skip
-            hw_idx = hw_idx[:0]
-        else:
+        desc = image_descriptors(buf.data_ptr(), offsets, hs, ws)
+        ptrs = np.array([data[k].data_ptr() for k in hw_idx], dtype=np.uint64)
+        lengths = np.array([data[k].numel() for k in hw_idx], dtype=np.uint64)
+        parts = max(1, min(PARTS, len(hw_idx) // 16))
+        status = _engines(lib, handle, index, ptrs, lengths, desc, caller, parts)
+        if status:  # a header that passed ours but not nvJPEG's checks: ask nvJPEG, once
+            slot = _state(lib, handle, index)
+            keep = np.array([_parse(lib, handle, slot, int(p), int(m))[2]
+                             for p, m in zip(ptrs, lengths)], dtype=bool)  # fmt: skip
+            if not keep.all():
+                status = _engines(lib, handle, index, ptrs[keep], lengths[keep], desc[keep],
+                                  caller, parts)  # fmt: skip
+                hw_idx, offsets = hw_idx[keep], offsets[keep]
+            if status:
+                warnings.warn(f"nvjpegDecodeBatched failed (NVJPEG_STATUS_"
+                              f"{STATUS.get(status, status)}) on a batch of {len(hw_idx)}; "
+                              "decoding it image by image instead", RuntimeWarning,
+                              stacklevel=2)  # fmt: skip
+                hw_idx = hw_idx[:0]
+        if len(hw_idx):
             done = torch.cuda.Event()
-            done.record(cuda_stream)
+            done.record(caller)
             with _LOCK:  # the host bytes stay alive until the engines have read them
                 _KEEP[:] = [(e, d) for e, d in _KEEP if not e.query()]
                 _KEEP.append((done, data))
             for j, k in enumerate(hw_idx.tolist()):
-                h, w = int(hw[k, 0]), int(hw[k, 1])
+                h, w = int(info[k, 0]), int(info[k, 1])
                 out[k] = buf[int(offsets[j]) : int(offsets[j]) + 3 * h * w].view(3, h, w)
     for k in range(n):
         if out[k] is None:  # not for the engines: torchvision's decoders, then PIL's

@@ -58,6 +58,50 @@ def test_image_descriptors_point_at_each_plane():
     assert desc[0, :3].tolist() == [1 << 40, (1 << 40) + 6, (1 << 40) + 12]
 
 
+def test_jpeg_header_reads_sizes_and_what_the_engines_take():
+    """Sizes as PIL reads them, through APP segments (EXIF, ICC); baseline YCbCr JPEGs of
+    every subsampling the engines decode are theirs; progressive, grayscale and CMYK JPEGs,
+    PNGs, truncated or empty bytes are not (and do not raise)."""
+    a = _photo(37, 53, 0)
+    exif = Image.Exif()
+    exif[0x010F] = "camera"
+    for sub in (0, 1, 2):
+        raw = _raw(a, quality=90, subsampling=sub, exif=exif.tobytes(), icc_profile=b"x" * 300)
+        assert nvj.jpeg_header(raw.numpy()) == (37, 53, True)
+        assert nvj.jpeg_header(raw.numpy().tobytes()) == (37, 53, True)
+    assert nvj.jpeg_header(_raw(a, quality=90, progressive=True).numpy()) == (37, 53, False)
+    assert nvj.jpeg_header(_raw(a, mode="L", quality=90).numpy()) == (37, 53, False)
+    assert nvj.jpeg_header(_raw(a, mode="CMYK", quality=90).numpy()) == (37, 53, False)
+    assert nvj.jpeg_header(_raw(a, fmt="PNG").numpy()) == (0, 0, False)
+    whole = _raw(a, quality=90).numpy()
+    for cut in (0, 1, 3, 20, 200):
+        h, w, ok = nvj.jpeg_header(whole[:cut])
+        assert not ok
+    info = nvj.headers([_raw(a, quality=90), _raw(a, fmt="PNG")])
+    assert info.tolist() == [[37, 53, 1], [0, 0, 0]]
+
+
+def test_workers_hand_out_headers_with_the_bytes(tmp_path):
+    """With data.gpu_decoder=nvjpeg the loader's workers read each image's header beside its
+    bytes, and the headers travel with the batch (pickled from worker processes); with other
+    decoders they read none."""
+    import pickle
+
+    root = make_image_folder(tmp_path, num_classes=2, train_per_class=3, val_per_class=2, size=20)
+    for decoder, workers in (("nvjpeg", 1), ("nvjpeg", 0), ("torchvision", 0)):
+        cfg = ImageDataConfig(kind="folder", root=str(root), img_size=16, decode="gpu",
+                              num_workers=workers, gpu_decoder=decoder)  # fmt: skip
+        train, val, *_ = build_image_loaders(cfg, 4, seed=0)
+        for loader in (train, val):
+            data, _ = next(iter(loader))
+            if decoder != "nvjpeg":
+                assert data.headers is None
+                continue
+            want = [[*_pil(d).shape[1:], 1] for d in data]
+            assert data.headers.tolist() == want
+            assert pickle.loads(pickle.dumps(data)).headers.tolist() == want
+
+
 def test_missing_library_names_the_fix(monkeypatch):
     monkeypatch.setattr(nvj, "_LIB", None)
     monkeypatch.setattr(nvj, "_LIB_ERR", None)
@@ -137,6 +181,31 @@ def test_cuda_engines_decode_like_pil_in_one_buffer():
             assert diff.mean() < 0.25 and diff.max() <= 4, (kind, diff.mean(), diff.max())
         else:  # torchvision's GPU decode (chroma not interpolated) or its CPU one
             assert diff.mean() < 8
+
+
+@pytest.mark.gpu
+def test_cuda_split_batches_and_headers_that_mislead():
+    """A batch large enough to go to the engines in concurrent parts decodes as PIL does; a
+    header that wrongly says "engines" (here a progressive JPEG's) makes nvJPEG's own check
+    sort the batch again, and every image still comes back right."""
+    from data.images import EncodedImages
+
+    _engines()
+    raws = [_raw(_photo(40 + i, 72 - i, i), quality=88, subsampling=i % 3) for i in range(40)]
+    raws[7] = _raw(_photo(47, 65, 99), quality=88, progressive=True)
+    flat = torch.cat(raws)
+    batch = EncodedImages.from_flat(flat, [r.numel() for r in raws])
+    batch.headers = nvj.headers(batch)
+    assert nvj.PARTS >= 2 and not batch.headers[7, 2] and batch.headers[:, 2].sum() == 39
+    batch.headers[7, 2] = 1  # mislead
+    out = nvj.decode_nvjpeg(batch, "cuda")
+    torch.cuda.synchronize()
+    for o, raw in zip(out, raws):
+        ref = _pil(raw)
+        diff = (o.cpu().float() - ref.float()).abs()
+        assert o.shape == ref.shape and diff.mean() < 8
+    for k in (0, 13, 39):
+        assert (out[k].cpu().float() - _pil(raws[k]).float()).abs().mean() < 0.25
 
 
 @pytest.mark.gpu
