@@ -29,9 +29,9 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import queue
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -269,18 +269,45 @@ def headers(data) -> np.ndarray:
     return out
 
 
-PARTS = 2
+PARTS = int(os.environ.get("ATTNLAB_NVJPEG_PARTS", "2"))
 """Concurrent ``nvjpegDecodeBatched`` calls a batch is split into, each from a thread and
-CUDA stream of its own: one call keeps the engines partly idle (docs/benchmarks.md)."""
-_POOL: ThreadPoolExecutor | None = None
+CUDA stream of its own (the calling thread makes one): one call at a time keeps the engines
+partly idle (docs/benchmarks.md)."""
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
+class _Helpers:
+    """Daemon threads making engine calls for the decoding thread (daemons: a call in flight
+    never holds up the interpreter's exit)."""
+
+    def __init__(self, n: int) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        for k in range(n):
+            threading.Thread(target=self._run, name=f"nvjpeg-{k}", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            fn, args, box, done = self._jobs.get()
+            try:
+                box.append(fn(*args))
+            except BaseException as err:  # handed to the caller
+                box.append(err)
+            done.set()
+
+    def submit(self, fn, *args) -> tuple[list, threading.Event]:
+        box, done = [], threading.Event()
+        self._jobs.put((fn, args, box, done))
+        return box, done
+
+
+_HELPERS: _Helpers | None = None
+
+
+def _helpers() -> _Helpers:
+    global _HELPERS
     with _LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(PARTS, thread_name_prefix="nvjpeg")
-    return _POOL
+        if _HELPERS is None:
+            _HELPERS = _Helpers(max(1, PARTS - 1))
+    return _HELPERS
 
 
 def _decode_part(lib, handle, index: int, src, lens, desc, after) -> tuple[int, object]:
@@ -312,11 +339,13 @@ def _engines(lib, handle, index, ptrs, lengths, desc, caller, parts: int) -> int
     start.record(caller)  # the output buffer's earlier users on the caller's stream go first
     bounds = np.linspace(0, len(ptrs), parts + 1).astype(int)
     jobs = [(ptrs[a:b], lengths[a:b], desc[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    if len(jobs) == 1:
-        results = [_decode_part(lib, handle, index, *jobs[0], start)]
-    else:
-        futures = [_pool().submit(_decode_part, lib, handle, index, *j, start) for j in jobs]
-        results = [f.result() for f in futures]
+    waits = [_helpers().submit(_decode_part, lib, handle, index, *j, start) for j in jobs[1:]]
+    results = [_decode_part(lib, handle, index, *jobs[0], start)]  # the first part here
+    for box, done in waits:
+        done.wait()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        results.append(box[0])
     for _, done in results:
         if done is not None:
             caller.wait_event(done)
