@@ -1,27 +1,34 @@
 """``data.gpu_decoder=nvjpeg``: a batch of JPEGs decoded by the GPU's JPEG engines, in one call.
 
 torchvision's ``decode_jpeg(list, device="cuda")`` drives the same hardware decoder, but
-allocates, parses and synchronises image by image behind one lock. Here the batch goes to
-nvJPEG's hardware backend (``NVJPEG_BACKEND_HARDWARE``, the JPEG engines of A100, H100 and
+upsamples chroma without interpolation: its pixels differ from PIL's by 5-14 levels on
+average on detailed images, and more threads calling it do not decode faster
+(docs/benchmarks.md). Here the batch goes
+to nvJPEG's hardware backend (``NVJPEG_BACKEND_HARDWARE``, the JPEG engines of A100, H100 and
 later) through ``ctypes``:
 
-- the images' sizes come from their headers (one parse an image, in C);
+- each image's size and whether the engines take it come from its header, read by the
+  loader's workers (:func:`jpeg_header`, in Python; ``EncodedImages.headers``), so the training
+  process makes no call an image;
 - the outputs are views into **one** device buffer a batch, planar RGB (3, H, W) each, the
   layout the rest of the pipeline reads;
-- one ``nvjpegDecodeBatched`` call decodes every image the engines support, ordered on the
-  caller's stream (the outputs may be used on it at once);
-- each calling thread has a decoder state of its own, so the pipeline's decoding threads do
-  not wait for one another.
+- one ``nvjpegDecodeBatched`` call decodes every image the engines take, on a CUDA stream of
+  the calling thread's, which the caller's stream then waits for;
+- chroma is upsampled by interpolation (``NVJPEG_FLAGS_UPSAMPLING_WITH_INTERPOLATION``), as
+  libjpeg-turbo (PIL) does, so pixels equal a CPU decode up to IDCT rounding (``INTERPOLATED``
+  says, per device, whether the library took the flag).
 
-Chroma is upsampled by interpolation (``NVJPEG_FLAGS_UPSAMPLING_WITH_INTERPOLATION``), as
-libjpeg-turbo (PIL) does by default, so pixels match a CPU decode up to IDCT rounding
-(``INTERPOLATED`` says, per device, whether the library took the flag).
+Measured on an H100 (docs/benchmarks.md, twenty-second session): EfficientViT-M0 trains from
+JPEGs at torchvision's rate with it, so choose it for PIL's pixels, not for speed. Two
+concurrent engine calls a batch decoded 1.58x faster in isolation but hung in training, so a
+batch is one call.
 
 Images the engines do not take (progressive, grayscale, CMYK, PNGs, 4:1:1) are decoded one by
-one by torchvision's and PIL's decoders, as in ``decode_batch``. The library is found beside
-torchvision (its wheels bundle ``libnvjpeg``), in NVIDIA's ``nvidia-nvjpeg`` wheels, or on the
-system path. GPUs without JPEG engines (consumer cards, V100) fail at the decoder's creation
-with a message naming ``data.gpu_decoder=torchvision``.
+one by torchvision's and PIL's decoders, as in ``decode_batch``; where a header misleads, nvJPEG's
+own check sorts the batch again. The library is found beside torchvision (its CUDA wheels
+bundle ``libnvjpeg``), in NVIDIA's ``nvidia-nvjpeg`` wheels, or on the system path. GPUs
+without JPEG engines (consumer cards, V100) fail at the decoder's creation with a message
+naming ``data.gpu_decoder=torchvision``.
 """
 
 from __future__ import annotations
@@ -29,7 +36,6 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
-import queue
 import threading
 import warnings
 
@@ -269,93 +275,31 @@ def headers(data) -> np.ndarray:
     return out
 
 
-PARTS = int(os.environ.get("ATTNLAB_NVJPEG_PARTS", "2"))
-"""Concurrent ``nvjpegDecodeBatched`` calls a batch is split into, each from a thread and
-CUDA stream of its own (the calling thread makes one): one call at a time keeps the engines
-partly idle (docs/benchmarks.md)."""
-
-
-class _Helpers:
-    """Daemon threads making engine calls for the decoding thread (daemons: a call in flight
-    never holds up the interpreter's exit)."""
-
-    def __init__(self, n: int) -> None:
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        for k in range(n):
-            threading.Thread(target=self._run, name=f"nvjpeg-{k}", daemon=True).start()
-
-    def _run(self) -> None:
-        while True:
-            fn, args, box, done = self._jobs.get()
-            try:
-                box.append(fn(*args))
-            except BaseException as err:  # handed to the caller
-                box.append(err)
-            done.set()
-
-    def submit(self, fn, *args) -> tuple[list, threading.Event]:
-        box, done = [], threading.Event()
-        self._jobs.put((fn, args, box, done))
-        return box, done
-
-
-_HELPERS: _Helpers | None = None
-
-
-def _helpers() -> _Helpers:
-    global _HELPERS
-    with _LOCK:
-        if _HELPERS is None:
-            _HELPERS = _Helpers(max(1, PARTS - 1))
-    return _HELPERS
-
-
-def _decode_part(lib, handle, index: int, src, lens, desc, after) -> tuple[int, object]:
-    """One ``nvjpegDecodeBatched`` call on this thread's decoder state and CUDA stream, after
-    the event ``after``: (status, an event recorded when it is done)."""
+def _decode_engines(lib, handle, index: int, ptrs, lengths, desc, caller) -> int:
+    """One ``nvjpegDecodeBatched`` call on this thread's decoder state and CUDA stream; the
+    caller's stream waits for it. Returns its status (0: done)."""
     slot = _state(lib, handle, index)
-    stream, m = slot[5], len(src)
+    stream, m = slot[5], len(ptrs)
     with torch.cuda.device(index):
-        stream.wait_event(after)
+        stream.wait_stream(caller)  # the output buffer's earlier users on the caller's stream
         if slot[2] != m:
             status = lib.nvjpegDecodeBatchedInitialize(handle, slot[0], m, 1, OUTPUT_RGB)
             if status:
-                return status, None
+                return status
             slot[2] = m
-        status = lib.nvjpegDecodeBatched(handle, slot[0], src.ctypes.data, lens.ctypes.data,
+        status = lib.nvjpegDecodeBatched(handle, slot[0], ptrs.ctypes.data, lengths.ctypes.data,
                                          desc.ctypes.data, stream.cuda_stream)  # fmt: skip
         if status:
             slot[2] = 0  # re-initialise the state before its next batch
-            return status, None
-        done = torch.cuda.Event()
-        done.record(stream)
-    return 0, done
-
-
-def _engines(lib, handle, index, ptrs, lengths, desc, caller, parts: int) -> int:
-    """The images in ``parts`` concurrent calls; the caller's stream waits for them. Returns
-    the first failing status, or 0."""
-    start = torch.cuda.Event()
-    start.record(caller)  # the output buffer's earlier users on the caller's stream go first
-    bounds = np.linspace(0, len(ptrs), parts + 1).astype(int)
-    jobs = [(ptrs[a:b], lengths[a:b], desc[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    waits = [_helpers().submit(_decode_part, lib, handle, index, *j, start) for j in jobs[1:]]
-    results = [_decode_part(lib, handle, index, *jobs[0], start)]  # the first part here
-    for box, done in waits:
-        done.wait()
-        if isinstance(box[0], BaseException):
-            raise box[0]
-        results.append(box[0])
-    for _, done in results:
-        if done is not None:
-            caller.wait_event(done)
-    return next((status for status, _ in results if status), 0)
+            return status
+        caller.wait_stream(stream)
+    return 0
 
 
 def decode_nvjpeg(data: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
     """Encoded images (uint8 1-D CPU tensors) -> RGB uint8 (3, H, W) tensors on the CUDA
-    ``device``, the engines' share in ``PARTS`` concurrent calls; the caller's current stream
-    waits for them (the outputs may be used on it at once). Image headers come from
+    ``device``, the engines' share in one call; the caller's current stream waits for it (the
+    outputs may be used on it at once). Image headers come from
     ``data.headers`` where the loader's workers put them, else :func:`headers` here. EXIF
     orientation is not applied (as torchvision and PIL leave it)."""
     from .gpu_augment import _decode_one
@@ -384,15 +328,14 @@ def decode_nvjpeg(data: list[torch.Tensor], device: torch.device | str) -> list[
         desc = image_descriptors(buf.data_ptr(), offsets, hs, ws)
         ptrs = np.array([data[k].data_ptr() for k in hw_idx], dtype=np.uint64)
         lengths = np.array([data[k].numel() for k in hw_idx], dtype=np.uint64)
-        parts = max(1, min(PARTS, len(hw_idx) // 16))
-        status = _engines(lib, handle, index, ptrs, lengths, desc, caller, parts)
+        status = _decode_engines(lib, handle, index, ptrs, lengths, desc, caller)
         if status:  # a header that passed ours but not nvJPEG's checks: ask nvJPEG, once
             slot = _state(lib, handle, index)
             keep = np.array([_parse(lib, handle, slot, int(p), int(m))[2]
                              for p, m in zip(ptrs, lengths)], dtype=bool)  # fmt: skip
             if not keep.all():
-                status = _engines(lib, handle, index, ptrs[keep], lengths[keep], desc[keep],
-                                  caller, parts)  # fmt: skip
+                status = _decode_engines(lib, handle, index, ptrs[keep], lengths[keep],
+                                         np.ascontiguousarray(desc[keep]), caller)  # fmt: skip
                 hw_idx, offsets = hw_idx[keep], offsets[keep]
             if status:
                 warnings.warn(f"nvjpegDecodeBatched failed (NVJPEG_STATUS_"
