@@ -110,10 +110,11 @@ class ImageDataConfig:
     # (data.augment_kernels; the same values as the torch ops, +13-37% images/s for
     # EfficientViT-M0 on an H100, docs/benchmarks.md); false: the torch ops
     fused_augment: bool = True
-    # data.decode=gpu: the JPEG decoder. torchvision: decode_jpeg (nvJPEG), the faster;
-    # nvimgcodec: NVIDIA nvImageCodec, the batch in one call, PIL's pixels within rounding but
-    # ~10% slower training (pip install 'nvidia-nvimgcodec-cu13[nvjpeg]';
-    # data/nvimgcodec_decode.py; docs/benchmarks.md)
+    # data.decode=gpu: the JPEG decoder. torchvision: decode_jpeg (nvJPEG), any CUDA GPU;
+    # nvjpeg: the GPU's JPEG engines driven directly, PIL's pixels within rounding at
+    # torchvision's training rate (A100/H100 and later; data/nvjpeg_decode.py); nvimgcodec:
+    # NVIDIA nvImageCodec, PIL's pixels too but ~10% slower training (pip install
+    # 'nvidia-nvimgcodec-cu13[nvjpeg]'; data/nvimgcodec_decode.py; docs/benchmarks.md)
     gpu_decoder: str = "torchvision"
     # data.decode=gpu: the share of each training batch that the loader workers decode (PIL) and
     # random-resize-crop themselves, handing out S x S uint8 crops beside the other images'
