@@ -70,7 +70,8 @@ def _classes(root: str) -> int:
 
 
 def run_cell(variant: str, impl: str, compile_: str, batch: int, steps: int, extra: list[str],
-             run_dir: Path, data: list[str] | None = None) -> dict:  # fmt: skip
+             run_dir: Path, data: list[str] | None = None,
+             timeout: float | None = None) -> dict:  # fmt: skip
     overrides = [
         f"experiment=efficientvit_{variant}_imagenet",
         *(data or data_overrides("synthetic", steps, None, 0)), f"trainer.global_batch={batch}",
@@ -83,8 +84,16 @@ def run_cell(variant: str, impl: str, compile_: str, batch: int, steps: int, ext
         overrides.append(f"trainer.compile_mode={compile_}")
     t0 = time.perf_counter()
     env = {**os.environ, "HYDRA_FULL_ERROR": "1"}  # a failed cell shows its whole traceback
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides, *extra],
-                          cwd=ROOT, capture_output=True, text=True, env=env)  # fmt: skip
+    try:
+        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides, *extra],
+                              cwd=ROOT, capture_output=True, text=True, env=env,
+                              timeout=timeout)  # fmt: skip
+    except subprocess.TimeoutExpired as e:  # its output so far (trainer.watchdog_s's stacks)
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
+        lines = (err or "").strip().splitlines()
+        print("\n".join(["  | " + ln for ln in lines[-80:]]), file=sys.stderr, flush=True)
+        return {"error": f"killed after --cell-timeout {timeout:g} s",
+                "wall_s": time.perf_counter() - t0}  # fmt: skip
     wall = time.perf_counter() - t0
     summary_path = run_dir / "summary.json"
     if proc.returncode != 0 or not summary_path.exists():
@@ -107,6 +116,9 @@ def main() -> None:
                     help=f"comma list of: {', '.join(COMPILE_CHOICES)}")  # fmt: skip
     ap.add_argument("--batch", type=int, default=256, help="images per step (one GPU)")
     ap.add_argument("--steps", type=int, default=80, help="steps per run (the first is not timed)")
+    ap.add_argument("--cell-timeout", type=float, default=None,
+                    help="kill a run after this many seconds and print the end of its stderr "
+                    "(with -- trainer.watchdog_s=S, where its threads waited)")  # fmt: skip
     ap.add_argument("--data", default="synthetic", help=f"comma list of: {', '.join(DATA_CHOICES)}")
     ap.add_argument("--root", help="ImageNet-style folder (train/, val/) for the loading cells")
     ap.add_argument("--generate", type=int, default=0, help="write N JPEGs to a temporary --root")
@@ -174,7 +186,7 @@ def main() -> None:
                         run_dir = Path(tmp) / f"{variant}_{impl}_{mode}_{data}"
                         over = data_overrides(data, args.steps, root, args.workers)
                         cell = run_cell(variant, impl, mode, args.batch, args.steps, args.extra,
-                                        run_dir, over)  # fmt: skip
+                                        run_dir, over, args.cell_timeout)  # fmt: skip
                         row = {"variant": variant, "impl": impl, "compile": mode, "data": data,
                                **cell}  # fmt: skip
                         rows.append(row)

@@ -97,6 +97,9 @@ class TrainerConfig:
     run_dir: str = "runs/default"
     peak_flops: float | None = None  # per device, for MFU; None: known GPUs only
     progress: bool = True
+    # when no step has been issued for this many seconds, print every thread's Python stack
+    # to stderr (again each further period; the run goes on): where a hung run waits. null: off
+    watchdog_s: float | None = None
 
 
 @dataclasses.dataclass
@@ -222,6 +225,8 @@ def validate(rc: RunConfig, world_size: int = 1) -> int:
             f"trainer.compile_mode={t.compile_mode!r}; valid: {', '.join(COMPILE_MODES)}"
         )
     _validate_parallel(rc)
+    if t.watchdog_s is not None and not t.watchdog_s >= 0:
+        raise ValueError(f"trainer.watchdog_s={t.watchdog_s}: use null (off) or seconds > 0")
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         raise ValueError(f"trainer.ema_decay={t.ema_decay}: use null (off) or a value in (0, 1)")
     if rc.logger.name not in ("wandb", "none"):

@@ -24,7 +24,7 @@ from . import config as config_lib
 from . import distributed as dist_lib
 from . import parallel as par
 from . import sm_partition
-from .monitor import Monitor, Throughput, peak_flops
+from .monitor import Monitor, Throughput, Watchdog, peak_flops
 from .optim import WeightEMA, adaptive_clip_, build_optimizer, lr_at
 from .parallel import compile_model  # noqa: F401  (scripts/bench_train.py imports it from here)
 from .step_graph import StepGraph
@@ -301,9 +301,9 @@ def _run(rc, info) -> dict:
     if note:
         say(note)
     try:
-        with sm_partition.on_sms(t.step_sms, info.device, say):  # trainer.step_sms
+        with sm_partition.on_sms(t.step_sms, info.device, say), Watchdog(t.watchdog_s) as dog:
             return _loop(rc, info, task, train_model, opt, manager, monitor, step, accum,
-                         run_dir, config_dict)  # fmt: skip
+                         run_dir, config_dict, dog)  # fmt: skip
     finally:
         monitor.close()
         close = getattr(task.train_loader, "close", None)  # threads or a process decoding ahead
@@ -380,7 +380,7 @@ def _evaluate(task, model, autocast, t, monitor, step, info) -> dict:
 
 
 def _loop(rc, info, task, train_model, opt, manager, monitor, step, accum, run_dir,
-          config_dict) -> dict:  # fmt: skip
+          config_dict, watchdog: Watchdog | None = None) -> dict:  # fmt: skip
     t = rc.trainer
     model = task.model
     autocast = autocast_factory(t.precision, info.device)
@@ -420,6 +420,8 @@ def _loop(rc, info, task, train_model, opt, manager, monitor, step, accum, run_d
                           autocast_factory(t.precision, info.device, cache_enabled=False),
                           info.device, accum=accum)  # fmt: skip
     while step < t.max_steps:
+        if watchdog is not None:  # trainer.watchdog_s: counts from the last step issued
+            watchdog.pet()
         if graph is None:
             out = _train_step(task, train_model, opt, accum, autocast, info, rc, step, t.max_steps)
         else:

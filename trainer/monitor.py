@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import sys
 import time
@@ -110,3 +111,40 @@ class Throughput:
 
     def mean(self) -> float:
         return self.total_tokens / self.total_time if self.total_time > 0 else 0.0
+
+
+class Watchdog:
+    """``trainer.watchdog_s``: when no training step has been issued for ``seconds``, every
+    thread's Python stack goes to ``file`` (stderr), and again each further ``seconds`` while
+    it lasts; the run goes on. A hung run (a data pipeline or a collective that never returns)
+    then says where it waits, in its log. ``pet()`` after each step restarts the count; None
+    or 0 leaves it off. It uses ``faulthandler``'s own thread, so a hang holding the GIL is
+    shown too, and a process has one such timer: the last Watchdog armed wins."""
+
+    def __init__(self, seconds: float | None, file=None):
+        if seconds is not None and not seconds >= 0:
+            raise ValueError(f"trainer.watchdog_s={seconds}: use null (off) or seconds > 0")
+        self.seconds = float(seconds) if seconds else None
+        self.file = file
+
+    def pet(self) -> None:
+        if self.seconds:
+            faulthandler.dump_traceback_later(self.seconds, repeat=True, file=self._file())
+
+    def _file(self):
+        """``file``, else stderr; where stderr was replaced by an object without a file
+        descriptor (a capturing test or notebook), the process's own stderr."""
+        file = self.file or sys.stderr
+        try:
+            file.fileno()
+        except (AttributeError, OSError, ValueError):
+            return sys.__stderr__
+        return file
+
+    def __enter__(self) -> Watchdog:
+        self.pet()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.seconds:
+            faulthandler.cancel_dump_traceback_later()
