@@ -13,7 +13,9 @@ later) through ``ctypes``:
 - the outputs are views into **one** device buffer a batch, planar RGB (3, H, W) each, the
   layout the rest of the pipeline reads;
 - one ``nvjpegDecodeBatched`` call decodes every image the engines take, on a CUDA stream of
-  the calling thread's, which the caller's stream then waits for;
+  the calling thread's, which the caller's stream then waits for. The host first waits for
+  the caller's queued work: the engines write when called, not in stream order (torchcodec
+  #1634), and the buffer may reuse memory that queued work still reads;
 - chroma is upsampled by interpolation (``NVJPEG_FLAGS_UPSAMPLING_WITH_INTERPOLATION``), as
   libjpeg-turbo (PIL) does, so pixels equal a CPU decode up to IDCT rounding (``INTERPOLATED``
   says, per device, whether the library took the flag).
@@ -281,7 +283,7 @@ def _decode_engines(lib, handle, index: int, ptrs, lengths, desc, caller) -> int
     slot = _state(lib, handle, index)
     stream, m = slot[5], len(ptrs)
     with torch.cuda.device(index):
-        stream.wait_stream(caller)  # the output buffer's earlier users on the caller's stream
+        stream.wait_stream(caller)  # (the host has waited for it too: see decode_nvjpeg)
         if slot[2] != m:
             status = lib.nvjpegDecodeBatchedInitialize(handle, slot[0], m, 1, OUTPUT_RGB)
             if status:
@@ -321,6 +323,13 @@ def decode_nvjpeg(data: list[torch.Tensor], device: torch.device | str) -> list[
     hw_idx = np.flatnonzero(info[:, 2])
     out: list[torch.Tensor | None] = [None] * n
     caller = torch.cuda.current_stream(device)
+    # The engines write when the call is made, whatever the stream's queue (torchcodec#1634: a
+    # stream wait does not gate the write, a host wait does), and torchvision's fallback decode
+    # writes on a stream of its own (pytorch/vision#9606). The outputs may take memory that work
+    # queued on the caller's stream still reads, so that work finishes first.
+    queued = torch.cuda.Event()
+    queued.record(caller)
+    queued.synchronize()
     if len(hw_idx):
         hs, ws = info[hw_idx, 0], info[hw_idx, 1]
         offsets, total = plane_layout(hs, ws)
