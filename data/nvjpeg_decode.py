@@ -63,7 +63,7 @@ _LIB: ctypes.CDLL | None = None
 _LIB_ERR: str | None = None
 _LOCK = threading.Lock()
 _HANDLES: dict[int, ctypes.c_void_p] = {}  # device index -> nvjpegHandle_t
-_LOCAL = threading.local()  # per thread: {device index: (state, jpeg stream, batch size)}
+_LOCAL = threading.local()  # per thread: {device index: its decoder state, stream, ... (_state)}
 _KEEP: list = []  # (event, encoded bytes) until the engines have read them
 INTERPOLATED: dict[int, bool] = {}  # device index -> whether chroma is interpolated
 
