@@ -127,3 +127,26 @@ def run_two_processes(train_fn, runs: list, timeout_s: float) -> None:
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"two-process runs did not finish in {timeout_s:.0f} s (a hang?)")
+
+
+def queued_reads_corrupted(decode, n: int, size: int = 64, rounds: int = 20) -> int:
+    """How many of ``rounds`` x ``n`` reductions a decode corrupted: tensors of 7s are freed
+    on the current stream while sums over them are still queued behind ~matrix products,
+    then ``decode()`` runs, whose outputs may be handed those blocks (pytorch/vision#9606,
+    torchcodec#1634: nvJPEG's writes do not wait for the stream). 0 when it is safe."""
+    import torch
+
+    corrupted = 0
+    for _ in range(rounds):
+        victims = [torch.full((3, size, size), 7, dtype=torch.uint8, device="cuda")
+                   for _ in range(n)]  # fmt: skip
+        torch.cuda.synchronize()
+        big = torch.randn(4096, 4096, device="cuda")
+        for _ in range(20):  # keep the stream busy so the sums below are still queued
+            big = big @ big / 64.0
+        sums = [v.sum(dtype=torch.int64) for v in victims]
+        del victims  # freed on the caller's stream while the sums are queued
+        decode()
+        torch.cuda.synchronize()
+        corrupted += sum(int(s) != 7 * 3 * size * size for s in sums)
+    return corrupted

@@ -649,21 +649,11 @@ def test_cuda_decode_leaves_queued_reads_alone():
     """pytorch/vision#9606: nvJPEG writes on a private stream that does not wait for the
     caller's. Tensors freed while reductions over them are still queued must not be
     overwritten by the decoded images (decode_batch decodes with a side stream current)."""
+    from .helpers import queued_reads_corrupted
+
     rng = np.random.default_rng(5)
     raws = [_tensor(_jpeg(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)))] * 8
-    corrupted = 0
-    for _ in range(20):
-        victims = [torch.full((3, 64, 64), 7, dtype=torch.uint8, device="cuda") for _ in raws]
-        torch.cuda.synchronize()
-        big = torch.randn(4096, 4096, device="cuda")
-        for _ in range(20):  # keep the stream busy so the sums below are still queued
-            big = big @ big / 64.0
-        sums = [v.sum(dtype=torch.int64) for v in victims]
-        del victims  # freed on the caller's stream while the sums are queued
-        decode_batch(raws, "cuda")
-        torch.cuda.synchronize()
-        corrupted += sum(int(s) != 7 * 3 * 64 * 64 for s in sums)
-    assert corrupted == 0
+    assert queued_reads_corrupted(lambda: decode_batch(raws, "cuda"), len(raws)) == 0
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
