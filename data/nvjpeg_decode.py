@@ -40,6 +40,7 @@ import glob
 import os
 import threading
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -63,7 +64,7 @@ _LIB: ctypes.CDLL | None = None
 _LIB_ERR: str | None = None
 _LOCK = threading.Lock()
 _HANDLES: dict[int, ctypes.c_void_p] = {}  # device index -> nvjpegHandle_t
-_LOCAL = threading.local()  # per thread: {device index: its decoder state, stream, ... (_state)}
+_LOCAL = threading.local()  # per thread: {device index: _State}
 _KEEP: list = []  # (event, encoded bytes) until the engines have read them
 INTERPOLATED: dict[int, bool] = {}  # device index -> whether chroma is interpolated
 
@@ -91,17 +92,9 @@ def library_candidates() -> list[str]:
     return found + ["libnvjpeg.so.13", "libnvjpeg.so.12", "libnvjpeg.so"]
 
 
-_QUICK = ("nvjpegJpegStreamParseHeader", "nvjpegJpegStreamGetFrameDimensions",
-          "nvjpegJpegStreamGetComponentsNum", "nvjpegDecodeBatchedSupported")  # fmt: skip
-"""Calls of microseconds made per image: bound through ``ctypes.PyDLL``, which keeps the GIL.
-Through ``CDLL`` each would release and take it again, and with the pipeline's other threads
-waiting for it, a batch's thousand hand-overs cost more than the parsing."""
-
-
 def _bind(path: str) -> ctypes.CDLL:
-    """The library through ``CDLL`` (calls release the GIL), its per-image calls replaced by
-    the same functions through ``PyDLL`` (they keep it)."""
-    lib, quick = ctypes.CDLL(path), ctypes.PyDLL(path)
+    """The library with the signatures of the calls used here (they release the GIL)."""
+    lib = ctypes.CDLL(path)
     p, i, u, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint, ctypes.c_size_t
     ptr = ctypes.POINTER
     sigs = {
@@ -109,16 +102,14 @@ def _bind(path: str) -> ctypes.CDLL:
         "nvjpegJpegStateCreate": (p, ptr(p)),
         "nvjpegJpegStreamCreate": (p, ptr(p)),
         "nvjpegJpegStreamParseHeader": (p, p, sz, p),
-        "nvjpegJpegStreamGetFrameDimensions": (p, ptr(u), ptr(u)),
         "nvjpegJpegStreamGetComponentsNum": (p, ptr(u)),
         "nvjpegDecodeBatchedSupported": (p, p, ptr(i)),
         "nvjpegDecodeBatchedInitialize": (p, p, i, i, i),
         "nvjpegDecodeBatched": (p, p, p, p, p, p),
     }
     for name, args in sigs.items():
-        fn = getattr(quick if name in _QUICK else lib, name)
+        fn = getattr(lib, name)
         fn.argtypes, fn.restype = list(args), ctypes.c_int
-        setattr(lib, name, fn)
     return lib
 
 
@@ -173,21 +164,28 @@ def _handle(lib: ctypes.CDLL, index: int) -> ctypes.c_void_p:
     return _HANDLES[index]
 
 
-def _state(lib: ctypes.CDLL, handle: ctypes.c_void_p, index: int) -> list:
+@dataclass
+class _State:
+    """A thread's decoder state on one device: nvJPEG's state and parsed-stream objects, the
+    batch size the state was initialised for (0: not yet), and the thread's CUDA stream."""
+
+    state: ctypes.c_void_p
+    jpeg_stream: ctypes.c_void_p
+    stream: torch.cuda.Stream
+    batch: int = 0
+
+
+def _state(lib: ctypes.CDLL, handle: ctypes.c_void_p, index: int) -> _State:
     per = getattr(_LOCAL, "states", None)
     if per is None:
         per = _LOCAL.states = {}
     if index not in per:
-        state, stream = ctypes.c_void_p(), ctypes.c_void_p()
+        state, jpeg_stream = ctypes.c_void_p(), ctypes.c_void_p()
         with torch.cuda.device(index):
             _check("nvjpegJpegStateCreate", lib.nvjpegJpegStateCreate(handle, ctypes.byref(state)))
             _check("nvjpegJpegStreamCreate",
-                   lib.nvjpegJpegStreamCreate(handle, ctypes.byref(stream)))  # fmt: skip
-        outs = (ctypes.c_uint(), ctypes.c_uint(), ctypes.c_uint(), ctypes.c_int())
-        # (state, jpeg stream, batch size the state was initialised for, out-parameters of
-        # _parse, this thread's CUDA stream)
-        per[index] = [state, stream, 0, outs, tuple(ctypes.byref(o) for o in outs),
-                      torch.cuda.Stream(index)]  # fmt: skip
+                   lib.nvjpegJpegStreamCreate(handle, ctypes.byref(jpeg_stream)))  # fmt: skip
+        per[index] = _State(state, jpeg_stream, torch.cuda.Stream(index))
     return per[index]
 
 
@@ -213,16 +211,14 @@ def image_descriptors(base: int, offsets, heights, widths) -> np.ndarray:
     return desc
 
 
-def _parse(lib, handle, slot, ptr: int, length: int) -> tuple[int, int, bool]:
-    """Header of one image: (H, W, whether the engines decode it)."""
-    stream, (w, h, n, ok), (wr, hr, nr, okr) = slot[1], slot[3], slot[4]
-    if lib.nvjpegJpegStreamParseHeader(handle, ptr, length, stream):
-        return 0, 0, False  # not a JPEG nvJPEG reads (a PNG, a broken file): the fallback's
-    ok.value = 1
-    lib.nvjpegJpegStreamGetFrameDimensions(stream, wr, hr)
-    lib.nvjpegJpegStreamGetComponentsNum(stream, nr)
-    lib.nvjpegDecodeBatchedSupported(handle, stream, okr)
-    return h.value, w.value, ok.value == 0 and n.value == 3 and h.value > 0 and w.value > 0
+def _engines_take(lib, handle, st: _State, ptr: int, length: int) -> bool:
+    """nvJPEG's own verdict on one image: a three-component JPEG the engines decode."""
+    if lib.nvjpegJpegStreamParseHeader(handle, ptr, length, st.jpeg_stream):
+        return False  # not a JPEG nvJPEG reads (a PNG, a broken file): the fallback's
+    n, unsupported = ctypes.c_uint(), ctypes.c_int(1)
+    lib.nvjpegJpegStreamGetComponentsNum(st.jpeg_stream, ctypes.byref(n))
+    lib.nvjpegDecodeBatchedSupported(handle, st.jpeg_stream, ctypes.byref(unsupported))
+    return unsupported.value == 0 and n.value == 3
 
 
 def jpeg_header(raw) -> tuple[int, int, bool]:
@@ -280,21 +276,22 @@ def headers(data) -> np.ndarray:
 def _decode_engines(lib, handle, index: int, ptrs, lengths, desc, caller) -> int:
     """One ``nvjpegDecodeBatched`` call on this thread's decoder state and CUDA stream; the
     caller's stream waits for it. Returns its status (0: done)."""
-    slot = _state(lib, handle, index)
-    stream, m = slot[5], len(ptrs)
+    st = _state(lib, handle, index)
+    m = len(ptrs)
     with torch.cuda.device(index):
-        stream.wait_stream(caller)  # (the host has waited for it too: see decode_nvjpeg)
-        if slot[2] != m:
-            status = lib.nvjpegDecodeBatchedInitialize(handle, slot[0], m, 1, OUTPUT_RGB)
+        st.stream.wait_stream(caller)  # (the host has waited for it too: see decode_nvjpeg)
+        if st.batch != m:
+            status = lib.nvjpegDecodeBatchedInitialize(handle, st.state, m, 1, OUTPUT_RGB)
             if status:
                 return status
-            slot[2] = m
-        status = lib.nvjpegDecodeBatched(handle, slot[0], ptrs.ctypes.data, lengths.ctypes.data,
-                                         desc.ctypes.data, stream.cuda_stream)  # fmt: skip
+            st.batch = m
+        status = lib.nvjpegDecodeBatched(handle, st.state, ptrs.ctypes.data,
+                                         lengths.ctypes.data, desc.ctypes.data,
+                                         st.stream.cuda_stream)  # fmt: skip
         if status:
-            slot[2] = 0  # re-initialise the state before its next batch
+            st.batch = 0  # re-initialise the state before its next batch
             return status
-        caller.wait_stream(stream)
+        caller.wait_stream(st.stream)
     return 0
 
 
@@ -339,8 +336,8 @@ def decode_nvjpeg(data: list[torch.Tensor], device: torch.device | str) -> list[
         lengths = np.array([data[k].numel() for k in hw_idx], dtype=np.uint64)
         status = _decode_engines(lib, handle, index, ptrs, lengths, desc, caller)
         if status:  # a header that passed ours but not nvJPEG's checks: ask nvJPEG, once
-            slot = _state(lib, handle, index)
-            keep = np.array([_parse(lib, handle, slot, int(p), int(m))[2]
+            st = _state(lib, handle, index)
+            keep = np.array([_engines_take(lib, handle, st, int(p), int(m))
                              for p, m in zip(ptrs, lengths)], dtype=bool)  # fmt: skip
             if not keep.all():
                 status = _decode_engines(lib, handle, index, ptrs[keep], lengths[keep],
