@@ -9,7 +9,9 @@ host time spent inside the step function, the part of it spent fetching the batc
 time of the whole process, above the host time when background threads work beside the step,
 and which of its threads used it, by Linux thread name), then the next ``steps // 2`` run
 under ``torch.profiler``, which gives the GPU kernel time per step summed over all streams
-(the data pipeline's side streams included) and the host operators' table. A step whose host
+(the data pipeline's side streams included), how busy the GPU was (the union of the kernels'
+intervals, whole and per stream: the share of the wall time some kernel ran) and the host
+operators' table. A step whose host
 time is close to its wall time and well above its GPU time is bound by the host (Python, kernel
 launches), not the GPU. Set ``trainer.max_steps`` above ``start + 1.5 * steps``. Needs a CUDA GPU.
 """
@@ -121,6 +123,41 @@ def busiest_threads(before: dict, after: dict, steps: int, top: int = 8) -> list
     ]
 
 
+def busy_union(intervals) -> float:
+    """Length of the union of ``(start, end)`` intervals: the time at least one is running."""
+    total, cur_s, cur_e = 0.0, None, None
+    for s, e in sorted(intervals):
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    return total if cur_e is None else total + cur_e - cur_s
+
+
+def gpu_busy_lines(events, wall_us: float, steps: int) -> list[str]:
+    """How busy the GPU was over a profiled window of ``wall_us`` microseconds (``steps`` steps):
+    the union of every kernel's interval (several streams at once count once), then each
+    stream's own union, busiest first. ``events`` are ``(stream, start_us, end_us, is_kernel)``;
+    copies and memsets (``is_kernel`` false) are reported apart, as they use the copy engines."""
+    kernels = [(s, e) for _, s, e, k in events if k]
+    copies = [(s, e) for _, s, e, k in events if not k]
+    per = {}
+    for stream, s, e, k in events:
+        if k:
+            per.setdefault(stream, []).append((s, e))
+    ms = steps * 1e3
+    lines = [f"GPU busy (any kernel running): {busy_union(kernels) / ms:.1f} ms/step of "
+             f"{wall_us / ms:.1f} wall ({busy_union(kernels) / max(wall_us, 1e-9):.0%}); "
+             f"copies and memsets: {busy_union(copies) / ms:.1f} ms/step"]  # fmt: skip
+    rows = sorted(((busy_union(v), k, len(v)) for k, v in per.items()), reverse=True)
+    for busy, stream, n in rows:
+        lines.append(f"  stream {stream}: kernels busy {busy / ms:.1f} ms/step, "
+                     f"{n / steps:.1f} kernels/step")  # fmt: skip
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--start", type=int, default=40, help="first timed step (after warm-up)")
@@ -203,6 +240,7 @@ def main() -> None:
             st["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                                  record_shapes=bool(args.ops))  # fmt: skip
             st["prof"].__enter__()
+            st["prof_t0"] = time.perf_counter()
         fetch = task.next_batch
         if first <= n < last:
 
@@ -223,6 +261,7 @@ def main() -> None:
                 del task.next_batch  # back to the class's method
         if n == prof_end - 1:
             torch.cuda.synchronize()
+            window_us = (time.perf_counter() - st["prof_t0"]) * 1e6
             p = st["prof"]
             p.__exit__(None, None, None)
             k = prof_end - last
@@ -230,6 +269,9 @@ def main() -> None:
             gpu = sum(e.device_time for e in kernels) / k / 1e3
             print(f"steps {last}-{prof_end - 1} (profiled): GPU kernel time {gpu:.1f} ms/step, "
                   f"{len(kernels) / k:.0f} kernels/step, all streams", flush=True)  # fmt: skip
+            spans = [(e.device_resource_id, e.time_range.start, e.time_range.end,
+                      not e.name.startswith(("Memcpy", "Memset"))) for e in kernels]  # fmt: skip
+            print(*gpu_busy_lines(spans, window_us, k), sep="\n", flush=True)
             print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.table,
                                          max_name_column_width=48), flush=True)  # fmt: skip
             if args.gpu_table:

@@ -98,3 +98,20 @@ def test_descendants_are_found_by_depth_with_their_cpu_time():
         ["depth", "1:", "1", "processes"],
         ["depth", "2:", "1", "processes"],
     ]
+
+
+def test_gpu_busy_counts_overlapping_kernels_once():
+    from scripts.profile_train_step import busy_union, gpu_busy_lines
+
+    assert busy_union([]) == 0
+    # two streams overlap on [5, 10]; a gap on [12, 20]; a kernel nested in another
+    spans = [(0, 10), (5, 12), (20, 30), (22, 25)]
+    assert busy_union(spans) == 12 + 10
+    assert busy_union(reversed(spans)) == 22  # the order does not matter
+    events = [(7, 0, 10000, True), (9, 5000, 12000, True), (7, 20000, 30000, True),
+              (7, 0, 40000, False)]  # fmt: skip
+    lines = gpu_busy_lines(events, wall_us=40000, steps=2)
+    assert lines[0].startswith("GPU busy (any kernel running): 11.0 ms/step of 20.0 wall (55%)")
+    assert lines[0].endswith("copies and memsets: 20.0 ms/step")
+    assert lines[1] == "  stream 7: kernels busy 10.0 ms/step, 1.0 kernels/step"  # busiest first
+    assert lines[2] == "  stream 9: kernels busy 3.5 ms/step, 0.5 kernels/step"
