@@ -115,3 +115,20 @@ def test_gpu_busy_counts_overlapping_kernels_once():
     assert lines[0].endswith("copies and memsets: 20.0 ms/step")
     assert lines[1] == "  stream 7: kernels busy 10.0 ms/step, 1.0 kernels/step"  # busiest first
     assert lines[2] == "  stream 9: kernels busy 3.5 ms/step, 0.5 kernels/step"
+
+
+def test_gpu_busy_folds_the_near_idle_streams_into_one_line():
+    from scripts.profile_train_step import gpu_busy_lines
+
+    # one busy stream and three streams with a 10 us kernel each, over 10 ms
+    events = [(1, 0, 8000, True)] + [(k, 100 * k, 100 * k + 10, True) for k in (2, 3, 4)]
+    lines = gpu_busy_lines(events, wall_us=10000, steps=1)
+    assert lines[1] == "  stream 1: kernels busy 8.0 ms/step, 1.0 kernels/step"
+    assert lines[2] == (
+        "  3 other streams, each under 1% of the wall time: kernels busy 0.0 "
+        "ms/step, 3.0 kernels/step"
+    )
+    assert len(lines) == 3
+    # a single near-idle stream keeps its own line
+    lines = gpu_busy_lines(events[:2], wall_us=10000, steps=1)
+    assert lines[2] == "  stream 2: kernels busy 0.0 ms/step, 1.0 kernels/step"
