@@ -11,9 +11,9 @@ and which of its threads used it, by Linux thread name), then the next ``steps /
 under ``torch.profiler``, which gives the GPU kernel time per step summed over all streams
 (the data pipeline's side streams included), how busy the GPU was (the union of the kernels'
 intervals, whole and per stream: the share of the wall time some kernel ran) and the host
-operators' table. A step whose host
-time is close to its wall time and well above its GPU time is bound by the host (Python, kernel
-launches), not the GPU. Set ``trainer.max_steps`` above ``start + 1.5 * steps``. Needs a CUDA GPU.
+operators' table. A step whose host time is close to its wall time and well above its GPU time
+is bound by the host (Python, kernel launches), not the GPU. Set ``trainer.max_steps`` above
+``start + 1.5 * steps``. Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -147,9 +147,9 @@ def gpu_busy_lines(events, wall_us: float, steps: int) -> list[str]:
     for stream, s, e, k in events:
         if k:
             per.setdefault(stream, []).append((s, e))
-    ms = steps * 1e3
-    lines = [f"GPU busy (any kernel running): {busy_union(kernels) / ms:.1f} ms/step of "
-             f"{wall_us / ms:.1f} wall ({busy_union(kernels) / max(wall_us, 1e-9):.0%}); "
+    ms, busy = steps * 1e3, busy_union(kernels)
+    lines = [f"GPU busy (any kernel running): {busy / ms:.1f} ms/step of "
+             f"{wall_us / ms:.1f} wall ({busy / max(wall_us, 1e-9):.0%}); "
              f"copies and memsets: {busy_union(copies) / ms:.1f} ms/step"]  # fmt: skip
     rows = sorted(((busy_union(v), k, len(v)) for k, v in per.items()), reverse=True)
     small = [r for r in rows if r[0] < 0.01 * wall_us]  # nvJPEG's own streams, say
