@@ -380,7 +380,7 @@ def _evaluate(task, model, autocast, t, monitor, step, info) -> dict:
 
 
 def _loop(rc, info, task, train_model, opt, manager, monitor, step, accum, run_dir,
-          config_dict, watchdog: Watchdog | None = None) -> dict:  # fmt: skip
+          config_dict, watchdog: Watchdog) -> dict:  # fmt: skip
     t = rc.trainer
     model = task.model
     autocast = autocast_factory(t.precision, info.device)
@@ -420,8 +420,7 @@ def _loop(rc, info, task, train_model, opt, manager, monitor, step, accum, run_d
                           autocast_factory(t.precision, info.device, cache_enabled=False),
                           info.device, accum=accum)  # fmt: skip
     while step < t.max_steps:
-        if watchdog is not None:  # trainer.watchdog_s: counts from the last step issued
-            watchdog.pet()
+        watchdog.pet()  # trainer.watchdog_s: counts from the last step issued (off: nothing)
         if graph is None:
             out = _train_step(task, train_model, opt, accum, autocast, info, rc, step, t.max_steps)
         else:
