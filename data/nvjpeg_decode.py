@@ -24,7 +24,9 @@ Measured on an H100 (docs/benchmarks.md, twenty-second session): EfficientViT-M0
 JPEGs at torchvision's rate with it, so choose it for PIL's pixels, not for speed. Two
 concurrent engine calls a batch decoded 1.58x faster in isolation but trained 18% slower, and
 bitstreams copied to the device first (``NVJPEG_BACKEND_HARDWARE_DEVICE``) 38% slower
-(twenty-third session), so a batch is one call from host memory.
+(twenty-third session), so a batch is one call from host memory. The engines' path waits on
+the host once an image whatever the output format; planar YUV (no colour conversion) decoded
+slower, and ``max_cpu_threads`` changed nothing (twenty-fourth session).
 
 Images the engines do not take (progressive, grayscale, CMYK, PNGs, 4:1:1) are decoded one by
 one by torchvision's and PIL's decoders, as in ``decode_batch``; where a header misleads, nvJPEG's
