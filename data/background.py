@@ -14,6 +14,12 @@ batch (with the same draws: the GPU pipeline's random state is its batch counter
 source's state). Errors in the thread are raised by ``next_batch``. The source and the
 transform must not draw from the global RNGs (the training thread's): the GPU pipeline draws
 from per-batch numpy generators, the DataLoader from its own generator.
+
+Each thread times its three parts a batch, in wall time and in its own CPU time
+(:class:`StageTimes`): receiving the batch from its source, transforming it, and handing it
+over (waiting while the queue is full). :func:`stage_lines` turns two readings into a table;
+``scripts/profile_train_step.py`` prints it. Where a thread's wall time well exceeds its CPU
+time in a part that does not wait by design, it waits for another thread (the GIL, a lock).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import copy
 import queue
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -44,9 +51,55 @@ def set_os_thread_name(name: str) -> None:
         pass
 
 
+PARTS = ("receive", "work", "hand-over")  # a background thread's parts of one batch
+
+
+class StageTimes:
+    """A background thread's time by part of a batch (:data:`PARTS`): batches done, and the
+    sums of wall and thread-CPU seconds. Written by the thread, read by others: a reading
+    (:meth:`reading`) may be one batch out of step, which is fine for per-batch means."""
+
+    def __init__(self):
+        self.batches = 0
+        self.wall = dict.fromkeys(PARTS, 0.0)
+        self.cpu = dict.fromkeys(PARTS, 0.0)
+
+    def add(self, part: str, wall: float, cpu: float) -> None:
+        self.wall[part] += wall
+        self.cpu[part] += cpu
+
+    def reading(self) -> dict:
+        return {"batches": self.batches, "wall": dict(self.wall), "cpu": dict(self.cpu)}
+
+
+def stage_lines(before: dict[str, dict], after: dict[str, dict]) -> list[str]:
+    """One line per thread (name -> :meth:`StageTimes.reading` at two moments): each part's
+    mean per batch between them, wall / the thread's CPU, in ms."""
+    lines = []
+    for name, b in before.items():
+        a = after.get(name)
+        n = a["batches"] - b["batches"] if a else 0
+        if n <= 0:
+            continue
+        parts = "   ".join(f"{p} {1e3 * (a['wall'][p] - b['wall'][p]) / n:5.1f} / "
+                           f"{1e3 * (a['cpu'][p] - b['cpu'][p]) / n:4.1f}" for p in PARTS)  # fmt: skip
+        lines.append(f"  {name:<16} {parts}   ({n} batches)")
+    return lines
+
+
+def background_stages(source) -> Iterator[Ahead]:
+    """The :class:`Ahead` threads of a chain of sources (``.source`` links), outermost first."""
+    seen = set()
+    while source is not None and id(source) not in seen:
+        seen.add(id(source))
+        if isinstance(source, Ahead):
+            yield source
+        source = getattr(source, "source", None)
+
+
 class Ahead:
     """``name``: the thread's name, for Python and for the OS (profiles tell threads apart by
-    it)."""
+    it); ``times``: the thread's :class:`StageTimes`."""
 
     def __init__(self, source, transform: Callable, device: torch.device | str, depth: int = 2,
                  name: str = "batches-ahead"):  # fmt: skip
@@ -60,6 +113,7 @@ class Ahead:
         self._state = copy.deepcopy(source.state_dict())
         self._thread: threading.Thread | None = None
         self.name = str(name)
+        self.times = StageTimes()
 
     def __len__(self) -> int:
         return len(self.source)
@@ -135,15 +189,25 @@ class Ahead:
             if side is not None:  # current device and stream are per thread
                 torch.cuda.set_device(self.device)
             with torch.no_grad(), torch.cuda.stream(side) if side else contextlib.nullcontext():
+                clock, cpu, times = time.perf_counter, time.thread_time, self.times
                 while not self._stop.is_set():
-                    batch = self.transform(self.source.next_batch())
+                    t0, c0 = clock(), cpu()
+                    batch = self.source.next_batch()
+                    t1, c1 = clock(), cpu()
+                    batch = self.transform(batch)
                     ready = None
                     if side is not None:
                         ready = torch.cuda.Event()
                         ready.record(side)
                     state = copy.deepcopy(self.source.state_dict())
+                    t2, c2 = clock(), cpu()
                     if not self._put((batch, ready, state)):
                         return
+                    t3, c3 = clock(), cpu()
+                    times.add("receive", t1 - t0, c1 - c0)
+                    times.add("work", t2 - t1, c2 - c1)
+                    times.add("hand-over", t3 - t2, c3 - c2)
+                    times.batches += 1
         except BaseException as e:  # handed to the caller
             self._put(e)
 

@@ -7,7 +7,9 @@ Runs ``train.py`` with the given overrides in this process and wraps the trainer
 function: steps ``start`` .. ``start + steps`` are timed (wall per step after a device sync,
 host time spent inside the step function, the part of it spent fetching the batch, the CPU
 time of the whole process, above the host time when background threads work beside the step,
-and which of its threads used it, by Linux thread name), then the next ``steps // 2`` run
+and which of its threads used it, by Linux thread name; and, for the data pipeline's
+background threads (``data.decode=gpu``), each thread's time a batch receiving, working and
+handing over, in wall and in its own CPU time), then the next ``steps // 2`` run
 under ``torch.profiler``, which gives the GPU kernel time per step summed over all streams
 (the data pipeline's side streams included), how busy the GPU was (the union of the kernels'
 intervals, whole and per stream: the share of the wall time some kernel ran) and the host
@@ -164,6 +166,17 @@ def gpu_busy_lines(events, wall_us: float, steps: int) -> list[str]:
     return lines
 
 
+def stage_readings(task) -> dict[str, dict]:
+    """The timings of the task's data pipeline threads (``data.background.Ahead``), by name."""
+    from data.background import background_stages
+
+    out: dict[str, dict] = {}
+    for a in background_stages(getattr(task, "train_loader", None)):
+        name = a.name if a.name not in out else f"{a.name}#{len(out)}"
+        out[name] = a.times.reading()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--start", type=int, default=40, help="first timed step (after warm-up)")
@@ -189,6 +202,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("profile_train_step.py times GPU kernels: no CUDA device here")
     import trainer.loop as loop
+    from data.background import stage_lines
 
     first, last = args.start, args.start + args.steps
     prof_end = last + max(1, args.steps // 2)
@@ -214,6 +228,7 @@ def main() -> None:
             st["kids"], st["machine"] = descendant_cpu_times(), machine_cpu_times()
             st["kid_threads"] = {p: thread_cpu_times(p) for p, (d, _) in st["kids"].items()
                                  if d == 1}  # fmt: skip
+            st["stages"] = stage_readings(task)
         if n == last:
             torch.cuda.synchronize()
             wall = (time.perf_counter() - st["t0"]) / args.steps
@@ -226,6 +241,10 @@ def main() -> None:
             if lines:
                 print("threads of this process by CPU time (OS thread name, count):", *lines,
                       sep="\n", flush=True)  # fmt: skip
+            lines = stage_lines(st["stages"], stage_readings(task))
+            if lines:
+                print("data pipeline threads, ms a batch over the timed steps (wall / the "
+                      "thread's CPU):", *lines, sep="\n", flush=True)  # fmt: skip
             kids = descendant_cpu_times()
             busy, total = machine_cpu_times()
             if kids:

@@ -98,3 +98,46 @@ def test_cuda_batches_wait_for_the_side_stream():
     sums = [ahead.next_batch().sum() for _ in range(6)]
     assert [float(s) for s in sums] == [1024.0 * i for i in range(6)]
     ahead.close()
+
+
+def test_stage_times_split_receive_work_and_hand_over():
+    """Each thread's time a batch by part: a source that sleeps shows as receiving (wall, not
+    CPU), a transform that computes as work (wall and CPU), and a full queue as hand-over."""
+    from data.background import background_stages, stage_lines
+
+    class Slow(Counter):
+        def next_batch(self):
+            time.sleep(0.01)
+            return super().next_batch()
+
+    def spin(b):
+        end = time.thread_time() + 0.005
+        while time.thread_time() < end:
+            pass
+        return b
+
+    inner = Ahead(Slow(), spin, "cpu", depth=1, name="first")
+    outer = Ahead(inner, lambda b: b, "cpu", depth=1, name="second")
+    assert [a.name for a in background_stages(outer)] == ["second", "first"]
+    before = {a.name: a.times.reading() for a in background_stages(outer)}
+    for _ in range(8):
+        outer.next_batch()
+        time.sleep(0.05)  # a slow consumer: the threads wait to hand over
+    after = {a.name: a.times.reading() for a in background_stages(outer)}
+    outer.close()
+    b, a = before["first"], after["first"]
+    n = a["batches"] - b["batches"]
+    assert n >= 6
+
+    def mean(part, kind):
+        return (a[kind][part] - b[kind][part]) / n
+
+    assert mean("receive", "wall") >= 0.009 and mean("receive", "cpu") < 0.005
+    assert mean("work", "cpu") >= 0.0045 and mean("work", "wall") >= mean("work", "cpu") * 0.9
+    b2, a2 = before["second"], after["second"]
+    n2 = a2["batches"] - b2["batches"]
+    waited = (a2["wall"]["hand-over"] - b2["wall"]["hand-over"]) / n2
+    assert waited > 0.01  # its queue of depth 1 was full: the consumer sleeps 50 ms a batch
+    lines = stage_lines(before, after)
+    assert len(lines) == 2 and lines[0].split()[0] == "second" and "batches)" in lines[1]
+    assert stage_lines(before, before) == []  # no batches between: no lines

@@ -132,3 +132,38 @@ def test_gpu_busy_folds_the_near_idle_streams_into_one_line():
     # a single near-idle stream keeps its own line
     lines = gpu_busy_lines(events[:2], wall_us=10000, steps=1)
     assert lines[2] == "  stream 2: kernels busy 0.0 ms/step, 1.0 kernels/step"
+
+
+def test_stage_readings_follow_the_task_loaders_threads():
+    """The profiler finds the data pipeline's background threads through the task's loader
+    chain (the trainer's decode and augment threads), outermost first, two of one name kept
+    apart, and a task without them gives none."""
+    import torch
+
+    from data import Ahead
+    from scripts.profile_train_step import stage_readings
+
+    class Source:
+        def next_batch(self):
+            return torch.zeros(1)
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+        def __len__(self):
+            return 1
+
+    class Task:
+        pass
+
+    task = Task()
+    task.train_loader = Ahead(Ahead(Source(), lambda b: b, "cpu", name="decode-ahead"),
+                              lambda b: b, "cpu", name="decode-ahead")  # fmt: skip
+    readings = stage_readings(task)
+    assert list(readings) == ["decode-ahead", "decode-ahead#1"]
+    first = readings["decode-ahead"]
+    assert first["batches"] == 0 and set(first["wall"]) == {"receive", "work", "hand-over"}
+    assert stage_readings(Task()) == {}
