@@ -135,6 +135,19 @@ def test_cpu_device_decodes_as_torchvision_does(tmp_path):
     assert torch.equal(outs[0], outs[1])
     with pytest.raises(ValueError, match="decodes on CUDA devices"):
         nvj.decode_nvjpeg(list(data), "cpu")
+    cfg.nvjpeg_thread = True  # the engine thread: nothing to hand it on a CPU device
+    assert build_gpu_pipeline(cfg, seed=3).engine_thread
+    assert torch.equal(build_gpu_pipeline(cfg, seed=3)(data, "cpu", train=True), outs[0])
+
+
+def test_engine_thread_needs_the_nvjpeg_decoder():
+    from data.image_config import check_image_config
+
+    with pytest.raises(ValueError, match="nvjpeg_thread=true needs data.gpu_decoder=nvjpeg"):
+        check_image_config(ImageDataConfig(kind="folder", decode="gpu", nvjpeg_thread=True))
+    check_image_config(
+        ImageDataConfig(kind="folder", decode="gpu", gpu_decoder="nvjpeg", nvjpeg_thread=True)
+    )
 
 
 def _engines():
@@ -268,3 +281,91 @@ def test_cuda_pipeline_with_engines_trains_like_torchvisions(tmp_path):
     for a, b in zip(*outs):
         assert a.shape == b.shape and a.dtype == b.dtype == torch.uint8
         assert (a.float() - b.float()).abs().mean() < 4.0
+
+
+def _mixed_batch() -> tuple[list[torch.Tensor], list[str]]:
+    """Engine JPEGs of several sizes and subsamplings, with a progressive JPEG, a grayscale one
+    and a PNG among them."""
+    raws = [_raw(_photo(h, w, k), quality=90, subsampling=sub)
+            for k, (h, w, sub) in enumerate([(120, 160, 2), (64, 48, 0), (33, 47, 1),
+                                             (96, 96, 2), (17, 300, 2)])]  # fmt: skip
+    raws.insert(2, _raw(_photo(40, 60, 9), quality=90, progressive=True))
+    raws.insert(4, _raw(_photo(30, 20, 10), mode="L", quality=90))
+    raws.append(_raw(_photo(12, 9, 11), fmt="PNG"))
+    return raws, ["engine", "engine", "other", "engine", "other", "engine", "engine", "png"]
+
+
+@pytest.mark.gpu
+def test_cuda_engine_thread_gives_the_synchronous_pixels():
+    """data.nvjpeg_thread: the batch handed to the engine thread, waited for on another
+    stream, gives every image exactly as the synchronous call does, in its place; the
+    handed-back object gives the same list when waited for again."""
+    _engines()
+    raws, _ = _mixed_batch()
+    want = [o.cpu() for o in nvj.decode_nvjpeg(raws, "cuda")]
+    for _ in range(3):
+        pending = nvj.decode_nvjpeg(raws, "cuda", background=True)
+        assert isinstance(pending, nvj.PendingDecode)
+        other = torch.cuda.Stream()
+        with torch.cuda.stream(other):
+            got = pending.wait()
+            sums = [g.sum(dtype=torch.int64) for g in got]  # read on the waiting stream
+        other.synchronize()
+        assert pending.wait() is got and len(got) == len(raws)
+        for g, w, s in zip(got, want, sums):
+            assert torch.equal(g.cpu(), w) and int(s) == int(w.sum(dtype=torch.int64))
+
+
+@pytest.mark.gpu
+def test_cuda_engine_thread_leaves_queued_reads_alone():
+    """The engine thread waits on the host for the work queued before the batch was handed
+    over: the decoded images do not overwrite tensors that queued reductions still read."""
+    from .helpers import queued_reads_corrupted
+
+    _engines()
+    raws = [_raw(_photo(64, 64, i), quality=90) for i in range(8)]
+
+    def decode():
+        return nvj.decode_nvjpeg(raws, "cuda", background=True).wait()
+
+    assert queued_reads_corrupted(decode, len(raws)) == 0
+
+
+@pytest.mark.gpu
+def test_cuda_engine_thread_sorts_a_misleading_header():
+    """A header that wrongly says "engines" fails the engine thread's call; waiting then
+    decodes the batch the synchronous way, and every image comes back right."""
+    from data.images import EncodedImages
+
+    _engines()
+    raws = [_raw(_photo(40 + i, 72 - i, i), quality=88, subsampling=i % 3) for i in range(24)]
+    raws[7] = _raw(_photo(47, 65, 99), quality=88, progressive=True)
+    batch = EncodedImages.from_flat(torch.cat(raws), [r.numel() for r in raws])
+    batch.headers = nvj.headers(batch)
+    batch.headers[7, 2] = 1  # mislead
+    out = nvj.decode_nvjpeg(batch, "cuda", background=True).wait()
+    torch.cuda.synchronize()
+    for o, raw in zip(out, raws):
+        assert o.shape == _pil(raw).shape and (o.cpu().float() - _pil(raw).float()).abs().mean() < 8
+
+
+@pytest.mark.gpu
+def test_cuda_pipeline_with_the_engine_thread_gives_the_same_batches(tmp_path):
+    """The pipeline with data.nvjpeg_thread: train and eval batches equal the pipeline's
+    without it, batch for batch (the same decoder, the same draws)."""
+    _engines()
+    root = make_image_folder(tmp_path, num_classes=3, train_per_class=6, val_per_class=2,
+                             size=48)  # fmt: skip
+    cfg = ImageDataConfig(kind="folder", root=str(root), img_size=32, decode="gpu",
+                          num_workers=0, gpu_decoder="nvjpeg")  # fmt: skip
+    train, val, *_ = build_image_loaders(cfg, 8, seed=0)
+    batches = [b for b, _ in train]
+    vdata, _ = next(iter(val))
+    outs = []
+    for thread in (False, True):
+        cfg.nvjpeg_thread = thread
+        pipe = build_gpu_pipeline(cfg, seed=4)
+        decoded = [pipe.decode(b, "cuda", train=True) for b in batches]  # all handed over first
+        outs.append([pipe.augment(d) for d in decoded] + [pipe(vdata, "cuda")])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
