@@ -35,6 +35,7 @@ import math
 import re
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -43,6 +44,9 @@ import torch.nn.functional as F
 from .augment_kernels import affine_rows, blend_rows, lut_rows
 from .image_config import GPU_DECODERS
 from .resize_kernel import resize_batch
+
+if TYPE_CHECKING:
+    from .nvjpeg_decode import PendingDecode
 
 RA_OPS = (
     "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
@@ -65,7 +69,7 @@ def decode_batch(
     record: bool = True,
     decoder: str = "torchvision",
     background: bool = False,
-) -> list[torch.Tensor]:
+) -> list[torch.Tensor] | PendingDecode:
     """Encoded images (uint8 1-D CPU tensors) -> RGB uint8 (3, H, W) tensors on ``device``.
 
     One batched ``decode_jpeg`` call; if it fails (a PNG named .jpg, a CMYK JPEG nvJPEG
