@@ -335,11 +335,10 @@ def _engine_thread(index: int) -> ThreadPoolExecutor:
 
 
 def _engine_job(lib, handle, index: int, ptrs, lengths, desc, before: torch.cuda.Event,
-                done: torch.cuda.Event, data) -> int:  # fmt: skip
+                done: torch.cuda.Event, held) -> int:  # fmt: skip
     """In the engine thread: wait on the host for the work queued before the batch was handed
-    over (the engines write when called, see decode_nvjpeg), then decode it. ``data`` (the
-    encoded bytes ``ptrs`` point into) is held until the call is made."""
-    del data  # (referenced by the submitted call until it runs)
+    over (the engines write when called, see decode_nvjpeg), then decode it. ``held``: the
+    encoded bytes ``ptrs`` point into, passed only to stay alive until the call is made."""
     before.synchronize()
     return _decode_engines(lib, handle, index, ptrs, lengths, desc, before, done)
 
