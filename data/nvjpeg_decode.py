@@ -409,6 +409,7 @@ def decode_nvjpeg(data: list[torch.Tensor], device: torch.device | str,
     # writes on a stream of its own (pytorch/vision#9606). The outputs may take memory that work
     # queued on the caller's stream still reads, so that work finishes first.
     future = done = None
+    queued = torch.cuda.Event()
     if len(hw_idx):
         hs, ws = info[hw_idx, 0], info[hw_idx, 1]
         offsets, total = plane_layout(hs, ws)
@@ -416,14 +417,15 @@ def decode_nvjpeg(data: list[torch.Tensor], device: torch.device | str,
         desc = image_descriptors(buf.data_ptr(), offsets, hs, ws)
         ptrs = np.array([data[k].data_ptr() for k in hw_idx], dtype=np.uint64)
         lengths = np.array([data[k].numel() for k in hw_idx], dtype=np.uint64)
-        queued = torch.cuda.Event()
-        queued.record(caller)  # after the allocation: the host waits for all of that
+    queued.record(caller)  # after the allocation: the host waits for all of that
+    if not background:
+        queued.synchronize()
+    if len(hw_idx):
         done = torch.cuda.Event()
         if background:  # the engine thread waits, then decodes (``data`` alive till then)
             future = _engine_thread(index).submit(_engine_job, lib, handle, index, ptrs,
                                                   lengths, desc, queued, done, data)  # fmt: skip
         else:
-            queued.synchronize()
             status = _decode_engines(lib, handle, index, ptrs, lengths, desc, caller)
             if status:  # a header that passed ours but not nvJPEG's checks: ask nvJPEG, once
                 st = _state(lib, handle, index)
@@ -445,9 +447,11 @@ def decode_nvjpeg(data: list[torch.Tensor], device: torch.device | str,
         for j, k in enumerate(hw_idx.tolist()):
             h, w = int(info[k, 0]), int(info[k, 1])
             out[k] = buf[int(offsets[j]) : int(offsets[j]) + 3 * h * w].view(3, h, w)
-    for k in range(n):
-        if out[k] is None:  # not for the engines: torchvision's decoders, then PIL's
-            out[k] = _decode_one(data[k], device)
+    rest = [k for k in range(n) if out[k] is None]  # torchvision's decoders, then PIL's
+    if rest and background:  # they write on a stream of their own too: the same host wait
+        queued.synchronize()
+    for k in rest:
+        out[k] = _decode_one(data[k], device)
     if background:
         return PendingDecode(out, data, future, done, device)
     return out  # type: ignore[return-value]

@@ -319,11 +319,13 @@ def test_cuda_engine_thread_gives_the_synchronous_pixels():
 @pytest.mark.gpu
 def test_cuda_engine_thread_leaves_queued_reads_alone():
     """The engine thread waits on the host for the work queued before the batch was handed
-    over: the decoded images do not overwrite tensors that queued reductions still read."""
+    over, and so does the handing thread before the fallback decoders write: neither the
+    engines' images nor the progressive JPEGs' overwrite tensors that queued reductions still
+    read."""
     from .helpers import queued_reads_corrupted
 
     _engines()
-    raws = [_raw(_photo(64, 64, i), quality=90) for i in range(8)]
+    raws = [_raw(_photo(64, 64, i), quality=90, progressive=i % 2 == 1) for i in range(8)]
 
     def decode():
         return nvj.decode_nvjpeg(raws, "cuda", background=True).wait()
