@@ -410,6 +410,9 @@ def decode_nvjpeg(data: list[torch.Tensor], device: torch.device | str,
     # queued on the caller's stream still reads, so that work finishes first.
     future = done = None
     queued = torch.cuda.Event()
+    queued.record(caller)
+    if not background:  # (the engine thread waits for it there, before the call)
+        queued.synchronize()
     if len(hw_idx):
         hs, ws = info[hw_idx, 0], info[hw_idx, 1]
         offsets, total = plane_layout(hs, ws)
@@ -417,10 +420,6 @@ def decode_nvjpeg(data: list[torch.Tensor], device: torch.device | str,
         desc = image_descriptors(buf.data_ptr(), offsets, hs, ws)
         ptrs = np.array([data[k].data_ptr() for k in hw_idx], dtype=np.uint64)
         lengths = np.array([data[k].numel() for k in hw_idx], dtype=np.uint64)
-    queued.record(caller)  # after the allocation: the host waits for all of that
-    if not background:
-        queued.synchronize()
-    if len(hw_idx):
         done = torch.cuda.Event()
         if background:  # the engine thread waits, then decodes (``data`` alive till then)
             future = _engine_thread(index).submit(_engine_job, lib, handle, index, ptrs,
