@@ -30,11 +30,13 @@ import queue
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
 
 _POLL_S = 0.1  # how often a blocked thread or caller looks for a stop / a dead thread
+_CLOSE_WAIT_S = 60.0  # how long close() waits for a thread that is busy in one batch
 
 
 def set_os_thread_name(name: str) -> None:
@@ -151,13 +153,25 @@ class Ahead:
         self.source.load_state_dict(state)
         self._state = copy.deepcopy(self.source.state_dict())
 
-    def close(self) -> None:
+    def close(self, wait_s: float = _CLOSE_WAIT_S) -> None:
         """Stop the thread and drop the batches prepared ahead (the next ``next_batch``
-        starts again from ``state_dict``'s position)."""
+        starts again from ``state_dict``'s position).
+
+        A thread still inside one batch after ``wait_s`` seconds (its source or transform
+        stuck, say in a device call that never returns) is left behind as a daemon thread with
+        a warning, so that an error being raised, or the process's exit, is not held up by it.
+        It still holds the source, so this object cannot start again (``next_batch`` raises)."""
         if self._thread is None:
             return
         self._stop.set()
+        deadline = time.monotonic() + float(wait_s)
         while self._thread.is_alive():
+            if time.monotonic() > deadline:
+                warnings.warn(f"{self.name}: the background thread did not stop within "
+                              f"{float(wait_s):g} s of being asked to (stuck in its source or "
+                              "transform); left behind", RuntimeWarning, stacklevel=2)  # fmt: skip
+                self._thread, self._stuck = None, True
+                return
             try:  # unblock a put
                 self._queue.get(timeout=_POLL_S)
             except queue.Empty:
@@ -176,6 +190,9 @@ class Ahead:
     # ------------------------------------------------------------------ the thread
 
     def _start(self) -> None:
+        if getattr(self, "_stuck", False):
+            raise RuntimeError(f"{self.name}: a background thread left stuck by close() still "
+                               "holds the batch source; build the loader again")  # fmt: skip
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue(self.depth)
         cuda = self.device.type == "cuda"

@@ -30,12 +30,10 @@ same distributions but other samples.
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -44,9 +42,6 @@ import torch.nn.functional as F
 from .augment_kernels import affine_rows, blend_rows, lut_rows
 from .image_config import GPU_DECODERS
 from .resize_kernel import resize_batch
-
-if TYPE_CHECKING:
-    from .nvjpeg_decode import PendingDecode
 
 RA_OPS = (
     "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
@@ -68,8 +63,7 @@ def decode_batch(
     stream: torch.cuda.Stream | None = None,
     record: bool = True,
     decoder: str = "torchvision",
-    background: bool = False,
-) -> list[torch.Tensor] | PendingDecode:
+) -> list[torch.Tensor]:
     """Encoded images (uint8 1-D CPU tensors) -> RGB uint8 (3, H, W) tensors on ``device``.
 
     One batched ``decode_jpeg`` call; if it fails (a PNG named .jpg, a CMYK JPEG nvJPEG
@@ -86,10 +80,7 @@ def decode_batch(
 
     ``decoder="nvjpeg"``: the GPU's JPEG engines, the batch in one call into one buffer
     (``data.nvjpeg_decode``; on a CPU device, torchvision's CPU decoder as for the default).
-    ``decoder="nvimgcodec"``: one nvImageCodec call instead (``data.nvimgcodec_decode``).
-    ``background=True`` with ``decoder="nvjpeg"`` on CUDA (``data.nvjpeg_thread``): the
-    engines' call goes to their own thread and a ``PendingDecode`` comes back, whose
-    ``wait()`` gives the images (``record`` must then be False)."""
+    ``decoder="nvimgcodec"``: one nvImageCodec call instead (``data.nvimgcodec_decode``)."""
     device = torch.device(device)
     if decoder not in GPU_DECODERS:
         raise ValueError(f"decoder must be one of {GPU_DECODERS}, got {decoder!r}")
@@ -99,12 +90,7 @@ def decode_batch(
     if decoder == "nvimgcodec":
         from .nvimgcodec_decode import decode_nvimgcodec as decode_all
     elif decoder == "nvjpeg" and device.type == "cuda":  # (elsewhere torchvision's CPU decode)
-        from .nvjpeg_decode import decode_nvjpeg
-
-        decode_all = functools.partial(decode_nvjpeg, background=background)
-        if background and record:
-            raise ValueError("decode_batch: background=True hands the images out later; "
-                             "pass record=False and keep them until read")  # fmt: skip
+        from .nvjpeg_decode import decode_nvjpeg as decode_all
     if device.type != "cuda":
         return decode_all(data, device)
     caller = torch.cuda.current_stream(device)
@@ -525,7 +511,7 @@ class Decoded:
     batch's last images as the loader's workers decoded and cropped them
     (``data.cpu_decode_share``), if any."""
 
-    images: list[torch.Tensor]  # or a PendingDecode (data.nvjpeg_thread): its wait() gives them
+    images: list[torch.Tensor]
     index: int | None
     crops: torch.Tensor | None = None  # uint8 (k, S, S, 3) the workers cropped, on the device
 
@@ -556,7 +542,6 @@ class GpuImagePipeline:
         self.fused_ops: bool | None = None
         self._streams: dict[torch.device, torch.cuda.Stream] = {}  # decoding side streams
         self.decoder = "torchvision"  # nvjpeg, nvimgcodec (data.gpu_decoder; see decode_batch)
-        self.engine_thread = False  # data.nvjpeg_thread: nvjpeg's calls in a thread of their own
         self._held: list = []  # (event, decoded images) of CUDA batches being transformed
         self._lock = threading.Lock()
 
@@ -606,15 +591,12 @@ class GpuImagePipeline:
             with torch.cuda.stream(stream):
                 crops = crops.to(device, non_blocking=True)
             torch.cuda.current_stream(device).wait_stream(stream)
-        images = decode_batch(data, device, stream, record=False, decoder=self.decoder,
-                              background=self.engine_thread)  # fmt: skip
+        images = decode_batch(data, device, stream, record=False, decoder=self.decoder)
         return Decoded(images, index, crops)
 
     def augment(self, batch: Decoded) -> torch.Tensor:
         """Stage two: crop, flip and RandAugment (train) or the eval resize and crop."""
         images = batch.images
-        if hasattr(images, "wait"):  # data.nvjpeg_thread: this stream waits for the engines
-            images = batch.images = images.wait()
         if batch.index is None:
             x = self.eval_batch(images)
         else:
@@ -697,7 +679,6 @@ def build_gpu_pipeline(cfg, seed: int = 0, rank: int = 0) -> GpuImagePipeline | 
                             seed=seed, rank=rank, channels_last=bool(cfg.channels_last))  # fmt: skip
     pipe.fused_ops = None if getattr(cfg, "fused_augment", True) else False
     pipe.decoder = getattr(cfg, "gpu_decoder", "torchvision")
-    pipe.engine_thread = bool(getattr(cfg, "nvjpeg_thread", False))
     if pipe.decoder == "nvimgcodec":
         from .nvimgcodec_decode import INSTALL_HINT, available
 

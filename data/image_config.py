@@ -116,10 +116,6 @@ class ImageDataConfig:
     # NVIDIA nvImageCodec, PIL's pixels too but ~10% slower training (pip install
     # 'nvidia-nvimgcodec-cu13[nvjpeg]'; data/nvimgcodec_decode.py; docs/benchmarks.md)
     gpu_decoder: str = "torchvision"
-    # gpu_decoder=nvjpeg: the engines' call for each batch made by a thread of its own, which
-    # makes these calls back to back and nothing else, while the pipeline's threads prepare
-    # and augment other batches (off: the decoding thread makes it between its other work)
-    nvjpeg_thread: bool = False
     # data.decode=gpu: the share of each training batch that the loader workers decode (PIL) and
     # random-resize-crop themselves, handing out S x S uint8 crops beside the other images'
     # bytes; the device flips and RandAugments them with the rest. It puts the host's idle
@@ -162,9 +158,6 @@ def check_image_config(cfg: ImageDataConfig) -> None:
     if getattr(cfg, "gpu_decoder", "torchvision") not in GPU_DECODERS:
         raise ValueError(f"data.gpu_decoder must be one of {GPU_DECODERS}, got "
                          f"{cfg.gpu_decoder!r}")  # fmt: skip
-    if getattr(cfg, "nvjpeg_thread", False) and getattr(cfg, "gpu_decoder", "") != "nvjpeg":
-        raise ValueError("data.nvjpeg_thread=true needs data.gpu_decoder=nvjpeg (it moves that "
-                         "decoder's engine calls to a thread of their own)")  # fmt: skip
     share = getattr(cfg, "cpu_decode_share", 0.0)
     if isinstance(share, bool) or not 0.0 <= float(share) <= 1.0:
         raise ValueError(f"data.cpu_decode_share must be in [0, 1], got {share!r}")

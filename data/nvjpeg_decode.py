@@ -27,12 +27,9 @@ bitstreams copied to the device first (``NVJPEG_BACKEND_HARDWARE_DEVICE``) 38% s
 (twenty-third session), so a batch is one call from host memory. The engines' path waits on
 the host once an image whatever the output format; planar YUV (no colour conversion) decoded
 slower, and ``max_cpu_threads`` changed nothing (twenty-fourth session).
-
-``data.nvjpeg_thread`` (``decode_nvjpeg(..., background=True)``) hands each batch's engine call
-to a thread that makes these calls back to back and nothing else (``PendingDecode``). In
-training, the decoding thread spent 5-6 ms a batch outside the call, mostly waiting on the other
-pipeline threads, in series with it (twenty-fourth session); with the engine thread that work
-overlaps the calls. Not yet measured on a GPU; off by default.
+The engine call made by a thread of its own while the pipeline threads work on other
+batches trained no faster (M0) and hung 2 runs in 5, and a high-priority stream for the
+engines' per-image work changed nothing (twenty-fifth session); both were dropped.
 
 Images the engines do not take (progressive, grayscale, CMYK, PNGs, 4:1:1) are decoded one by
 one by torchvision's and PIL's decoders, as in ``decode_batch``; where a header misleads, nvJPEG's
@@ -49,7 +46,6 @@ import glob
 import os
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -283,18 +279,13 @@ def headers(data) -> np.ndarray:
     return out
 
 
-def _decode_engines(lib, handle, index: int, ptrs, lengths, desc, caller,
-                    done: torch.cuda.Event | None = None) -> int:  # fmt: skip
-    """One ``nvjpegDecodeBatched`` call on this thread's decoder state and CUDA stream, after
-    ``caller`` (a stream, or an event recorded on one). Then the caller's stream waits for it,
-    or, given ``done``, that event is recorded after it. Returns its status (0: done)."""
+def _decode_engines(lib, handle, index: int, ptrs, lengths, desc, caller) -> int:
+    """One ``nvjpegDecodeBatched`` call on this thread's decoder state and CUDA stream; the
+    caller's stream waits for it. Returns its status (0: done)."""
     st = _state(lib, handle, index)
     m = len(ptrs)
     with torch.cuda.device(index):
-        if isinstance(caller, torch.cuda.Event):
-            st.stream.wait_event(caller)
-        else:  # (the host has waited for it too: see decode_nvjpeg)
-            st.stream.wait_stream(caller)
+        st.stream.wait_stream(caller)  # (the host has waited for it too: see decode_nvjpeg)
         if st.batch != m:
             status = lib.nvjpegDecodeBatchedInitialize(handle, st.state, m, 1, OUTPUT_RGB)
             if status:
@@ -306,85 +297,16 @@ def _decode_engines(lib, handle, index: int, ptrs, lengths, desc, caller,
         if status:
             st.batch = 0  # re-initialise the state before its next batch
             return status
-        if done is not None:
-            done.record(st.stream)
-        else:
-            caller.wait_stream(st.stream)
+        caller.wait_stream(st.stream)
     return 0
 
 
-# --------------------------------------------------------------------------- the engine thread
-
-_ENGINE_THREADS: dict[int, ThreadPoolExecutor] = {}  # device index -> its engine thread
-
-
-def _engine_thread(index: int) -> ThreadPoolExecutor:
-    """The device's engine thread (made once): it runs the submitted engine calls in order and
-    nothing else."""
-    with _LOCK:
-        if index not in _ENGINE_THREADS:
-            from .background import set_os_thread_name
-
-            def start() -> None:
-                torch.cuda.set_device(index)
-                set_os_thread_name("nvjpeg-engines")
-
-            _ENGINE_THREADS[index] = ThreadPoolExecutor(
-                1, thread_name_prefix="nvjpeg-engines", initializer=start)  # fmt: skip
-    return _ENGINE_THREADS[index]
-
-
-def _engine_job(lib, handle, index: int, ptrs, lengths, desc, before: torch.cuda.Event,
-                done: torch.cuda.Event, held) -> int:  # fmt: skip
-    """In the engine thread: wait on the host for the work queued before the batch was handed
-    over (the engines write when called, see decode_nvjpeg), then decode it. ``held``: the
-    encoded bytes ``ptrs`` point into, passed only to stay alive until the call is made."""
-    before.synchronize()
-    return _decode_engines(lib, handle, index, ptrs, lengths, desc, before, done)
-
-
-class PendingDecode:
-    """A batch handed to the engine thread (:func:`decode_nvjpeg` with ``background=True``).
-    ``wait()`` blocks until its engine call is made, makes the calling thread's current
-    stream wait for the decode, and returns the images (uint8 (3, H, W) on the device)."""
-
-    def __init__(self, images, data, future, done, device):
-        self.images, self._data, self._future = images, data, future
-        self._done, self._device = done, device
-
-    def wait(self) -> list[torch.Tensor]:
-        if self._future is None:
-            return self.images
-        status = self._future.result()  # (an exception in the engine thread is raised here)
-        self._future = None
-        if status:  # a header that passed ours but not nvJPEG's checks: the synchronous path
-            self.images = decode_nvjpeg(self._data, self._device)  # sorts the batch again
-            return self.images
-        torch.cuda.current_stream(self._device).wait_event(self._done)
-        _keep_until(self._done, self._data)
-        return self.images
-
-
-def _keep_until(done: torch.cuda.Event, data) -> None:
-    """Hold the host bytes until ``done`` (recorded after the engines' call) has passed."""
-    with _LOCK:
-        _KEEP[:] = [(e, d) for e, d in _KEEP if not e.query()]
-        _KEEP.append((done, data))
-
-
-def decode_nvjpeg(data: list[torch.Tensor], device: torch.device | str,
-                  background: bool = False) -> list[torch.Tensor] | PendingDecode:  # fmt: skip
+def decode_nvjpeg(data: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
     """Encoded images (uint8 1-D CPU tensors) -> RGB uint8 (3, H, W) tensors on the CUDA
     ``device``, the engines' share in one call; the caller's current stream waits for it (the
     outputs may be used on it at once). Image headers come from
     ``data.headers`` where the loader's workers put them, else :func:`headers` here. EXIF
-    orientation is not applied (as torchvision and PIL leave it).
-
-    ``background=True`` (``data.nvjpeg_thread``): the engine call is handed to the device's
-    engine thread, which makes these calls back to back and nothing else, and a
-    :class:`PendingDecode` comes back at once; its ``wait()`` gives the images. The output
-    buffer is allocated here, on the caller's stream, and the images the engines do not take
-    are decoded here as well."""
+    orientation is not applied (as torchvision and PIL leave it)."""
     from .gpu_augment import _decode_one
 
     device = torch.device(device)
@@ -408,11 +330,9 @@ def decode_nvjpeg(data: list[torch.Tensor], device: torch.device | str,
     # stream wait does not gate the write, a host wait does), and torchvision's fallback decode
     # writes on a stream of its own (pytorch/vision#9606). The outputs may take memory that work
     # queued on the caller's stream still reads, so that work finishes first.
-    future = done = None
     queued = torch.cuda.Event()
     queued.record(caller)
-    if not background:  # (the engine thread waits for it there, before the call)
-        queued.synchronize()
+    queued.synchronize()
     if len(hw_idx):
         hs, ws = info[hw_idx, 0], info[hw_idx, 1]
         offsets, total = plane_layout(hs, ws)
@@ -420,37 +340,31 @@ def decode_nvjpeg(data: list[torch.Tensor], device: torch.device | str,
         desc = image_descriptors(buf.data_ptr(), offsets, hs, ws)
         ptrs = np.array([data[k].data_ptr() for k in hw_idx], dtype=np.uint64)
         lengths = np.array([data[k].numel() for k in hw_idx], dtype=np.uint64)
-        done = torch.cuda.Event()
-        if background:  # the engine thread waits, then decodes (``data`` alive till then)
-            future = _engine_thread(index).submit(_engine_job, lib, handle, index, ptrs,
-                                                  lengths, desc, queued, done, data)  # fmt: skip
-        else:
-            status = _decode_engines(lib, handle, index, ptrs, lengths, desc, caller)
-            if status:  # a header that passed ours but not nvJPEG's checks: ask nvJPEG, once
-                st = _state(lib, handle, index)
-                keep = np.array([_engines_take(lib, handle, st, int(p), int(m))
-                                 for p, m in zip(ptrs, lengths)], dtype=bool)  # fmt: skip
-                if not keep.all():
-                    status = _decode_engines(lib, handle, index, ptrs[keep], lengths[keep],
-                                             np.ascontiguousarray(desc[keep]), caller)  # fmt: skip
-                    hw_idx, offsets = hw_idx[keep], offsets[keep]
-                if status:
-                    warnings.warn(f"nvjpegDecodeBatched failed (NVJPEG_STATUS_"
-                                  f"{STATUS.get(status, status)}) on a batch of {len(hw_idx)}; "
-                                  "decoding it image by image instead", RuntimeWarning,
-                                  stacklevel=2)  # fmt: skip
-                    hw_idx = hw_idx[:0]
-            if len(hw_idx):
-                done.record(caller)
-                _keep_until(done, data)
-        for j, k in enumerate(hw_idx.tolist()):
-            h, w = int(info[k, 0]), int(info[k, 1])
-            out[k] = buf[int(offsets[j]) : int(offsets[j]) + 3 * h * w].view(3, h, w)
-    rest = [k for k in range(n) if out[k] is None]  # torchvision's decoders, then PIL's
-    if rest and background:  # they write on a stream of their own too: the same host wait
-        queued.synchronize()
-    for k in rest:
-        out[k] = _decode_one(data[k], device)
-    if background:
-        return PendingDecode(out, data, future, done, device)
+        status = _decode_engines(lib, handle, index, ptrs, lengths, desc, caller)
+        if status:  # a header that passed ours but not nvJPEG's checks: ask nvJPEG, once
+            st = _state(lib, handle, index)
+            keep = np.array([_engines_take(lib, handle, st, int(p), int(m))
+                             for p, m in zip(ptrs, lengths)], dtype=bool)  # fmt: skip
+            if not keep.all():
+                status = _decode_engines(lib, handle, index, ptrs[keep], lengths[keep],
+                                         np.ascontiguousarray(desc[keep]), caller)  # fmt: skip
+                hw_idx, offsets = hw_idx[keep], offsets[keep]
+            if status:
+                warnings.warn(f"nvjpegDecodeBatched failed (NVJPEG_STATUS_"
+                              f"{STATUS.get(status, status)}) on a batch of {len(hw_idx)}; "
+                              "decoding it image by image instead", RuntimeWarning,
+                              stacklevel=2)  # fmt: skip
+                hw_idx = hw_idx[:0]
+        if len(hw_idx):
+            done = torch.cuda.Event()
+            done.record(caller)
+            with _LOCK:  # the host bytes stay alive until the engines have read them
+                _KEEP[:] = [(e, d) for e, d in _KEEP if not e.query()]
+                _KEEP.append((done, data))
+            for j, k in enumerate(hw_idx.tolist()):
+                h, w = int(info[k, 0]), int(info[k, 1])
+                out[k] = buf[int(offsets[j]) : int(offsets[j]) + 3 * h * w].view(3, h, w)
+    for k in range(n):
+        if out[k] is None:  # not for the engines: torchvision's decoders, then PIL's
+            out[k] = _decode_one(data[k], device)
     return out  # type: ignore[return-value]

@@ -66,6 +66,48 @@ def test_the_thread_carries_its_name_for_the_os():
         ahead.close()
 
 
+def test_close_leaves_a_stuck_thread_behind_with_a_warning():
+    """A transform that never returns (a device call that hangs, say) does not hang close():
+    after its wait the thread is left behind with a warning, and the object refuses to start
+    again, since that thread still holds the source."""
+    import threading
+
+    release = threading.Event()
+
+    def transform(b):
+        if int(b) == 1:  # the second batch never finishes until released
+            release.wait(30)
+        return b
+
+    ahead = Ahead(Counter(), transform, "cpu", depth=1)
+    try:
+        assert int(ahead.next_batch()) == 0
+        time.sleep(0.05)  # the thread is now inside batch 1
+        t0 = time.monotonic()
+        with pytest.warns(RuntimeWarning, match="did not stop within 0.3 s"):
+            ahead.close(wait_s=0.3)
+        assert time.monotonic() - t0 < 5
+        with pytest.raises(RuntimeError, match="left stuck by close"):
+            ahead.next_batch()
+    finally:
+        release.set()
+
+
+def test_close_waits_for_a_thread_that_finishes_its_batch():
+    """A slow batch shorter than the wait: close() waits for it, with no warning, and the
+    source is put back at the position of the batches handed out."""
+    import warnings
+
+    src = Counter()
+    ahead = Ahead(src, lambda b: (time.sleep(0.3), b)[1], "cpu", depth=1)
+    assert int(ahead.next_batch()) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ahead.close(wait_s=5)
+    assert src.i == 1 and int(ahead.next_batch()) == 1
+    ahead.close()
+
+
 def test_load_state_dict_restarts_from_the_position():
     ahead = Ahead(Counter(), lambda b: b, "cpu")
     [ahead.next_batch() for _ in range(3)]
