@@ -114,6 +114,7 @@ class Ahead:
         self.device, self.depth = device, int(depth)
         self._state = copy.deepcopy(source.state_dict())
         self._thread: threading.Thread | None = None
+        self._stuck = False  # close() left a thread stuck in a batch (it holds the source)
         self.name = str(name)
         self.times = StageTimes()
 
@@ -190,7 +191,7 @@ class Ahead:
     # ------------------------------------------------------------------ the thread
 
     def _start(self) -> None:
-        if getattr(self, "_stuck", False):
+        if self._stuck:
             raise RuntimeError(f"{self.name}: a background thread left stuck by close() still "
                                "holds the batch source; build the loader again")  # fmt: skip
         self._stop = threading.Event()
