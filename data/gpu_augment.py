@@ -63,6 +63,7 @@ def decode_batch(
     stream: torch.cuda.Stream | None = None,
     record: bool = True,
     decoder: str = "torchvision",
+    packed: bool = False,
 ) -> list[torch.Tensor]:
     """Encoded images (uint8 1-D CPU tensors) -> RGB uint8 (3, H, W) tensors on ``device``.
 
@@ -80,7 +81,9 @@ def decode_batch(
 
     ``decoder="nvjpeg"``: the GPU's JPEG engines, the batch in one call into one buffer
     (``data.nvjpeg_decode``; on a CPU device, torchvision's CPU decoder as for the default).
-    ``decoder="nvimgcodec"``: one nvImageCodec call instead (``data.nvimgcodec_decode``)."""
+    ``decoder="nvimgcodec"``: one nvImageCodec call instead (``data.nvimgcodec_decode``).
+    ``packed``: with nvjpeg on CUDA, return its ``PackedImages`` (list-like; ``resize_batch``
+    reads it without a tensor an image) rather than a list."""
     device = torch.device(device)
     if decoder not in GPU_DECODERS:
         raise ValueError(f"decoder must be one of {GPU_DECODERS}, got {decoder!r}")
@@ -90,7 +93,9 @@ def decode_batch(
     if decoder == "nvimgcodec":
         from .nvimgcodec_decode import decode_nvimgcodec as decode_all
     elif decoder == "nvjpeg" and device.type == "cuda":  # (elsewhere torchvision's CPU decode)
-        from .nvjpeg_decode import decode_nvjpeg as decode_all
+        from .nvjpeg_decode import decode_nvjpeg, decode_nvjpeg_packed
+
+        decode_all = decode_nvjpeg_packed if packed else decode_nvjpeg
     if device.type != "cuda":
         return decode_all(data, device)
     caller = torch.cuda.current_stream(device)
@@ -99,7 +104,7 @@ def decode_batch(
         images = decode_all(data, device)
     caller.wait_stream(stream)
     if record:
-        for img in images:
+        for img in getattr(images, "tensors", images):
             img.record_stream(caller)
     return images
 
@@ -511,7 +516,7 @@ class Decoded:
     batch's last images as the loader's workers decoded and cropped them
     (``data.cpu_decode_share``), if any."""
 
-    images: list[torch.Tensor]
+    images: list[torch.Tensor]  # or nvjpeg_decode.PackedImages (data.gpu_decoder=nvjpeg)
     index: int | None
     crops: torch.Tensor | None = None  # uint8 (k, S, S, 3) the workers cropped, on the device
 
@@ -548,6 +553,8 @@ class GpuImagePipeline:
     def _batched(self, images: list[torch.Tensor]) -> bool:
         """Resize with :func:`resize_batch` (one Triton launch) rather than image by image."""
         if self.batched_resize is None:
+            if hasattr(images, "ptrs"):  # PackedImages: on a CUDA device
+                return True
             return bool(images) and images[0].is_cuda
         return self.batched_resize
 
@@ -581,17 +588,13 @@ class GpuImagePipeline:
                 return Decoded(images, index, None if crops is None else crops.to(device))
             if device not in self._streams:
                 self._streams[device] = torch.cuda.Stream(device)
-            # earlier batches' images: only those read by now give their blocks back, which
-            # nvJPEG's writes may then take (see decode_batch); the others stay held. Polling,
-            # not waiting, keeps this decode from queueing behind the last batch's augmentation
-            # (+7.6% images/s for EfficientViT-M0 from JPEGs on an H100, docs/benchmarks.md)
-            self._held = [(done, imgs) for done, imgs in self._held if not done.query()]
         stream = self._streams[device]
         if crops is not None:  # on the decoding stream, which the caller's then waits for
             with torch.cuda.stream(stream):
                 crops = crops.to(device, non_blocking=True)
             torch.cuda.current_stream(device).wait_stream(stream)
-        images = decode_batch(data, device, stream, record=False, decoder=self.decoder)
+        images = decode_batch(data, device, stream, record=False, decoder=self.decoder,
+                              packed=True)  # fmt: skip
         return Decoded(images, index, crops)
 
     def augment(self, batch: Decoded) -> torch.Tensor:
@@ -604,9 +607,20 @@ class GpuImagePipeline:
         if x.is_cuda:  # keep the images until this stream has read them
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(x.device))
-            kept = images if batch.crops is None else [*images, batch.crops]
+            kept = images if batch.crops is None else [images, batch.crops]
             with self._lock:
+                # earlier batches' images: only those read by now give their blocks back, which
+                # nvJPEG's writes may then take (see decode_batch); the others stay held.
+                # Polling, not waiting, keeps the next decode from queueing behind this
+                # augmentation (+7.6% images/s for EfficientViT-M0 from JPEGs on an H100,
+                # docs/benchmarks.md); done here, not in the decoding thread, which bounds the
+                # loader (twenty-sixth session)
+                self._held = [(e, imgs) for e, imgs in self._held if not e.query()]
                 self._held.append((done, kept))
+            if self.decoder == "nvjpeg":
+                from .nvjpeg_decode import release_read_bytes
+
+                release_read_bytes()
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return x.to(torch.uint8, memory_format=fmt)
 
@@ -620,7 +634,7 @@ class GpuImagePipeline:
         k = 0 if cropped is None else len(cropped)
         n, s = len(images), self.img_size
         b = n + k
-        hw = np.array([img.shape[-2:] for img in images], dtype=np.int64).reshape(-1, 2)
+        hw = _sizes(images)
         u = rng.random((b, 2 * CROP_TRIES + 2))[:n]
         top, left, ch, cw = crop_params(hw[:, 0], hw[:, 1], u, self.scale, self.ratio)
         flip = rng.random(b) < self.hflip
@@ -631,6 +645,7 @@ class GpuImagePipeline:
             parts.append(resize_batch(images, boxes, np.full((n, 2), s), np.zeros((n, 2)),
                                       flip[:n], s))  # fmt: skip
         elif n:
+            images = list(images)
             parts.append(torch.stack([
                 _resize(img[:, t : t + hh, l_ : l_ + ww], (s, s))
                 for img, t, l_, hh, ww in zip(images, top.tolist(), left.tolist(),
@@ -657,8 +672,9 @@ class GpuImagePipeline:
         """Decoded images -> float (B, 3, S, S): timm's eval resize and center crop."""
         s = self.img_size
         if self._batched(images):
-            geo = np.array([eval_geometry(*img.shape[-2:], s, self.crop_pct) for img in images])
-            boxes = [(0, 0, *img.shape[-2:]) for img in images]
+            hw = _sizes(images)
+            geo = np.array([eval_geometry(h, w, s, self.crop_pct) for h, w in hw.tolist()])
+            boxes = np.concatenate([np.zeros_like(hw), hw], 1)
             x = resize_batch(images, boxes, geo[:, :2], geo[:, 2:], np.zeros(len(images)), s)
         else:
             out = []
@@ -667,6 +683,14 @@ class GpuImagePipeline:
                 out.append(_resize(img, (nh, nw))[:, top : top + s, left : left + s])
             x = torch.stack(out)
         return x.round_().clamp_(0, 255)
+
+
+def _sizes(images) -> np.ndarray:
+    """int64 (n, 2): each image's (H, W), from ``PackedImages.hw`` without a tensor an image."""
+    hw = getattr(images, "hw", None)
+    if hw is None:
+        hw = np.array([img.shape[-2:] for img in images], dtype=np.int64)
+    return hw.reshape(-1, 2)
 
 
 def build_gpu_pipeline(cfg, seed: int = 0, rank: int = 0) -> GpuImagePipeline | None:

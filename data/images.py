@@ -76,6 +76,7 @@ imported where first used (they take seconds to import).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -244,26 +245,41 @@ class _Collate:
         return images, torch.tensor([label for _, label in batch], dtype=torch.int64)
 
 
-class EncodedImages(list):
-    """A batch of encoded images: a list of uint8 1-D tensors, views of one buffer ``flat``;
-    ``crops``: the batch's images the workers decoded (``data.cpu_decode_share``) or None.
+class EncodedImages(Sequence):
+    """A batch of encoded images: a sequence of uint8 1-D tensors, views of one buffer ``flat``
+    split by ``sizes`` (made on first use: the JPEG engines' decoder reads ``flat`` and
+    ``sizes`` and never needs them); ``crops``: the batch's images the workers decoded
+    (``data.cpu_decode_share``) or None; ``headers``: (H, W, engines) an image for
+    ``data.gpu_decoder=nvjpeg``, or None.
 
     Pickled (worker -> training process) as that buffer and the sizes, so the receiver maps one
-    shared-memory tensor and splits it in one call, instead of rebuilding a tensor per image
-    (about 40 us each, holding the GIL: 10 ms a batch of 256, time the step's thread and a
-    decoding thread would wait for)."""
+    shared-memory tensor, instead of rebuilding a tensor per image (about 40 us each, holding the
+    GIL: 10 ms a batch of 256, time the step's thread and a decoding thread would wait for)."""
 
-    flat: torch.Tensor
-    sizes: list[int]
-    crops: torch.Tensor | None = None
-    headers: np.ndarray | None = None  # data.gpu_decoder=nvjpeg: (H, W, engines) an image
+    def __init__(self, flat: torch.Tensor, sizes, crops: torch.Tensor | None = None,
+                 headers: np.ndarray | None = None):  # fmt: skip
+        self.flat, self.sizes = flat, [int(n) for n in sizes]
+        self.crops, self.headers = crops, headers
+        self._views: tuple[torch.Tensor, ...] | None = None
 
     @classmethod
     def from_flat(cls, flat: torch.Tensor, sizes: list[int], crops=None,
                   headers=None) -> EncodedImages:  # fmt: skip
-        out = cls(flat.split(sizes))
-        out.flat, out.sizes, out.crops, out.headers = flat, list(sizes), crops, headers
-        return out
+        return cls(flat, sizes, crops, headers)
+
+    def _split(self) -> tuple[torch.Tensor, ...]:
+        if self._views is None:
+            self._views = self.flat.split(self.sizes) if self.sizes else ()
+        return self._views
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, k):
+        return self._split()[k]
+
+    def __iter__(self):
+        return iter(self._split())
 
     def __reduce__(self):
         return (EncodedImages.from_flat, (self.flat, self.sizes, self.crops, self.headers))
@@ -516,7 +532,7 @@ def to_device(
     (``build_gpu_pipeline(cfg, seed, rank)``)."""
     images, labels = batch
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if isinstance(images, (list, tuple)):
+    if isinstance(images, (list, tuple, EncodedImages)):
         if decode is None:
             raise ValueError(
                 "to_device: the loader hands out encoded images (data.decode=gpu); pass "

@@ -20,8 +20,9 @@ later) through ``ctypes``:
   libjpeg-turbo (PIL) does, so pixels equal a CPU decode up to IDCT rounding (``INTERPOLATED``
   says, per device, whether the library took the flag).
 
-Measured on an H100 (docs/benchmarks.md, twenty-second session): EfficientViT-M0 trains from
-JPEGs at torchvision's rate with it, so choose it for PIL's pixels, not for speed. Two
+Measured on an H100 (docs/benchmarks.md): EfficientViT-M0 trained from JPEGs at torchvision's
+rate with it (twenty-second session); since the pipeline reads its batch without a tensor an
+image (:class:`PackedImages`), 1.11-1.12x that code's rate for M0 and M5 (twenty-sixth). Two
 concurrent engine calls a batch decoded 1.58x faster in isolation but trained 18% slower, and
 bitstreams copied to the device first (``NVJPEG_BACKEND_HARDWARE_DEVICE``) 38% slower
 (twenty-third session), so a batch is one call from host memory. The engines' path waits on
@@ -72,6 +73,7 @@ _LOCK = threading.Lock()
 _HANDLES: dict[int, ctypes.c_void_p] = {}  # device index -> nvjpegHandle_t
 _LOCAL = threading.local()  # per thread: {device index: _State}
 _KEEP: list = []  # (event, encoded bytes) until the engines have read them
+_KEEP_MAX = 8  # batches kept before a decode drops those read (release_read_bytes: sooner)
 INTERPOLATED: dict[int, bool] = {}  # device index -> whether chroma is interpolated
 
 
@@ -301,12 +303,92 @@ def _decode_engines(lib, handle, index: int, ptrs, lengths, desc, caller) -> int
     return 0
 
 
+def _drop_read() -> None:
+    _KEEP[:] = [(e, d) for e, d in _KEEP if not e.query()]
+
+
+def release_read_bytes() -> None:
+    """Drop the encoded batches the engines have read. Freeing a batch's shared-memory buffer
+    (an unmap) is work for the host; :class:`~data.gpu_augment.GpuImagePipeline` calls this from
+    its second stage, so that the decoding thread, which bounds the loader, does not."""
+    with _LOCK:
+        _drop_read()
+
+
+class PackedImages:
+    """A decoded batch on one CUDA device without a tensor an image: uint8 planar RGB images
+    (3, H, W), sizes differ, the engines' share packed in one buffer, the others (decoded one by
+    one) as tensors of their own.
+
+    It stands in for the list of images (``len``, indexing and iteration give (3, H, W) views,
+    made on first use) while the pipeline reads it as arrays: ``hw`` (n, 2) int64, ``ptrs`` (n,)
+    int64 device addresses. Making 256 views a batch and dropping those of earlier batches
+    took 16% of the decoding thread's samples in EfficientViT-M0 training on an H100
+    (docs/benchmarks.md, twenty-sixth session). ``tensors``: the memory the images live in,
+    for ``record_stream`` or to keep it until queued reads are done."""
+
+    def __init__(self, buf: torch.Tensor | None, offsets, hw, engines, others: dict):
+        self.hw = np.asarray(hw, dtype=np.int64).reshape(-1, 2)
+        n = len(self.hw)
+        self._buf, self._offsets = buf, np.zeros(n, dtype=np.int64)
+        self._engines = np.asarray(engines, dtype=np.int64)  # batch positions in ``buf``
+        self._offsets[self._engines] = offsets
+        self._others = {int(k): v.contiguous() for k, v in others.items()}
+        first = buf if buf is not None else next(iter(self._others.values()))
+        self.device = first.device
+        self.ptrs = np.zeros(n, dtype=np.int64)
+        if buf is not None:
+            self.ptrs[self._engines] = buf.data_ptr() + self._offsets[self._engines]
+        for k, img in self._others.items():
+            self.ptrs[k] = img.data_ptr()
+        self.tensors = ([buf] if buf is not None else []) + list(self._others.values())
+        self._views: list[torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.hw)
+
+    def images(self) -> list[torch.Tensor]:
+        """The images as (3, H, W) tensors (views into the buffer), in batch order."""
+        if self._views is None:
+            views: list[torch.Tensor] = []
+            for k, ((h, w), off) in enumerate(zip(self.hw.tolist(), self._offsets.tolist())):
+                img = self._others.get(k)
+                views.append(img if img is not None else
+                             self._buf[off : off + 3 * h * w].view(3, h, w))  # fmt: skip
+            self._views = views
+        return self._views
+
+    def __getitem__(self, k):
+        return self.images()[k]
+
+    def __iter__(self):
+        return iter(self.images())
+
+
+def _flat_parts(data, n: int):
+    """(flat buffer, int64 byte offsets, int64 sizes) when ``data`` is one buffer split by sizes
+    (``EncodedImages``), so the engines read it without a tensor an image; else None."""
+    flat, sizes = getattr(data, "flat", None), getattr(data, "sizes", None)
+    if flat is None or sizes is None or len(sizes) != n or not flat.is_contiguous():
+        return None
+    sizes = np.asarray(sizes, dtype=np.int64)
+    starts = np.zeros(n, dtype=np.int64)
+    np.cumsum(sizes[:-1], out=starts[1:])
+    return flat, starts, sizes
+
+
 def decode_nvjpeg(data: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
     """Encoded images (uint8 1-D CPU tensors) -> RGB uint8 (3, H, W) tensors on the CUDA
-    ``device``, the engines' share in one call; the caller's current stream waits for it (the
-    outputs may be used on it at once). Image headers come from
-    ``data.headers`` where the loader's workers put them, else :func:`headers` here. EXIF
-    orientation is not applied (as torchvision and PIL leave it)."""
+    ``device``: :func:`decode_nvjpeg_packed`'s images as a list."""
+    return decode_nvjpeg_packed(data, device).images() if len(data) else []
+
+
+def decode_nvjpeg_packed(data, device: torch.device | str) -> PackedImages:
+    """Encoded images (uint8 1-D CPU tensors, or ``EncodedImages``: one buffer) -> the
+    :class:`PackedImages` of their RGB pixels on the CUDA ``device``, the engines' share in one
+    call; the caller's current stream waits for it (the outputs may be used on it at once).
+    Image headers come from ``data.headers`` where the loader's workers put them, else
+    :func:`headers` here. EXIF orientation is not applied (as torchvision and PIL leave it)."""
     from .gpu_augment import _decode_one
 
     device = torch.device(device)
@@ -316,15 +398,16 @@ def decode_nvjpeg(data: list[torch.Tensor], device: torch.device | str) -> list[
     device = torch.device("cuda", index)
     n = len(data)
     if not n:
-        return []
+        raise ValueError("decode_nvjpeg_packed: no images")
     lib = _lib()
     handle = _handle(lib, index)
     info = getattr(data, "headers", None)
     if info is None or len(info) != n:
         info = headers(data)
-    data = [d if d.is_contiguous() else d.contiguous() for d in data]
+    parts = _flat_parts(data, n)
+    if parts is None:  # a tensor an image
+        data = [d if d.is_contiguous() else d.contiguous() for d in data]
     hw_idx = np.flatnonzero(info[:, 2])
-    out: list[torch.Tensor | None] = [None] * n
     caller = torch.cuda.current_stream(device)
     # The engines write when the call is made, whatever the stream's queue (torchcodec#1634: a
     # stream wait does not gate the write, a host wait does), and torchvision's fallback decode
@@ -333,13 +416,19 @@ def decode_nvjpeg(data: list[torch.Tensor], device: torch.device | str) -> list[
     queued = torch.cuda.Event()
     queued.record(caller)
     queued.synchronize()
+    buf, offsets = None, np.zeros(0, dtype=np.int64)
     if len(hw_idx):
         hs, ws = info[hw_idx, 0], info[hw_idx, 1]
         offsets, total = plane_layout(hs, ws)
         buf = torch.empty(total, dtype=torch.uint8, device=device)
         desc = image_descriptors(buf.data_ptr(), offsets, hs, ws)
-        ptrs = np.array([data[k].data_ptr() for k in hw_idx], dtype=np.uint64)
-        lengths = np.array([data[k].numel() for k in hw_idx], dtype=np.uint64)
+        if parts is not None:
+            flat, starts, sizes = parts
+            ptrs = (flat.data_ptr() + starts[hw_idx]).astype(np.uint64)
+            lengths = sizes[hw_idx].astype(np.uint64)
+        else:
+            ptrs = np.array([data[k].data_ptr() for k in hw_idx], dtype=np.uint64)
+            lengths = np.array([data[k].numel() for k in hw_idx], dtype=np.uint64)
         status = _decode_engines(lib, handle, index, ptrs, lengths, desc, caller)
         if status:  # a header that passed ours but not nvJPEG's checks: ask nvJPEG, once
             st = _state(lib, handle, index)
@@ -359,12 +448,15 @@ def decode_nvjpeg(data: list[torch.Tensor], device: torch.device | str) -> list[
             done = torch.cuda.Event()
             done.record(caller)
             with _LOCK:  # the host bytes stay alive until the engines have read them
-                _KEEP[:] = [(e, d) for e, d in _KEEP if not e.query()]
-                _KEEP.append((done, data))
-            for j, k in enumerate(hw_idx.tolist()):
-                h, w = int(info[k, 0]), int(info[k, 1])
-                out[k] = buf[int(offsets[j]) : int(offsets[j]) + 3 * h * w].view(3, h, w)
-    for k in range(n):
-        if out[k] is None:  # not for the engines: torchvision's decoders, then PIL's
-            out[k] = _decode_one(data[k], device)
-    return out  # type: ignore[return-value]
+                _KEEP.append((done, parts[0] if parts is not None else data))
+                if len(_KEEP) > _KEEP_MAX:
+                    _drop_read()
+        else:
+            buf = None
+    rest = np.setdiff1d(np.arange(n), hw_idx, assume_unique=True)
+    # not for the engines: torchvision's decoders, then PIL's
+    others = {int(k): _decode_one(data[k], device) for k in rest}
+    hw = info[:, :2].copy()
+    for k, img in others.items():
+        hw[k] = img.shape[-2:]
+    return PackedImages(buf, offsets, hw, hw_idx, others)

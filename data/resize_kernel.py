@@ -130,22 +130,30 @@ def resize_batch(images, boxes, resized, windows, flip, size: int, block: int = 
     window = (0, 0); eval: box = the whole image, resized = the short-side resize, window =
     the center crop. The kernel reads the images through raw offsets: images allocated on
     another stream than the current one must be kept (or ``record_stream``-ed) until this
-    stream has run it."""
+    stream has run it. ``images``: a list of tensors, or the decoder's ``PackedImages``
+    (read through its addresses and sizes, without a tensor an image)."""
     b = len(images)
     if b == 0:
         raise ValueError("resize_batch: no images")
-    device = images[0].device
-    images = [im if im.is_contiguous() else im.contiguous() for im in images]
-    for im in images:
-        if im.dtype != torch.uint8 or im.dim() != 3 or im.shape[0] != 3 or im.device != device:
-            raise ValueError(
-                f"resize_batch: images must be uint8 (3, H, W) on one device, got "
-                f"{tuple(im.shape)} {im.dtype} on {im.device}"
-            )
+    if hasattr(images, "ptrs"):  # nvjpeg_decode.PackedImages: uint8 (3, H, W) by construction
+        device, hw, ptrs = images.device, images.hw, images.ptrs
+        base = images.tensors[0]
+    else:
+        device = images[0].device
+        images = [im if im.is_contiguous() else im.contiguous() for im in images]
+        for im in images:
+            if (im.dtype != torch.uint8 or im.dim() != 3 or im.shape[0] != 3
+                    or im.device != device):  # fmt: skip
+                raise ValueError(
+                    f"resize_batch: images must be uint8 (3, H, W) on one device, got "
+                    f"{tuple(im.shape)} {im.dtype} on {im.device}"
+                )
+        hw = np.array([im.shape[-2:] for im in images], dtype=np.int64)
+        ptrs = np.array([im.data_ptr() for im in images], dtype=np.int64)
+        base = images[0]
     boxes = np.asarray(boxes, dtype=np.int64).reshape(b, 4)
     resized = np.asarray(resized, dtype=np.int64).reshape(b, 2)
     windows = np.asarray(windows, dtype=np.int64).reshape(b, 2)
-    hw = np.array([im.shape[-2:] for im in images], dtype=np.int64)
     if (
         (boxes[:, 2:] < 1).any()
         or (boxes[:, :2] < 0).any()
@@ -155,8 +163,7 @@ def resize_batch(images, boxes, resized, windows, flip, size: int, block: int = 
     if (windows < 0).any() or (windows + size > resized).any():
         raise ValueError("resize_batch: the kept window lies outside the resized image")
     geom = np.zeros((b, _COLS), dtype=np.int64)
-    ptrs = np.array([im.data_ptr() for im in images], dtype=np.int64)
-    geom[:, _OFF] = ptrs - ptrs[0]  # uint8 elements: byte offsets are element offsets
+    geom[:, _OFF] = ptrs - base.data_ptr()  # uint8 elements: byte offsets are element offsets
     geom[:, _H], geom[:, _W] = hw[:, 0], hw[:, 1]
     geom[:, _SY : _SW + 1] = boxes
     geom[:, _OH : _OW + 1] = resized
@@ -168,5 +175,5 @@ def resize_batch(images, boxes, resized, windows, flip, size: int, block: int = 
     table = table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
     out = torch.empty(b, 3, size, size, dtype=torch.float32, device=device)
     grid = (b, math.ceil(size * size / block))
-    launch(_resize_batch_kernel, grid, images[0], table, out, S=size, BLOCK=block, num_warps=4)
+    launch(_resize_batch_kernel, grid, base, table, out, S=size, BLOCK=block, num_warps=4)
     return out

@@ -112,7 +112,7 @@ def time_cell(cfg: ImageDataConfig, batch: int, batches: int, device: torch.devi
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    data = b[0] if isinstance(b[0], list) else [b[0]]  # gpu mode: the encoded bytes
+    data = [b[0]] if isinstance(b[0], torch.Tensor) else b[0]  # gpu mode: the encoded bytes
     mb = sum(t.numel() * t.element_size() for t in data) / 2**20
     return {"images_per_s": n / dt, "batch_mb": mb}
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -33,6 +34,7 @@ from data.gpu_augment import (
     CROP_TRIES,
     FAMILIES,
     RA_OPS,
+    Decoded,
     GpuImagePipeline,
     RandAugmentSpec,
     _plan_entry,
@@ -276,6 +278,41 @@ def test_resize_batch_matches_interpolate():
         assert (o - ref).abs().max() < 1e-3
 
 
+def _packed(imgs, other: int):
+    """The nvjpeg decoder's PackedImages of ``imgs``: all but image ``other`` planar in one
+    buffer at the decoder's aligned offsets, that one as a tensor of its own."""
+    from data.nvjpeg_decode import PackedImages, plane_layout
+
+    eng = [k for k in range(len(imgs)) if k != other]
+    hw = np.array([im.shape[-2:] for im in imgs], dtype=np.int64)
+    offsets, total = plane_layout(hw[eng, 0], hw[eng, 1])
+    buf = torch.zeros(total, dtype=torch.uint8)
+    for k, off in zip(eng, offsets.tolist()):
+        buf[off : off + imgs[k].numel()] = imgs[k].reshape(-1)
+    return PackedImages(buf, offsets, hw, eng, {other: imgs[other].clone()})
+
+
+def test_packed_images_read_as_the_list_of_images():
+    """PackedImages (one buffer, no tensor an image) gives the same images, the same resized
+    batch from ``resize_batch`` and the same train and eval batches from the pipeline as the
+    list of tensors it stands for, with an image outside the buffer among them."""
+    imgs = _noise_images([(37, 50), (64, 30), (12, 9), (100, 81)])
+    packed = _packed(imgs, other=2)
+    assert len(packed) == 4 and all(torch.equal(a, b) for a, b in zip(packed, imgs))
+    assert packed.hw.tolist() == [[37, 50], [64, 30], [12, 9], [100, 81]]
+    boxes = [(3, 5, 30, 40), (0, 0, 64, 30), (2, 3, 10, 6), (10, 7, 90, 70)]
+    args = (boxes, [(S, S)] * 4, [(0, 0)] * 4, [False, True, False, True], S)
+    assert torch.equal(resize_batch(_packed(imgs, 2), *args), resize_batch(imgs, *args))
+    pipe = build_gpu_pipeline(ImageDataConfig(kind="folder", img_size=S, decode="gpu"), seed=5)
+    pipe.batched_resize = True
+    for train in (True, False):
+        pipe.batches = 0
+        ref = pipe.augment(Decoded(imgs, 0 if train else None))
+        pipe.batches = 0
+        got = pipe.augment(Decoded(_packed(imgs, 2), 0 if train else None))
+        assert torch.equal(got, ref), train
+
+
 def test_pipeline_fused_ops_give_the_same_batches(folder):
     """The whole train transform with RandAugment's families as Triton launches (the
     interpreter here) hands out the same batch as with the torch ops."""
@@ -429,7 +466,7 @@ def test_pipeline_through_loaders_is_deterministic(folder):
     train, val, n_classes, _ = build_image_loaders(cfg, 4, seed=0)
     batch = next(iter(train))
     data, labels = batch
-    assert isinstance(data, list) and len(data) == 4 and labels.dtype == torch.int64
+    assert isinstance(data, Sequence) and len(data) == 4 and labels.dtype == torch.int64
     first = data[0]
     raw = (folder / "train" / "class_00" / "0000.jpg").read_bytes()
     assert first.dtype == torch.uint8 and first.ndim == 1 and bytes(first.numpy()[:2]) == raw[:2]
