@@ -443,7 +443,7 @@ def decode_nvjpeg_packed(data, device: torch.device | str) -> PackedImages:
                               f"{STATUS.get(status, status)}) on a batch of {len(hw_idx)}; "
                               "decoding it image by image instead", RuntimeWarning,
                               stacklevel=2)  # fmt: skip
-                hw_idx = hw_idx[:0]
+                hw_idx, offsets = hw_idx[:0], offsets[:0]
         if len(hw_idx):
             done = torch.cuda.Event()
             done.record(caller)

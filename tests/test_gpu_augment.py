@@ -311,6 +311,11 @@ def test_packed_images_read_as_the_list_of_images():
         pipe.batches = 0
         got = pipe.augment(Decoded(_packed(imgs, 2), 0 if train else None))
         assert torch.equal(got, ref), train
+    # no buffer (the engines took none): every image a tensor of its own
+    from data.nvjpeg_decode import PackedImages
+
+    alone = PackedImages(None, np.zeros(0, dtype=np.int64), packed.hw, [], dict(enumerate(imgs)))
+    assert torch.equal(resize_batch(alone, *args), resize_batch(imgs, *args))
 
 
 def test_pipeline_fused_ops_give_the_same_batches(folder):
