@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from .augment_kernels import affine_rows, blend_rows, lut_rows
 from .image_config import GPU_DECODERS
-from .resize_kernel import resize_batch
+from .resize_kernel import image_sizes, resize_batch
 
 RA_OPS = (
     "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
@@ -634,7 +634,7 @@ class GpuImagePipeline:
         k = 0 if cropped is None else len(cropped)
         n, s = len(images), self.img_size
         b = n + k
-        hw = _sizes(images)
+        hw = image_sizes(images)
         u = rng.random((b, 2 * CROP_TRIES + 2))[:n]
         top, left, ch, cw = crop_params(hw[:, 0], hw[:, 1], u, self.scale, self.ratio)
         flip = rng.random(b) < self.hflip
@@ -672,7 +672,7 @@ class GpuImagePipeline:
         """Decoded images -> float (B, 3, S, S): timm's eval resize and center crop."""
         s = self.img_size
         if self._batched(images):
-            hw = _sizes(images)
+            hw = image_sizes(images)
             geo = np.array([eval_geometry(h, w, s, self.crop_pct) for h, w in hw.tolist()])
             boxes = np.concatenate([np.zeros_like(hw), hw], 1)
             x = resize_batch(images, boxes, geo[:, :2], geo[:, 2:], np.zeros(len(images)), s)
@@ -683,14 +683,6 @@ class GpuImagePipeline:
                 out.append(_resize(img, (nh, nw))[:, top : top + s, left : left + s])
             x = torch.stack(out)
         return x.round_().clamp_(0, 255)
-
-
-def _sizes(images) -> np.ndarray:
-    """int64 (n, 2): each image's (H, W), from ``PackedImages.hw`` without a tensor an image."""
-    hw = getattr(images, "hw", None)
-    if hw is None:
-        hw = np.array([img.shape[-2:] for img in images], dtype=np.int64)
-    return hw.reshape(-1, 2)
 
 
 def build_gpu_pipeline(cfg, seed: int = 0, rank: int = 0) -> GpuImagePipeline | None:

@@ -331,14 +331,14 @@ class PackedImages:
         self.hw = np.asarray(hw, dtype=np.int64).reshape(-1, 2)
         n = len(self.hw)
         self._buf, self._offsets = buf, np.zeros(n, dtype=np.int64)
-        self._engines = np.asarray(engines, dtype=np.int64)  # batch positions in ``buf``
-        self._offsets[self._engines] = offsets
+        engines = np.asarray(engines, dtype=np.int64)  # batch positions of the images in ``buf``
+        self._offsets[engines] = offsets
         self._others = {int(k): v.contiguous() for k, v in others.items()}
         first = buf if buf is not None else next(iter(self._others.values()))
         self.device = first.device
         self.ptrs = np.zeros(n, dtype=np.int64)
         if buf is not None:
-            self.ptrs[self._engines] = buf.data_ptr() + self._offsets[self._engines]
+            self.ptrs[engines] = buf.data_ptr() + self._offsets[engines]
         for k, img in self._others.items():
             self.ptrs[k] = img.data_ptr()
         self.tensors = ([buf] if buf is not None else []) + list(self._others.values())

@@ -120,6 +120,15 @@ def _taps(n_src: np.ndarray, n_out: np.ndarray) -> np.ndarray:
     return (np.ceil(support).astype(np.int64) * 2 + 1).astype(np.int64)
 
 
+def image_sizes(images) -> np.ndarray:
+    """int64 (n, 2): each image's (H, W); a ``PackedImages``'s from its ``hw``, without a
+    tensor an image."""
+    hw = getattr(images, "hw", None)
+    if hw is None:
+        hw = np.array([im.shape[-2:] for im in images], dtype=np.int64)
+    return hw.reshape(-1, 2)
+
+
 def resize_batch(images, boxes, resized, windows, flip, size: int, block: int = 256):
     """float32 (B, 3, size, size) from uint8 (3, H, W) ``images`` (one device, any sizes).
 
@@ -136,8 +145,7 @@ def resize_batch(images, boxes, resized, windows, flip, size: int, block: int = 
     if b == 0:
         raise ValueError("resize_batch: no images")
     if hasattr(images, "ptrs"):  # nvjpeg_decode.PackedImages: uint8 (3, H, W) by construction
-        device, hw, ptrs = images.device, images.hw, images.ptrs
-        base = images.tensors[0]
+        device, ptrs, base = images.device, images.ptrs, images.tensors[0]
     else:
         device = images[0].device
         images = [im if im.is_contiguous() else im.contiguous() for im in images]
@@ -148,9 +156,9 @@ def resize_batch(images, boxes, resized, windows, flip, size: int, block: int = 
                     f"resize_batch: images must be uint8 (3, H, W) on one device, got "
                     f"{tuple(im.shape)} {im.dtype} on {im.device}"
                 )
-        hw = np.array([im.shape[-2:] for im in images], dtype=np.int64)
         ptrs = np.array([im.data_ptr() for im in images], dtype=np.int64)
         base = images[0]
+    hw = image_sizes(images)
     boxes = np.asarray(boxes, dtype=np.int64).reshape(b, 4)
     resized = np.asarray(resized, dtype=np.int64).reshape(b, 2)
     windows = np.asarray(windows, dtype=np.int64).reshape(b, 2)
