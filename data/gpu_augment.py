@@ -83,19 +83,17 @@ def decode_batch(
     (``data.nvjpeg_decode``; on a CPU device, torchvision's CPU decoder as for the default).
     ``decoder="nvimgcodec"``: one nvImageCodec call instead (``data.nvimgcodec_decode``).
     ``packed``: with nvjpeg on CUDA, return its ``PackedImages`` (list-like; ``resize_batch``
-    reads it without a tensor an image) rather than a list."""
+    reads it without a tensor an image) rather than a list. A pixel store's batch
+    (``data.pixel_store.PixelBatch``) is copied, not decoded: a ``PackedImages`` on CUDA."""
     device = torch.device(device)
     if decoder not in GPU_DECODERS:
         raise ValueError(f"decoder must be one of {GPU_DECODERS}, got {decoder!r}")
     if not len(data):  # every image of the batch came cropped (data.cpu_decode_share=1)
         return []
-    decode_all = _decode_all
-    if decoder == "nvimgcodec":
-        from .nvimgcodec_decode import decode_nvimgcodec as decode_all
-    elif decoder == "nvjpeg" and device.type == "cuda":  # (elsewhere torchvision's CPU decode)
-        from .nvjpeg_decode import decode_nvjpeg, decode_nvjpeg_packed
-
-        decode_all = decode_nvjpeg_packed if packed else decode_nvjpeg
+    if hasattr(data, "to_device"):  # a pixel store's batch: nothing to decode, one copy
+        decode_all = lambda batch, dev: batch.to_device(dev)  # noqa: E731
+    else:
+        decode_all = _pick_decoder(decoder, device, packed)
     if device.type != "cuda":
         return decode_all(data, device)
     caller = torch.cuda.current_stream(device)
@@ -107,6 +105,19 @@ def decode_batch(
         for img in getattr(images, "tensors", images):
             img.record_stream(caller)
     return images
+
+
+def _pick_decoder(decoder: str, device: torch.device, packed: bool):
+    """``decode_batch``'s decoding function for ``decoder`` on ``device``."""
+    if decoder == "nvimgcodec":
+        from .nvimgcodec_decode import decode_nvimgcodec
+
+        return decode_nvimgcodec
+    if decoder == "nvjpeg" and device.type == "cuda":  # (elsewhere torchvision's CPU decode)
+        from .nvjpeg_decode import decode_nvjpeg, decode_nvjpeg_packed
+
+        return decode_nvjpeg_packed if packed else decode_nvjpeg
+    return _decode_all
 
 
 def _decode_all(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-IMAGE_KINDS = ("folder", "hf", "packed", "digits", "synthetic")
+IMAGE_KINDS = ("folder", "hf", "packed", "pixels", "digits", "synthetic")
 DECODE_MODES = ("cpu", "gpu")
 GPU_DECODERS = ("torchvision", "nvjpeg", "nvimgcodec")  # data.gpu_decoder
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -55,7 +55,9 @@ class ImageDataConfig:
     Paths by kind (see the module docstring): folder: ``root`` with ``train/`` and ``val/``, or
     ``train``/``val`` class-folder directories; hf: ``root`` = Hub name or ``save_to_disk``
     directory (default ImageNet-1k), ``train``/``val`` = split names or saved-split paths;
-    packed: ``train``/``val`` = ``.npz.xz`` files; digits: nothing. The batch size is not
+    packed: ``train``/``val`` = ``.npz.xz`` files; pixels: ``root`` with ``train.pixels`` and
+    ``val/``, or ``train`` = the ``.pixels`` file and ``val`` = a class-folder directory;
+    digits: nothing. The batch size is not
     here: the trainer passes it to ``build_image_loaders``.
     """
 
@@ -121,6 +123,9 @@ class ImageDataConfig:
     # bytes; the device flips and RandAugments them with the rest. It puts the host's idle
     # cores to work beside nvJPEG (docs/benchmarks.md); 0 (the default): the device decodes all
     cpu_decode_share: float = 0.0
+    # data.kind=pixels: threads reading each training batch's pixels into pinned memory (the
+    # GIL released); with data.decode=gpu they replace the loader's workers for training
+    read_threads: int = 8
 
 
 def _check_prob(name: str, value: float) -> None:
@@ -164,6 +169,12 @@ def check_image_config(cfg: ImageDataConfig) -> None:
     if float(share) > 0 and getattr(cfg, "decode", "cpu") != "gpu":
         raise ValueError("data.cpu_decode_share > 0 needs data.decode=gpu (with decode=cpu the "
                          "workers already decode every image)")  # fmt: skip
+    if float(share) > 0 and cfg.kind == "pixels":
+        raise ValueError("data.cpu_decode_share > 0 has nothing to decode with data.kind=pixels "
+                         "(the store holds pixels); set it to 0")  # fmt: skip
+    threads = getattr(cfg, "read_threads", 8)
+    if isinstance(threads, bool) or int(threads) < 1:
+        raise ValueError(f"data.read_threads must be >= 1, got {threads!r}")
     if int(cfg.num_workers) < 0:
         raise ValueError(f"data.num_workers must be >= 0, got {cfg.num_workers!r}")
     if cfg.kind == "synthetic" and (int(cfg.num_classes) < 1 or int(cfg.synthetic_batches) < 1):
@@ -194,10 +205,10 @@ def _check_decode(cfg: ImageDataConfig) -> None:
         raise ValueError(f"data.decode must be one of {list(DECODE_MODES)}, got {cfg.decode!r}")
     if cfg.decode != "gpu":
         return
-    if cfg.kind not in ("folder", "packed", "hf"):
+    if cfg.kind not in ("folder", "packed", "hf", "pixels"):
         raise ValueError(
             f"data.decode=gpu decodes JPEG files on the device, but data.kind={cfg.kind!r} has "
-            "no encoded images; use data.kind folder, packed or hf, or data.decode=cpu"
+            "no encoded images; use data.kind folder, packed, hf or pixels, or data.decode=cpu"
         )
     if not cfg.device_normalize:
         raise ValueError(

@@ -28,6 +28,11 @@ packed   Our ``.npz.xz`` packed JPEG sets (``train``/``val`` are the files): aft
          ``offsets`` (int64, n+1), ``labels`` (int16) and ``classes`` (names). Decompressed once
          into ``$ATTNLAB_CACHE/images`` (default ``~/.cache/attnlab``) as ``.npy`` files that are
          memory-mapped, so each worker decodes only the JPEGs it reads.
+pixels   A pixel store (``data/pixel_store.py``): the training images as raw planar RGB pixels
+         in one file, ``root/train.pixels`` (``scripts/shrink_image_folder.py --format
+         pixels`` writes it from a class folder), validated on ``root/val/<class>/...``. With
+         ``decode=gpu`` each training batch is read by ``read_threads`` threads into pinned
+         memory and copied to the device in one piece: nothing to decode, no workers.
 digits   scikit-learn's ``load_digits`` (1,797 8x8 greyscale digits, bundled with the library):
          no files, no network. A fixed stratified split holds out ``val_fraction`` of each class.
 synthetic one fixed random batch handed out ``synthetic_batches`` times an epoch, already on the
@@ -63,7 +68,8 @@ GPU decoding
 hand out (list of uint8 1-D tensors, labels); ``to_device(..., decode=build_gpu_pipeline(cfg,
 seed, rank))`` decodes them on the device (nvJPEG) and applies the same random-resized crop,
 flip and RandAugment (train) or resize and center crop (eval) there, then ``prep`` as above.
-See ``data/gpu_augment.py`` for what it reproduces and where it differs.
+See ``data/gpu_augment.py`` for what it reproduces and where it differs. With kind=pixels the
+training batches come as a ``PixelBatch`` (pixels, no decoding) and take the same transforms.
 
 Code: ``data/image_config.py`` (the config and format constants), ``data/image_sets.py`` (the
 datasets), ``data/image_augment.py`` (transforms, mixing, samplers); this module builds the
@@ -138,6 +144,7 @@ from data.image_sets import (  # noqa: F401
     open_packed,
     write_packed,
 )
+from data.pixel_store import PIXELS_LAYOUT, PixelBatch, PixelStoreDataset, collate_pixels
 
 # --------------------------------------------------------------------------- loaders
 
@@ -164,6 +171,22 @@ def _folder_paths(cfg: ImageDataConfig) -> tuple[Path, Path]:
             )
         paths.append(p)
     return paths[0], paths[1]
+
+
+def _pixel_paths(cfg: ImageDataConfig) -> tuple[Path, Path]:
+    """(the pixel file, the validation class folder) of ``data.kind=pixels``."""
+    if not cfg.root and not (cfg.train and cfg.val):
+        raise ValueError("data.root: required for kind='pixels' (or set both data.train and "
+                         f"data.val)\n{PIXELS_LAYOUT}")  # fmt: skip
+    root = Path(cfg.root).expanduser() if cfg.root else None
+    if root is not None and not root.is_dir():
+        raise FileNotFoundError(f"data.root={cfg.root!r} is not a directory\n{PIXELS_LAYOUT}")
+    train = Path(cfg.train).expanduser() if cfg.train else root / "train.pixels"
+    val = Path(cfg.val).expanduser() if cfg.val else root / "val"
+    if not val.is_dir():
+        raise FileNotFoundError(f"data.kind=pixels: no validation folder {str(val)!r}\n"
+                                f"{PIXELS_LAYOUT}")  # fmt: skip
+    return train, val
 
 
 def _check_same_classes(train: _ImageDataset, val: _ImageDataset, where: str) -> None:
@@ -205,6 +228,10 @@ def build_image_datasets(
             )
         train = PackedImageDataset(cfg.train, train_tf, cfg.cache_dir, progress)
         val = PackedImageDataset(cfg.val, val_tf, cfg.cache_dir, progress)
+    elif cfg.kind == "pixels":
+        train_file, val_dir = _pixel_paths(cfg)
+        train = PixelStoreDataset(train_file, train_tf, int(getattr(cfg, "read_threads", 8)))
+        val = ImageFolderDataset(val_dir, val_tf)
     elif cfg.kind == "hf":
         splits = (cfg.train or "train", cfg.val or "validation")
         train, val = (
@@ -451,6 +478,9 @@ def build_image_loaders(
     generator = torch.Generator()
     generator.manual_seed(_loader_seed(seed, rank))
     train_kw = {**common, "collate_fn": train_collate}
+    if gpu and cfg.kind == "pixels":  # threads of this process read whole batches, pinned
+        train.pin = torch.cuda.is_available()
+        train_kw = {"num_workers": 0, "collate_fn": collate_pixels}
     train_loader = DataLoader(train, batch_size=batch_size, sampler=sampler, drop_last=True,
                               generator=generator, **train_kw)  # fmt: skip
     val_sampler = ShardSampler(len(val), rank, world, shuffle=False, pad=False)
@@ -532,7 +562,7 @@ def to_device(
     (``build_gpu_pipeline(cfg, seed, rank)``)."""
     images, labels = batch
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if isinstance(images, (list, tuple, EncodedImages)):
+    if isinstance(images, (list, tuple, EncodedImages, PixelBatch)):
         if decode is None:
             raise ValueError(
                 "to_device: the loader hands out encoded images (data.decode=gpu); pass "
@@ -568,7 +598,10 @@ __all__ = [
     "ImageDataConfig",
     "ImageFolderDataset",
     "KeyedBatch",
+    "PIXELS_LAYOUT",
     "PackedImageDataset",
+    "PixelBatch",
+    "PixelStoreDataset",
     "RepeatAugSampler",
     "ShardSampler",
     "SyntheticImages",

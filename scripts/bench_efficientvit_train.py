@@ -19,7 +19,9 @@ from the folder ``--root``, workers decode and augment, uint8 to the GPU), ``gpu
 (``data.decode=gpu``, decoded in the training loop, ``data.decode_ahead=0``), ``gpu``
 (``data.decode=gpu``, decoded ahead by two background threads, ``data.decode_process=false``) and
 ``gpu-process`` (the same in a child process of its own, ``data.decode_process=true``, the
-default on CUDA). ``--generate N`` writes an
+default on CUDA). A ``--root`` holding a pixel store (``train.pixels`` and ``val/``, from
+``scripts/shrink_image_folder.py --format pixels``) runs with ``data.kind=pixels``: the
+training batches are read as raw pixels, not decoded. ``--generate N`` writes an
 ImageNet-like folder of N 500x375 JPEGs first (``scripts/bench_image_loader.py``'s generator).
 A loading cell runs ``--steps`` optimizer steps over that folder (several epochs if it is small).
 
@@ -59,14 +61,17 @@ def data_overrides(data: str, steps: int, root: str | None, workers: int) -> lis
               "gpu": ["data.decode=gpu", "data.decode_ahead=2", "data.decode_process=false"],
               "gpu-process": ["data.decode=gpu", "data.decode_ahead=2",
                               "data.decode_process=true"]}[data]  # fmt: skip
+    store = (Path(root) / "train.pixels").is_file()  # a pixel store: data.kind=pixels
     return ["data=imagenet", f"data.root={root}", f"data.num_workers={workers}",
+            *(["data.kind=pixels"] if store else []),
             f"model.num_classes={_classes(root)}", "trainer.epochs=null",
             f"trainer.max_steps={steps}", "optim.schedule_unit=step", "optim.warmup_steps=5",
             *decode]  # fmt: skip
 
 
 def _classes(root: str) -> int:
-    return sum(1 for p in (Path(root) / "train").iterdir() if p.is_dir())
+    split = Path(root) / "train"
+    return sum(1 for p in (split if split.is_dir() else Path(root) / "val").iterdir() if p.is_dir())
 
 
 def run_cell(variant: str, impl: str, compile_: str, batch: int, steps: int, extra: list[str],
@@ -120,7 +125,8 @@ def main() -> None:
                     help="kill a run after this many seconds and print the end of its stderr "
                     "(with -- trainer.watchdog_s=S, where its threads waited)")  # fmt: skip
     ap.add_argument("--data", default="synthetic", help=f"comma list of: {', '.join(DATA_CHOICES)}")
-    ap.add_argument("--root", help="ImageNet-style folder (train/, val/) for the loading cells")
+    ap.add_argument("--root", help="ImageNet-style folder (train/, val/), or a pixel store "
+                    "(train.pixels, val/), for the loading cells")  # fmt: skip
     ap.add_argument("--generate", type=int, default=0, help="write N JPEGs to a temporary --root")
     ap.add_argument("--from-packed", default=None, help="packed .npz(.xz) set to upscale from")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),

@@ -23,6 +23,15 @@ small are linked (or copied where a hard link is impossible) byte for byte, and 
 other splits (``val/``), so the result is a complete ``data.root``. File and class names are
 kept.
 
+``--format pixels`` writes each split of ``--splits`` as a pixel store instead
+(``DST/train.pixels`` and its index, ``data.kind=pixels``; ``data/pixel_store.py``): every
+image converted to RGB, resized as above when larger, and stored as raw planar pixels, so that
+training reads them without decoding. It takes 3 x H x W bytes an image (about 335 GB for
+ImageNet's training set at 256, against about 50 GB as JPEGs). On an H100, EfficientViT-M0
+trained from it at 15.0k images/s, 87% of its rate on a batch already on the GPU, against 11.7k
+from the JPEG copy (docs/benchmarks.md, "Pixel stores"). The store is written in the source's
+order, one chunk of images at a time; a killed run continues after the last chunk on disk.
+
 Files are written atomically (``name.tmp``, then renamed) and existing files are skipped, so a
 killed run, started again, continues where it stopped; ``DST/shrink.json`` records the
 settings, and continuing with other settings is refused. Images that fail to decode are listed
@@ -33,13 +42,16 @@ reported with the expected layout, also with exit status 2.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
 import sys
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
@@ -47,8 +59,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.image_config import FOLDER_LAYOUT  # noqa: E402
 from data.image_sets import ImageFolderDataset  # noqa: E402
+from data.pixel_store import PixelStoreDataset, PixelStoreWriter, index_path  # noqa: E402
 
 SETTINGS_FILE = "shrink.json"
+FORMATS = ("jpeg", "pixels")
 _CHUNK = 64  # images per task handed to a worker process
 
 
@@ -63,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--short-side", type=int, default=256, help="stored shorter side (pixels)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of resized images")
     p.add_argument("--splits", default="train", help="comma list of splits to shrink")
+    p.add_argument("--format", choices=FORMATS, default="jpeg",
+                   help="jpeg: a folder of smaller files; pixels: a pixel store per split "
+                   "(raw RGB, no decoding when training: data.kind=pixels)")  # fmt: skip
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -117,6 +134,27 @@ def shrink_one(src: Path, dst: Path, short_side: int, quality: int) -> str:
     return "resized"
 
 
+def pixels_of(src: Path, short_side: int) -> np.ndarray:
+    """uint8 (3, H, W): ``src`` in RGB (as the folder reader converts it), resized as
+    :func:`shrink_one` resizes when its shorter side is above ``short_side``."""
+    with Image.open(src) as img:
+        img = img.convert("RGB")
+    if min(img.size) > short_side:
+        img = img.resize(target_size(*img.size, short_side), Image.BICUBIC)
+    return np.asarray(img).transpose(2, 0, 1).copy()
+
+
+def _pixels_chunk(job: tuple[list[tuple[int, str]], int]) -> list[tuple]:
+    items, short_side = job
+    out: list[tuple] = []
+    for k, s in items:
+        try:
+            out.append(("ok", k, pixels_of(Path(s), short_side)))
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            out.append(("failed", k, f"{s}: {err}"))
+    return out
+
+
 def _shrink_chunk(job: tuple[list[tuple[str, str]], int, int]) -> list[tuple[str, str]]:
     pairs, short_side, quality = job
     out = []
@@ -152,6 +190,7 @@ def shrink_folder(
     splits: tuple[str, ...] = ("train",),
     workers: int = 1,
     progress: bool = True,
+    fmt: str = "jpeg",
 ) -> dict:
     """Write the copy; return counts per outcome and the failures (``"failed"``: messages)."""
     src, dst = Path(src).expanduser().resolve(), Path(dst).expanduser().resolve()
@@ -178,11 +217,16 @@ def shrink_folder(
             if name in splits or name in ("train", "val"):
                 raise ShrinkError(str(err)) from err
             # another folder beside the splits (not a class folder tree): left out
-    _check_settings(dst, {"short_side": short_side, "quality": quality, "splits": list(splits)})
+    if fmt not in FORMATS:
+        raise ShrinkError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    settings = {"short_side": short_side, "quality": quality, "splits": list(splits)}
+    if fmt != "jpeg":  # (stores written before --format existed read as jpeg)
+        settings["format"] = fmt
+    _check_settings(dst, settings)
 
-    counts = {"resized": 0, "kept": 0, "there": 0, "linked": 0, "failed": []}
+    counts = {"resized": 0, "kept": 0, "stored": 0, "there": 0, "linked": 0, "failed": []}
     for name, ds in sets.items():
-        for c in ds.classes:
+        for c in ds.classes if fmt == "jpeg" or name not in splits else ():
             (dst / name / c).mkdir(parents=True, exist_ok=True)
         rel = [os.fsdecode(f) for f in ds.files]
         if name not in splits:  # linked as is: a complete data.root
@@ -193,6 +237,10 @@ def shrink_folder(
                 else:
                     _link_or_copy(src / name / r, d)
                     counts["linked"] += 1
+            continue
+        if fmt == "pixels":
+            _store_split(ds, src / name, dst / f"{name}.pixels", short_side, workers, progress,
+                         counts)  # fmt: skip
             continue
         pairs = [(str(src / name / r), str(dst / name / r)) for r in rel]
         jobs = [(pairs[i : i + _CHUNK], short_side, quality) for i in range(0, len(pairs), _CHUNK)]
@@ -218,6 +266,56 @@ def shrink_folder(
     return counts
 
 
+def _in_order(pool: ProcessPoolExecutor, fn, jobs: list, ahead: int):
+    """``pool.map(fn, jobs)`` with at most ``ahead`` jobs submitted and not yet consumed, so
+    that chunks of pixels (16 MB each at 256) do not pile up when writing is the slower side."""
+    pending: deque = deque()
+    it = iter(jobs)
+    for job in itertools.islice(it, ahead):
+        pending.append(pool.submit(fn, job))
+    while pending:
+        out = pending.popleft().result()
+        job = next(it, None)
+        if job is not None:
+            pending.append(pool.submit(fn, job))
+        yield out
+
+
+def _store_split(ds: ImageFolderDataset, src: Path, path: Path, short_side: int, workers: int,
+                 progress: bool, counts: dict) -> None:  # fmt: skip
+    """Write ``ds`` (a split of the source) as the pixel store ``path``, or continue it."""
+    if index_path(path).is_file():
+        counts["there"] += len(PixelStoreDataset(path))
+        return
+    writer = PixelStoreWriter(path)
+    done = writer.done_sources
+    counts["there"] += len(done)
+    todo = [(k, str(src / os.fsdecode(f))) for k, f in enumerate(ds.files) if k not in done]
+    jobs = [(todo[i : i + _CHUNK], short_side) for i in range(0, len(todo), _CHUNK)]
+    bar = tqdm(total=len(ds), initial=len(done), desc=f"storing {src.name} pixels", unit="img",
+               disable=not progress)  # fmt: skip
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    results = (
+        _in_order(pool, _pixels_chunk, jobs, 2 * workers) if pool else map(_pixels_chunk, jobs)
+    )
+    try:
+        for chunk in results:  # in order: the store keeps the source's order
+            for status, k, what in chunk:
+                if status == "ok":
+                    writer.append(k, what, int(ds.labels[k]))
+                    counts["stored"] += 1
+                else:
+                    counts["failed"].append(what)
+            writer.flush()
+            bar.update(len(chunk))
+        writer.finish(ds.classes, ds.files)
+    finally:
+        writer.close()
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     splits = tuple(s for s in args.splits.split(",") if s)
@@ -230,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             splits,
             args.workers,
             not args.no_progress,
+            args.format,
         )
     except ShrinkError as err:
         print(f"shrink_image_folder: {err}", file=sys.stderr)
@@ -237,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = counts.pop("failed")
     print(
         f"{args.dst}: {counts['resized']} resized, {counts['kept']} already small enough "
-        f"(linked), {counts['linked']} linked from other splits, {counts['there']} already "
-        f"there, {len(failed)} failed",
+        f"(linked), {counts['stored']} stored as pixels, {counts['linked']} linked from other "
+        f"splits, {counts['there']} already there, {len(failed)} failed",
         file=sys.stderr,
     )
     if failed:

@@ -50,7 +50,7 @@ def test_target_size_keeps_aspect_and_short_side():
 def test_copy_is_a_smaller_complete_root(src, tmp_path):
     dst = tmp_path / "dst"
     counts = shrink_folder(src, dst, short_side=48, quality=90, workers=1, progress=False)
-    assert counts == {"resized": 5, "kept": 1, "there": 0, "linked": 2, "failed": []}
+    assert counts == {"resized": 5, "kept": 1, "stored": 0, "there": 0, "linked": 2, "failed": []}
     for split in ("train", "val"):  # the loader sees the same classes and files
         a, b = ImageFolderDataset(src / split), ImageFolderDataset(dst / split)
         assert a.classes == b.classes and list(a.files) == list(b.files)
@@ -111,7 +111,7 @@ def test_interrupted_run_continues(src, tmp_path):
     (dst / "train/cat/a.jpg.tmp").write_bytes(first[:10])
     (dst / "val/dog/w.jpg").unlink()
     counts = shrink_folder(src, dst, 48, 90, workers=1, progress=False)
-    assert counts == {"resized": 1, "kept": 0, "there": 6, "linked": 1, "failed": []}
+    assert counts == {"resized": 1, "kept": 0, "stored": 0, "there": 6, "linked": 1, "failed": []}
     assert a.read_bytes() == first
     assert not (dst / "train/cat/a.jpg.tmp").exists()
 

@@ -123,3 +123,6 @@ def test_idle_note_says_where_the_freed_sms_go_unused():
     assert "data.decode_process=false" in child
     none = sm_partition.idle_note(104.0, decode_gpu=False, pipeline_here=False)
     assert none.startswith("trainer.step_sms=104: ") and "no GPU image pipeline" in none
+    pixels = sm_partition.idle_note(0.8, decode_gpu=True, pipeline_here=True, pixels=True)
+    assert "data.kind=pixels nothing is decoded" in pixels and "null" in pixels
+    assert sm_partition.idle_note(None, decode_gpu=True, pipeline_here=True, pixels=True) is None

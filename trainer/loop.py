@@ -297,7 +297,8 @@ def _run(rc, info) -> dict:
     monitor = Monitor(rc, run_dir, info.is_main, config_dict, wandb_id=extras.get("wandb_id"))
     decode_gpu = getattr(task, "decode", None) is not None  # as built: data.decode=gpu ...
     here = decode_gpu and not isinstance(task.train_loader, ProcessAhead)  # ... in this process
-    note = sm_partition.idle_note(t.step_sms, decode_gpu, here)
+    pixels = getattr(rc.data, "kind", None) == "pixels"  # a pixel store: nothing to decode
+    note = sm_partition.idle_note(t.step_sms, decode_gpu, here, pixels)
     if note:
         say(note)
     try:

@@ -7,7 +7,8 @@ drives it, waits on the host for small per-image kernels), may use every SM, so 
 behind the step's kernels for lack of one; the step runs on fewer SMs. Opt-in, for the case
 where such a pipeline, not the step, bounds training: EfficientViT M0/M2/M5 from JPEGs with
 ``data.decode=gpu trainer.step_graph=true`` trained 1.23-1.34x faster on an H100 with the loop on
-96-120 of its 132 SMs (docs/benchmarks.md, "SMs the step cannot take").
+96-120 of its 132 SMs (docs/benchmarks.md, "SMs the step cannot take"). From a pixel store
+(``data.kind=pixels``: nothing to decode) the step on all SMs was faster.
 
 ``step_sms`` is a number of SMs (an integer from 1 to the GPU's count less one) or a fraction of
 the GPU's SMs in (0, 1) (0.8: 106 of an H100 SXM's 132, 91 of an H100 PCIe's 114), which carries
@@ -55,12 +56,22 @@ def sm_count(step_sms, total: int) -> int:
     return n
 
 
-def idle_note(step_sms, decode_gpu: bool, pipeline_here: bool) -> str | None:
+def idle_note(step_sms, decode_gpu: bool, pipeline_here: bool,
+              pixels: bool = False) -> str | None:  # fmt: skip
     """A line for the log where ``step_sms`` leaves SMs to work that cannot use them: the GPU
     image pipeline in a child process (its own CUDA context, which this process's green context
-    does not partition; measured: no gain), or no GPU pipeline at all. None where it is the
-    measured case, ``data.decode=gpu`` with the pipeline's threads in this process."""
-    if step_sms is None or pipeline_here:
+    does not partition; measured: no gain), or no GPU pipeline at all. ``pixels``: the
+    training images come from a pixel store (``data.kind=pixels``), so no nvJPEG work waits
+    for SMs; the step on all of them was faster there. None where it is the measured case,
+    ``data.decode=gpu`` from JPEGs with the pipeline's threads in this process."""
+    if step_sms is None:
+        return None
+    if pixels and decode_gpu:
+        return (f"trainer.step_sms={_show(step_sms)}: with data.kind=pixels nothing is decoded, "
+                "so no nvJPEG work needs the SMs the step leaves; EfficientViT-M0 trained 7-13% "
+                "slower so on an H100 (docs/benchmarks.md, \"Pixel stores\"); leave "
+                "trainer.step_sms null")  # fmt: skip
+    if pipeline_here:
         return None
     why = ("the GPU image pipeline runs in a child process (data.decode_process), whose kernels "
            "a green context of this process does not make room for; data.decode_process=false "
