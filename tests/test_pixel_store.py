@@ -153,35 +153,85 @@ def test_batch_on_one_buffer_gives_the_pipeline_the_same_images(source, tmp_path
         assert torch.equal(pipe.augment(Decoded(batch.packed(batch.pixels), index)), ref)
 
 
-def test_training_from_a_store_equals_training_from_its_folder(tmp_path):
-    """Lossless images no larger than the stored short side: the store holds the folder's
-    pixels, so data.kind=pixels trains on the same batches as data.kind=folder (data.decode=gpu
-    on the CPU), stopped and resumed included."""
+_TRAIN = ["experiment=efficientvit_m0_digits", "logger=none", "trainer.progress=false",
+          "data=imagenet", "data.img_size=32", "data.decode=gpu", "data.num_workers=0",
+          "model.num_classes=3", "trainer.max_steps=4", "trainer.eval_every=4",
+          "trainer.ckpt_every=100", "trainer.epochs=null", "optim.schedule_unit=step",
+          "optim.warmup_steps=1"]  # fmt: skip
+
+
+def _train(run_dir, *overrides):
     from trainer import run as run_training
 
     from .helpers import compose_cfg
 
+    return run_training(compose_cfg([*_TRAIN, f"trainer.run_dir={run_dir}", *overrides]))
+
+
+def _png_store(tmp_path):
+    """A class folder of lossless 24x24 images and its pixel store (the same pixels)."""
     src = make_image_folder(tmp_path / "src", num_classes=3, train_per_class=4, val_per_class=2,
                             size=24, ext="png")  # fmt: skip
     assert shrink.main([str(src), str(tmp_path / "px"), "--short-side", "24", "--format",
                         "pixels", "--workers", "1", "--no-progress"]) == 0  # fmt: skip
-    common = ["experiment=efficientvit_m0_digits", "logger=none", "trainer.progress=false",
-              "data=imagenet", "data.img_size=32", "data.decode=gpu", "data.num_workers=0",
-              "data.repeated_aug=false", "model.num_classes=3", "trainer.micro_batch=4",
-              "trainer.max_steps=4", "trainer.eval_every=4", "trainer.ckpt_every=100",
-              "trainer.epochs=null", "optim.schedule_unit=step", "optim.warmup_steps=1"]  # fmt: skip
+    return src, tmp_path / "px"
+
+
+def test_training_from_a_store_equals_training_from_its_folder(tmp_path):
+    """Lossless images no larger than the stored short side: the store holds the folder's
+    pixels, so data.kind=pixels trains on the same batches as data.kind=folder (data.decode=gpu
+    on the CPU), stopped and resumed included."""
+    src, store = _png_store(tmp_path)
 
     def run(name, *extra):
-        return run_training(compose_cfg([*common, f"trainer.run_dir={tmp_path / name}", *extra]))
+        return _train(tmp_path / name, "trainer.micro_batch=4", *extra)
 
     a = run("folder", f"data.root={src}")
-    px = ["data.kind=pixels", f"data.root={tmp_path / 'px'}", "data.read_threads=2"]
+    px = ["data.kind=pixels", f"data.root={store}", "data.read_threads=2"]
     run("pixels", *px, "trainer.stop_at=2")
     b = run("pixels", *px)
     assert b["finished"] and b["images_seen"] == 16
     assert (b["val_loss"], b["ema_val_loss"]) == (a["val_loss"], a["ema_val_loss"])
     c = run("cpu", *px, "data.decode=cpu", "data.num_workers=1")  # workers read single images
     assert c["finished"] and np.isfinite(c["val_loss"])
+
+
+def test_two_processes_train_from_a_store_and_resume_alike(tmp_path):
+    """DDP (two gloo processes): each rank reads its share of every batch from the store
+    (repeated augmentation's sampler); a run stopped at step 2 and resumed ends as the
+    uninterrupted one."""
+    import json
+
+    from .helpers import run_two_processes
+
+    _, store = _png_store(tmp_path)
+    common = ["data.kind=pixels", f"data.root={store}", "trainer.device=cpu",
+              "trainer.micro_batch=2", "trainer.global_batch=4"]  # fmt: skip
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_two_processes(_train, [(a, common), (b, [*common, "trainer.stop_at=2"]), (b, common)], 300)
+
+    def last(run_dir):
+        return [json.loads(line) for line in open(run_dir / "metrics.jsonl")][-1]
+
+    ra, rb = last(a), last(b)
+    assert ra["step"] == rb["step"] == 4
+    assert (ra["val_loss"], ra["ema_val_loss"]) == (rb["val_loss"], rb["ema_val_loss"])
+
+
+def test_read_benchmark_prints_a_row_a_thread_count(source, tmp_path, capsys):
+    import json
+
+    from scripts import bench_pixel_store
+
+    assert _store(source, tmp_path / "dst") == 0
+    out = tmp_path / "bench.json"
+    args = [str(tmp_path / "dst" / "train.pixels"), "--threads", "1,3", "--batch", "4",
+            "--batches", "2", "--cold", "--out", str(out)]  # fmt: skip
+    assert bench_pixel_store.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["threads"] for r in rows] == [1, 3] and all(r["images_per_s"] > 0 for r in rows)
+    assert "read from the drive" in capsys.readouterr().out
+    assert bench_pixel_store.main([str(tmp_path / "none.pixels")]) == 2
 
 
 @pytest.mark.gpu
