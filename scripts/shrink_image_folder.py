@@ -219,6 +219,10 @@ def shrink_folder(
             # another folder beside the splits (not a class folder tree): left out
     if fmt not in FORMATS:
         raise ShrinkError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "pixels" and "val" in splits:
+        raise ShrinkError("--format pixels stores training splits: data.kind=pixels validates on "
+                          "the class folders of val/, linked as they are; keep val out of "
+                          "--splits")  # fmt: skip
     settings = {"short_side": short_side, "quality": quality, "splits": list(splits)}
     if fmt != "jpeg":  # (stores written before --format existed read as jpeg)
         settings["format"] = fmt

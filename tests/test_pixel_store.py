@@ -88,6 +88,7 @@ def test_interrupted_store_continues_to_the_same_bytes(source, tmp_path, monkeyp
     with open(part, "ab") as f:  # and a record torn halfway
         f.write(b"\x01" * 13)
     assert _store(source, tmp_path / "cut", "--short-side", "18") == 2  # other settings
+    assert _store(source, tmp_path / "v", "--splits", "train,val") == 2  # val stays folders
     with pytest.raises(KeyboardInterrupt):  # continued, and cut again
         _store(source, tmp_path / "cut")
     assert part.stat().st_size == 8 * 32
