@@ -44,11 +44,11 @@ import torch
 from PIL import Image
 
 from data.image_sets import _ImageDataset
+from data.nvjpeg_decode import PackedImages, plane_layout
 
 VERSION = 1
 INDEX_SUFFIX = ".npz"  # the index beside the pixels: train.pixels.npz
 PART_SUFFIX = ".part"  # records of the images written so far (while writing)
-ALIGN = 256  # each image's pixels start on this many bytes in a batch's buffer
 INDEX_KEYS = ("offsets", "hw", "labels", "classes", "files", "version")
 _RECORD = np.dtype([("source", "<i8"), ("h", "<i8"), ("w", "<i8"), ("label", "<i8")])
 
@@ -64,15 +64,6 @@ set data.root=<root>, or data.train=<file>.pixels and data.val=<class-folder dir
 def index_path(path: str | Path) -> Path:
     path = Path(path)
     return path.with_name(path.name + INDEX_SUFFIX)
-
-
-def batch_layout(sizes: np.ndarray, align: int = ALIGN) -> tuple[np.ndarray, int]:
-    """Byte offsets of images of ``sizes`` bytes packed in one buffer, each start aligned to
-    ``align``, and the buffer's size."""
-    padded = (np.asarray(sizes, dtype=np.int64) + align - 1) // align * align
-    offsets = np.zeros(len(padded), dtype=np.int64)
-    np.cumsum(padded[:-1], out=offsets[1:])
-    return offsets, int(padded.sum())
 
 
 class PixelBatch(Sequence):
@@ -96,8 +87,6 @@ class PixelBatch(Sequence):
     def packed(self, buf: torch.Tensor):
         """The images as a ``PackedImages`` over ``buf``, a copy of ``pixels`` (the layout of
         the JPEG engines' output, which ``resize_batch`` reads without a tensor an image)."""
-        from data.nvjpeg_decode import PackedImages
-
         return PackedImages(buf, self.offsets, self.hw, np.arange(len(self)), {})
 
     def to_device(self, device: torch.device):
@@ -221,7 +210,7 @@ class PixelStoreDataset(_ImageDataset):
         """The images of ``indices`` in one buffer (``read_threads`` threads of ``pread``)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         hw = self.hw[idx]
-        offsets, total = batch_layout(3 * hw[:, 0] * hw[:, 1])
+        offsets, total = plane_layout(hw[:, 0], hw[:, 1])  # as the JPEG engines' output
         pin = self.pin and torch.cuda.is_available()
         buf = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
         arr, fd = buf.numpy(), self._file()
