@@ -318,7 +318,7 @@ def release_read_bytes() -> None:
 class PackedImages:
     """A decoded batch on one CUDA device without a tensor an image: uint8 planar RGB images
     (3, H, W), sizes differ, the engines' share packed in one buffer, the others (decoded one by
-    one) as tensors of their own.
+    one) as tensors of their own. (``data.pixel_store.PixelBatch`` is one in host memory.)
 
     It stands in for the list of images (``len``, indexing and iteration give (3, H, W) views,
     made on first use) while the pipeline reads it as arrays: ``hw`` (n, 2) int64, ``ptrs`` (n,)

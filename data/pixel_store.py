@@ -66,34 +66,29 @@ def index_path(path: str | Path) -> Path:
     return path.with_name(path.name + INDEX_SUFFIX)
 
 
-class PixelBatch(Sequence):
+class PixelBatch(PackedImages):
     """A batch read from a pixel store: the images' planar RGB pixels (3, H, W) in one uint8
-    host buffer ``pixels`` (pinned when CUDA is available), image k at byte ``offsets[k]``,
-    of size ``hw[k]``; ``labels`` int64. Indexing gives (3, H, W) views of the buffer."""
+    host buffer ``pixels`` (pinned when CUDA is available), laid out as the JPEG engines' output
+    (``PackedImages``: indexing gives (3, H, W) views, ``hw`` the sizes); ``labels`` int64."""
 
     def __init__(self, pixels: torch.Tensor, offsets: np.ndarray, hw: np.ndarray,
                  labels: torch.Tensor):  # fmt: skip
-        self.pixels, self.offsets, self.hw, self.labels = pixels, offsets, hw, labels
+        super().__init__(pixels, offsets, hw, np.arange(len(hw)), {})
+        self.labels = labels
 
-    def __len__(self) -> int:
-        return len(self.hw)
+    @property
+    def pixels(self) -> torch.Tensor:
+        return self._buf
 
-    def __getitem__(self, k):
-        if isinstance(k, slice):
-            return [self[i] for i in range(*k.indices(len(self)))]
-        (h, w), off = self.hw[k].tolist(), int(self.offsets[k])
-        return self.pixels[off : off + 3 * h * w].view(3, h, w)
-
-    def packed(self, buf: torch.Tensor):
-        """The images as a ``PackedImages`` over ``buf``, a copy of ``pixels`` (the layout of
-        the JPEG engines' output, which ``resize_batch`` reads without a tensor an image)."""
-        return PackedImages(buf, self.offsets, self.hw, np.arange(len(self)), {})
+    def packed(self, buf: torch.Tensor) -> PackedImages:
+        """The same images over ``buf``, a copy of ``pixels`` (on the device, say)."""
+        return PackedImages(buf, self._offsets, self.hw, np.arange(len(self)), {})
 
     def to_device(self, device: torch.device):
         """The images on ``device``: on CUDA a ``PackedImages`` over one copy of the buffer,
         queued on the current stream; elsewhere the list of views."""
         if device.type != "cuda":
-            return list(self)
+            return self.images()
         return self.packed(self.pixels.to(device, non_blocking=self.pixels.is_pinned()))
 
 
@@ -152,8 +147,8 @@ class PixelStoreDataset(_ImageDataset):
         self.labels = idx["labels"].astype(np.int64)
         self.classes = [str(c) for c in idx["classes"]]
         self.files = idx["files"]
-        self._fd: tuple[int, int] | None = None  # (pid, fd): a process's own descriptor
-        self._pool: tuple[int, ThreadPoolExecutor] | None = None
+        self._fd: tuple | None = None  # ((pid,), fd): a process's own descriptor
+        self._pool: tuple | None = None  # ((pid, threads), its reading threads)
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:  # worker processes open their own descriptor and threads
@@ -166,25 +161,31 @@ class PixelStoreDataset(_ImageDataset):
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def _file(self) -> int:
-        pid = os.getpid()
-        if self._fd is None or self._fd[0] != pid:
+    def _own(self, name: str, key: tuple, make):
+        """``make()``'s result, kept as ``self.<name>`` = (key, value) and made again where the
+        key differs: each process (keyed by pid) opens its own descriptor and threads."""
+        held = getattr(self, name)
+        if held is None or held[0] != key:
             with self._lock:
-                if self._fd is None or self._fd[0] != pid:
-                    fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                    if hasattr(os, "posix_fadvise"):  # random reads: no read-ahead
-                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-                    self._fd = (pid, fd)
-        return self._fd[1]
+                held = getattr(self, name)
+                if held is None or held[0] != key:
+                    held = (key, make())
+                    setattr(self, name, held)
+        return held[1]
+
+    def _file(self) -> int:
+        def open_file() -> int:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            if hasattr(os, "posix_fadvise"):  # random reads: no read-ahead
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            return fd
+
+        return self._own("_fd", (os.getpid(),), open_file)
 
     def _threads(self) -> ThreadPoolExecutor:
-        pid = os.getpid()
-        if self._pool is None or self._pool[0] != pid:
-            with self._lock:
-                if self._pool is None or self._pool[0] != pid:
-                    pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="pixels")
-                    self._pool = (pid, pool)
-        return self._pool[1]
+        """This process's reading threads, ``read_threads`` of them (made again if it changed)."""
+        return self._own("_pool", (os.getpid(), self.read_threads),
+                         lambda: ThreadPoolExecutor(self.read_threads, thread_name_prefix="pixels"))  # fmt: skip
 
     def _read_into(self, fd: int, out: np.ndarray, index: int) -> None:
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])

@@ -49,7 +49,7 @@ def drop_cached_pages(path: Path) -> bool:
 def time_cell(store: PixelStoreDataset, threads: int, batch: int, batches: int,
               rng: np.random.Generator, cold: bool) -> dict:  # fmt: skip
     """One thread count: images/s and GiB/s of reading (and of the copy to the GPU)."""
-    store.read_threads, store._pool = threads, None  # a pool of this size
+    store.read_threads = threads
     n = len(store)
     for _ in range(2):  # threads started, pinned blocks cached
         store.read_batch(rng.integers(0, n, batch))

@@ -61,7 +61,7 @@ def test_store_holds_each_image_resized_in_rgb(source, tmp_path):
     order = [14, 2, 9, 0, 13]
     batch = store.__getitems__(order)
     assert isinstance(batch, PixelBatch) and batch.labels.tolist() == store.labels[order].tolist()
-    assert (batch.offsets % 256 == 0).all()
+    assert ((batch.ptrs - batch.pixels.data_ptr()) % 256 == 0).all()
     for k, i in enumerate(order):
         assert torch.equal(batch[k], torch.from_numpy(store.pixels(i)))
 
