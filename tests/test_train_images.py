@@ -130,3 +130,16 @@ def test_two_processes_resume_the_ema_exactly(tmp_path):
     rb = {r["step"]: r for r in records(b)}
     assert ra[6]["ema_val_loss"] == rb[6]["ema_val_loss"]
     assert (ra[6]["val_loss"], ra[6]["loss"]) == (rb[6]["val_loss"], rb[6]["loss"])
+
+
+def test_a_run_gives_the_process_its_signal_handlers_back(tmp_path):
+    """The run's SIGTERM/SIGINT handlers (checkpoint and stop) go with it: left installed, a
+    process that had trained ignored SIGTERM, and so did the pool workers it forked, which
+    ``multiprocessing.Pool.terminate`` then waited for forever."""
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    s = run(tmp_path / "r", "trainer.max_steps=2", "trainer.epochs=null",
+            "optim.schedule_unit=step", "optim.warmup_steps=1")  # fmt: skip
+    assert s["finished"]
+    assert {sig: signal.getsignal(sig) for sig in before} == before

@@ -42,9 +42,26 @@ class StopRequest:
     def __init__(self):
         self.signum = None
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def install(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
+
+    @classmethod
+    @contextlib.contextmanager
+    def restored(cls):
+        """The block may ``install`` a request; the process's handlers are put back after it.
+        Left installed, they outlived the run: a process that had called ``trainer.run``
+        (a test, a notebook) then only set a stale flag on SIGTERM, and so did the processes it
+        forked, so ``multiprocessing.Pool.terminate`` waited forever for its workers."""
+        before = {sig: signal.getsignal(sig) for sig in cls.SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in before.items():
+                if handler is not None:  # (None: set outside Python; left as it is)
+                    signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:
@@ -302,7 +319,8 @@ def _run(rc, info) -> dict:
     if note:
         say(note)
     try:
-        with sm_partition.on_sms(t.step_sms, info.device, say), Watchdog(t.watchdog_s) as dog:
+        with (StopRequest.restored(), sm_partition.on_sms(t.step_sms, info.device, say),
+              Watchdog(t.watchdog_s) as dog):  # fmt: skip
             return _loop(rc, info, task, train_model, opt, manager, monitor, step, accum,
                          run_dir, config_dict, dog)  # fmt: skip
     finally:
