@@ -11,7 +11,7 @@ decoded JPEGs (``data.gpu_augment``). The earlier raw-pixel attempt (one PPM fil
 through the workers' shared memory and a pageable copy) was slower than the JPEGs: those
 copies, not the pixels, bounded it. Measured on an H100 (docs/benchmarks.md, "Pixel stores"):
 8 threads read 52k images/s of 341x256 from the page cache; EfficientViT-M0 trained at 14.7k
-images/s (86% of its rate on a batch already on the GPU; 11.7k from the JPEG copy), M5 at 91%,
+images/s (86-87% of its rate on a batch already on the GPU; 11.7k from the JPEG copy), M5 at 91%,
 with the reading and pipeline threads waiting for the GPU most of the time. Leave
 ``trainer.step_sms`` off with a store: with nothing to decode, the step on all SMs was faster.
 

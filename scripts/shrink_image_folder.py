@@ -28,7 +28,7 @@ kept.
 image converted to RGB, resized as above when larger, and stored as raw planar pixels, so that
 training reads them without decoding. It takes 3 x H x W bytes an image (about 335 GB for
 ImageNet's training set at 256, against about 50 GB as JPEGs). On an H100, EfficientViT-M0
-trained from it at 14.7k images/s, 86% of its rate on a batch already on the GPU, against 11.7k
+trained from it at 14.7k images/s, 86-87% of its rate on a batch already on the GPU, against 11.7k
 from the JPEG copy (docs/benchmarks.md, "Pixel stores"). The store is written in the source's
 order, one chunk of images at a time; a killed run continues after the last chunk on disk.
 
