@@ -12,14 +12,17 @@ eval   resize the short side to ``floor(S / crop_pct)`` (bicubic), center crop S
 Random parameters are drawn on the host from a numpy generator made per batch from
 (seed, rank, batch counter): distinct per rank, no device sync, and resumable from the
 counter alone (``state_dict``). Crops are resized with PIL's filter (antialiased bicubic):
-on CUDA the whole batch in one Triton launch (``resize_kernel.resize_batch``), elsewhere one
-``interpolate(bicubic, antialias=True)`` call an image (the two agree to float rounding, so
+on CUDA the whole batch in two Triton launches (``resize_kernel.resize_batch``), elsewhere
+one ``interpolate(bicubic, antialias=True)`` call an image (the two agree to float rounding, so
 to a grey level after rounding where a value sits on .5); RandAugment runs
 vectorised: per layer, the images that drew an op of one family (lookup tables, blends,
 affine warps) are gathered, transformed with per-image parameters and written back. The ops
 follow Pillow's 8-bit arithmetic (LUTs, float32 blends truncated, the 3x3 smoothing filter,
 the a=-1 bicubic of ``Image.transform`` with the fill colour outside), on float32 tensors
 that hold integers 0..255 after every op: on the CPU they equal timm's PIL ops bit for bit.
+On CUDA the batch stays uint8 from the resize on (rounded there) and each family is a Triton
+kernel on it (``augment_kernels``), with the same values: every pass over the batch then
+moves a quarter of the bytes.
 
 Differences from timm's PIL pipeline: JPEG decoding (nvJPEG's IDCT and chroma upsampling
 differ from libjpeg-turbo's by a grey level or so); the crop resize has no 8-bit rounding
@@ -352,11 +355,11 @@ def draw_rand_augment(spec: RandAugmentSpec, rng: np.random.Generator, b: int, h
 
 
 def apply_plan(x: torch.Tensor, plan, fill: torch.Tensor, fused_ops: bool = False) -> torch.Tensor:
-    """Apply a ``draw_rand_augment`` plan in place to float (B, 3, H, W) integer-valued
-    images: one host-to-device copy for all indices and one for all parameters, then per
-    entry gather the images, transform them and write them back. ``fused_ops``: every
-    family's entries by one Triton launch each (``augment_kernels``, the same values) instead of
-    torch operations."""
+    """Apply a ``draw_rand_augment`` plan in place to (B, 3, H, W) images with values 0..255
+    (uint8, or float32 holding integers): one host-to-device copy for all indices and one for
+    all parameters, then per entry gather the images, transform them and write them back.
+    ``fused_ops``: every family's entries by Triton kernels (``augment_kernels``, the same
+    values; one to three launches) instead of torch operations (which compute in float32)."""
     if not plan:
         return x
     ints = _host_to(np.concatenate([np.concatenate([e[1], e[2]]) for e in plan]), x.device)
@@ -367,15 +370,16 @@ def apply_plan(x: torch.Tensor, plan, fill: torch.Tensor, fused_ops: bool = Fals
         rows, kinds_d = ints[i : i + n], ints[i + n : i + 2 * n]
         p = floats[f : f + params.size].view(params.shape)
         i, f = i + 2 * n, f + params.size
+        present = set(kinds.tolist())
         if fam == "affine" and fused_ops:
             y = affine_rows(x, rows, p, fill)
         elif fam == "blend" and fused_ops:
-            y = blend_rows(x, rows, kinds_d, p)
+            y = blend_rows(x, rows, kinds_d, p, contrast=1 in present)
         elif fam == "lut" and fused_ops:
-            y = lut_rows(x, rows, kinds_d, p)
-        else:
-            y = _FAMILY_FNS[fam](x.index_select(0, rows), kinds_d, set(kinds.tolist()), p, fill)
-        x.index_copy_(0, rows, y)
+            y = lut_rows(x, rows, kinds_d, p, histograms=bool(present & {0, 1}))
+        else:  # the torch ops compute on float32
+            y = _FAMILY_FNS[fam](x.index_select(0, rows).float(), kinds_d, present, p, fill)
+        x.index_copy_(0, rows, y.to(x.dtype))
     return x
 
 
@@ -569,9 +573,16 @@ class GpuImagePipeline:
             return bool(images) and images[0].is_cuda
         return self.batched_resize
 
-    def _fused(self, x: torch.Tensor) -> bool:
+    def _fused(self, device: torch.device) -> bool:
         """RandAugment's families by Triton launches (``fused_ops``; None: on CUDA)."""
-        return x.is_cuda if self.fused_ops is None else self.fused_ops
+        return device.type == "cuda" if self.fused_ops is None else self.fused_ops
+
+    def _uint8(self, images) -> bool:
+        """Crop and RandAugment a batch as uint8 (the kernels' path: each pass over the batch
+        moves a quarter of float32's bytes) rather than float32 holding the same integers
+        (the torch ops' path)."""
+        device = images.device if hasattr(images, "device") else images[0].device
+        return self._batched(images) and (self.spec is None or self._fused(device))
 
     def state_dict(self) -> dict:
         return {"batches": self.batches}
@@ -637,8 +648,9 @@ class GpuImagePipeline:
 
     def train_batch(self, images: list[torch.Tensor], index: int,
                     cropped: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        """Decoded images -> float (B, 3, S, S): random-resized crop, flip, RandAugment, with
-        the draws of batch ``index``. ``cropped``: uint8 (k, S, S, 3) images already cropped
+        """Decoded images -> (B, 3, S, S) with values 0..255: random-resized crop, flip,
+        RandAugment, with the draws of batch ``index``; uint8 on the kernels' path (CUDA),
+        float32 on the torch ops' path. ``cropped``: uint8 (k, S, S, 3) images already cropped
         (by the loader's workers), the batch's last k: they take the flip and RandAugment
         draws of their places, and the draws of the others do not depend on k."""
         rng = np.random.default_rng([self.seed, self.rank, int(index), 0x475055])
@@ -651,10 +663,11 @@ class GpuImagePipeline:
         flip = rng.random(b) < self.hflip
         parts = []
         batched = n > 0 and self._batched(images)
-        if batched:  # one launch for the batch, the flip included
+        dtype = torch.uint8 if batched and self._uint8(images) else torch.float32
+        if batched:  # one launch for the batch, the flip included (and the rounding for uint8)
             boxes = np.stack([top, left, ch, cw], 1)
             parts.append(resize_batch(images, boxes, np.full((n, 2), s), np.zeros((n, 2)),
-                                      flip[:n], s))  # fmt: skip
+                                      flip[:n], s, dtype=dtype))  # fmt: skip
         elif n:
             images = list(images)
             parts.append(torch.stack([
@@ -662,7 +675,7 @@ class GpuImagePipeline:
                 for img, t, l_, hh, ww in zip(images, top.tolist(), left.tolist(),
                                               ch.tolist(), cw.tolist())]))  # fmt: skip
         if k:
-            parts.append(cropped.permute(0, 3, 1, 2).float())
+            parts.append(cropped.permute(0, 3, 1, 2).to(dtype))
         x = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
         # flips left to do: the worker crops', and every one on the per-image path
         todo = flip.copy()
@@ -671,22 +684,25 @@ class GpuImagePipeline:
         if todo.any():
             mask = _host_to(todo, x.device).view(b, 1, 1, 1)
             x = torch.where(mask, x.flip(-1), x)
-        x = x.round_().clamp_(0, 255)
+        if x.dtype != torch.uint8:
+            x = x.round_().clamp_(0, 255)
         if self.spec is not None:
             plan = draw_rand_augment(self.spec, rng, b, s, s)
             if x.device not in self._fills:  # copied once: a pageable copy would sync
                 self._fills[x.device] = self.fill.to(x.device)
-            x = apply_plan(x, plan, self._fills[x.device], fused_ops=self._fused(x))
+            x = apply_plan(x, plan, self._fills[x.device], fused_ops=self._fused(x.device))
         return x
 
     def eval_batch(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Decoded images -> float (B, 3, S, S): timm's eval resize and center crop."""
+        """Decoded images -> (B, 3, S, S) with values 0..255: timm's eval resize and center
+        crop; uint8 from the batch kernel (CUDA), float32 image by image."""
         s = self.img_size
-        if self._batched(images):
+        if self._batched(images):  # one launch, rounded to uint8 in it
             hw = image_sizes(images)
             geo = np.array([eval_geometry(h, w, s, self.crop_pct) for h, w in hw.tolist()])
             boxes = np.concatenate([np.zeros_like(hw), hw], 1)
-            x = resize_batch(images, boxes, geo[:, :2], geo[:, 2:], np.zeros(len(images)), s)
+            return resize_batch(images, boxes, geo[:, :2], geo[:, 2:], np.zeros(len(images)), s,
+                                dtype=torch.uint8)  # fmt: skip
         else:
             out = []
             for img in images:

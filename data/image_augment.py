@@ -89,10 +89,17 @@ class DevicePrep:
     Why here and not in the loader workers: a uint8 batch is a quarter of the float one through
     the workers' shared memory, the pinned-memory copy and the host-to-device copy, and the
     float conversion, normalisation and erasing cost the GPU microseconds instead of worker
-    time per image (as timm's ``PrefetchLoader``). All draws are on the device (no sync)."""
+    time per image (as timm's ``PrefetchLoader``). All draws are on the device (no sync).
+
+    ``fused`` (default: on CUDA): the conversion, normalisation and erasing in one Triton
+    launch (``augment_kernels.normalize_erase``: the same values, the same rectangles, noise
+    drawn only where it lands) instead of about ten torch kernels that each pass over the
+    float32 batch, a whole-batch noise tensor among them."""
 
     def __init__(self, mean, std, re_prob: float = 0.0, min_area: float = 0.02,
-                 max_area: float = 1 / 3, min_aspect: float = 0.3, tries: int = 10):  # fmt: skip
+                 max_area: float = 1 / 3, min_aspect: float = 0.3, tries: int = 10,
+                 fused: bool | None = None):  # fmt: skip
+        self.fused = fused
         self.mean = torch.tensor([255.0 * m for m in mean]).view(1, 3, 1, 1)
         self.std = torch.tensor([255.0 * s for s in std]).view(1, 3, 1, 1)
         self.re_prob, self.tries = float(re_prob), int(tries)
@@ -108,17 +115,23 @@ class DevicePrep:
         dev = images.device
         if self.mean.device != dev:
             self.mean, self.std = self.mean.to(dev), self.std.to(dev)
+        erase = train and self.re_prob > 0
+        if dev.type == "cuda" if self.fused is None else self.fused:
+            from .augment_kernels import normalize_erase
+
+            boxes = None
+            if erase:
+                top, left, eh, ew, on = self.rectangles(images.shape[0], *images.shape[2:], dev)
+                boxes = torch.stack([top, left, eh * on, ew * on], 1).to(torch.int32)
+            return normalize_erase(images, self.mean.view(3), self.std.view(3), boxes)
         x = (images.float() - self.mean) / self.std  # elementwise: memory format kept
-        if train and self.re_prob > 0:
+        if erase:
             x = self.erase(x)
         return x
 
-    def erase(self, x: torch.Tensor, masked: bool | None = None) -> torch.Tensor:
-        """Random erasing of a normalised batch, vectorised over images and tries. ``masked``
-        (default: on CUDA) fills through a whole-batch mask and noise tensor without a host
-        sync; else a loop over the erased images fills only their rectangles."""
-        b, _, h, w = x.shape
-        dev = x.device
+    def rectangles(self, b: int, h: int, w: int, dev: torch.device):
+        """Each image's erasing draw, as float tensors (top, left, height, width) and the
+        bool ``on`` (erased or not), vectorised over images and tries, without a sync."""
         r = torch.rand(b, self.tries, 4, device=dev)
         area = h * w * (self.area[0] + (self.area[1] - self.area[0]) * r[..., 0])
         aspect = torch.exp(
@@ -133,6 +146,15 @@ class DevicePrep:
         top = torch.floor(pick(r[..., 2]) * (h - eh + 1))  # uniform in [0, h - eh]
         left = torch.floor(pick(r[..., 3]) * (w - ew + 1))
         on = (torch.rand(b, device=dev) < self.re_prob) & fits.any(1)
+        return top, left, eh, ew, on
+
+    def erase(self, x: torch.Tensor, masked: bool | None = None) -> torch.Tensor:
+        """Random erasing of a normalised batch, vectorised over images and tries. ``masked``
+        (default: on CUDA) fills through a whole-batch mask and noise tensor without a host
+        sync; else a loop over the erased images fills only their rectangles."""
+        b, _, h, w = x.shape
+        dev = x.device
+        top, left, eh, ew, on = self.rectangles(b, h, w, dev)
         if not (x.is_cuda if masked is None else masked):  # noise for the rectangles only
             for i in torch.nonzero(on).flatten().tolist():
                 t, l_, hh, ww = (int(v[i]) for v in (top, left, eh, ew))

@@ -14,6 +14,15 @@ with half-width ``2 * max(scale, 1)`` source pixels, clipped to the source, the 
 ``cubic((j - centre + 0.5) / max(scale, 1))`` normalised to sum to one. Each output pixel sums
 its rows' horizontal sums, as PyTorch's CUDA kernel does; results equal ``F.interpolate`` to
 float rounding (the tests compare them). A horizontal flip is applied when writing.
+
+Two passes, as the filter is separable: the first resamples each source row the window reads
+to the output's columns (float32 scratch, unnormalised), the second sums those rows down each
+column and divides by the weights' sums. The same products are summed in the same order as a
+single pass over Ty x Tx taps a pixel would (on an H100 the results were bit for bit those of
+the one-pass kernel this replaced), with Ty + Tx taps' work instead of their product, and each
+tap's weight computed for a row or column of a tile rather than for every pixel (one pass took
+900 us a 256-image batch at 224; the twenty-eighth session in docs/benchmarks.md).
+``dtype=torch.uint8`` rounds and clips in the second pass.
 """
 
 from __future__ import annotations
@@ -27,9 +36,10 @@ import triton.language as tl
 
 from ops.launch import launch
 
-# the columns of the per-image geometry table
-_OFF, _H, _W, _SY, _SX, _SH, _SW, _OH, _OW, _OY, _OX, _FLIP, _TY, _TX = range(14)
-_COLS = 16
+# the columns of the per-image geometry table (constants inside the kernels too)
+_OFF, _H, _W, _SY, _SX, _SH, _SW, _OH, _OW, _OY, _OX, _FLIP, _TY, _TX, _J0, _NJ, _ROWS = (
+    tl.constexpr(k) for k in range(17))  # fmt: skip
+_COLS = 20
 
 
 @triton.jit
@@ -55,62 +65,117 @@ def _span(i, n_out, n_src):
 
 
 @triton.jit
-def _resize_batch_kernel(base, geom, out, S: tl.constexpr, BLOCK: tl.constexpr):
-    img = tl.program_id(0)
-    g = geom + img * 16
-    off = tl.load(g + 0)  # element offset of this image from ``base``
-    h = tl.load(g + 1).to(tl.int32)
-    w = tl.load(g + 2).to(tl.int32)
-    sy = tl.load(g + 3).to(tl.int32)  # source box: top, left, height, width
-    sx = tl.load(g + 4).to(tl.int32)
-    sh = tl.load(g + 5).to(tl.int32)
-    sw = tl.load(g + 6).to(tl.int32)
-    oh = tl.load(g + 7).to(tl.int32)  # the box is resized to (oh, ow) ...
-    ow = tl.load(g + 8).to(tl.int32)
-    oy = tl.load(g + 9).to(tl.int32)  # ... of which the S x S window at (oy, ox) is kept
-    ox = tl.load(g + 10).to(tl.int32)
-    flip = tl.load(g + 11).to(tl.int32)
-    taps_y = tl.load(g + 12).to(tl.int32)
-    taps_x = tl.load(g + 13).to(tl.int32)
+def _round_even(v):
+    """``torch.round`` (half to even) of float32 ``v``, exactly."""
+    f = tl.floor(v)
+    d = v - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
 
-    p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    inside = p < S * S
-    y, x = p // S, p % S
+
+@triton.jit
+def _horizontal_kernel(base, geom, rows, S: tl.constexpr, COLS: tl.constexpr,
+                       RH: tl.constexpr, CW: tl.constexpr):  # fmt: skip
+    """Pass one: each stored source row of the box (``nj`` rows from box row ``j0``) resampled
+    to the S output columns of the kept window, unnormalised: ``rows`` (3, nj, S) float32
+    at the image's scratch offset."""
+    img = tl.program_id(0)
+    g = geom + img * COLS
+    j0 = tl.load(g + _J0).to(tl.int32)
+    nj = tl.load(g + _NJ).to(tl.int32)
+    if tl.program_id(1) * RH < nj:
+        off = tl.load(g + _OFF)  # element offset of this image from ``base``
+        h = tl.load(g + _H).to(tl.int32)
+        w = tl.load(g + _W).to(tl.int32)
+        sy = tl.load(g + _SY).to(tl.int32)  # source box: top, left, height, width
+        sx = tl.load(g + _SX).to(tl.int32)
+        sw = tl.load(g + _SW).to(tl.int32)
+        ow = tl.load(g + _OW).to(tl.int32)  # the box's width is resized to ow, of which
+        ox = tl.load(g + _OX).to(tl.int32)  # the S columns from ox are kept
+        taps_x = tl.load(g + _TX).to(tl.int32)
+        j = tl.program_id(1) * RH + tl.arange(0, RH)[:, None]  # stored row
+        x = tl.program_id(2) * CW + tl.arange(0, CW)[None, :]  # output column
+        inside = (j < nj) & (x < S)
+        x0, nx, cx, ix = _span(x + ox, ow, sw)
+        src = base + off + (sy + j0 + j).to(tl.int64) * w + (sx + x0)
+        plane = h.to(tl.int64) * w
+        r0 = tl.zeros((RH, CW), tl.float32)
+        r1 = tl.zeros((RH, CW), tl.float32)
+        r2 = tl.zeros((RH, CW), tl.float32)
+        for tx in range(0, taps_x):
+            ok = inside & (tx < nx)
+            wx = tl.where(tx < nx, _cubic(((tx + x0).to(tl.float32) - cx + 0.5) * ix), 0.0)
+            r0 += wx * tl.load(src + tx, mask=ok, other=0).to(tl.float32)
+            r1 += wx * tl.load(src + plane + tx, mask=ok, other=0).to(tl.float32)
+            r2 += wx * tl.load(src + 2 * plane + tx, mask=ok, other=0).to(tl.float32)
+        dst = rows + tl.load(g + _ROWS) + j * S + x
+        tl.store(dst, r0, mask=inside)
+        tl.store(dst + nj * S, r1, mask=inside)
+        tl.store(dst + 2 * nj * S, r2, mask=inside)
+
+
+@triton.jit
+def _vertical_kernel(geom, rows, out, S: tl.constexpr, COLS: tl.constexpr, RV: tl.constexpr,
+                     CW: tl.constexpr, TO_UINT8: tl.constexpr):  # fmt: skip
+    """Pass two: each output pixel the weighted sum of its column's resampled rows, divided
+    by the product of its vertical and horizontal weight sums; flipped, rounded to uint8."""
+    img = tl.program_id(0)
+    g = geom + img * COLS
+    sh = tl.load(g + _SH).to(tl.int32)
+    sw = tl.load(g + _SW).to(tl.int32)
+    oh = tl.load(g + _OH).to(tl.int32)
+    ow = tl.load(g + _OW).to(tl.int32)
+    oy = tl.load(g + _OY).to(tl.int32)
+    ox = tl.load(g + _OX).to(tl.int32)
+    flip = tl.load(g + _FLIP).to(tl.int32)
+    taps_y = tl.load(g + _TY).to(tl.int32)
+    taps_x = tl.load(g + _TX).to(tl.int32)
+    j0 = tl.load(g + _J0).to(tl.int32)
+    nj = tl.load(g + _NJ).to(tl.int32)
+    y = tl.program_id(1) * RV + tl.arange(0, RV)[:, None]
+    x = tl.program_id(2) * CW + tl.arange(0, CW)[None, :]
+    inside = (y < S) & (x < S)
     y0, ny, cy, iy = _span(y + oy, oh, sh)
     x0, nx, cx, ix = _span(x + ox, ow, sw)
-    src = base + off + (sy + y0).to(tl.int64) * w + (sx + x0)
-    plane = h.to(tl.int64) * w
-
-    acc0 = tl.zeros((BLOCK,), tl.float32)
-    acc1 = tl.zeros((BLOCK,), tl.float32)
-    acc2 = tl.zeros((BLOCK,), tl.float32)
-    total_y = tl.zeros((BLOCK,), tl.float32)
-    total_x = tl.zeros((BLOCK,), tl.float32)
+    total_x = tl.zeros((1, CW), tl.float32)
     for tx in range(0, taps_x):
         total_x += tl.where(tx < nx, _cubic(((tx + x0).to(tl.float32) - cx + 0.5) * ix), 0.0)
+    src = rows + tl.load(g + _ROWS) + (y0 - j0) * S + x
+    acc0 = tl.zeros((RV, CW), tl.float32)
+    acc1 = tl.zeros((RV, CW), tl.float32)
+    acc2 = tl.zeros((RV, CW), tl.float32)
+    total_y = tl.zeros((RV, 1), tl.float32)
     for ty in range(0, taps_y):
         wy = tl.where(ty < ny, _cubic(((ty + y0).to(tl.float32) - cy + 0.5) * iy), 0.0)
         total_y += wy
-        r0 = tl.zeros((BLOCK,), tl.float32)
-        r1 = tl.zeros((BLOCK,), tl.float32)
-        r2 = tl.zeros((BLOCK,), tl.float32)
-        row = src + ty * w
-        for tx in range(0, taps_x):
-            ok = inside & (ty < ny) & (tx < nx)
-            wx = tl.where(tx < nx, _cubic(((tx + x0).to(tl.float32) - cx + 0.5) * ix), 0.0)
-            r0 += wx * tl.load(row + tx, mask=ok, other=0).to(tl.float32)
-            r1 += wx * tl.load(row + plane + tx, mask=ok, other=0).to(tl.float32)
-            r2 += wx * tl.load(row + 2 * plane + tx, mask=ok, other=0).to(tl.float32)
-        acc0 += wy * r0
-        acc1 += wy * r1
-        acc2 += wy * r2
+        ok = inside & (ty < ny)
+        acc0 += wy * tl.load(src + ty * S, mask=ok, other=0.0)
+        acc1 += wy * tl.load(src + (nj + ty) * S, mask=ok, other=0.0)
+        acc2 += wy * tl.load(src + (2 * nj + ty) * S, mask=ok, other=0.0)
     norm = total_y * total_x
     norm = tl.where(norm != 0.0, norm, 1.0)
     xo = tl.where(flip != 0, S - 1 - x, x)
     dst = out + img.to(tl.int64) * (3 * S * S) + y * S + xo
-    tl.store(dst, acc0 / norm, mask=inside)
-    tl.store(dst + S * S, acc1 / norm, mask=inside)
-    tl.store(dst + 2 * S * S, acc2 / norm, mask=inside)
+    v0, v1, v2 = acc0 / norm, acc1 / norm, acc2 / norm
+    if TO_UINT8:  # rounded, then clipped: what ``x.round_().clamp_(0, 255)`` gives
+        v0 = tl.minimum(tl.maximum(_round_even(v0), 0.0), 255.0).to(tl.uint8)
+        v1 = tl.minimum(tl.maximum(_round_even(v1), 0.0), 255.0).to(tl.uint8)
+        v2 = tl.minimum(tl.maximum(_round_even(v2), 0.0), 255.0).to(tl.uint8)
+    tl.store(dst, v0, mask=inside)
+    tl.store(dst + S * S, v1, mask=inside)
+    tl.store(dst + 2 * S * S, v2, mask=inside)
+
+
+def _rows_needed(n_src: np.ndarray, n_out: np.ndarray, first: np.ndarray, size: int):
+    """(first row, rows) of the source box that output rows ``first .. first + size - 1`` of
+    a resize from ``n_src`` to ``n_out`` rows read, with a row to spare on each side (the
+    kernel's float32 windows may round differently from float64)."""
+    scale = n_src / n_out
+    support = np.where(scale >= 1.0, 2.0 * scale, 2.0)
+    lo = np.floor(scale * (first + 0.5) - support + 0.5).astype(np.int64) - 1
+    hi = np.ceil(scale * (first + size - 0.5) + support + 0.5).astype(np.int64) + 1
+    lo, hi = np.clip(lo, 0, n_src), np.clip(hi, 0, n_src)
+    return lo, hi - lo
 
 
 def _taps(n_src: np.ndarray, n_out: np.ndarray) -> np.ndarray:
@@ -129,7 +194,8 @@ def image_sizes(images) -> np.ndarray:
     return hw.reshape(-1, 2)
 
 
-def resize_batch(images, boxes, resized, windows, flip, size: int, block: int = 256):
+def resize_batch(images, boxes, resized, windows, flip, size: int,
+                 dtype: torch.dtype = torch.float32):  # fmt: skip
     """float32 (B, 3, size, size) from uint8 (3, H, W) ``images`` (one device, any sizes).
 
     Image b's source box ``boxes[b] = (top, left, height, width)`` is resized to
@@ -140,7 +206,11 @@ def resize_batch(images, boxes, resized, windows, flip, size: int, block: int = 
     the center crop. The kernel reads the images through raw offsets: images allocated on
     another stream than the current one must be kept (or ``record_stream``-ed) until this
     stream has run it. ``images``: a list of tensors, or the decoder's ``PackedImages``
-    (read through its addresses and sizes, without a tensor an image)."""
+    (read through its addresses and sizes, without a tensor an image). ``dtype=torch.uint8``:
+    the values rounded (half to even) and clipped to 0..255 in the kernel, as
+    ``out.round_().clamp_(0, 255)`` would, in a quarter of the memory."""
+    if dtype not in (torch.float32, torch.uint8):
+        raise ValueError(f"resize_batch: dtype must be float32 or uint8, got {dtype}")
     b = len(images)
     if b == 0:
         raise ValueError("resize_batch: no images")
@@ -179,9 +249,20 @@ def resize_batch(images, boxes, resized, windows, flip, size: int, block: int = 
     geom[:, _FLIP] = np.asarray(flip, dtype=bool).reshape(b)
     geom[:, _TY] = _taps(boxes[:, 2], resized[:, 0])
     geom[:, _TX] = _taps(boxes[:, 3], resized[:, 1])
+    # the box rows the kept window reads: all of a train crop's, a band for an eval crop
+    j0, nj = _rows_needed(boxes[:, 2], resized[:, 0], windows[:, 0], size)
+    geom[:, _J0], geom[:, _NJ] = j0, nj
+    scratch = 3 * nj * size  # float32 elements of each image's resampled rows
+    geom[:, _ROWS] = np.cumsum(scratch) - scratch
     table = torch.from_numpy(geom)
     table = table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
-    out = torch.empty(b, 3, size, size, dtype=torch.float32, device=device)
-    grid = (b, math.ceil(size * size / block))
-    launch(_resize_batch_kernel, grid, base, table, out, S=size, BLOCK=block, num_warps=4)
+    rows = torch.empty(int(scratch.sum()), dtype=torch.float32, device=device)
+    out = torch.empty(b, 3, size, size, dtype=dtype, device=device)
+    ch, cw, rv = 16, 64, 16  # tiles: rows x columns
+    grid = (b, math.ceil(max(int(nj.max()), 1) / ch), math.ceil(size / cw))
+    launch(_horizontal_kernel, grid, base, table, rows, S=size, COLS=_COLS, RH=ch, CW=cw,
+           num_warps=4)  # fmt: skip
+    grid = (b, math.ceil(size / rv), math.ceil(size / cw))
+    launch(_vertical_kernel, grid, table, rows, out, S=size, COLS=_COLS, RV=rv, CW=cw,
+           TO_UINT8=dtype == torch.uint8, num_warps=4)  # fmt: skip
     return out

@@ -141,12 +141,14 @@ def test_mixed_ops_of_a_family_in_one_pass(family, timm_ops, monkeypatch):
         assert diff.max() <= 1 and diff.mean() <= 0.02, (RA_OPS[ops[i]], diff.mean())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
 @pytest.mark.parametrize("family", ["affine", "blend", "lut"])
-def test_fused_families_equal_the_torch_ops(family):
-    """RandAugment's op families by one Triton launch each (interpreted here)
-    against the torch implementation that matches PIL: every op of the family, both signs,
-    a subset of a non-square batch (rows read in place), bit for bit (fill colour outside,
-    Contrast's rounded mean, Sharpness's kept border, the histogram tables included)."""
+def test_fused_families_equal_the_torch_ops(family, dtype):
+    """RandAugment's op families by Triton launches (interpreted here) against the torch
+    implementation that matches PIL: every op of the family, both signs, a subset of a
+    non-square batch (rows read in place), bit for bit (fill colour outside, Contrast's
+    rounded mean, Sharpness's kept border, the histogram tables included), on float32
+    images and on the uint8 images the CUDA pipeline keeps."""
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 256, (9, 3, 18, 26), generator=g).float()
     x[4] = x[4] // 4 + 100  # low contrast: Contrast's mean matters
@@ -158,8 +160,8 @@ def test_fused_families_equal_the_torch_ops(family):
     entry = _plan_entry(family, ops, rows, mag, sign, 18, 26)
     fill = torch.tensor([124.0, 116.0, 104.0])
     torch_ops = apply_plan(x.clone(), [entry], fill)
-    fused = apply_plan(x.clone(), [entry], fill, fused_ops=True)
-    assert torch.equal(fused, torch_ops)
+    fused = apply_plan(x.clone().to(dtype), [entry], fill, fused_ops=True)
+    assert fused.dtype == dtype and torch.equal(fused.float(), torch_ops)
     moved = (torch_ops != x).flatten(1).any(1)
     # (an op may leave a noise image as it was: AutoContrast on the full range, Solarize above
     # its largest value)
@@ -278,6 +280,29 @@ def test_resize_batch_matches_interpolate():
         assert (o - ref).abs().max() < 1e-3
 
 
+def test_resize_batch_to_uint8_rounds_half_to_even_and_clips():
+    """``dtype=torch.uint8`` gives what rounding and clipping the float32 result gives: ties
+    to even (a 1x2 image halved is the mean of its pixels) and overshoots clipped."""
+    pairs = [(2, 3), (3, 4), (0, 1), (254, 255), (10, 10), (7, 200)]
+    imgs = [torch.tensor([a, b], dtype=torch.uint8).view(1, 1, 2).repeat(3, 1, 1) for a, b in pairs]
+    n = len(imgs)
+    args = ([(0, 0, 1, 2)] * n, [(1, 1)] * n, [(0, 0)] * n, [0] * n, 1)
+    got = resize_batch(imgs, *args, dtype=torch.uint8)
+    assert got.dtype == torch.uint8 and got[:, :, 0, 0].tolist() == [[v] * 3 for v in
+                                                                     (2, 4, 0, 254, 10, 104)]  # fmt: skip
+    assert torch.equal(resize_batch(imgs, *args), torch.tensor([2.5, 3.5, 0.5, 254.5, 10, 103.5])
+                       .view(n, 1, 1, 1).expand(n, 3, 1, 1))  # fmt: skip
+    imgs = _noise_images([(37, 50), (64, 30), (12, 9)])
+    args = ([(3, 5, 30, 40), (0, 0, 64, 30), (2, 3, 10, 6)], [(S, S)] * 3, [(0, 0)] * 3,
+            [False, True, False], S)  # fmt: skip
+    ref = resize_batch(imgs, *args)
+    assert (ref < -0.5).any() and (ref > 255.5).any()  # overshoots of the cubic, clipped
+    assert torch.equal(resize_batch(imgs, *args, dtype=torch.uint8),
+                       ref.round().clamp(0, 255).to(torch.uint8))  # fmt: skip
+    with pytest.raises(ValueError, match="dtype"):
+        resize_batch(imgs, *args, dtype=torch.float16)
+
+
 def _packed(imgs, other: int):
     """The nvjpeg decoder's PackedImages of ``imgs``: all but image ``other`` planar in one
     buffer at the decoder's aligned offsets, that one as a tensor of its own."""
@@ -320,7 +345,9 @@ def test_packed_images_read_as_the_list_of_images():
 
 def test_pipeline_fused_ops_give_the_same_batches(folder):
     """The whole train transform with RandAugment's families as Triton launches (the
-    interpreter here) hands out the same batch as with the torch ops."""
+    interpreter here) hands out the same batch as with the torch ops; so does the CUDA path
+    (the batch resize kernel, then the family kernels on uint8 images rather than float32),
+    worker-cropped images among them."""
     cfg = _gpu_cfg(folder, auto_augment="rand-m9-n3-mstd0.5-inc1")
     train, *_ = build_image_loaders(cfg, 6, seed=0)
     data, _ = next(iter(train))
@@ -331,6 +358,16 @@ def test_pipeline_fused_ops_give_the_same_batches(folder):
         pipe.fused_ops = fused  # the interpreter's kernels on this CPU
         outs.append(pipe(data, "cpu", train=True))
     assert torch.equal(outs[0], outs[1])
+    imgs = decode_batch(data, "cpu")
+    crops = torch.randint(0, 256, (2, S, S, 3), dtype=torch.uint8)
+    for decoded in (Decoded(imgs, 3), Decoded(imgs[:4], 3, crops)):
+        got = {}
+        for fused in (False, True):
+            pipe = build_gpu_pipeline(cfg, seed=11)
+            pipe.batched_resize, pipe.fused_ops = True, fused
+            got[fused] = pipe.train_batch(decoded.images, decoded.index, decoded.crops)
+        assert got[False].dtype == torch.float32 and got[True].dtype == torch.uint8
+        assert torch.equal(got[True].float(), got[False])
 
 
 def test_resize_batch_rejects_bad_boxes():
@@ -639,10 +676,11 @@ def test_cuda_pipeline_agrees_with_cpu(folder):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
 @pytest.mark.parametrize("family", ["affine", "blend", "lut"])
-def test_cuda_fused_families_equal_the_torch_ops(family):
+def test_cuda_fused_families_equal_the_torch_ops(family, dtype):
     """The compiled family kernels (contraction off) against the torch ops on the
-    GPU, bit for bit, at the training size."""
+    GPU, bit for bit, at the training size, on float32 and uint8 images."""
     g = torch.Generator().manual_seed(2)
     x = torch.randint(0, 256, (40, 3, 224, 224), generator=g).float().cuda()
     names = FAMILIES[family]
@@ -653,8 +691,8 @@ def test_cuda_fused_families_equal_the_torch_ops(family):
                         np.where(rng.random(len(rows)) < 0.5, -1.0, 1.0), 224, 224)  # fmt: skip
     fill = torch.tensor([124.0, 116.0, 104.0], device="cuda")
     want = apply_plan(x.clone(), [entry], fill)
-    got = apply_plan(x.clone(), [entry], fill, fused_ops=True)
-    assert torch.equal(got, want)
+    got = apply_plan(x.clone().to(dtype), [entry], fill, fused_ops=True)
+    assert got.dtype == dtype and torch.equal(got.float(), want)
 
 
 @pytest.mark.gpu

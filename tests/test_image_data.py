@@ -349,6 +349,31 @@ def test_device_random_erasing_rectangles(masked):
         assert 0.02 * 480 - 24 <= h * w <= 480 / 3 + 24  # rounding of h and w
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_fused_device_prep_equals_the_torch_ops(fmt):
+    """The one-launch normalisation and erasing (Triton, interpreted here; the CUDA default)
+    gives the torch path's values bit for bit in both memory formats, and under the same
+    torch seed the same erased rectangles, filled with N(0, 1) noise."""
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    ref, fused = (DevicePrep(mean, std, re_prob=0.5, fused=f) for f in (False, True))
+    images = torch.randint(0, 256, (60, 3, 20, 24), dtype=torch.uint8).contiguous(memory_format=fmt)
+    clean = ref(images, train=False)
+    got = fused(images, train=False)
+    assert torch.equal(got, clean) and got.is_contiguous(memory_format=fmt)
+    torch.manual_seed(1)
+    want = ref.erase(clean.clone(), masked=True)
+    torch.manual_seed(1)
+    got = fused(images, train=True)
+    assert got.is_contiguous(memory_format=fmt)
+    changed = (got != clean).any(1)
+    assert torch.equal(changed, (want != clean).any(1))
+    assert 0.2 < changed.flatten(1).any(1).float().mean() < 0.8
+    noise = got.permute(0, 2, 3, 1)[changed]  # (pixels, 3)
+    assert abs(noise.mean()) < 0.05 and abs(noise.std() - 1) < 0.05
+    with pytest.raises(ValueError, match="uint8"):
+        fused(images.float(), train=False)
+
+
 def test_randaugment_posterize_at_full_strength():
     """rand-m9-mstd0.5 reaches level 10, where timm's posterize keeps 0 bits; newer Pillow
     rejects that, so our train transform patches the op to give the black image it meant."""
