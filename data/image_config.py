@@ -108,9 +108,9 @@ class ImageDataConfig:
     # one-launch step leaves the GIL to the threads), off elsewhere (the CPU keeps the
     # threads, which spawn no process); true/false force it
     decode_process: bool | None = None
-    # data.decode=gpu on CUDA: RandAugment's op families as one Triton launch each
+    # data.decode=gpu on CUDA: RandAugment's op families as Triton kernels on the uint8 batch
     # (data.augment_kernels; the same values as the torch ops, +13-37% images/s for
-    # EfficientViT-M0 on an H100, docs/benchmarks.md); false: the torch ops
+    # EfficientViT-M0 on an H100, docs/benchmarks.md); false: the torch ops on float32
     fused_augment: bool = True
     # data.decode=gpu: the JPEG decoder. torchvision: decode_jpeg (nvJPEG), any CUDA GPU;
     # nvjpeg: the GPU's JPEG engines driven directly, PIL's pixels within rounding at
