@@ -1,0 +1,34 @@
+"""scripts/bench_gemm_fp8.py on the CPU: the FP8 GEMMs it times compute the bf16 products
+(operand layouts and scales right), and its projection adds up."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scripts import bench_gemm_fp8
+
+
+@pytest.mark.skipif(not hasattr(torch, "_scaled_mm"), reason="no torch._scaled_mm")
+def test_fp8_gemms_match_bf16_and_the_projection_adds_up(tmp_path, capsys):
+    out = tmp_path / "fp8.json"
+    res = bench_gemm_fp8.main(["--tokens", "32", "--reps", "1", "--step-ms", "70",
+                               "--out", str(out)])  # fmt: skip
+    assert [r["layer"] for r in res["rows"]] == [name for name, *_ in bench_gemm_fp8.LAYERS]
+    # e4m3/e5m2 round to 3/2 mantissa bits: a few percent, where a wrong layout gives ~140%
+    assert all(0 < r["rel_err"] < 0.1 for r in res["rows"]), [r["rel_err"] for r in res["rows"]]
+    tot = res["totals"]
+    assert res["projected_step_ms"] == pytest.approx(
+        70 - tot["bf16_ms"] + tot["fp8_gemm_ms"] + tot["cast_ms"]
+    )
+    assert out.exists() and "Projected step" in capsys.readouterr().out
+
+
+def test_casts_scale_into_range_and_back():
+    x = torch.randn(40, 24, dtype=torch.bfloat16) * 1000
+    for dtype in (bench_gemm_fp8.E4M3, bench_gemm_fp8.E5M2):
+        x8, xt8, inv = bench_gemm_fp8._to_fp8_both(x, dtype)
+        assert x8.dtype == dtype and torch.equal(xt8, x8.t().contiguous().view(xt8.shape))
+        assert x8.float().abs().max() == torch.finfo(dtype).max  # the largest value maps to max
+        back = x8.float() * inv
+        assert ((back - x.float()).abs() <= 0.13 * x.float().abs() + 1e-3 * 1000).all()
