@@ -664,7 +664,7 @@ class GpuImagePipeline:
         parts = []
         batched = n > 0 and self._batched(images)
         dtype = torch.uint8 if batched and self._uint8(images) else torch.float32
-        if batched:  # one launch for the batch, the flip included (and the rounding for uint8)
+        if batched:  # the batch's resize kernels, the flip included (and the rounding for uint8)
             boxes = np.stack([top, left, ch, cw], 1)
             parts.append(resize_batch(images, boxes, np.full((n, 2), s), np.zeros((n, 2)),
                                       flip[:n], s, dtype=dtype))  # fmt: skip
@@ -697,7 +697,7 @@ class GpuImagePipeline:
         """Decoded images -> (B, 3, S, S) with values 0..255: timm's eval resize and center
         crop; uint8 from the batch kernel (CUDA), float32 image by image."""
         s = self.img_size
-        if self._batched(images):  # one launch, rounded to uint8 in it
+        if self._batched(images):  # the batch's resize kernels, rounded to uint8 in them
             hw = image_sizes(images)
             geo = np.array([eval_geometry(h, w, s, self.crop_pct) for h, w in hw.tolist()])
             boxes = np.concatenate([np.zeros_like(hw), hw], 1)

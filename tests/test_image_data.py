@@ -349,14 +349,16 @@ def test_device_random_erasing_rectangles(masked):
         assert 0.02 * 480 - 24 <= h * w <= 480 / 3 + 24  # rounding of h and w
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-def test_fused_device_prep_equals_the_torch_ops(fmt):
-    """The one-launch normalisation and erasing (Triton, interpreted here; the CUDA default)
-    gives the torch path's values bit for bit in both memory formats, and under the same
-    torch seed the same erased rectangles, filled with N(0, 1) noise."""
+def test_fused_device_prep_equals_the_torch_ops(fmt, device):
+    """The one-launch normalisation and erasing (Triton, interpreted on the CPU; the CUDA
+    default) gives the torch path's values bit for bit in both memory formats, and under the
+    same torch seed the same erased rectangles, filled with N(0, 1) noise."""
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     ref, fused = (DevicePrep(mean, std, re_prob=0.5, fused=f) for f in (False, True))
-    images = torch.randint(0, 256, (60, 3, 20, 24), dtype=torch.uint8).contiguous(memory_format=fmt)
+    images = torch.randint(0, 256, (60, 3, 20, 24), dtype=torch.uint8)
+    images = images.to(device).contiguous(memory_format=fmt)
     clean = ref(images, train=False)
     got = fused(images, train=False)
     assert torch.equal(got, clean) and got.is_contiguous(memory_format=fmt)
