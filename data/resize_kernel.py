@@ -194,8 +194,12 @@ def image_sizes(images) -> np.ndarray:
     return hw.reshape(-1, 2)
 
 
+TILES = (16, 64, 16, 4)
+"""resize_batch's launch shape: (rows of pass one, columns, rows of pass two, warps)."""
+
+
 def resize_batch(images, boxes, resized, windows, flip, size: int,
-                 dtype: torch.dtype = torch.float32):  # fmt: skip
+                 dtype: torch.dtype = torch.float32, tiles: tuple = TILES):  # fmt: skip
     """float32 (B, 3, size, size) from uint8 (3, H, W) ``images`` (one device, any sizes).
 
     Image b's source box ``boxes[b] = (top, left, height, width)`` is resized to
@@ -208,7 +212,8 @@ def resize_batch(images, boxes, resized, windows, flip, size: int,
     stream has run it. ``images``: a list of tensors, or the decoder's ``PackedImages``
     (read through its addresses and sizes, without a tensor an image). ``dtype=torch.uint8``:
     the values rounded (half to even) and clipped to 0..255 in the kernel, as
-    ``out.round_().clamp_(0, 255)`` would, in a quarter of the memory."""
+    ``out.round_().clamp_(0, 255)`` would, in a quarter of the memory. ``tiles``: the
+    launch shape (:data:`TILES`; powers of two), which changes the speed, not the values."""
     if dtype not in (torch.float32, torch.uint8):
         raise ValueError(f"resize_batch: dtype must be float32 or uint8, got {dtype}")
     b = len(images)
@@ -258,11 +263,11 @@ def resize_batch(images, boxes, resized, windows, flip, size: int,
     table = table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
     rows = torch.empty(int(scratch.sum()), dtype=torch.float32, device=device)
     out = torch.empty(b, 3, size, size, dtype=dtype, device=device)
-    ch, cw, rv = 16, 64, 16  # tiles: rows x columns
-    grid = (b, math.ceil(max(int(nj.max()), 1) / ch), math.ceil(size / cw))
-    launch(_horizontal_kernel, grid, base, table, rows, S=size, COLS=_COLS, RH=ch, CW=cw,
-           num_warps=4)  # fmt: skip
+    rh, cw, rv, warps = (int(t) for t in tiles)
+    grid = (b, math.ceil(max(int(nj.max()), 1) / rh), math.ceil(size / cw))
+    launch(_horizontal_kernel, grid, base, table, rows, S=size, COLS=_COLS, RH=rh, CW=cw,
+           num_warps=warps)  # fmt: skip
     grid = (b, math.ceil(size / rv), math.ceil(size / cw))
     launch(_vertical_kernel, grid, table, rows, out, S=size, COLS=_COLS, RV=rv, CW=cw,
-           TO_UINT8=dtype == torch.uint8, num_warps=4)  # fmt: skip
+           TO_UINT8=dtype == torch.uint8, num_warps=warps)  # fmt: skip
     return out

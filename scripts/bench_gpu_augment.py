@@ -14,7 +14,9 @@ kernels' durations, ``torch.profiler``), images/s at that time, the ``--table`` 
 most GPU time per batch, and the host's time a batch when batches are queued back to back
 (the queueing thread's cost; when it exceeds the kernel time, the loop is bound by the host
 and the GPU idles between kernels). ``--torch-ops`` runs RandAugment's families as
-torch operations instead of the Triton kernels. Needs a CUDA GPU.
+torch operations instead of the Triton kernels. ``--resize-sweep`` then times the crop resize
+alone (``resize_kernel.resize_batch``, the batch's train crops) for launch shapes around
+:data:`resize_kernel.TILES`, checking that each gives the same bytes. Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 from data.gpu_augment import Decoded, GpuImagePipeline  # noqa: E402
 from data.image_augment import DevicePrep  # noqa: E402
 from data.nvjpeg_decode import PackedImages  # noqa: E402
+from data.resize_kernel import TILES, resize_batch  # noqa: E402
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -57,6 +60,43 @@ def make_batch(n: int, short: int, seed: int, device: torch.device) -> PackedIma
     return PackedImages(buf, offsets, hw, np.arange(n), {})
 
 
+SWEEP = [TILES, (8, 64, 8, 4), (32, 64, 32, 4), (16, 128, 16, 4), (16, 32, 16, 4),
+         (16, 64, 16, 8), (32, 128, 32, 8), (8, 128, 8, 4), (16, 64, 32, 4)]  # fmt: skip
+
+
+def resize_sweep(images: PackedImages, size: int, reps: int) -> list[dict]:
+    """ms of the crop resize (uint8 out) of one batch of train crops for each launch shape of
+    ``SWEEP`` (median over ``reps``), each checked against the default shape's bytes."""
+    from data.gpu_augment import CROP_TRIES, crop_params
+
+    rng = np.random.default_rng(0)
+    hw = images.hw
+    top, left, ch, cw = crop_params(hw[:, 0], hw[:, 1], rng.random((len(hw), 2 * CROP_TRIES + 2)))
+    n = len(hw)
+    args = (images, np.stack([top, left, ch, cw], 1), np.full((n, 2), size), np.zeros((n, 2)),
+            rng.random(n) < 0.5, size)  # fmt: skip
+    ref = resize_batch(*args, dtype=torch.uint8)
+    rows = []
+    for tiles in SWEEP:
+        out = resize_batch(*args, dtype=torch.uint8, tiles=tiles)  # (compiles)
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            resize_batch(*args, dtype=torch.uint8, tiles=tiles)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        rows.append({"tiles": list(tiles), "ms": float(np.median(times)),
+                     "same_bytes": bool(torch.equal(out, ref))})  # fmt: skip
+    print(f"\ncrop resize alone, uint8 out ({n} train crops to {size}²), median of {reps}")
+    print(f"{'(rows 1, columns, rows 2, warps)':<34}{'ms':>8}  same bytes")
+    for r in rows:
+        mark = "  (default)" if tuple(r["tiles"]) == TILES else ""
+        print(f"{str(tuple(r['tiles'])):<34}{r['ms']:>8.3f}  {r['same_bytes']}{mark}")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=256)
@@ -67,6 +107,11 @@ def main() -> None:
     ap.add_argument("--auto-augment", default="rand-m9-mstd0.5-inc1", help="'' for none")
     ap.add_argument("--re-prob", type=float, default=0.25)
     ap.add_argument("--torch-ops", action="store_true", help="RandAugment by torch operations")
+    ap.add_argument(
+        "--resize-sweep",
+        action="store_true",
+        help="also time the crop resize alone for other launch shapes",
+    )
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -115,8 +160,9 @@ def main() -> None:
         for key, us, calls in rows[: args.table]:
             print(f"{key[:71]:<72}{us:>10.1f}{calls:>7.1f}")
         print(f"{'(all kernels, copies left out)':<72}{gpu * 1e3:>10.1f}")
+    sweep = resize_sweep(images, args.img_size, args.batches) if args.resize_sweep else []
     if args.out:
-        Path(args.out).write_text(json.dumps({
+        Path(args.out).write_text(json.dumps({"resize_sweep": sweep,
             "device": name, "torch": torch.__version__, "args": vars(args), "kernel_ms": gpu,
             "queued_ms_per_batch": wall, "kernels": [{"name": k, "us": u, "calls": c} for k, u, c in rows],
         }, indent=2))  # fmt: skip

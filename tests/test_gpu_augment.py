@@ -303,6 +303,17 @@ def test_resize_batch_to_uint8_rounds_half_to_even_and_clips():
         resize_batch(imgs, *args, dtype=torch.float16)
 
 
+def test_resize_batch_launch_shape_changes_no_value():
+    """Other tiles and warps for the two passes (``tiles``, swept by bench_gpu_augment.py)
+    give the same bytes: tiles smaller and larger than an image's rows and columns."""
+    imgs = _noise_images([(37, 50), (64, 30), (12, 9)])
+    args = ([(3, 5, 30, 40), (0, 0, 64, 30), (2, 3, 10, 6)], [(S, S)] * 3, [(0, 0)] * 3,
+            [False, True, False], S)  # fmt: skip
+    ref = resize_batch(imgs, *args, dtype=torch.uint8)
+    for tiles in [(8, 8, 4, 1), (64, 32, 16, 8)]:
+        assert torch.equal(resize_batch(imgs, *args, dtype=torch.uint8, tiles=tiles), ref)
+
+
 def _packed(imgs, other: int):
     """The nvjpeg decoder's PackedImages of ``imgs``: all but image ``other`` planar in one
     buffer at the decoder's aligned offsets, that one as a tensor of its own."""
