@@ -15,13 +15,28 @@ def test_fp8_gemms_match_bf16_and_the_projection_adds_up(tmp_path, capsys):
     res = bench_gemm_fp8.main(["--tokens", "32", "--reps", "1", "--step-ms", "70",
                                "--out", str(out)])  # fmt: skip
     assert [r["layer"] for r in res["rows"]] == [name for name, *_ in bench_gemm_fp8.LAYERS]
-    # e4m3/e5m2 round to 3/2 mantissa bits: a few percent, where a wrong layout gives ~140%
-    assert all(0 < r["rel_err"] < 0.1 for r in res["rows"]), [r["rel_err"] for r in res["rows"]]
-    tot = res["totals"]
-    assert res["projected_step_ms"] == pytest.approx(
-        70 - tot["bf16_ms"] + tot["fp8_gemm_ms"] + tot["cast_ms"]
-    )
-    assert out.exists() and "Projected step" in capsys.readouterr().out
+    bf16 = sum(r["bf16_ms"] * r["count"] for r in res["rows"])
+    for recipe in bench_gemm_fp8.RECIPES:
+        # e4m3/e5m2 round to 3/2 mantissa bits: a few percent, where a wrong layout or scale
+        # gives ~140%
+        errs = [r[recipe]["rel_err"] for r in res["rows"]]
+        assert all(0 < e < 0.1 for e in errs), (recipe, errs)
+        tot = res[recipe]
+        assert tot["projected_step_ms"] == pytest.approx(
+            70 - bf16 + tot["fp8_gemm_ms"] + tot["cast_ms"]
+        )
+    assert out.exists() and capsys.readouterr().out.count("Projected step") == 2
+
+
+def test_rowwise_casts_scale_each_row():
+    x = torch.randn(40, 24, dtype=torch.bfloat16) * torch.logspace(-3, 3, 40)[:, None]
+    x8, inv = bench_gemm_fp8._to_fp8_rows(x)
+    assert inv.shape == (40, 1) and (x8.float().abs().amax(1) == 448).all()
+    back = x8.float() * inv
+    assert ((back - x.float()).abs() <= 0.07 * x.float().abs().amax(1, keepdim=True)).all()
+    w8, sw, wt8, swt = bench_gemm_fp8._weight_rows_and_cols(x)
+    assert sw.shape == (1, 40) and swt.shape == (1, 24) and wt8.is_contiguous()
+    assert wt8.t().stride() == (1, 40)  # (40, 24) column-major: _scaled_mm's second operand
 
 
 def test_casts_scale_into_range_and_back():
