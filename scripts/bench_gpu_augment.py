@@ -60,8 +60,8 @@ def make_batch(n: int, short: int, seed: int, device: torch.device) -> PackedIma
     return PackedImages(buf, offsets, hw, np.arange(n), {})
 
 
-SWEEP = [TILES, (8, 64, 8, 4), (32, 64, 32, 4), (16, 128, 16, 4), (16, 32, 16, 4),
-         (16, 64, 16, 8), (32, 128, 32, 8), (8, 128, 8, 4), (16, 64, 32, 4)]  # fmt: skip
+SWEEP = [TILES, (8, 64, 8, 4), (16, 32, 16, 4), (8, 32, 8, 4), (8, 128, 8, 4), (16, 64, 16, 8),
+         (8, 64, 8, 8), (32, 64, 32, 4), (16, 128, 16, 4), (16, 64, 32, 4)]  # fmt: skip
 
 
 def resize_sweep(images: PackedImages, size: int, reps: int) -> list[dict]:
