@@ -578,11 +578,11 @@ class GpuImagePipeline:
         return device.type == "cuda" if self.fused_ops is None else self.fused_ops
 
     def _uint8(self, images) -> bool:
-        """Crop and RandAugment a batch as uint8 (the kernels' path: each pass over the batch
-        moves a quarter of float32's bytes) rather than float32 holding the same integers
-        (the torch ops' path)."""
+        """Crop and RandAugment a batch that the batch kernels resize (``_batched``) as uint8
+        (the kernels' path: each pass over the batch moves a quarter of float32's bytes) rather
+        than float32 holding the same integers (the torch ops' path)."""
         device = images.device if hasattr(images, "device") else images[0].device
-        return self._batched(images) and (self.spec is None or self._fused(device))
+        return self.spec is None or self._fused(device)
 
     def state_dict(self) -> dict:
         return {"batches": self.batches}

@@ -41,7 +41,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from scripts.bench_efficientvit import median_ms  # noqa: E402
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 RECIPES = {
@@ -90,23 +94,17 @@ class Timer:
         self.device, self.reps = device, reps
 
     def __call__(self, fn) -> float:
-        """Median ms of ``fn`` over ``reps`` calls after two warm-up calls."""
+        """Median ms of ``fn`` over ``reps`` calls after two warm-up calls (CUDA events on a
+        GPU, ``bench_efficientvit.median_ms``; the wall clock on a CPU)."""
+        if self.device.type == "cuda":
+            return median_ms(fn, 2, self.reps)
         for _ in range(2):
             fn()
         times = []
         for _ in range(self.reps):
-            if self.device.type == "cuda":
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t) * 1e3)
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
         return statistics.median(times)
 
 

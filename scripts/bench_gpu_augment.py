@@ -75,20 +75,14 @@ def resize_sweep(images: PackedImages, size: int, reps: int) -> list[dict]:
     n = len(hw)
     args = (images, np.stack([top, left, ch, cw], 1), np.full((n, 2), size), np.zeros((n, 2)),
             rng.random(n) < 0.5, size)  # fmt: skip
+    from scripts.bench_efficientvit import median_ms
+
     ref = resize_batch(*args, dtype=torch.uint8)
     rows = []
     for tiles in SWEEP:
         out = resize_batch(*args, dtype=torch.uint8, tiles=tiles)  # (compiles)
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            resize_batch(*args, dtype=torch.uint8, tiles=tiles)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        rows.append({"tiles": list(tiles), "ms": float(np.median(times)),
-                     "same_bytes": bool(torch.equal(out, ref))})  # fmt: skip
+        ms = median_ms(lambda: resize_batch(*args, dtype=torch.uint8, tiles=tiles), 1, reps)  # noqa: B023
+        rows.append({"tiles": list(tiles), "ms": ms, "same_bytes": bool(torch.equal(out, ref))})
     print(f"\ncrop resize alone, uint8 out ({n} train crops to {size}²), median of {reps}")
     print(f"{'(rows 1, columns, rows 2, warps)':<34}{'ms':>8}  same bytes")
     for r in rows:
