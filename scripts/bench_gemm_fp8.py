@@ -182,12 +182,16 @@ def main(argv=None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         sys.exit("bench_gemm_fp8: FP8 GEMMs need compute capability 8.9 or later (Ada, Hopper)")
-    casts = {"both": _to_fp8_both, "rows": _to_fp8_rows, "weight": _weight_rows_and_cols}
-    if not args.no_compile and device.type == "cuda":
-        casts = {key: torch.compile(fn, dynamic=False) for key, fn in casts.items()}
     timer = Timer(device, args.reps)
     rows = []
     for name, k, n, count in LAYERS:
+        # compiled afresh for each layer: dynamo keeps its compiled versions on the function's
+        # code, and every layer's shapes together pass its recompile limit (8), past which it
+        # runs eager (the first GPU run did, from the attention projection on)
+        casts = {"both": _to_fp8_both, "rows": _to_fp8_rows, "weight": _weight_rows_and_cols}
+        if not args.no_compile and device.type == "cuda":
+            torch._dynamo.reset()
+            casts = {key: torch.compile(fn, dynamic=False) for key, fn in casts.items()}
         r = time_layer(args.tokens, k, n, timer, device, casts, not args.slow_accum)
         rows.append({"layer": name, "in": k, "out": n, "count": count, **r})
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
