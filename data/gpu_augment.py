@@ -566,7 +566,8 @@ class GpuImagePipeline:
         self._lock = threading.Lock()
 
     def _batched(self, images: list[torch.Tensor]) -> bool:
-        """Resize with :func:`resize_batch` (one Triton launch) rather than image by image."""
+        """Resize with :func:`resize_batch` (the batch's two Triton launches) rather than image by
+        image."""
         if self.batched_resize is None:
             if hasattr(images, "ptrs"):  # PackedImages: on a CUDA device
                 return True

@@ -479,7 +479,7 @@ def build_image_loaders(
     generator.manual_seed(_loader_seed(seed, rank))
     train_kw = {**common, "collate_fn": train_collate}
     if gpu and cfg.kind == "pixels":  # threads of this process read whole batches, pinned
-        train.pin = torch.cuda.is_available()
+        train.pin = True  # (read_batch pins only where CUDA is available)
         train_kw = {"num_workers": 0, "collate_fn": collate_pixels}
     train_loader = DataLoader(train, batch_size=batch_size, sampler=sampler, drop_last=True,
                               generator=generator, **train_kw)  # fmt: skip

@@ -127,7 +127,7 @@ class PixelStoreDataset(_ImageDataset):
     sources (``data.decode=cpu``: the loader's workers transform them). With ``use_encoded()``
     (``data.decode=gpu``) the loader reads whole batches instead: ``__getitems__`` returns a
     :class:`PixelBatch`, read by ``read_threads`` threads into one buffer, pinned when
-    ``pin`` (the loader sets it where CUDA is available)."""
+    ``pin`` is set (the loader sets it) and CUDA is available."""
 
     def __init__(self, path: str | Path, transform: Callable | None = None,
                  read_threads: int = 8) -> None:  # fmt: skip

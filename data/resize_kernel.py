@@ -202,7 +202,8 @@ fastest of sixteen shapes swept on an H100 (``scripts/bench_gpu_augment.py --res
 
 def resize_batch(images, boxes, resized, windows, flip, size: int,
                  dtype: torch.dtype = torch.float32, tiles: tuple = TILES):  # fmt: skip
-    """float32 (B, 3, size, size) from uint8 (3, H, W) ``images`` (one device, any sizes).
+    """(B, 3, size, size) of ``dtype`` (float32 or uint8) from uint8 (3, H, W) ``images`` (one
+    device, any sizes).
 
     Image b's source box ``boxes[b] = (top, left, height, width)`` is resized to
     ``resized[b] = (rows, cols)`` with PIL's antialiased bicubic, and the ``size`` x ``size``
