@@ -8,7 +8,8 @@ under bf16 autocast, as the model runs it: ``torch`` = materialised logits +
 ``F.cross_entropy`` (compiled, as the minimal baseline of bench_train.py), ``fused`` =
 ``ops.linear_cross_entropy`` for each chunk size and each row-kernel setting
 (BLOCK_V:num_warps; BLOCK_V >= V is the one-pass kernel). Prints a table (ms, peak MiB above
-the inputs) and writes JSON. Needs a CUDA GPU.
+the inputs) and writes JSON; then times the row kernel alone for each setting on one chunk of
+bf16 logits (GB/s counting one read and one write of the logits). Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -83,6 +84,23 @@ def main():
                    lambda h, w, t, c=chunk: ce.linear_cross_entropy(h, w, t, chunk_rows=c))  # fmt: skip
     ce._BLOCK_V, ce._NUM_WARPS = defaults
 
+    # the row kernel alone on one chunk of bf16 logits, in place (loss + gradient), as in the
+    # step: bytes moved if the logits are read once and written once, and the rate that gives
+    chunk = min(8192, args.rows)  # the default chunk of ops.linear_cross_entropy for GPT-2
+    logits = (3.0 * torch.randn(chunk, args.vocab, device=dev, generator=g)).to(torch.bfloat16)
+    tc = t[:chunk].contiguous()
+    loss_rows = torch.empty(chunk, device=dev)
+    inv_n = torch.full((), 1.0 / chunk, device=dev)
+    nbytes = 2 * logits.numel() * logits.element_size()
+    kernel_rows = []
+    for spec in args.kernel:
+        block_v, warps = (int(x) for x in spec.split(":"))
+        ms = triton.testing.do_bench(
+            lambda b=block_v, nw=warps: ce._ce_rows(logits, tc, loss_rows, inv_n, -100, True,
+                                                    b, nw),  # fmt: skip
+            warmup=5, rep=100)  # fmt: skip
+        kernel_rows.append(dict(kernel=spec, chunk_rows=chunk, ms=ms, gb_s=nbytes / ms / 1e6))
+
     env = _env()
     print(f"\n{env['gpu']} | torch {env['torch']} | triton {env['triton']} | N={args.rows} "
           f"C={args.dim} V={args.vocab}, h/weight fp32, bf16 autocast, fwd+bwd")  # fmt: skip
@@ -90,7 +108,17 @@ def main():
     for r in rows:
         print(f"{r['impl']:18s} {str(r['chunk_rows'] or '-'):>6s} {str(r['kernel'] or '-'):>9s} "
               f"{r['ms']:8.3f} {r['peak_mib']:9.0f}")  # fmt: skip
-    Path(args.out).write_text(json.dumps(dict(env=env, rows=rows), indent=2))
+    print(f"\nrow kernel alone, {chunk} x {args.vocab} bf16 logits in place; GB/s counts one "
+          "read and one write")  # fmt: skip
+    print(
+        f"{'kernel':>9s} {'ms':>8s} {'GB/s':>7s} {'ms/step (x' + str(args.rows // chunk) + ')':>14s}"
+    )
+    for r in kernel_rows:
+        print(f"{r['kernel']:>9s} {r['ms']:8.3f} {r['gb_s']:7.0f} "
+              f"{r['ms'] * args.rows / chunk:14.3f}")  # fmt: skip
+    Path(args.out).write_text(
+        json.dumps(dict(env=env, rows=rows, row_kernel=kernel_rows), indent=2)
+    )
 
 
 if __name__ == "__main__":

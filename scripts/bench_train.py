@@ -10,6 +10,10 @@ train step (trainer.loop._train_step) on models.GPT2 through ops.build("sdpa"); 
 single-file nanoGPT-style GPT-2 defined below with learned positions and the same settings.
 ``--loss`` sets model.loss for ours (auto = the fused linear + cross-entropy on CUDA; torch =
 materialised logits, as the minimal model does); several values bench each one.
+``--rounds R`` (R > 1) builds and compiles every variant first, then times them in R rounds,
+the order reversed every other round (ABBA), and reports each variant's median: a GPU whose
+clock drifts as it warms (the same cuBLAS GEMM measured 5% slower in a later profile) then
+favours no variant. R = 1 times each variant once, right after compiling it.
 Prints a table (tokens/s, ms/step, MFU) and writes JSON. Needs a CUDA GPU.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -166,10 +171,14 @@ def make_ours_step(pos, loss, args, dev):
     return step, model
 
 
+def ours_counts(model, args):
+    return model.flops_per_token(args.seq), model.num_params()
+
+
 def bench_ours(pos, loss, args, dev):
     step, model = make_ours_step(pos, loss, args, dev)
     sec = time_steps(step, args.steps, args.warmup)
-    return sec, model.flops_per_token(args.seq), model.num_params()
+    return (sec, *ours_counts(model, args))
 
 
 def make_minimal_step(args, dev):
@@ -194,11 +203,39 @@ def make_minimal_step(args, dev):
     return step, model
 
 
+def minimal_counts(model, args):
+    n = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
+    return 6 * n + 12 * 12 * 768 * args.seq, n
+
+
 def bench_minimal(args, dev):
     step, model = make_minimal_step(args, dev)
     sec = time_steps(step, args.steps, args.warmup)
-    n = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
-    return sec, 6 * n + 12 * 12 * 768 * args.seq, n
+    return (sec, *minimal_counts(model, args))
+
+
+def bench_rounds(variants, args, dev):
+    """Compile every variant, then time them in args.rounds rounds (ABBA order); per variant:
+    (median seconds a step, flops a token, params, seconds of each round)."""
+    built = []
+    for kind, pos, loss in variants:
+        if kind == "minimal":
+            step, model = make_minimal_step(args, dev)
+            counts = minimal_counts(model, args)
+        else:
+            step, model = make_ours_step(pos, loss, args, dev)
+            counts = ours_counts(model, args)
+        for _ in range(max(args.warmup, 1)):  # compile and warm up now, not inside a round
+            step()
+        torch.cuda.synchronize()
+        built.append((step, counts, []))
+        print(f"built {kind}/{pos}/loss={loss}", flush=True)
+    order = list(range(len(built)))
+    for r in range(args.rounds):
+        for i in order if r % 2 == 0 else order[::-1]:
+            step, _, secs = built[i]
+            secs.append(time_steps(step, args.steps, 2))
+    return [(statistics.median(secs), *counts, secs) for _, counts, secs in built]
 
 
 def main():
@@ -233,6 +270,9 @@ def main():
         "--flush-every", type=int, default=10, help="ours: read losses back every N steps"
     )
     ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="R > 1: compile all variants first, then time them in R rounds in "
+                    "alternating order and report medians")  # fmt: skip
     ap.add_argument("--out", default="bench_train.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -242,14 +282,25 @@ def main():
     peak = peak_flops(dev, None)
     variants = [("minimal", None, "torch")] * (not args.no_minimal)
     variants += [("ours", p, loss) for p in args.pos for loss in args.loss]
+    if args.rounds < 1:
+        sys.exit(f"--rounds {args.rounds}: must be at least 1")
     rows = []
-    for kind, pos, loss in variants:
-        torch._dynamo.reset()
+    t_start = time.perf_counter()
+    if args.rounds > 1:
+        timed = bench_rounds(variants, args, dev)
+    for vi, (kind, pos, loss) in enumerate(variants):
         t0 = time.perf_counter()
-        if kind == "minimal":
-            sec, fpt, n = bench_minimal(args, dev)
+        round_ms = None
+        if args.rounds > 1:
+            sec, fpt, n, secs = timed[vi]
+            round_ms = [1e3 * x for x in secs]
+            t0 = t_start
         else:
-            sec, fpt, n = bench_ours(pos, loss, args, dev)
+            torch._dynamo.reset()
+            if kind == "minimal":
+                sec, fpt, n = bench_minimal(args, dev)
+            else:
+                sec, fpt, n = bench_ours(pos, loss, args, dev)
         tok_s = args.batch * args.seq / sec
         mfu = fpt * tok_s / peak if peak else math.nan
         rows.append(
@@ -263,6 +314,7 @@ def main():
                 "loss": loss,
                 "params": n,
                 "ms_per_step": sec * 1e3,
+                "round_ms": round_ms,
                 "tokens_per_s": tok_s,
                 "mfu": mfu,
                 "wall_s": time.perf_counter() - t0,
@@ -270,7 +322,7 @@ def main():
         )
         print(f"done {kind}/{pos}/loss={loss}: {tok_s:,.0f} tok/s", flush=True)
         torch.cuda.empty_cache()
-    env = _env(batch=args.batch, seq=args.seq, steps=args.steps)
+    env = _env(batch=args.batch, seq=args.seq, steps=args.steps, rounds=args.rounds)
     Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     base = next((r["tokens_per_s"] for r in rows if r["impl"] == "minimal"), None)
     print(
@@ -285,6 +337,17 @@ def main():
             f"{r['impl']:<8} {r['pos']:<15} {r['loss']:<6} {r['flush_every']:>5} {r['ms_per_step']:8.1f} {r['tokens_per_s']:10,.0f} "
             f"{100 * r['mfu']:5.1f}% {rel:>10}"
         )
+    base_rounds = next((r["round_ms"] for r in rows if r["impl"] == "minimal"), None)
+    for r in rows:
+        if r["round_ms"] is None:
+            continue
+        each = " ".join(f"{x:.1f}" for x in r["round_ms"])
+        paired = ""
+        if base_rounds and r["impl"] != "minimal":  # same round, neighbouring in time
+            ratios = [b / x for b, x in zip(base_rounds, r["round_ms"])]
+            paired = (f"; vs minimal round by round: median {statistics.median(ratios):.3f}x "
+                      f"({min(ratios):.3f}-{max(ratios):.3f})")  # fmt: skip
+        print(f"{r['impl']}/{r['pos']}: ms/step per round {each}{paired}")
 
 
 if __name__ == "__main__":
