@@ -58,8 +58,11 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _jit = triton.jit if triton is not None else (lambda fn: fn)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CHUNK_BYTES = 1 << 30  # logits of one chunk: at most 1 GiB (8192 rows of GPT-2 bf16 logits)
-_BLOCK_V = 4096  # vocabulary tile of the kernel (untuned on GPUs)
-_NUM_WARPS = 8
+# Vocabulary tile and warps of the row kernel, and the gradient pass's tile order: the fastest of
+# the settings timed on an H100 (scripts/bench_cross_entropy.py, docs/benchmarks.md).
+_BLOCK_V = 8192
+_NUM_WARPS = 16
+_REVERSE = True
 # cuBLAS bf16/fp16 GEMMs with an fp32 output (torch >= 2.8, CUDA only).
 _HAS_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype")
 
@@ -70,12 +73,14 @@ _HAS_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.
 @_jit
 def _ce_rows_kernel(LOGITS, TARGETS, LOSS, INV_N, stride_row, n_cols, ignore_index,
                     WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
-                    ONE_PASS: tl.constexpr):  # fmt: skip
+                    ONE_PASS: tl.constexpr, REVERSE: tl.constexpr):  # fmt: skip
     """One row: LOSS[row] = lse - logit[target] (0 if ignored); with WRITE_GRAD the row of
     LOGITS becomes (softmax - onehot(target)) * INV_N (all zeros if ignored).
 
     ONE_PASS (BLOCK_V >= n_cols) keeps the whole row in registers: one read and one write of the logits
-    instead of two reads and a write."""
+    instead of two reads and a write. Otherwise the gradient pass re-reads the row, and REVERSE
+    walks its tiles last to first: the tiles read last are the likeliest still in L2 (the rows in
+    flight over the whole GPU hold about as many bytes as the H100's L2)."""
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride_row
     target = tl.load(TARGETS + row).to(tl.int64)
@@ -113,8 +118,12 @@ def _ce_rows_kernel(LOGITS, TARGETS, LOSS, INV_N, stride_row, n_cols, ignore_ind
         tl.store(LOSS + row, tl.where(valid, loss, 0.0))
         if WRITE_GRAD:
             scale = tl.where(valid, tl.load(INV_N), 0.0)
-            for start in range(0, n_cols, BLOCK_V):  # same layout as above: each thread
-                cols = start + offs  # rewrites only the elements it read itself
+            n_tiles = tl.cdiv(n_cols, BLOCK_V)
+            for i in range(0, n_tiles):  # same layout as above: each thread rewrites only
+                if REVERSE:  # the elements it read itself
+                    cols = (n_tiles - 1 - i) * BLOCK_V + offs
+                else:
+                    cols = i * BLOCK_V + offs
                 mask = cols < n_cols
                 x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
                 g = tl.exp(x - lse) * scale
@@ -123,15 +132,21 @@ def _ce_rows_kernel(LOGITS, TARGETS, LOSS, INV_N, stride_row, n_cols, ignore_ind
 
 
 def _ce_rows(logits, targets, loss_rows, inv_n, ignore_index: int, write_grad: bool,
-             block_v: int | None = None, num_warps: int | None = None) -> None:  # fmt: skip
-    """Launch the kernel on a (rows, V) chunk with unit column stride (in place if write_grad)."""
+             block_v: int | None = None, num_warps: int | None = None,
+             reverse: bool | None = None) -> None:  # fmt: skip
+    """Launch the kernel on a (rows, V) chunk with unit column stride (in place if write_grad).
+    Unset launch settings take the module's; a row narrower than the tile gets fewer warps
+    (one per 512 columns, at least 4)."""
     n, v = logits.shape
     if n == 0:
         return
-    block_v = block_v or min(_BLOCK_V, triton.next_power_of_2(v))
+    if block_v is None:
+        block_v = min(_BLOCK_V, triton.next_power_of_2(v))
+    if num_warps is None:
+        num_warps = _NUM_WARPS if block_v >= _BLOCK_V else max(4, min(_NUM_WARPS, block_v // 512))
     launch(_ce_rows_kernel, (n,), logits, targets, loss_rows, inv_n, logits.stride(0), v,
            ignore_index, WRITE_GRAD=write_grad, BLOCK_V=block_v, ONE_PASS=block_v >= v,
-           num_warps=num_warps or _NUM_WARPS)  # fmt: skip
+           REVERSE=_REVERSE if reverse is None else reverse, num_warps=num_warps)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- chunk loop

@@ -1,13 +1,14 @@
 """LM-head loss of GPT-2 124M: fused chunked linear + cross-entropy vs PyTorch, time and memory.
 
     python scripts/bench_cross_entropy.py [--rows 32768] [--chunks 4096 8192 16384]
-        [--kernel 4096:8 65536:16 65536:32] [--out bench_cross_entropy.json]
+        [--kernel 4096:8:fwd 8192:16:fwd 8192:16:rev] [--out bench_cross_entropy.json]
 
 Times forward + backward of the loss of h (N, C) fp32 through the tied head weight (V, C) fp32
 under bf16 autocast, as the model runs it: ``torch`` = materialised logits +
 ``F.cross_entropy`` (compiled, as the minimal baseline of bench_train.py), ``fused`` =
 ``ops.linear_cross_entropy`` for each chunk size and each row-kernel setting
-(BLOCK_V:num_warps; BLOCK_V >= V is the one-pass kernel). Prints a table (ms, peak MiB above
+(BLOCK_V:num_warps[:rev|fwd]; BLOCK_V >= V is the one-pass kernel; rev/fwd the order of the
+gradient pass's tiles, the module's default if left out). Prints a table (ms, peak MiB above
 the inputs) and writes JSON; then times the row kernel alone for each setting on one chunk of
 bf16 logits (GB/s counting one read and one write of the logits). Needs a CUDA GPU.
 """
@@ -32,6 +33,16 @@ from scripts.bench_attention import _env  # noqa: E402
 def _torch_loss(h, w, t):
     logits = F.linear(h, w)
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), t)
+
+
+def parse_kernel(spec: str):
+    """'BLOCK_V:warps' or 'BLOCK_V:warps:rev|fwd' (the gradient pass's tile order; the module's
+    default when left out) -> (block_v, warps, reverse)."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("rev", "fwd")):
+        raise SystemExit(f"--kernel {spec}: expected BLOCK_V:warps or BLOCK_V:warps:rev|fwd")
+    reverse = ce._REVERSE if len(parts) == 2 else parts[2] == "rev"
+    return int(parts[0]), int(parts[1]), reverse
 
 
 def measure(fn, h, w, t):
@@ -59,7 +70,7 @@ def main():
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--vocab", type=int, default=50304)
     ap.add_argument("--chunks", type=int, nargs="+", default=[4096, 8192, 16384])
-    ap.add_argument("--kernel", nargs="+", default=["4096:8", "65536:16", "65536:32"])
+    ap.add_argument("--kernel", nargs="+", default=["4096:8:fwd", "8192:16:fwd", "8192:16:rev"])
     ap.add_argument("--out", default="bench_cross_entropy.json")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -75,14 +86,14 @@ def main():
         print(f"done {name} chunk={chunk} kernel={kernel}: {ms:.3f} ms", flush=True)
 
     record("torch (compiled)", None, None, torch.compile(_torch_loss))
-    defaults = (ce._BLOCK_V, ce._NUM_WARPS)
+    defaults = (ce._BLOCK_V, ce._NUM_WARPS, ce._REVERSE)
     for spec in args.kernel:
-        block_v, warps = (int(x) for x in spec.split(":"))
-        ce._BLOCK_V, ce._NUM_WARPS = block_v, warps
+        block_v, warps, reverse = parse_kernel(spec)
+        ce._BLOCK_V, ce._NUM_WARPS, ce._REVERSE = block_v, warps, reverse
         for chunk in args.chunks:
             record("fused", chunk, spec,
                    lambda h, w, t, c=chunk: ce.linear_cross_entropy(h, w, t, chunk_rows=c))  # fmt: skip
-    ce._BLOCK_V, ce._NUM_WARPS = defaults
+    ce._BLOCK_V, ce._NUM_WARPS, ce._REVERSE = defaults
 
     # the row kernel alone on one chunk of bf16 logits, in place (loss + gradient), as in the
     # step: bytes moved if the logits are read once and written once, and the rate that gives
@@ -94,10 +105,10 @@ def main():
     nbytes = 2 * logits.numel() * logits.element_size()
     kernel_rows = []
     for spec in args.kernel:
-        block_v, warps = (int(x) for x in spec.split(":"))
+        block_v, warps, reverse = parse_kernel(spec)
         ms = triton.testing.do_bench(
-            lambda b=block_v, nw=warps: ce._ce_rows(logits, tc, loss_rows, inv_n, -100, True,
-                                                    b, nw),  # fmt: skip
+            lambda b=block_v, nw=warps, r=reverse: ce._ce_rows(logits, tc, loss_rows, inv_n,
+                                                               -100, True, b, nw, r),  # fmt: skip
             warmup=5, rep=100)  # fmt: skip
         kernel_rows.append(dict(kernel=spec, chunk_rows=chunk, ms=ms, gb_s=nbytes / ms / 1e6))
 

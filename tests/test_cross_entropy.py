@@ -93,11 +93,12 @@ def test_cpu_autocast_computes_in_the_autocast_dtype():
 
 
 @needs_kernel
-@pytest.mark.parametrize("block_v", [128, 1024])
-def test_kernel_multi_tile_rows(block_v):
+@pytest.mark.parametrize("block_v,reverse", [(128, True), (128, False), (1024, True)])
+def test_kernel_multi_tile_rows(block_v, reverse):
     """Vocabulary tiles of 128 over V=1000 (7 full + 1 ragged): the online max/sum carries across
     tiles; targets in the first, the ragged and the last column; out-of-range targets give nan.
-    block_v=1024 >= V: the one-pass path (whole row in registers), same results."""
+    block_v=1024 >= V: the one-pass path (whole row in registers), same results. The gradient
+    pass in either tile order (reverse: last tile first) gives the same gradient."""
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(6, 1000, generator=g) * 4
     logits[1, 900] = 30.0  # the max sits in the ragged tile
@@ -107,7 +108,8 @@ def test_kernel_multi_tile_rows(block_v):
     want_loss = F.cross_entropy(logits[:4], t[:4], reduction="none")
     want_grad = (torch.softmax(logits[:4], 1) - F.one_hot(t[:4], 1000)) / 4
     grad = logits.clone()
-    ce._ce_rows(grad, t, loss_rows, inv_n, -100, True, block_v=block_v, num_warps=1)
+    ce._ce_rows(grad, t, loss_rows, inv_n, -100, True, block_v=block_v, num_warps=1,
+                reverse=reverse)  # fmt: skip
     torch.testing.assert_close(loss_rows[:4], want_loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad[:4], want_grad, rtol=1e-6, atol=1e-8)
     assert loss_rows[4] == 0 and (grad[4] == 0).all()  # ignored row
