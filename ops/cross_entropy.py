@@ -60,8 +60,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CHUNK_BYTES = 1 << 30  # logits of one chunk: at most 1 GiB (8192 rows of GPT-2 bf16 logits)
 # Vocabulary tile and warps of the row kernel, and the gradient pass's tile order: the fastest of
 # the settings timed on an H100 (scripts/bench_cross_entropy.py, docs/benchmarks.md).
-_BLOCK_V = 8192
-_NUM_WARPS = 16
+_BLOCK_V = 4096
+_NUM_WARPS = 8
 _REVERSE = True
 # cuBLAS bf16/fp16 GEMMs with an fp32 output (torch >= 2.8, CUDA only).
 _HAS_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype")
