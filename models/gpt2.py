@@ -24,6 +24,7 @@ from .positions import PosConfig, build_positions
 from .simplicial import SimplicialSelfAttention
 
 LOSSES = ("auto", "torch", "fused")
+RESIDUALS = ("float32", "autocast")
 
 
 @dataclasses.dataclass
@@ -42,6 +43,11 @@ class GPT2Config:
     # LM-head loss: "torch" materialises the (B*T, V) logits, "fused" is ops.linear_cross_entropy
     # (chunked, gradient in forward), "auto" = fused where the logits are on CUDA and triton imports
     loss: str = "auto"
+    # The residual stream's dtype under autocast. "float32" (default): the embeddings and every
+    # residual add stay float32, as in nanoGPT. "autocast": the stream is cast once to the
+    # autocast dtype (bf16/fp16) after the embeddings, halving its memory traffic; every add
+    # then rounds to that dtype, so the arithmetic differs. Without autocast both are the same.
+    residual: str = "float32"
 
 
 SIZES = {  # name: (n_layer, n_head, d_model)
@@ -153,6 +159,9 @@ class GPT2(nn.Module):
         x0 = self.wte(idx)  # (B, T, C)
         pe = self.pos.additive(t, idx.device)
         x = self.drop(x0 if pe is None else x0 + pe)
+        dev = x.device.type
+        if self.cfg.residual == "autocast" and torch.is_autocast_enabled(dev):
+            x = x.to(torch.get_autocast_dtype(dev))
         for i, block in enumerate(self.blocks):
             x = block(x, pos=self.pos, layer=i, x0=x0)
         x = self.ln_f(x)
@@ -195,5 +204,7 @@ def validate_config(cfg: GPT2Config) -> None:
         )
     if cfg.loss not in LOSSES:
         raise ValueError(f"model.loss={cfg.loss!r}; valid: {', '.join(LOSSES)}")
+    if cfg.residual not in RESIDUALS:
+        raise ValueError(f"model.residual={cfg.residual!r}; valid: {', '.join(RESIDUALS)}")
     if cfg.vocab_size < 50257:
         raise ValueError(f"model.vocab_size={cfg.vocab_size} is below GPT-2's 50257 tokens")

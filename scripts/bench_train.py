@@ -1,6 +1,7 @@
 """Training throughput of GPT-2 124M: our trainer's step per position encoding vs a minimal GPT-2.
 
-    python scripts/bench_train.py [--pos learned rope carope carope:fp32] [--loss auto] [--batch 32]
+    python scripts/bench_train.py [--pos learned rope carope carope:fp32 rope+residual]
+        [--loss auto] [--batch 32] [--rounds 6]
         [--tuning] [--compile-mode max-autotune-no-cudagraphs]
 
 Each variant is compiled, runs bf16 autocast and fused AdamW with gradient clipping. The
@@ -130,12 +131,12 @@ def time_steps(step_fn, steps, warmup):
 def make_ours_step(pos, loss, args, dev):
     """Our model + optimizer + the trainer's step function; returns (step, model)."""
     torch.manual_seed(0)
-    cfg = GPT2Config(
-        name="gpt2_small", n_layer=12, n_head=12, d_model=768, max_seq_len=args.seq, loss=loss
-    )
-    pos, _, extra = pos.partition("+")  # rope+graph: the step as one CUDA graph
-    if extra not in ("", "graph"):
-        raise SystemExit(f"--pos {pos}+{extra}: the only suffix is +graph (trainer.step_graph)")
+    pos, *extras = pos.split("+")  # rope+graph: one CUDA graph; rope+residual: bf16 stream
+    if set(extras) - {"graph", "residual"}:
+        raise SystemExit(f"--pos {pos}+{'+'.join(extras)}: the suffixes are +graph "
+                         "(trainer.step_graph) and +residual (model.residual=autocast)")  # fmt: skip
+    cfg = GPT2Config(name="gpt2_small", n_layer=12, n_head=12, d_model=768, max_seq_len=args.seq,
+                     loss=loss, residual="autocast" if "residual" in extras else "float32")  # fmt: skip
     name, _, proj = pos.partition(":")  # carope:fp32 -> pos.carope_proj=fp32
     pos_cfg = PosConfig(name=name, kernel=args.kernel, **({"carope_proj": proj} if proj else {}))
     model = build_model(cfg, ops.build("sdpa"), pos_cfg).to(dev)
@@ -154,7 +155,7 @@ def make_ours_step(pos, loss, args, dev):
     counter, pending = [0], []
 
     graph = None
-    if extra == "graph":  # trainer.step_graph=true: forward, backward, clipping, AdamW replayed
+    if "graph" in extras:  # trainer.step_graph=true: forward, backward, clipping, AdamW replayed
         graph = StepGraph(task, compiled, opt, lambda: clip_gradients(model, optim_cfg),
                           autocast_factory("auto", dev, cache_enabled=False), dev)  # fmt: skip
 
@@ -245,7 +246,8 @@ def main():
     ap.add_argument("--pos", nargs="+", default=["learned", "rope", "carope"],
                     help="ours: pos.name, each a variant; carope:fp32 / carope:autocast also "
                     "set pos.carope_proj; a +graph suffix (rope+graph) replays the step as one "
-                    "CUDA graph (trainer.step_graph)")  # fmt: skip
+                    "CUDA graph (trainer.step_graph); +residual keeps the residual stream in "
+                    "bf16 (model.residual=autocast, a change of arithmetic)")  # fmt: skip
     ap.add_argument("--no-minimal", action="store_true")
     ap.add_argument("--tuning", action="store_true", help="ours: trainer.compile_tuning=true")
     ap.add_argument("--compile-mode", default="default",
