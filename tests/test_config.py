@@ -172,6 +172,7 @@ def test_sizes_match_the_papers():
         (["model.n_head=5"], "model.d_model=128 is not divisible by model.n_head=5"),
         (["model.n_kv_head=3"], "model.n_kv_head=3 must divide model.n_head=4"),
         (["model.loss=fast"], "model.loss='fast'; valid: auto, torch, fused"),
+        (["model.residual=bf16"], "model.residual='bf16'; valid: float32, autocast"),
         (
             ["pos=learned", "model.max_seq_len=64", "trainer.seq_len=128"],
             "trainer.seq_len=128 is longer than pos=learned allows",
@@ -244,6 +245,9 @@ def test_model_loss_is_configurable(model):
     assert config_lib.load(compose_cfg([f"model={model}"])).model.loss == "auto"
     rc = config_lib.load(compose_cfg([f"model={model}", "model.loss=fused"]))
     assert rc.model.loss == "fused"
+    assert config_lib.load(compose_cfg([f"model={model}"])).model.residual == "float32"
+    rc = config_lib.load(compose_cfg([f"model={model}", "model.residual=autocast"]))
+    assert rc.model.residual == "autocast"
 
 
 def test_resolved_config_round_trips():
