@@ -1,7 +1,7 @@
 """LM-head loss of GPT-2 124M: fused chunked linear + cross-entropy vs PyTorch, time and memory.
 
     python scripts/bench_cross_entropy.py [--rows 32768] [--chunks 4096 8192 16384]
-        [--kernel 4096:8:fwd 8192:16:fwd 8192:16:rev] [--out bench_cross_entropy.json]
+        [--kernel 4096:8:fwd 4096:8:rev 8192:16:fwd 2048:4:rev] [--out bench_cross_entropy.json]
 
 Times forward + backward of the loss of h (N, C) fp32 through the tied head weight (V, C) fp32
 under bf16 autocast, as the model runs it: ``torch`` = materialised logits +
@@ -70,7 +70,9 @@ def main():
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--vocab", type=int, default=50304)
     ap.add_argument("--chunks", type=int, nargs="+", default=[4096, 8192, 16384])
-    ap.add_argument("--kernel", nargs="+", default=["4096:8:fwd", "8192:16:fwd", "8192:16:rev"])
+    ap.add_argument(
+        "--kernel", nargs="+", default=["4096:8:fwd", "4096:8:rev", "8192:16:fwd", "2048:4:rev"]
+    )
     ap.add_argument("--out", default="bench_cross_entropy.json")
     args = ap.parse_args()
     dev = torch.device("cuda")

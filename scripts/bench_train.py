@@ -12,9 +12,9 @@ single-file nanoGPT-style GPT-2 defined below with learned positions and the sam
 ``--loss`` sets model.loss for ours (auto = the fused linear + cross-entropy on CUDA; torch =
 materialised logits, as the minimal model does); several values bench each one.
 ``--rounds R`` (R > 1) builds and compiles every variant first, then times them in R rounds,
-the order reversed every other round (ABBA), and reports each variant's median: a GPU whose
-clock drifts as it warms (the same cuBLAS GEMM measured 5% slower in a later profile) then
-favours no variant. R = 1 times each variant once, right after compiling it.
+the order reversed every other round (ABBA), and reports each variant's median. An H100 runs
+this step at its power cap, its clock varying with the load, and interleaving makes sure that no
+variant gains from when it ran. R = 1 times each variant once, right after compiling it.
 Prints a table (tokens/s, ms/step, MFU) and writes JSON. Needs a CUDA GPU.
 """
 
