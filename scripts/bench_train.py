@@ -172,16 +172,6 @@ def make_ours_step(pos, loss, args, dev):
     return step, model
 
 
-def ours_counts(model, args):
-    return model.flops_per_token(args.seq), model.num_params()
-
-
-def bench_ours(pos, loss, args, dev):
-    step, model = make_ours_step(pos, loss, args, dev)
-    sec = time_steps(step, args.steps, args.warmup)
-    return (sec, *ours_counts(model, args))
-
-
 def make_minimal_step(args, dev):
     """The minimal GPT-2 + fused AdamW, compiled; returns (step, model)."""
     torch.manual_seed(0)
@@ -204,15 +194,14 @@ def make_minimal_step(args, dev):
     return step, model
 
 
-def minimal_counts(model, args):
-    n = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
-    return 6 * n + 12 * 12 * 768 * args.seq, n
-
-
-def bench_minimal(args, dev):
-    step, model = make_minimal_step(args, dev)
-    sec = time_steps(step, args.steps, args.warmup)
-    return (sec, *minimal_counts(model, args))
+def build_variant(kind, pos, loss, args, dev):
+    """A variant's step function and its (training flops a token, parameters)."""
+    if kind == "minimal":
+        step, model = make_minimal_step(args, dev)
+        n = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
+        return step, (6 * n + 12 * 12 * 768 * args.seq, n)
+    step, model = make_ours_step(pos, loss, args, dev)
+    return step, (model.flops_per_token(args.seq), model.num_params())
 
 
 def bench_rounds(variants, args, dev):
@@ -220,12 +209,7 @@ def bench_rounds(variants, args, dev):
     (median seconds a step, flops a token, params, seconds of each round)."""
     built = []
     for kind, pos, loss in variants:
-        if kind == "minimal":
-            step, model = make_minimal_step(args, dev)
-            counts = minimal_counts(model, args)
-        else:
-            step, model = make_ours_step(pos, loss, args, dev)
-            counts = ours_counts(model, args)
+        step, counts = build_variant(kind, pos, loss, args, dev)
         for _ in range(max(args.warmup, 1)):  # compile and warm up now, not inside a round
             step()
         torch.cuda.synchronize()
@@ -299,10 +283,8 @@ def main():
             t0 = t_start
         else:
             torch._dynamo.reset()
-            if kind == "minimal":
-                sec, fpt, n = bench_minimal(args, dev)
-            else:
-                sec, fpt, n = bench_ours(pos, loss, args, dev)
+            step, (fpt, n) = build_variant(kind, pos, loss, args, dev)
+            sec = time_steps(step, args.steps, args.warmup)
         tok_s = args.batch * args.seq / sec
         mfu = fpt * tok_s / peak if peak else math.nan
         rows.append(

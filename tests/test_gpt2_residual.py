@@ -7,13 +7,13 @@ import ops
 from models import GPT2Config, PosConfig, build_model
 
 
-def pair(**kw):
+def pair():
     """Two tiny GPT-2s with the same weights, residual float32 and autocast."""
     models = []
     for residual in ("float32", "autocast"):
         torch.manual_seed(0)
         cfg = GPT2Config(n_layer=2, n_head=2, d_model=32, max_seq_len=16, residual=residual,
-                         loss="torch", **kw)  # fmt: skip
+                         loss="torch")  # fmt: skip
         models.append(build_model(cfg, ops.build("sdpa"), PosConfig(name="rope", kernel="torch")))
     return models
 
